@@ -1,0 +1,265 @@
+//! Configuration from environment variables (a `.env` file is read when present),
+//! with defaults for a local setup. Every duration is configurable so tests and
+//! staging can run the whole life cycle in seconds.
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use chrono_tz::Tz;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+#[error("configuration: {var}: {message}")]
+pub struct ConfigError {
+    pub var: String,
+    pub message: String,
+}
+
+/// How long a manual review may stay undecided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReviewSla {
+    WorkingDays(u32),
+    Plain(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub amqp_url: String,
+    pub redis_url: String,
+    pub smtp_url: String,
+    pub http_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub public_url: String,
+    pub operator_token: Option<String>,
+    pub provider_name: String,
+    pub escalation_email: String,
+    pub reviewer_email: String,
+    pub mail_from: String,
+    pub timezone: Tz,
+    pub claim_validity: Duration,
+    pub invitation_validity: Duration,
+    pub review_sla: ReviewSla,
+    pub review_reminder_before: Duration,
+    pub sweep_interval: Duration,
+    pub partner_quota: i64,
+    pub export_retention: Duration,
+    pub amqp_prefix: String,
+    pub worker_concurrency: usize,
+    pub job_timeout: Duration,
+    pub max_attempts: u32,
+    pub retry_delays: Vec<Duration>,
+    pub delivery_limit: u32,
+    pub lock_ttl: Duration,
+    pub lock_wait: Duration,
+    pub db_max_connections: u32,
+    pub outbox_interval: Duration,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::from_map(&HashMap::new()).expect("defaults are valid")
+    }
+}
+
+impl Config {
+    /// Reads `.env` (when present) and the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let _ = dotenvy::dotenv();
+        let vars: HashMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("PREREG_"))
+            .collect();
+        Self::from_map(&vars)
+    }
+
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |name: &str, default: &str| -> String {
+            vars.get(name)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|| default.to_string())
+        };
+        let err = |var: &str, message: String| ConfigError {
+            var: var.to_string(),
+            message,
+        };
+        let dur = |name: &str, default: &str| -> Result<Duration, ConfigError> {
+            parse_duration(&get(name, default)).map_err(|m| err(name, m))
+        };
+        let num = |name: &str, default: &str| -> Result<u64, ConfigError> {
+            get(name, default)
+                .parse::<u64>()
+                .map_err(|e| err(name, format!("not a whole number: {e}")))
+        };
+        let addr = |name: &str, default: &str| -> Result<SocketAddr, ConfigError> {
+            get(name, default)
+                .parse::<SocketAddr>()
+                .map_err(|e| err(name, format!("not a socket address: {e}")))
+        };
+        let timezone = get("PREREG_TIMEZONE", "Asia/Shanghai")
+            .parse::<Tz>()
+            .map_err(|e| err("PREREG_TIMEZONE", e.to_string()))?;
+        let review_sla = parse_review_sla(&get("PREREG_REVIEW_SLA", "2 working days"))
+            .map_err(|m| err("PREREG_REVIEW_SLA", m))?;
+        let retry_delays = get("PREREG_RETRY_DELAYS", "1s,5s,30s,2m,10m")
+            .split(',')
+            .map(|s| parse_duration(s.trim()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|m| err("PREREG_RETRY_DELAYS", m))?;
+        if retry_delays.is_empty() {
+            return Err(err("PREREG_RETRY_DELAYS", "at least one delay".into()));
+        }
+        let log_format = match get("PREREG_LOG_FORMAT", "text").as_str() {
+            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            other => return Err(err("PREREG_LOG_FORMAT", format!("`{other}`: json or text"))),
+        };
+        let prefix = get("PREREG_AMQP_PREFIX", "prereg");
+        if !prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(err("PREREG_AMQP_PREFIX", "letters, digits, - _ . only".into()));
+        }
+        Ok(Self {
+            database_url: get("PREREG_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/prereg"),
+            amqp_url: get("PREREG_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            redis_url: get("PREREG_REDIS_URL", "redis://127.0.0.1:6379"),
+            smtp_url: get("PREREG_SMTP_URL", "smtp://127.0.0.1:1025"),
+            http_addr: addr("PREREG_HTTP_ADDR", "127.0.0.1:8080")?,
+            metrics_addr: addr("PREREG_METRICS_ADDR", "127.0.0.1:9091")?,
+            public_url: get("PREREG_PUBLIC_URL", "http://localhost:8080")
+                .trim_end_matches('/')
+                .to_string(),
+            operator_token: vars
+                .get("PREREG_OPERATOR_TOKEN")
+                .filter(|v| !v.trim().is_empty())
+                .cloned(),
+            provider_name: get("PREREG_PROVIDER_NAME", "the provider"),
+            escalation_email: get("PREREG_ESCALATION_EMAIL", "escalations@localhost"),
+            reviewer_email: get("PREREG_REVIEWER_EMAIL", "reviewers@localhost"),
+            mail_from: get("PREREG_MAIL_FROM", "Partner Programme <no-reply@localhost>"),
+            timezone,
+            claim_validity: dur("PREREG_CLAIM_VALIDITY", "15d")?,
+            invitation_validity: dur("PREREG_INVITATION_VALIDITY", "7d")?,
+            review_sla,
+            review_reminder_before: dur("PREREG_REVIEW_REMINDER_BEFORE", "4h")?,
+            sweep_interval: dur("PREREG_SWEEP_INTERVAL", "60s")?,
+            partner_quota: num("PREREG_PARTNER_QUOTA", "100")? as i64,
+            export_retention: dur("PREREG_EXPORT_RETENTION", "7d")?,
+            amqp_prefix: prefix,
+            worker_concurrency: num("PREREG_WORKER_CONCURRENCY", "32")?.max(1) as usize,
+            job_timeout: dur("PREREG_JOB_TIMEOUT", "30s")?,
+            max_attempts: num("PREREG_MAX_ATTEMPTS", "6")?.max(1) as u32,
+            retry_delays,
+            delivery_limit: num("PREREG_DELIVERY_LIMIT", "10")?.max(1) as u32,
+            lock_ttl: dur("PREREG_LOCK_TTL", "10s")?,
+            lock_wait: dur("PREREG_LOCK_WAIT", "3s")?,
+            db_max_connections: num("PREREG_DB_MAX_CONNECTIONS", "20")?.max(1) as u32,
+            outbox_interval: dur("PREREG_OUTBOX_INTERVAL", "200ms")?,
+            shutdown_grace: dur("PREREG_SHUTDOWN_GRACE", "25s")?,
+            log_format,
+        })
+    }
+}
+
+/// Parses `15d`, `36h`, `90m`, `3s`, `250ms` (and sums such as `1h30m`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let s = text.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 {
+            return Err(format!("`{s}`: expected a number, e.g. 15d, 36h, 3s, 250ms"));
+        }
+        let value: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("`{s}`: number too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest.chars().take_while(|c| c.is_ascii_alphabetic()).count();
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let step = match unit {
+            "ms" => Duration::from_millis(value),
+            "s" => Duration::from_secs(value),
+            "m" => Duration::from_secs(value * 60),
+            "h" => Duration::from_secs(value * 3600),
+            "d" => Duration::from_secs(value * 86_400),
+            "" => return Err(format!("`{s}`: missing unit (ms, s, m, h, d)")),
+            other => return Err(format!("`{s}`: unknown unit `{other}` (ms, s, m, h, d)")),
+        };
+        total += step;
+    }
+    Ok(total)
+}
+
+/// `2 working days` (also `1 working day`, `3wd`) or a plain duration such as `5s`.
+pub fn parse_review_sla(text: &str) -> Result<ReviewSla, String> {
+    let s = text.trim().to_ascii_lowercase();
+    let words: Vec<&str> = s.split_whitespace().collect();
+    if let [n, "working", "day" | "days"] = words.as_slice() {
+        let n = n.parse::<u32>().map_err(|_| format!("`{text}`: bad number"))?;
+        return Ok(ReviewSla::WorkingDays(n));
+    }
+    if let Some(n) = s.strip_suffix("wd") {
+        if let Ok(n) = n.trim().parse::<u32>() {
+            return Ok(ReviewSla::WorkingDays(n));
+        }
+    }
+    parse_duration(&s)
+        .map(ReviewSla::Plain)
+        .map_err(|e| format!("{e}; or `N working days`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15d").unwrap(), Duration::from_secs(15 * 86_400));
+        assert_eq!(parse_duration("36h").unwrap(), Duration::from_secs(36 * 3600));
+        assert_eq!(parse_duration("3s").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert!(parse_duration("3").is_err());
+        assert!(parse_duration("3w").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn review_sla() {
+        assert_eq!(parse_review_sla("2 working days").unwrap(), ReviewSla::WorkingDays(2));
+        assert_eq!(parse_review_sla("1 working day").unwrap(), ReviewSla::WorkingDays(1));
+        assert_eq!(
+            parse_review_sla("5s").unwrap(),
+            ReviewSla::Plain(Duration::from_secs(5))
+        );
+        assert!(parse_review_sla("two days").is_err());
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        let c = Config::default();
+        assert_eq!(c.partner_quota, 100);
+        assert_eq!(c.claim_validity, Duration::from_secs(15 * 86_400));
+        assert_eq!(c.review_sla, ReviewSla::WorkingDays(2));
+        assert_eq!(c.timezone, chrono_tz::Asia::Shanghai);
+        let mut m = HashMap::new();
+        m.insert("PREREG_CLAIM_VALIDITY".to_string(), "soon".to_string());
+        let e = Config::from_map(&m).unwrap_err();
+        assert_eq!(e.var, "PREREG_CLAIM_VALIDITY");
+    }
+}

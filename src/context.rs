@@ -1,0 +1,97 @@
+//! What every process shares: configuration, Postgres, RabbitMQ, Redis locks
+//! and the working-day calendar.
+
+use std::{
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row};
+
+use crate::{
+    config::{Config, ReviewSla},
+    domain::workdays::{Calendar, CalendarEntry, DayKind, Deadline},
+    locks::Locks,
+    mq::{Broker, Names},
+};
+
+pub struct Ctx {
+    pub cfg: Config,
+    pub db: PgPool,
+    pub broker: Arc<Broker>,
+    pub locks: Locks,
+    calendar: RwLock<(Arc<Calendar>, Option<Instant>)>,
+}
+
+const CALENDAR_TTL: Duration = Duration::from_secs(30);
+
+impl Ctx {
+    pub fn new(cfg: Config) -> anyhow::Result<Arc<Self>> {
+        let db = crate::store::connect(&cfg.database_url, cfg.db_max_connections)?;
+        let names = Names::new(&cfg.amqp_prefix, cfg.retry_delays.clone());
+        let broker = Arc::new(Broker::new(&cfg.amqp_url, names, cfg.delivery_limit));
+        let locks = Locks::new(&cfg.redis_url, &cfg.amqp_prefix, cfg.lock_ttl, cfg.lock_wait);
+        Ok(Arc::new(Self {
+            cfg,
+            db,
+            broker,
+            locks,
+            calendar: RwLock::new((Arc::new(Calendar::cn_2026()), None)),
+        }))
+    }
+
+    /// The calendar: the shipped 2026 data, with every year operators uploaded
+    /// replacing what it had. Cached for a short while.
+    pub async fn calendar(&self) -> Result<Arc<Calendar>, sqlx::Error> {
+        if let Ok(guard) = self.calendar.read() {
+            if guard.1.is_some_and(|t| t.elapsed() < CALENDAR_TTL) {
+                return Ok(guard.0.clone());
+            }
+        }
+        let rows = sqlx::query("SELECT y.year, d.date, d.kind, d.name FROM calendar_years y LEFT JOIN calendar_days d ON d.year = y.year ORDER BY y.year, d.date")
+            .fetch_all(&self.db)
+            .await?;
+        let mut cal = Calendar::cn_2026();
+        let mut years: std::collections::BTreeMap<i32, Vec<CalendarEntry>> = Default::default();
+        for r in rows {
+            let year: i32 = r.get("year");
+            let entries = years.entry(year).or_default();
+            if let Some(date) = r.get::<Option<chrono::NaiveDate>, _>("date") {
+                let kind = if r.get::<&str, _>("kind") == "workday" { DayKind::Workday } else { DayKind::Holiday };
+                entries.push(CalendarEntry { date, kind, name: r.get("name") });
+            }
+        }
+        for (year, entries) in years {
+            if let Err(e) = cal.load_year(year, &entries) {
+                tracing::error!(year, error = %e, "stored calendar year is invalid; ignoring it");
+            }
+        }
+        let cal = Arc::new(cal);
+        if let Ok(mut guard) = self.calendar.write() {
+            *guard = (cal.clone(), Some(Instant::now()));
+        }
+        Ok(cal)
+    }
+
+    pub fn invalidate_calendar(&self) {
+        if let Ok(mut guard) = self.calendar.write() {
+            guard.1 = None;
+        }
+    }
+
+    /// When a review opened at `from` must be decided.
+    pub async fn review_due(&self, from: DateTime<Utc>) -> Result<Deadline, sqlx::Error> {
+        Ok(match self.cfg.review_sla {
+            ReviewSla::Plain(d) => Deadline {
+                at: from + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::days(2)),
+                calendar_missing: false,
+            },
+            ReviewSla::WorkingDays(n) => self.calendar().await?.add_working_days(from, n, self.cfg.timezone),
+        })
+    }
+
+    pub fn claim_validity(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.cfg.claim_validity).unwrap_or(chrono::Duration::days(15))
+    }
+}

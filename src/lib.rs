@@ -1,0 +1,19 @@
+//! prereg: the back end of a partner programme's customer development.
+//!
+//! The library every process shares: domain rules, Postgres store, RabbitMQ
+//! topology and publisher, Redis locks, configuration, telemetry, the intake's
+//! HTTP API and (from `workers/`) one module per job kind.
+
+pub mod config;
+pub mod context;
+pub mod domain;
+pub mod locks;
+pub mod mq;
+pub mod store;
+pub mod telemetry;
+
+#[path = "../workers/mod.rs"]
+pub mod workers;
+
+pub use config::Config;
+pub use context::Ctx;

@@ -1,0 +1,171 @@
+//! Redis locks: one key per normalised email and mobile, taken in a fixed
+//! (sorted) order, with expiry, released only by their owner. Redis being
+//! down costs speed, never correctness: callers fall back on Postgres
+//! constraints when `acquire` answers `Unavailable`.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use redis::aio::ConnectionManager;
+use thiserror::Error;
+use tokio::sync::Mutex;
+
+#[derive(Debug, Error)]
+pub enum LockError {
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    #[error("lock busy: held by another worker for longer than the wait")]
+    Busy,
+}
+
+const RELEASE: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+
+pub struct Locks {
+    client: Option<redis::Client>,
+    conn: Mutex<Option<ConnectionManager>>,
+    /// No new connection attempt before this instant after a failure.
+    retry_after: Mutex<Option<Instant>>,
+    prefix: String,
+    ttl: Duration,
+    wait: Duration,
+    op_timeout: Duration,
+}
+
+#[must_use = "release the guard when done"]
+pub struct LockGuard {
+    keys: Vec<String>,
+    token: String,
+}
+
+impl Locks {
+    pub fn new(url: &str, prefix: &str, ttl: Duration, wait: Duration) -> Self {
+        let client = redis::Client::open(url)
+            .map_err(|e| tracing::error!(error = %e, "invalid PREREG_REDIS_URL; running without locks"))
+            .ok();
+        Self {
+            client,
+            conn: Mutex::new(None),
+            retry_after: Mutex::new(None),
+            prefix: prefix.to_string(),
+            ttl,
+            wait,
+            op_timeout: Duration::from_millis(500),
+        }
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, LockError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let client = self
+            .client
+            .clone()
+            .ok_or_else(|| LockError::Unavailable("no valid redis url".into()))?;
+        {
+            let retry = self.retry_after.lock().await;
+            if retry.is_some_and(|t| Instant::now() < t) {
+                return Err(LockError::Unavailable("redis down (recent connection failure)".into()));
+            }
+        }
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(self.op_timeout)
+            .set_response_timeout(self.op_timeout)
+            .set_number_of_retries(1);
+        match tokio::time::timeout(self.op_timeout * 2, ConnectionManager::new_with_config(client, cfg)).await {
+            Ok(Ok(c)) => {
+                *guard = Some(c.clone());
+                Ok(c)
+            }
+            Ok(Err(e)) => {
+                *self.retry_after.lock().await = Some(Instant::now() + Duration::from_secs(1));
+                Err(LockError::Unavailable(e.to_string()))
+            }
+            Err(_) => {
+                *self.retry_after.lock().await = Some(Instant::now() + Duration::from_secs(1));
+                Err(LockError::Unavailable("connection timed out".into()))
+            }
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}:lock:{name}", self.prefix)
+    }
+
+    /// Takes every lock in `names` (sorted, deduplicated) or none.
+    pub async fn acquire(&self, names: &[String]) -> Result<LockGuard, LockError> {
+        let mut keys: Vec<String> = names.iter().map(|n| self.key(n)).collect();
+        keys.sort();
+        keys.dedup();
+        let token = format!("{:032x}", rand::thread_rng().gen::<u128>());
+        let mut conn = self.connection().await?;
+        let deadline = Instant::now() + self.wait;
+        let mut held: Vec<String> = Vec::new();
+        for key in &keys {
+            loop {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(key)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(self.ttl.as_millis() as u64);
+                let set = cmd.query_async::<Option<String>>(&mut conn);
+                match tokio::time::timeout(self.op_timeout, set).await {
+                    Ok(Ok(Some(_))) => {
+                        held.push(key.clone());
+                        break;
+                    }
+                    Ok(Ok(None)) if Instant::now() < deadline => {
+                        let pause = rand::thread_rng().gen_range(2..15);
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                    }
+                    Ok(Ok(None)) => {
+                        self.release_keys(&mut conn, &held, &token).await;
+                        return Err(LockError::Busy);
+                    }
+                    Ok(Err(e)) => {
+                        self.release_keys(&mut conn, &held, &token).await;
+                        return Err(LockError::Unavailable(e.to_string()));
+                    }
+                    Err(_) => {
+                        self.release_keys(&mut conn, &held, &token).await;
+                        return Err(LockError::Unavailable("redis timed out".into()));
+                    }
+                }
+            }
+        }
+        Ok(LockGuard { keys: held, token })
+    }
+
+    async fn release_keys(&self, conn: &mut ConnectionManager, keys: &[String], token: &str) {
+        let script = redis::Script::new(RELEASE);
+        for key in keys.iter().rev() {
+            let mut inv = script.key(key);
+            inv.arg(token);
+            let call = inv.invoke_async::<i64>(conn);
+            match tokio::time::timeout(self.op_timeout, call).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "lock release failed; it will expire"),
+                Err(_) => tracing::warn!("lock release timed out; it will expire"),
+            }
+        }
+    }
+
+    /// Releases what the guard holds, only where this owner still holds it.
+    pub async fn release(&self, guard: LockGuard) {
+        if let Ok(mut conn) = self.connection().await {
+            self.release_keys(&mut conn, &guard.keys, &guard.token).await;
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), LockError> {
+        let mut conn = self.connection().await?;
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        match tokio::time::timeout(self.op_timeout, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(LockError::Unavailable(e.to_string())),
+            Err(_) => Err(LockError::Unavailable("timeout".into())),
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Exchange and queue names (all carrying `PREREG_AMQP_PREFIX`) and their
+//! idempotent declaration.
+//!
+//! - `{p}.commands` (topic): commands from the intake and upstream systems;
+//! - `{p}.events` (topic): what happened;
+//! - one durable quorum work queue per job kind, bound to its command keys,
+//!   with a delivery limit and `{p}.dlx` as dead-letter exchange;
+//! - `{p}.dlx` (direct) → one `{p}.{queue}.dlq` per work queue;
+//! - delayed retry without plugins (RabbitMQ 3.10): `{p}.retry` (headers) →
+//!   `{p}.retry.{i}` classic queues with a fixed TTL that dead-letter back
+//!   through the default exchange to the work queue named by the routing key.
+
+use std::time::Duration;
+
+use lapin::{
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+    Channel, ExchangeKind,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Queue {
+    Registration,
+    Accounts,
+    Email,
+    Association,
+    Sweeps,
+    Deadlines,
+    Export,
+}
+
+impl Queue {
+    pub const ALL: [Queue; 7] = [
+        Queue::Registration,
+        Queue::Accounts,
+        Queue::Email,
+        Queue::Association,
+        Queue::Sweeps,
+        Queue::Deadlines,
+        Queue::Export,
+    ];
+
+    pub fn short(self) -> &'static str {
+        match self {
+            Queue::Registration => "registration",
+            Queue::Accounts => "accounts",
+            Queue::Email => "email",
+            Queue::Association => "association",
+            Queue::Sweeps => "sweeps",
+            Queue::Deadlines => "deadlines",
+            Queue::Export => "export",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Queue> {
+        Queue::ALL.into_iter().find(|q| q.short() == s)
+    }
+
+    /// Command routing keys consumed by this queue.
+    pub fn bindings(self) -> &'static [&'static str] {
+        match self {
+            Queue::Registration => &["preregistration.requested", "review.requested"],
+            Queue::Accounts => &["account.upserted"],
+            Queue::Email => &["invitation.requested", "email.requested"],
+            Queue::Association => &["association.requested"],
+            Queue::Sweeps => &["sweep.requested"],
+            Queue::Deadlines => &["deadline.tick"],
+            Queue::Export => &["export.requested"],
+        }
+    }
+}
+
+/// Every broker name of one deployment.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub prefix: String,
+    pub retry_delays: Vec<Duration>,
+}
+
+impl Names {
+    pub fn new(prefix: &str, retry_delays: Vec<Duration>) -> Self {
+        Self { prefix: prefix.to_string(), retry_delays }
+    }
+    pub fn commands(&self) -> String {
+        format!("{}.commands", self.prefix)
+    }
+    pub fn events(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+    pub fn dlx(&self) -> String {
+        format!("{}.dlx", self.prefix)
+    }
+    pub fn retry_exchange(&self) -> String {
+        format!("{}.retry", self.prefix)
+    }
+    pub fn queue(&self, q: Queue) -> String {
+        format!("{}.{}", self.prefix, q.short())
+    }
+    pub fn dlq(&self, q: Queue) -> String {
+        format!("{}.{}.dlq", self.prefix, q.short())
+    }
+    pub fn retry_queue(&self, tier: usize) -> String {
+        format!("{}.retry.{tier}", self.prefix)
+    }
+    /// The retry tier for the n-th retry (1-based) and its delay.
+    pub fn retry_tier(&self, retry: u32) -> (usize, Duration) {
+        let i = (retry.max(1) as usize - 1).min(self.retry_delays.len() - 1);
+        (i, self.retry_delays[i])
+    }
+    pub fn queue_by_full_name(&self, full: &str) -> Option<Queue> {
+        full.strip_prefix(&self.prefix)
+            .and_then(|s| s.strip_prefix('.'))
+            .and_then(Queue::parse)
+    }
+    pub fn all_queue_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = Queue::ALL
+            .iter()
+            .flat_map(|q| [self.queue(*q), self.dlq(*q)])
+            .collect();
+        v.extend((0..self.retry_delays.len()).map(|i| self.retry_queue(i)));
+        v
+    }
+    pub fn all_exchange_names(&self) -> Vec<String> {
+        vec![self.commands(), self.events(), self.dlx(), self.retry_exchange()]
+    }
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions { durable: true, ..Default::default() }
+}
+
+fn durable_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions { durable: true, ..Default::default() }
+}
+
+fn str_arg(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
+/// Declares everything; safe to run at every start from every process.
+pub async fn declare(ch: &Channel, names: &Names, delivery_limit: u32) -> lapin::Result<()> {
+    ch.exchange_declare(&names.commands(), ExchangeKind::Topic, durable_exchange(), FieldTable::default())
+        .await?;
+    ch.exchange_declare(&names.events(), ExchangeKind::Topic, durable_exchange(), FieldTable::default())
+        .await?;
+    ch.exchange_declare(&names.dlx(), ExchangeKind::Direct, durable_exchange(), FieldTable::default())
+        .await?;
+    ch.exchange_declare(&names.retry_exchange(), ExchangeKind::Headers, durable_exchange(), FieldTable::default())
+        .await?;
+
+    for q in Queue::ALL {
+        let mut dlq_args = FieldTable::default();
+        dlq_args.insert("x-queue-type".into(), str_arg("quorum"));
+        ch.queue_declare(&names.dlq(q), durable_queue(), dlq_args).await?;
+        ch.queue_bind(&names.dlq(q), &names.dlx(), q.short(), QueueBindOptions::default(), FieldTable::default())
+            .await?;
+
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), str_arg("quorum"));
+        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(delivery_limit as i32));
+        args.insert("x-dead-letter-exchange".into(), str_arg(&names.dlx()));
+        args.insert("x-dead-letter-routing-key".into(), str_arg(q.short()));
+        ch.queue_declare(&names.queue(q), durable_queue(), args).await?;
+        for key in q.bindings() {
+            ch.queue_bind(&names.queue(q), &names.commands(), key, QueueBindOptions::default(), FieldTable::default())
+                .await?;
+        }
+    }
+
+    for (i, delay) in names.retry_delays.iter().enumerate() {
+        let mut args = FieldTable::default();
+        args.insert("x-message-ttl".into(), AMQPValue::LongInt(delay.as_millis().min(i32::MAX as u128) as i32));
+        // Empty dead-letter exchange = the default exchange, which routes by
+        // the message's own routing key: the full name of its work queue.
+        args.insert("x-dead-letter-exchange".into(), str_arg(""));
+        ch.queue_declare(&names.retry_queue(i), durable_queue(), args).await?;
+        let mut bind = FieldTable::default();
+        bind.insert("x-match".into(), str_arg("all"));
+        bind.insert("x-retry-tier".into(), str_arg(&i.to_string()));
+        ch.queue_bind(&names.retry_queue(i), &names.retry_exchange(), "", QueueBindOptions::default(), bind)
+            .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_the_prefix() {
+        let n = Names::new("t1", vec![Duration::from_secs(1), Duration::from_secs(5)]);
+        assert!(n.all_queue_names().iter().all(|q| q.starts_with("t1.")));
+        assert!(n.all_exchange_names().iter().all(|q| q.starts_with("t1.")));
+        assert_eq!(n.queue(Queue::Email), "t1.email");
+        assert_eq!(n.dlq(Queue::Email), "t1.email.dlq");
+        assert_eq!(n.queue_by_full_name("t1.registration"), Some(Queue::Registration));
+        assert_eq!(n.retry_tier(1), (0, Duration::from_secs(1)));
+        assert_eq!(n.retry_tier(9), (1, Duration::from_secs(5)));
+    }
+}

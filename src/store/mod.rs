@@ -1,0 +1,98 @@
+//! Postgres store (sqlx, runtime-checked queries).
+
+pub mod accounts;
+pub mod idempotency;
+pub mod keys;
+pub mod outbox;
+pub mod partners;
+pub mod preregs;
+pub mod reviews;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::{postgres::PgPoolOptions, PgConnection, PgPool};
+use uuid::Uuid;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A lazily connecting pool: the process starts even while Postgres is down
+/// and reconnects on its own.
+pub fn connect(url: &str, max: u32) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(true)
+        .connect_lazy(url)
+}
+
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// Postgres SQLSTATE of an error, if it came from the server.
+pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.to_string()),
+        _ => None,
+    }
+}
+
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    sqlstate(e).as_deref() == Some("23505")
+}
+
+/// Serialization failures and deadlocks: run the transaction again.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    matches!(sqlstate(e).as_deref(), Some("40001" | "40P01" | "55P03" | "57P01"))
+        || matches!(
+            e,
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
+        )
+}
+
+/// One entry of a pre-registration's timeline.
+pub struct TimelineEntry<'a> {
+    pub preregistration_id: Uuid,
+    pub actor: &'a str,
+    pub change: &'a str,
+    pub from_status: Option<&'a str>,
+    pub to_status: Option<&'a str>,
+    pub reason: Option<&'a str>,
+    pub details: Option<Value>,
+}
+
+pub async fn record(conn: &mut PgConnection, t: TimelineEntry<'_>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO preregistration_events (preregistration_id, actor, change, from_status, to_status, reason, details)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(t.preregistration_id)
+    .bind(t.actor)
+    .bind(t.change)
+    .bind(t.from_status)
+    .bind(t.to_status)
+    .bind(t.reason)
+    .bind(t.details)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn audit(
+    conn: &mut PgConnection,
+    actor: &str,
+    action: &str,
+    target: Option<&str>,
+    details: Option<Value>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO audit_log (actor, action, target, details) VALUES ($1, $2, $3, $4)")
+        .bind(actor)
+        .bind(action)
+        .bind(target)
+        .bind(details)
+        .execute(conn)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! Transactional outbox: events are written in the same transaction as the
+//! change they describe, then published (with confirms) and deleted by a relay.
+
+use std::{sync::Arc, time::Duration};
+
+use sqlx::{PgConnection, PgPool, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::mq::{Broker, CloudEvent};
+
+pub async fn event(conn: &mut PgConnection, ev: &CloudEvent) -> Result<(), sqlx::Error> {
+    push(conn, "events", ev).await
+}
+
+pub async fn command(conn: &mut PgConnection, ev: &CloudEvent) -> Result<(), sqlx::Error> {
+    push(conn, "commands", ev).await
+}
+
+async fn push(conn: &mut PgConnection, exchange: &str, ev: &CloudEvent) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO outbox (exchange, routing_key, message) VALUES ($1, $2, $3)")
+        .bind(exchange)
+        .bind(&ev.ty)
+        .bind(serde_json::to_value(ev).unwrap_or_default())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Publishes one batch. Rows are locked (`SKIP LOCKED`), so relays on several
+/// nodes never publish the same row at once; a row is deleted only after the
+/// broker confirmed it. Returns how many were published.
+pub async fn relay_once(pool: &PgPool, broker: &Broker, batch: i64) -> anyhow::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query(
+        "SELECT id, exchange, routing_key, message FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(batch)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut done: Vec<i64> = Vec::with_capacity(rows.len());
+    let publishes = rows.iter().map(|r| async move {
+        let id: i64 = r.get("id");
+        let exchange: &str = r.get("exchange");
+        let message: serde_json::Value = r.get("message");
+        let ev: CloudEvent = serde_json::from_value(message)?;
+        let x = if exchange == "commands" { broker.names.commands() } else { broker.names.events() };
+        broker.publish(&x, &ev.ty, &ev, Default::default()).await?;
+        anyhow::Ok(id)
+    });
+    let mut first_err = None;
+    for r in futures::future::join_all(publishes).await {
+        match r {
+            Ok(id) => done.push(id),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        .bind(&done)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    match first_err {
+        Some(e) if done.is_empty() => Err(e),
+        Some(e) => {
+            tracing::warn!(error = %e, "some outbox messages were not published; they stay for the next round");
+            Ok(done.len())
+        }
+        None => Ok(done.len()),
+    }
+}
+
+/// Runs the relay until cancelled: immediately again after a full batch,
+/// otherwise every `interval`.
+pub async fn run_relay(pool: PgPool, broker: Arc<Broker>, interval: Duration, cancel: CancellationToken) {
+    const BATCH: i64 = 500;
+    loop {
+        let wait = match relay_once(&pool, &broker, BATCH).await {
+            Ok(n) if n as i64 == BATCH => Duration::ZERO,
+            Ok(_) => interval,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox relay failed; will retry");
+                interval.max(Duration::from_secs(1))
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! Pre-registrations: the claims, their decisions and their listing.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{FromRow, PgConnection, PgExecutor, Row};
+use uuid::Uuid;
+
+use crate::domain::{ExistingClaim, Status};
+
+/// What a `preregistration.requested` command carries (from the intake or
+/// straight from an upstream system).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NewPrereg {
+    pub id: Uuid,
+    pub partner_id: Uuid,
+    pub full_name: String,
+    pub email: String,
+    pub mobile: String,
+    #[serde(default)]
+    pub send_invitation: bool,
+    #[serde(default)]
+    pub association_type: Option<String>,
+    #[serde(default)]
+    pub locale: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub remarks: Option<String>,
+    #[serde(default)]
+    pub account_manager_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Prereg {
+    pub id: Uuid,
+    pub partner_id: Uuid,
+    pub full_name: String,
+    pub email: String,
+    pub mobile: String,
+    pub email_norm: String,
+    pub mobile_norm: String,
+    pub status: String,
+    pub reason_code: Option<String>,
+    pub reason_message: Option<String>,
+    pub manual_review_eligible: bool,
+    pub existing_id: Option<Uuid>,
+    pub send_invitation: bool,
+    pub association_type: Option<String>,
+    pub locale: Option<String>,
+    pub tags: Vec<String>,
+    pub remarks: Option<String>,
+    pub account_manager_id: Option<Uuid>,
+    pub request_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub decided_at: Option<DateTime<Utc>>,
+    pub preregistered_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Prereg {
+    pub fn status(&self) -> Status {
+        Status::parse(&self.status).unwrap_or(Status::Queued)
+    }
+}
+
+const COLUMNS: &str = "id, partner_id, full_name, email, mobile, email_norm, mobile_norm, status, reason_code, reason_message,
+    manual_review_eligible, existing_id, send_invitation, association_type, locale, tags, remarks, account_manager_id,
+    request_id, created_at, decided_at, preregistered_at, expires_at, updated_at";
+
+pub const CLAIM_STATUSES: &str = "('preregistered', 'invited', 'association_failed', 'associated')";
+pub const QUOTA_STATUSES: &str = "('under_review', 'preregistered', 'invited', 'association_failed')";
+
+/// Inserts the `queued` row unless it exists. Returns whether it was inserted.
+pub async fn insert_queued(conn: &mut PgConnection, p: &NewPrereg, request_id: Option<&str>) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "INSERT INTO preregistrations (id, partner_id, full_name, email, mobile, email_norm, mobile_norm, status,
+             send_invitation, association_type, locale, tags, remarks, account_manager_id, request_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9, $10, $11, $12, $13, $14)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(p.id)
+    .bind(p.partner_id)
+    .bind(&p.full_name)
+    .bind(&p.email)
+    .bind(&p.mobile)
+    .bind(crate::domain::normalize_email(&p.email))
+    .bind(crate::domain::normalize_mobile(&p.mobile))
+    .bind(p.send_invitation)
+    .bind(p.association_type.as_deref())
+    .bind(p.locale.as_deref())
+    .bind(&p.tags)
+    .bind(p.remarks.as_deref())
+    .bind(p.account_manager_id)
+    .bind(request_id)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Prereg>, sqlx::Error> {
+    sqlx::query_as::<_, Prereg>(&format!("SELECT {COLUMNS} FROM preregistrations WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> Result<Option<Prereg>, sqlx::Error> {
+    sqlx::query_as::<_, Prereg>(&format!("SELECT {COLUMNS} FROM preregistrations WHERE id = $1 FOR UPDATE"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Claims held on a customer identified by its normalised email or mobile.
+pub async fn claims_on(conn: &mut PgConnection, email_norm: &str, mobile_norm: &str) -> Result<Vec<ExistingClaim>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT id, partner_id, status, expires_at FROM preregistrations
+         WHERE (email_norm = $1 AND status IN {CLAIM_STATUSES}) OR (mobile_norm = $2 AND status IN {CLAIM_STATUSES})"
+    ))
+    .bind(email_norm)
+    .bind(mobile_norm)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ExistingClaim {
+            id: r.get("id"),
+            partner_id: r.get("partner_id"),
+            status: Status::parse(r.get::<&str, _>("status")).unwrap_or(Status::Preregistered),
+            expires_at: r.get("expires_at"),
+        })
+        .collect())
+}
+
+pub async fn count_quota(conn: &mut PgConnection, partner_id: Uuid) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM preregistrations WHERE partner_id = $1 AND status IN {QUOTA_STATUSES}"
+    ))
+    .bind(partner_id)
+    .fetch_one(conn)
+    .await
+}
+
+/// A status change with its side columns.
+pub struct Change<'a> {
+    pub id: Uuid,
+    pub status: Status,
+    pub reason: Option<(&'a str, &'a str)>,
+    pub manual_review_eligible: bool,
+    pub existing_id: Option<Uuid>,
+    pub preregistered_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+pub async fn apply(conn: &mut PgConnection, c: &Change<'_>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE preregistrations SET status = $2, reason_code = $3, reason_message = $4, manual_review_eligible = $5,
+            existing_id = $6, preregistered_at = COALESCE($7, preregistered_at), expires_at = COALESCE($8, expires_at),
+            decided_at = COALESCE(decided_at, now()), updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(c.id)
+    .bind(c.status.as_str())
+    .bind(c.reason.map(|r| r.0))
+    .bind(c.reason.map(|r| r.1))
+    .bind(c.manual_review_eligible)
+    .bind(c.existing_id)
+    .bind(c.preregistered_at)
+    .bind(c.expires_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Sets only the status (deletion, expiry, review).
+pub async fn set_status(conn: &mut PgConnection, id: Uuid, status: Status) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE preregistrations SET status = $2, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(status.as_str())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ListFilter {
+    pub status: Option<Status>,
+    pub q: Option<String>,
+    pub cursor: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+}
+
+/// The partner's pre-registrations, newest first, keyset-paginated.
+pub async fn list<'e>(db: impl PgExecutor<'e>, partner_id: Uuid, f: &ListFilter) -> Result<Vec<Prereg>, sqlx::Error> {
+    let pattern = f.q.as_ref().map(|q| format!("%{}%", escape_like(&q.to_lowercase())));
+    sqlx::query_as::<_, Prereg>(&format!(
+        "SELECT {COLUMNS} FROM preregistrations
+         WHERE partner_id = $1
+           AND ($2::text IS NULL OR status = $2)
+           AND ($3::text IS NULL OR lower(full_name) LIKE $3 OR email_norm LIKE $3 OR mobile_norm LIKE $3
+                OR lower(coalesce(remarks, '')) LIKE $3 OR EXISTS (SELECT 1 FROM unnest(tags) t WHERE lower(t) LIKE $3))
+           AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5))
+         ORDER BY created_at DESC, id DESC
+         LIMIT $6"
+    ))
+    .bind(partner_id)
+    .bind(f.status.map(|s| s.as_str()))
+    .bind(pattern)
+    .bind(f.cursor.map(|c| c.0))
+    .bind(f.cursor.map(|c| c.1).unwrap_or_default())
+    .bind(f.limit)
+    .fetch_all(db)
+    .await
+}
+
+pub fn escape_like(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+}
+
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct TimelineRow {
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub change: String,
+    pub from_status: Option<String>,
+    pub to_status: Option<String>,
+    pub reason: Option<String>,
+    pub details: Option<serde_json::Value>,
+}
+
+pub async fn timeline<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Vec<TimelineRow>, sqlx::Error> {
+    sqlx::query_as::<_, TimelineRow>(
+        "SELECT at, actor, change, from_status, to_status, reason, details FROM preregistration_events
+         WHERE preregistration_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(db)
+    .await
+}

@@ -1,0 +1,132 @@
+//! Manual reviews.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{FromRow, PgConnection, PgExecutor};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct Review {
+    pub id: Uuid,
+    pub preregistration_id: Uuid,
+    pub partner_id: Uuid,
+    pub state: String,
+    pub justification: String,
+    pub expected_new_spend: Option<f64>,
+    pub contact_record: Option<String>,
+    pub requested_at: DateTime<Utc>,
+    pub opened_at: Option<DateTime<Utc>>,
+    pub due_at: Option<DateTime<Utc>>,
+    pub calendar_missing: bool,
+    pub reminder_sent_at: Option<DateTime<Utc>>,
+    pub overdue_at: Option<DateTime<Utc>>,
+    pub escalated_at: Option<DateTime<Utc>>,
+    pub decided_at: Option<DateTime<Utc>>,
+    pub decided_by: Option<String>,
+    pub note: Option<String>,
+    pub refusal_code: Option<String>,
+}
+
+const COLUMNS: &str = "id, preregistration_id, partner_id, state, justification, expected_new_spend, contact_record,
+    requested_at, opened_at, due_at, calendar_missing, reminder_sent_at, overdue_at, escalated_at, decided_at, decided_by, note, refusal_code";
+
+pub struct NewReview<'a> {
+    pub id: Uuid,
+    pub preregistration_id: Uuid,
+    pub partner_id: Uuid,
+    pub justification: &'a str,
+    pub expected_new_spend: Option<f64>,
+    pub contact_record: Option<&'a str>,
+}
+
+/// Inserts a `queued` review; a unique index allows one pending review per
+/// pre-registration (a unique violation means one is already pending).
+pub async fn insert_queued(conn: &mut PgConnection, r: &NewReview<'_>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO reviews (id, preregistration_id, partner_id, state, justification, expected_new_spend, contact_record)
+         VALUES ($1, $2, $3, 'queued', $4, $5, $6)",
+    )
+    .bind(r.id)
+    .bind(r.preregistration_id)
+    .bind(r.partner_id)
+    .bind(r.justification)
+    .bind(r.expected_new_spend)
+    .bind(r.contact_record)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Review>, sqlx::Error> {
+    sqlx::query_as::<_, Review>(&format!("SELECT {COLUMNS} FROM reviews WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> Result<Option<Review>, sqlx::Error> {
+    sqlx::query_as::<_, Review>(&format!("SELECT {COLUMNS} FROM reviews WHERE id = $1 FOR UPDATE"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// The latest review of a pre-registration.
+pub async fn latest_for<'e>(db: impl PgExecutor<'e>, prereg_id: Uuid) -> Result<Option<Review>, sqlx::Error> {
+    sqlx::query_as::<_, Review>(&format!(
+        "SELECT {COLUMNS} FROM reviews WHERE preregistration_id = $1 ORDER BY requested_at DESC, id DESC LIMIT 1"
+    ))
+    .bind(prereg_id)
+    .fetch_optional(db)
+    .await
+}
+
+pub async fn open(
+    conn: &mut PgConnection,
+    id: Uuid,
+    due_at: DateTime<Utc>,
+    calendar_missing: bool,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE reviews SET state = 'open', opened_at = now(), due_at = $2, calendar_missing = $3 WHERE id = $1")
+        .bind(id)
+        .bind(due_at)
+        .bind(calendar_missing)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn refuse(conn: &mut PgConnection, id: Uuid, code: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE reviews SET state = 'refused', refusal_code = $2, decided_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(code)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn decide(conn: &mut PgConnection, id: Uuid, state: &str, by: &str, note: Option<&str>) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE reviews SET state = $2, decided_at = now(), decided_by = $3, note = $4 WHERE id = $1")
+        .bind(id)
+        .bind(state)
+        .bind(by)
+        .bind(note)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Operator list: `open` (includes overdue: still undecided), `overdue`, `decided`.
+pub async fn list<'e>(db: impl PgExecutor<'e>, state: &str, limit: i64) -> Result<Vec<Review>, sqlx::Error> {
+    let cond = match state {
+        "overdue" => "state = 'overdue'",
+        "decided" => "state IN ('approved', 'rejected')",
+        _ => "state IN ('open', 'overdue')",
+    };
+    sqlx::query_as::<_, Review>(&format!(
+        "SELECT {COLUMNS} FROM reviews WHERE {cond} ORDER BY due_at NULLS LAST, requested_at LIMIT $1"
+    ))
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}

@@ -1,0 +1,75 @@
+//! One module per job kind, each a small `handle(ctx, payload)`; the shared
+//! runtime maps outcomes to ack, delayed retry or dead letter.
+
+pub mod accounts;
+pub mod registration;
+pub mod runtime;
+
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+
+use crate::{context::Ctx, mq::CloudEvent};
+
+/// What a handler did with a job; either way the message is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// Nothing to do (already handled: redelivery or replay).
+    Skipped(&'static str),
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Skipped(_) => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum JobError {
+    /// Try again later (service down, lock busy, conflict).
+    #[error("retryable: {0}")]
+    Retryable(String),
+    /// Never going to work: dead-letter with this reason.
+    #[error("fatal ({code}): {message}")]
+    Fatal { code: &'static str, message: String },
+}
+
+impl JobError {
+    pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
+        JobError::Fatal { code, message: message.into() }
+    }
+}
+
+impl From<sqlx::Error> for JobError {
+    fn from(e: sqlx::Error) -> Self {
+        JobError::Retryable(format!("database: {e}"))
+    }
+}
+
+impl From<crate::mq::PublishError> for JobError {
+    fn from(e: crate::mq::PublishError) -> Self {
+        JobError::Retryable(format!("broker: {e}"))
+    }
+}
+
+/// Reads a job's payload; one that does not fit is a poison message.
+pub fn payload<T: DeserializeOwned>(ev: &CloudEvent) -> Result<T, JobError> {
+    serde_json::from_value(ev.data.clone()).map_err(|e| JobError::fatal("invalid_payload", format!("{}: {e}", ev.ty)))
+}
+
+/// Routes a job to its handler by message type.
+pub async fn dispatch(ctx: &Ctx, ev: &CloudEvent) -> Result<Outcome, JobError> {
+    match ev.ty.as_str() {
+        "preregistration.requested" => registration::handle(ctx, payload(ev)?, ev).await,
+        "review.requested" => registration::handle_review(ctx, payload(ev)?).await,
+        "account.upserted" => accounts::handle(ctx, payload(ev)?).await,
+        other => Err(JobError::fatal("unknown_type", format!("no handler for message type `{other}`"))),
+    }
+}
+
+/// Called once when a job has used up its retries, before it is dead-lettered,
+/// so the handler can record the final failure.
+pub async fn exhausted(_ctx: &Ctx, _ev: &CloudEvent, _last_error: &str) {}
