@@ -4,6 +4,8 @@
 //! topology and publisher, Redis locks, configuration, telemetry, the intake's
 //! HTTP API and (from `workers/`) one module per job kind.
 
+pub mod api;
+pub mod app;
 pub mod config;
 pub mod context;
 pub mod domain;

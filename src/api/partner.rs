@@ -1,0 +1,438 @@
+//! Partner endpoints: profile, pre-registrations, reviews, deletion.
+
+use axum::{
+    body::Bytes,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    Extension, Json,
+};
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::{
+    auth::PartnerAuth,
+    command::{self, Idem},
+    error::{ApiError, ApiResult},
+    json_body, parse_id, views, AppState, RequestId,
+};
+use crate::{
+    domain::{
+        validate::{self, Fields},
+        Status,
+    },
+    mq::CloudEvent,
+    store::{self, partners::Partner, preregs, reviews, TimelineEntry},
+    workers::registration::ReviewRequested,
+};
+
+async fn own_partner(st: &AppState, auth: &PartnerAuth) -> ApiResult<Partner> {
+    store::partners::get(&st.ctx.db, auth.partner_id)
+        .await?
+        .ok_or_else(ApiError::unauthorized)
+}
+
+pub async fn profile(State(st): State<AppState>, auth: PartnerAuth) -> ApiResult<Json<Value>> {
+    let p = own_partner(&st, &auth).await?;
+    let managers = store::partners::managers(&st.ctx.db, p.id).await?;
+    Ok(Json(views::partner(&p, &managers)))
+}
+
+pub async fn set_contact(State(st): State<AppState>, auth: PartnerAuth, body: Bytes) -> ApiResult<Json<Value>> {
+    let v = json_body(&body)?;
+    let mut f = Fields::new(&v);
+    let email = f.optional_str("contact_email", 254);
+    let mobile = f.optional_str("contact_mobile", 32);
+    if email.as_deref().is_some_and(|e| !validate::is_email(e)) {
+        f.error("contact_email", "invalid", "contact_email must be a valid email address");
+    }
+    if mobile.as_deref().is_some_and(|m| !validate::is_e164(m)) {
+        f.error("contact_mobile", "invalid", "contact_mobile must be in E.164 format");
+    }
+    if email.is_none() && mobile.is_none() && f.errors.is_empty() {
+        f.error("contact_email", "required", "give a contact_email or a contact_mobile");
+    }
+    f.finish().map_err(ApiError::validation)?;
+    let fields = store::partners::PartnerFields {
+        contact_email: Some(email),
+        contact_mobile: Some(mobile),
+        ..Default::default()
+    };
+    let mut tx = st.ctx.db.begin().await?;
+    let p = store::partners::update(&mut tx, auth.partner_id, &fields)
+        .await?
+        .ok_or_else(ApiError::unauthorized)?;
+    store::audit(&mut tx, &auth.principal.label(), "partner.contact_updated", Some(&p.id.to_string()), None).await?;
+    tx.commit().await?;
+    let managers = store::partners::managers(&st.ctx.db, p.id).await?;
+    Ok(Json(views::partner(&p, &managers)))
+}
+
+pub async fn create(
+    State(st): State<AppState>,
+    auth: PartnerAuth,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let partner = own_partner(&st, &auth).await?;
+    if !partner.customer_development {
+        return Err(ApiError::forbidden(
+            "customer_development_disabled",
+            "Your partner account does not have the customer-development permission. Contact your ecosystem manager.",
+        ));
+    }
+    if partner.contact_email.is_none() && partner.contact_mobile.is_none() {
+        return Err(ApiError::unprocessable(
+            "partner_contact_missing",
+            "Set a contact email or mobile for your partner account first (PUT /v1/partner/contact).",
+        ));
+    }
+    let v = json_body(&body)?;
+    let req = validate::prereg_request(&v).map_err(ApiError::validation)?;
+    if let Some(am) = req.account_manager_id {
+        let managers = store::partners::managers(&st.ctx.db, partner.id).await?;
+        if !managers.iter().any(|m| m.id == am) {
+            return Err(ApiError::validation(vec![validate::FieldError {
+                field: "account_manager_id".into(),
+                code: "invalid",
+                message: "account_manager_id is not one of your account managers".into(),
+            }]));
+        }
+    }
+    if req.send_invitation && req.association_type.as_deref() == Some("referral") && !partner.referral {
+        return Err(referral_not_permitted());
+    }
+    let idem = Idem::from_headers(&headers, auth.principal.label(), "POST", "/v1/preregistrations", &body)?;
+    let mut tx = st.ctx.db.begin().await?;
+    if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
+        return Ok(r);
+    }
+    let id = Uuid::now_v7();
+    let cmd = preregs::NewPrereg {
+        id,
+        partner_id: partner.id,
+        full_name: req.full_name,
+        email: req.email,
+        mobile: req.mobile,
+        send_invitation: req.send_invitation,
+        association_type: req.association_type,
+        locale: req.locale,
+        tags: req.tags,
+        remarks: req.remarks,
+        account_manager_id: req.account_manager_id,
+    };
+    preregs::insert_queued(&mut tx, &cmd, Some(&rid.0)).await?;
+    store::record(
+        &mut tx,
+        TimelineEntry {
+            preregistration_id: id,
+            actor: &auth.principal.label(),
+            change: "requested",
+            from_status: None,
+            to_status: Some("queued"),
+            reason: None,
+            details: None,
+        },
+    )
+    .await?;
+    let job = CloudEvent::with_id(
+        id.to_string(),
+        "preregistration.requested",
+        serde_json::to_value(&cmd).unwrap_or_default(),
+    )
+    .subject(id)
+    .correlation(Some(rid.0.clone()));
+    let answer = command::accepted(json!({"id": id, "status": "queued"}), Some(format!("/v1/preregistrations/{id}")));
+    command::accept(
+        &st,
+        tx,
+        idem.as_ref(),
+        answer,
+        &job,
+        Some(("DELETE FROM preregistrations WHERE id = $1 AND status = 'queued'", id)),
+    )
+    .await
+}
+
+pub fn referral_not_permitted() -> ApiError {
+    ApiError::forbidden(
+        "referral_not_permitted",
+        "Your partner account does not have the referral permission; use the reseller association type or contact your ecosystem manager.",
+    )
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    pub status: Option<String>,
+    pub q: Option<String>,
+    pub cursor: Option<String>,
+    pub limit: Option<String>,
+    pub reveal: Option<String>,
+}
+
+pub fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}|{id}", at.timestamp_micros()))
+}
+
+pub fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (micros, id) = text.split_once('|')?;
+    Some((DateTime::from_timestamp_micros(micros.parse().ok()?)?, Uuid::parse_str(id).ok()?))
+}
+
+/// Reads `limit` (1..=200, default 50) and `reveal`, naming bad values.
+pub fn paging(limit: Option<&str>, reveal: Option<&str>, cursor: Option<&str>) -> ApiResult<(i64, bool, Option<(DateTime<Utc>, Uuid)>)> {
+    let mut errors = Vec::new();
+    let limit = match limit {
+        None => 50,
+        Some(s) => match s.parse::<i64>() {
+            Ok(n) if (1..=200).contains(&n) => n,
+            _ => {
+                errors.push(field_error("limit", "limit must be a whole number from 1 to 200"));
+                50
+            }
+        },
+    };
+    let reveal = match reveal {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(_) => {
+            errors.push(field_error("reveal", "reveal must be true or false"));
+            false
+        }
+    };
+    let cursor = match cursor {
+        None | Some("") => None,
+        Some(c) => match decode_cursor(c) {
+            Some(c) => Some(c),
+            None => {
+                errors.push(field_error("cursor", "cursor is not one this API returned"));
+                None
+            }
+        },
+    };
+    if errors.is_empty() {
+        Ok((limit, reveal, cursor))
+    } else {
+        Err(ApiError::validation(errors))
+    }
+}
+
+fn field_error(field: &str, message: &str) -> validate::FieldError {
+    validate::FieldError { field: field.into(), code: "invalid", message: message.into() }
+}
+
+pub async fn list(State(st): State<AppState>, auth: PartnerAuth, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+    let (limit, reveal, cursor) = paging(q.limit.as_deref(), q.reveal.as_deref(), q.cursor.as_deref())?;
+    let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(Status::parse(s).ok_or_else(|| {
+            ApiError::validation(vec![field_error("status", "status is not a pre-registration state")])
+        })?),
+    };
+    let filter = preregs::ListFilter {
+        status,
+        q: q.q.filter(|s| !s.trim().is_empty()).map(|s| s.trim().to_string()),
+        cursor,
+        limit: limit + 1,
+    };
+    let mut rows = preregs::list(&st.ctx.db, auth.partner_id, &filter).await?;
+    let next_cursor = if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().map(|p| encode_cursor(p.created_at, p.id))
+    } else {
+        None
+    };
+    if reveal {
+        let mut conn = st.ctx.db.acquire().await?;
+        store::audit(
+            &mut conn,
+            &auth.principal.label(),
+            "preregistrations.revealed",
+            None,
+            Some(json!({"ids": rows.iter().map(|p| p.id).collect::<Vec<_>>()})),
+        )
+        .await?;
+    }
+    let items: Vec<Value> = rows.iter().map(|p| views::prereg(p, !reveal, None, json!([]))).collect();
+    Ok(Json(json!({"items": items, "next_cursor": next_cursor})))
+}
+
+async fn owned(st: &AppState, auth: &PartnerAuth, id: &str) -> ApiResult<preregs::Prereg> {
+    let id = parse_id(id)?;
+    match preregs::get(&st.ctx.db, id).await? {
+        Some(p) if p.partner_id == auth.partner_id => Ok(p),
+        _ => Err(ApiError::not_found("pre-registration")),
+    }
+}
+
+pub async fn get_one(State(st): State<AppState>, auth: PartnerAuth, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let p = owned(&st, &auth, &id).await?;
+    let review = reviews::latest_for(&st.ctx.db, p.id).await?;
+    Ok(Json(views::prereg(&p, false, review.as_ref(), json!([]))))
+}
+
+pub async fn timeline(State(st): State<AppState>, auth: PartnerAuth, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let p = owned(&st, &auth, &id).await?;
+    let items = preregs::timeline(&st.ctx.db, p.id).await?;
+    Ok(Json(json!({"items": items})))
+}
+
+pub async fn request_review(
+    State(st): State<AppState>,
+    auth: PartnerAuth,
+    Extension(rid): Extension<RequestId>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let p = owned(&st, &auth, &id).await?;
+    let v = json_body(&body)?;
+    let mut f = Fields::new(&v);
+    let justification = f.required_str("justification", 4000);
+    let spend = f.optional_f64("expected_new_spend");
+    let contact = f.optional_str("contact_record", 4000);
+    f.finish().map_err(ApiError::validation)?;
+    if p.status() != Status::Rejected || !p.manual_review_eligible {
+        return Err(ApiError::conflict(
+            "not_reviewable",
+            "only a rejection that allows manual review can be reviewed",
+        ));
+    }
+    let path = format!("/v1/preregistrations/{}/review", p.id);
+    let idem = Idem::from_headers(&headers, auth.principal.label(), "POST", &path, &body)?;
+    let mut tx = st.ctx.db.begin().await?;
+    if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
+        return Ok(r);
+    }
+    let review_id = Uuid::now_v7();
+    let justification = justification.unwrap_or_default();
+    let inserted = reviews::insert_queued(
+        &mut tx,
+        &reviews::NewReview {
+            id: review_id,
+            preregistration_id: p.id,
+            partner_id: p.partner_id,
+            justification: &justification,
+            expected_new_spend: spend,
+            contact_record: contact.as_deref(),
+        },
+    )
+    .await;
+    if let Err(e) = inserted {
+        if store::is_unique_violation(&e) {
+            return Err(ApiError::conflict("review_pending", "a review of this pre-registration is already pending"));
+        }
+        return Err(e.into());
+    }
+    let cmd = ReviewRequested { review_id, preregistration_id: p.id, partner_id: p.partner_id };
+    let job = CloudEvent::with_id(review_id.to_string(), "review.requested", serde_json::to_value(&cmd).unwrap_or_default())
+        .subject(p.id)
+        .correlation(Some(rid.0.clone()));
+    let answer = command::accepted(
+        json!({"id": review_id, "preregistration_id": p.id, "status": "queued"}),
+        Some(format!("/v1/preregistrations/{}", p.id)),
+    );
+    command::accept(&st, tx, idem.as_ref(), answer, &job, Some(("DELETE FROM reviews WHERE id = $1 AND state = 'queued'", review_id)))
+        .await
+}
+
+/// Deletes one pre-registration inside `conn`'s transaction.
+async fn delete_in(conn: &mut PgConnection, partner_id: Uuid, id: Uuid, actor: &str) -> Result<Value, ApiError> {
+    let p = match preregs::get_for_update(conn, id).await? {
+        Some(p) if p.partner_id == partner_id => p,
+        _ => return Err(ApiError::not_found("pre-registration")),
+    };
+    let status = p.status();
+    if status == Status::Deleted {
+        return Ok(json!({"preregistration_id": id, "status": "deleted"}));
+    }
+    if !status.deletable() {
+        return Err(ApiError::conflict(
+            "cannot_delete",
+            format!("a pre-registration that is {status} cannot be deleted"),
+        ));
+    }
+    preregs::set_status(conn, id, Status::Deleted).await?;
+    store::record(
+        conn,
+        TimelineEntry {
+            preregistration_id: id,
+            actor,
+            change: "deleted",
+            from_status: Some(status.as_str()),
+            to_status: Some("deleted"),
+            reason: None,
+            details: None,
+        },
+    )
+    .await?;
+    let ev = CloudEvent::with_id(
+        format!("preregistration.deleted:{id}"),
+        "preregistration.deleted",
+        json!({"preregistration_id": id, "partner_id": partner_id, "status": "deleted", "previous_status": status}),
+    )
+    .subject(id);
+    store::outbox::event(conn, &ev).await?;
+    Ok(json!({"preregistration_id": id, "status": "deleted"}))
+}
+
+pub async fn delete_one(State(st): State<AppState>, auth: PartnerAuth, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let id = parse_id(&id)?;
+    let mut tx = st.ctx.db.begin().await?;
+    let v = delete_in(&mut tx, auth.partner_id, id, &auth.principal.label()).await?;
+    tx.commit().await?;
+    Ok(Json(v))
+}
+
+pub async fn batch_delete(State(st): State<AppState>, auth: PartnerAuth, body: Bytes) -> ApiResult<Response> {
+    let v = json_body(&body)?;
+    let ids = parse_id_list(&v, "ids")?;
+    let mut results = Vec::with_capacity(ids.len());
+    for id in ids {
+        // One transaction per item: one item's failure leaves the others done.
+        let mut tx = st.ctx.db.begin().await?;
+        match delete_in(&mut tx, auth.partner_id, id, &auth.principal.label()).await {
+            Ok(r) => {
+                tx.commit().await?;
+                results.push(r);
+            }
+            Err(e) if e.status.is_client_error() => {
+                tx.rollback().await?;
+                results.push(json!({"preregistration_id": id, "status": "error", "error": {"code": e.code, "message": e.message}}));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((StatusCode::OK, Json(json!({"results": results}))).into_response())
+}
+
+/// `{"<field>": [uuid, ...]}` with 1 to 100 distinct ids.
+pub fn parse_id_list(v: &Value, field: &str) -> ApiResult<Vec<Uuid>> {
+    let err = |m: &str| ApiError::validation(vec![field_error(field, m)]);
+    let arr = v
+        .get(field)
+        .and_then(Value::as_array)
+        .ok_or_else(|| err(&format!("{field} must be an array of ids")))?;
+    if arr.is_empty() || arr.len() > 100 {
+        return Err(err(&format!("{field} must hold 1 to 100 ids")));
+    }
+    let mut out: Vec<Uuid> = Vec::with_capacity(arr.len());
+    for item in arr {
+        let id = item
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .ok_or_else(|| err(&format!("each of {field} must be a UUID")))?;
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    }
+    Ok(out)
+}
+
