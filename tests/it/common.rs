@@ -1,0 +1,216 @@
+//! Test harness: every test gets a fresh database, its own RabbitMQ prefix and
+//! Redis key prefix, and the very same app the binaries build, on a random port.
+
+use std::{sync::Arc, time::Duration};
+
+use prereg::{
+    app::{self, Roles, Running},
+    mq::Queue,
+    Config, Ctx,
+};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+pub const OPERATOR: &str = "test-operator-token";
+
+pub fn pg_base() -> String {
+    std::env::var("PREREG_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+pub fn amqp_url() -> String {
+    std::env::var("PREREG_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+pub fn redis_url() -> String {
+    std::env::var("PREREG_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "warn,prereg=warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+/// A test configuration on a fresh database and a unique broker prefix.
+pub async fn test_config() -> (Config, String) {
+    init_logs();
+    let id = Uuid::new_v4().simple().to_string();
+    let db_name = format!("prereg_test_{}", &id[..16]);
+    let mut admin = PgConnection::connect(&format!("{}/postgres", pg_base())).await.expect("postgres reachable");
+    sqlx::query(&format!("CREATE DATABASE {db_name}")).execute(&mut admin).await.expect("create database");
+    let mut cfg = Config::default();
+    cfg.database_url = format!("{}/{db_name}", pg_base());
+    cfg.amqp_url = amqp_url();
+    cfg.redis_url = redis_url();
+    cfg.amqp_prefix = format!("test-{}", &id[..12]);
+    cfg.http_addr = "127.0.0.1:0".parse().unwrap();
+    cfg.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    cfg.operator_token = Some(OPERATOR.into());
+    cfg.retry_delays = vec![Duration::from_millis(100), Duration::from_millis(200), Duration::from_millis(400)];
+    cfg.max_attempts = 4;
+    cfg.outbox_interval = Duration::from_millis(50);
+    cfg.worker_concurrency = 8;
+    cfg.db_max_connections = 12;
+    cfg.shutdown_grace = Duration::from_secs(10);
+    (cfg, db_name)
+}
+
+pub struct TestApp {
+    pub addr: String,
+    pub http: reqwest::Client,
+    pub ctx: Arc<Ctx>,
+    pub cfg: Config,
+    pub db_name: String,
+    running: Vec<Running>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_with(|_| {}).await
+}
+
+/// Intake, every worker and the outbox relay, after `tweak` adjusts the config.
+pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let (mut cfg, db_name) = test_config().await;
+    tweak(&mut cfg);
+    let ctx = Ctx::new(cfg.clone()).expect("ctx");
+    prereg::store::migrate(&ctx.db).await.expect("migrate");
+    let roles = Roles { intake: true, workers: Queue::ALL.to_vec(), relay: true, health_server: false };
+    let running = app::start(ctx.clone(), roles).await.expect("start");
+    let addr = format!("http://{}", running.http_addr.expect("http addr"));
+    TestApp { addr, http: reqwest::Client::new(), ctx, cfg, db_name, running: vec![running] }
+}
+
+pub struct Partner {
+    pub id: Uuid,
+    pub key: String,
+}
+
+impl TestApp {
+    pub fn db(&self) -> &PgPool {
+        &self.ctx.db
+    }
+
+    /// Starts another, independent worker process-equivalent (own connections)
+    /// on the same database and broker prefix.
+    pub async fn add_worker(&mut self, tweak: impl FnOnce(&mut Config)) {
+        let mut cfg = self.cfg.clone();
+        tweak(&mut cfg);
+        let ctx = Ctx::new(cfg).expect("ctx");
+        let roles = Roles { workers: vec![Queue::Registration, Queue::Accounts], relay: true, ..Default::default() };
+        self.running.push(app::start(ctx, roles).await.expect("start worker"));
+    }
+
+    pub async fn request(&self, method: Method, path: &str, key: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.addr));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, v)
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> (StatusCode, Value) {
+        self.request(Method::GET, path, Some(key), None).await
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
+        self.request(Method::POST, path, Some(key), Some(body)).await
+    }
+
+    pub async fn create_partner(&self, extra: Value) -> Partner {
+        let mut body = json!({
+            "name": "Partner Co",
+            "country": "CN",
+            "contact_email": "ops@partner.example",
+            "customer_development": true,
+        });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        let (status, v) = self.post("/v1/admin/partners", OPERATOR, body).await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        Partner {
+            id: v["partner"]["id"].as_str().unwrap().parse().unwrap(),
+            key: v["api_key"].as_str().unwrap().to_string(),
+        }
+    }
+
+    pub async fn upstream_key(&self) -> String {
+        let (status, v) = self.post("/v1/admin/upstream-keys", OPERATOR, json!({"label": "tests"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        v["api_key"].as_str().unwrap().to_string()
+    }
+
+    /// Submits a pre-registration and returns its id (asserting the 202).
+    pub async fn prereg(&self, p: &Partner, email: &str, mobile: &str) -> Uuid {
+        let (status, v) = self
+            .post("/v1/preregistrations", &p.key, json!({"full_name": "Zhang San", "email": email, "mobile": mobile}))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+        assert_eq!(v["status"], "queued");
+        v["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Polls until the pre-registration leaves `queued`.
+    pub async fn decided(&self, p: &Partner, id: Uuid) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, v) = self.get(&format!("/v1/preregistrations/{id}"), &p.key).await;
+            assert_eq!(status, StatusCode::OK, "{v}");
+            if v["status"] != "queued" {
+                return v;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "pre-registration {id} never decided");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Stores account facts through the upstream API and waits until stored.
+    pub async fn account(&self, upstream: &str, account_id: &str, facts: Value) {
+        let (status, v) = self
+            .request(Method::PUT, &format!("/v1/accounts/{account_id}"), Some(upstream), Some(facts.clone()))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+        wait_until(Duration::from_secs(10), || async {
+            let (s, v) = self.get(&format!("/v1/accounts/{account_id}"), upstream).await;
+            s == StatusCode::OK && facts.as_object().unwrap().iter().all(|(k, val)| k.ends_with("_at") || v[k] == *val)
+        })
+        .await;
+    }
+
+    /// Stops everything and drops the test's database and broker objects.
+    pub async fn cleanup(mut self) {
+        for r in self.running.drain(..) {
+            r.shutdown().await;
+        }
+        let _ = self.ctx.broker.delete_topology().await;
+        self.ctx.broker.close().await;
+        self.ctx.db.close().await;
+        if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name))
+                .execute(&mut admin)
+                .await;
+        }
+    }
+}
+
+pub async fn wait_until<F, Fut>(limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "condition not met within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,5 @@
+//! Integration tests against the real Postgres, RabbitMQ and Redis.
+//! One binary for every test module (faster to link, shared harness).
+
+mod common;
+mod pipeline;
