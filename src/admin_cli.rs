@@ -64,7 +64,14 @@ fn queue(name: &str) -> anyhow::Result<Queue> {
 pub async fn run(cfg: Config, cmd: AdminCommand) -> anyhow::Result<()> {
     let ctx = Ctx::new(cfg)?;
     match cmd {
-        AdminCommand::CreatePartner { name, country, contact_email, contact_mobile, referral, prepaid } => {
+        AdminCommand::CreatePartner {
+            name,
+            country,
+            contact_email,
+            contact_mobile,
+            referral,
+            prepaid,
+        } => {
             let fields = PartnerFields {
                 name: Some(name),
                 country: Some(country.to_ascii_uppercase()),
@@ -76,18 +83,29 @@ pub async fn run(cfg: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             };
             let mut tx = ctx.db.begin().await?;
             let p = store::partners::create(&mut tx, &fields).await?;
-            let (_, key) = store::keys::issue(&mut tx, Role::Partner, Some(p.id), Some("cli")).await?;
-            store::audit(&mut tx, "operator:cli", "partner.created", Some(&p.id.to_string()), None).await?;
+            let (_, key) =
+                store::keys::issue(&mut tx, Role::Partner, Some(p.id), Some("cli")).await?;
+            store::audit(
+                &mut tx,
+                "operator:cli",
+                "partner.created",
+                Some(&p.id.to_string()),
+                None,
+            )
+            .await?;
             tx.commit().await?;
             println!("partner_id {}\napi_key {key}", p.id);
         }
         AdminCommand::UpstreamKey { label } => {
             let mut tx = ctx.db.begin().await?;
-            let (id, key) = store::keys::issue(&mut tx, Role::Upstream, None, label.as_deref()).await?;
+            let (id, key) =
+                store::keys::issue(&mut tx, Role::Upstream, None, label.as_deref()).await?;
             tx.commit().await?;
             println!("key_id {id}\napi_key {key}");
         }
-        AdminCommand::Dlq { command: DlqCommand::List { queue: q, limit } } => {
+        AdminCommand::Dlq {
+            command: DlqCommand::List { queue: q, limit },
+        } => {
             let items = runtime::list_dead_letters(&ctx, queue(&q)?, limit).await?;
             if items.is_empty() {
                 println!("no dead letters in {q}");
@@ -96,7 +114,9 @@ pub async fn run(cfg: Config, cmd: AdminCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&d)?);
             }
         }
-        AdminCommand::Dlq { command: DlqCommand::Replay { queue: q, limit } } => {
+        AdminCommand::Dlq {
+            command: DlqCommand::Replay { queue: q, limit },
+        } => {
             let n = runtime::replay_dead_letters(&ctx, queue(&q)?, limit).await?;
             println!("replayed {n} message(s) to {q}");
         }

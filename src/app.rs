@@ -86,7 +86,8 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
         let app = crate::api::router(ctx.clone());
         let c = cancel.clone();
         tasks.spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move { c.cancelled().await });
+            let serve = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { c.cancelled().await });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "http server failed");
             }
@@ -99,14 +100,19 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
         let app = crate::api::health_router(ctx.clone());
         let c = cancel.clone();
         tasks.spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move { c.cancelled().await });
+            let serve = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { c.cancelled().await });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "health server failed");
             }
         });
     }
     if !roles.workers.is_empty() {
-        tasks.spawn(workers::runtime::run(ctx.clone(), roles.workers.clone(), cancel.clone()));
+        tasks.spawn(workers::runtime::run(
+            ctx.clone(),
+            roles.workers.clone(),
+            cancel.clone(),
+        ));
     }
     if roles.relay {
         tasks.spawn(store::outbox::run_relay(
@@ -116,7 +122,13 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
             cancel.clone(),
         ));
     }
-    Ok(Running { ctx, http_addr, health_addr, cancel, tasks })
+    Ok(Running {
+        ctx,
+        http_addr,
+        health_addr,
+        cancel,
+        tasks,
+    })
 }
 
 /// Checks Postgres, Redis and RabbitMQ; 503 when any is down.
@@ -138,7 +150,11 @@ pub async fn readiness(ctx: &Ctx) -> (StatusCode, Value) {
         Err(_) => json!({"ok": false, "error": "timeout"}),
     };
     let all = [&pg, &redis, &amqp].iter().all(|v| v["ok"] == json!(true));
-    let code = if all { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if all {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         code,
         json!({"status": if all { "ready" } else { "not_ready" }, "checks": {"postgres": pg, "redis": redis, "rabbitmq": amqp}}),
@@ -149,13 +165,23 @@ pub async fn readiness(ctx: &Ctx) -> (StatusCode, Value) {
 pub async fn queue_stats(ctx: &Ctx) -> anyhow::Result<Vec<Value>> {
     let (_, ch) = ctx.broker.channel().await?;
     let names = &ctx.broker.names;
-    let passive = QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
+    let passive = QueueDeclareOptions {
+        passive: true,
+        durable: true,
+        ..Default::default()
+    };
     let mut out = Vec::new();
     for q in Queue::ALL {
-        let work = ch.queue_declare(&names.queue(q), passive, Default::default()).await?;
-        let dlq = ch.queue_declare(&names.dlq(q), passive, Default::default()).await?;
-        metrics::gauge!("prereg_queue_depth", "queue" => q.short()).set(work.message_count() as f64);
-        metrics::gauge!("prereg_dead_letters", "queue" => q.short()).set(dlq.message_count() as f64);
+        let work = ch
+            .queue_declare(&names.queue(q), passive, Default::default())
+            .await?;
+        let dlq = ch
+            .queue_declare(&names.dlq(q), passive, Default::default())
+            .await?;
+        metrics::gauge!("prereg_queue_depth", "queue" => q.short())
+            .set(work.message_count() as f64);
+        metrics::gauge!("prereg_dead_letters", "queue" => q.short())
+            .set(dlq.message_count() as f64);
         out.push(json!({
             "queue": q.short(),
             "messages": work.message_count(),

@@ -126,10 +126,16 @@ impl Config {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
-            return Err(err("PREREG_AMQP_PREFIX", "letters, digits, - _ . only".into()));
+            return Err(err(
+                "PREREG_AMQP_PREFIX",
+                "letters, digits, - _ . only".into(),
+            ));
         }
         Ok(Self {
-            database_url: get("PREREG_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/prereg"),
+            database_url: get(
+                "PREREG_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/prereg",
+            ),
             amqp_url: get("PREREG_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
             redis_url: get("PREREG_REDIS_URL", "redis://127.0.0.1:6379"),
             smtp_url: get("PREREG_SMTP_URL", "smtp://127.0.0.1:1025"),
@@ -181,7 +187,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
         if digits == 0 {
-            return Err(format!("`{s}`: expected a number, e.g. 15d, 36h, 3s, 250ms"));
+            return Err(format!(
+                "`{s}`: expected a number, e.g. 15d, 36h, 3s, 250ms"
+            ));
         }
         let value: u64 = rest[..digits]
             .parse()
@@ -209,7 +217,9 @@ pub fn parse_review_sla(text: &str) -> Result<ReviewSla, String> {
     let s = text.trim().to_ascii_lowercase();
     let words: Vec<&str> = s.split_whitespace().collect();
     if let [n, "working", "day" | "days"] = words.as_slice() {
-        let n = n.parse::<u32>().map_err(|_| format!("`{text}`: bad number"))?;
+        let n = n
+            .parse::<u32>()
+            .map_err(|_| format!("`{text}`: bad number"))?;
         return Ok(ReviewSla::WorkingDays(n));
     }
     if let Some(n) = s.strip_suffix("wd") {
@@ -228,8 +238,14 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("15d").unwrap(), Duration::from_secs(15 * 86_400));
-        assert_eq!(parse_duration("36h").unwrap(), Duration::from_secs(36 * 3600));
+        assert_eq!(
+            parse_duration("15d").unwrap(),
+            Duration::from_secs(15 * 86_400)
+        );
+        assert_eq!(
+            parse_duration("36h").unwrap(),
+            Duration::from_secs(36 * 3600)
+        );
         assert_eq!(parse_duration("3s").unwrap(), Duration::from_secs(3));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
@@ -241,8 +257,14 @@ mod tests {
 
     #[test]
     fn review_sla() {
-        assert_eq!(parse_review_sla("2 working days").unwrap(), ReviewSla::WorkingDays(2));
-        assert_eq!(parse_review_sla("1 working day").unwrap(), ReviewSla::WorkingDays(1));
+        assert_eq!(
+            parse_review_sla("2 working days").unwrap(),
+            ReviewSla::WorkingDays(2)
+        );
+        assert_eq!(
+            parse_review_sla("1 working day").unwrap(),
+            ReviewSla::WorkingDays(1)
+        );
         assert_eq!(
             parse_review_sla("5s").unwrap(),
             ReviewSla::Plain(Duration::from_secs(5))

@@ -31,7 +31,12 @@ impl Ctx {
         let db = crate::store::connect(&cfg.database_url, cfg.db_max_connections)?;
         let names = Names::new(&cfg.amqp_prefix, cfg.retry_delays.clone());
         let broker = Arc::new(Broker::new(&cfg.amqp_url, names, cfg.delivery_limit));
-        let locks = Locks::new(&cfg.redis_url, &cfg.amqp_prefix, cfg.lock_ttl, cfg.lock_wait);
+        let locks = Locks::new(
+            &cfg.redis_url,
+            &cfg.amqp_prefix,
+            cfg.lock_ttl,
+            cfg.lock_wait,
+        );
         Ok(Arc::new(Self {
             cfg,
             db,
@@ -58,8 +63,16 @@ impl Ctx {
             let year: i32 = r.get("year");
             let entries = years.entry(year).or_default();
             if let Some(date) = r.get::<Option<chrono::NaiveDate>, _>("date") {
-                let kind = if r.get::<&str, _>("kind") == "workday" { DayKind::Workday } else { DayKind::Holiday };
-                entries.push(CalendarEntry { date, kind, name: r.get("name") });
+                let kind = if r.get::<&str, _>("kind") == "workday" {
+                    DayKind::Workday
+                } else {
+                    DayKind::Holiday
+                };
+                entries.push(CalendarEntry {
+                    date,
+                    kind,
+                    name: r.get("name"),
+                });
             }
         }
         for (year, entries) in years {
@@ -87,7 +100,11 @@ impl Ctx {
                 at: from + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::days(2)),
                 calendar_missing: false,
             },
-            ReviewSla::WorkingDays(n) => self.calendar().await?.add_working_days(from, n, self.cfg.timezone),
+            ReviewSla::WorkingDays(n) => {
+                self.calendar()
+                    .await?
+                    .add_working_days(from, n, self.cfg.timezone)
+            }
         })
     }
 

@@ -40,7 +40,9 @@ pub struct LockGuard {
 impl Locks {
     pub fn new(url: &str, prefix: &str, ttl: Duration, wait: Duration) -> Self {
         let client = redis::Client::open(url)
-            .map_err(|e| tracing::error!(error = %e, "invalid PREREG_REDIS_URL; running without locks"))
+            .map_err(
+                |e| tracing::error!(error = %e, "invalid PREREG_REDIS_URL; running without locks"),
+            )
             .ok();
         Self {
             client,
@@ -65,14 +67,21 @@ impl Locks {
         {
             let retry = self.retry_after.lock().await;
             if retry.is_some_and(|t| Instant::now() < t) {
-                return Err(LockError::Unavailable("redis down (recent connection failure)".into()));
+                return Err(LockError::Unavailable(
+                    "redis down (recent connection failure)".into(),
+                ));
             }
         }
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(self.op_timeout)
             .set_response_timeout(self.op_timeout)
             .set_number_of_retries(1);
-        match tokio::time::timeout(self.op_timeout * 2, ConnectionManager::new_with_config(client, cfg)).await {
+        match tokio::time::timeout(
+            self.op_timeout * 2,
+            ConnectionManager::new_with_config(client, cfg),
+        )
+        .await
+        {
             Ok(Ok(c)) => {
                 *guard = Some(c.clone());
                 Ok(c)
@@ -154,7 +163,8 @@ impl Locks {
     /// Releases what the guard holds, only where this owner still holds it.
     pub async fn release(&self, guard: LockGuard) {
         if let Ok(mut conn) = self.connection().await {
-            self.release_keys(&mut conn, &guard.keys, &guard.token).await;
+            self.release_keys(&mut conn, &guard.keys, &guard.token)
+                .await;
         }
     }
 

@@ -50,7 +50,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -77,7 +80,11 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
         }
         Command::Intake => {
             let ctx = Ctx::new(cfg)?;
-            let roles = Roles { intake: true, relay: true, ..Default::default() };
+            let roles = Roles {
+                intake: true,
+                relay: true,
+                ..Default::default()
+            };
             app::start(ctx, roles).await?.run_until_signal().await;
             Ok(())
         }
@@ -86,11 +93,18 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
                 Queue::ALL.to_vec()
             } else {
                 only.iter()
-                    .map(|s| Queue::parse(s.trim()).ok_or_else(|| anyhow::anyhow!("unknown queue `{s}`")))
+                    .map(|s| {
+                        Queue::parse(s.trim()).ok_or_else(|| anyhow::anyhow!("unknown queue `{s}`"))
+                    })
                     .collect::<anyhow::Result<Vec<_>>>()?
             };
             let ctx = Ctx::new(cfg)?;
-            let roles = Roles { workers: queues, relay: true, health_server: true, ..Default::default() };
+            let roles = Roles {
+                workers: queues,
+                relay: true,
+                health_server: true,
+                ..Default::default()
+            };
             app::start(ctx, roles).await?.run_until_signal().await;
             Ok(())
         }

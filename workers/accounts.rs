@@ -24,7 +24,10 @@ pub fn validate(f: &AccountFacts) -> Result<(), JobError> {
     if f.site.as_deref().is_some_and(|s| s != "cn" && s != "intl") {
         problems.push("site must be cn or intl");
     }
-    if f.country.as_deref().is_some_and(|c| !crate::domain::validate::is_country(c)) {
+    if f.country
+        .as_deref()
+        .is_some_and(|c| !crate::domain::validate::is_country(c))
+    {
         problems.push("country must be ISO 3166-1 alpha-2");
     }
     if problems.is_empty() {

@@ -39,7 +39,10 @@ pub enum JobError {
 
 impl JobError {
     pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
-        JobError::Fatal { code, message: message.into() }
+        JobError::Fatal {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -57,7 +60,8 @@ impl From<crate::mq::PublishError> for JobError {
 
 /// Reads a job's payload; one that does not fit is a poison message.
 pub fn payload<T: DeserializeOwned>(ev: &CloudEvent) -> Result<T, JobError> {
-    serde_json::from_value(ev.data.clone()).map_err(|e| JobError::fatal("invalid_payload", format!("{}: {e}", ev.ty)))
+    serde_json::from_value(ev.data.clone())
+        .map_err(|e| JobError::fatal("invalid_payload", format!("{}: {e}", ev.ty)))
 }
 
 /// Routes a job to its handler by message type.
@@ -66,7 +70,10 @@ pub async fn dispatch(ctx: &Ctx, ev: &CloudEvent) -> Result<Outcome, JobError> {
         "preregistration.requested" => registration::handle(ctx, payload(ev)?, ev).await,
         "review.requested" => registration::handle_review(ctx, payload(ev)?).await,
         "account.upserted" => accounts::handle(ctx, payload(ev)?).await,
-        other => Err(JobError::fatal("unknown_type", format!("no handler for message type `{other}`"))),
+        other => Err(JobError::fatal(
+            "unknown_type",
+            format!("no handler for message type `{other}`"),
+        )),
     }
 }
 

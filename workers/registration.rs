@@ -26,22 +26,34 @@ pub async fn handle(ctx: &Ctx, cmd: NewPrereg, ev: &CloudEvent) -> Result<Outcom
     // Commands may come straight from upstream systems: check them as the intake does.
     let as_json = serde_json::to_value(&cmd).unwrap_or_default();
     if let Err(errors) = domain::validate::prereg_request(&as_json) {
-        let fields: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+        let fields: Vec<String> = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect();
         return Err(JobError::fatal("invalid_payload", fields.join("; ")));
     }
     match preregs::get(&ctx.db, cmd.id).await? {
         Some(p) if p.partner_id != cmd.partner_id => {
-            return Err(JobError::fatal("id_conflict", "the id names another partner's pre-registration"));
+            return Err(JobError::fatal(
+                "id_conflict",
+                "the id names another partner's pre-registration",
+            ));
         }
         Some(p) if p.status() != Status::Queued => return Ok(Outcome::Skipped("already_decided")),
         Some(_) => {}
         None => {
             let partner = store::partners::get(&ctx.db, cmd.partner_id).await?;
             let Some(partner) = partner else {
-                return Err(JobError::fatal("unknown_partner", format!("partner {} does not exist", cmd.partner_id)));
+                return Err(JobError::fatal(
+                    "unknown_partner",
+                    format!("partner {} does not exist", cmd.partner_id),
+                ));
             };
             if !partner.customer_development {
-                return Err(JobError::fatal("customer_development_disabled", "the partner may not pre-register customers"));
+                return Err(JobError::fatal(
+                    "customer_development_disabled",
+                    "the partner may not pre-register customers",
+                ));
             }
             let mut conn = ctx.db.acquire().await?;
             preregs::insert_queued(&mut conn, &cmd, ev.correlationid.as_deref()).await?;
@@ -50,7 +62,10 @@ pub async fn handle(ctx: &Ctx, cmd: NewPrereg, ev: &CloudEvent) -> Result<Outcom
 
     let email_norm = domain::normalize_email(&cmd.email);
     let mobile_norm = domain::normalize_mobile(&cmd.mobile);
-    let keys = [format!("email:{email_norm}"), format!("mobile:{mobile_norm}")];
+    let keys = [
+        format!("email:{email_norm}"),
+        format!("mobile:{mobile_norm}"),
+    ];
     let guard = match ctx.locks.acquire(&keys).await {
         Ok(g) => Some(g),
         Err(LockError::Unavailable(e)) => {
@@ -77,7 +92,9 @@ async fn decide_with_retries(ctx: &Ctx, id: Uuid) -> Result<Outcome, JobError> {
     loop {
         attempt += 1;
         match decide(ctx, id).await {
-            Err(Failure::Db(e)) if attempt < 5 && (store::is_unique_violation(&e) || store::is_transient(&e)) => {
+            Err(Failure::Db(e))
+                if attempt < 5 && (store::is_unique_violation(&e) || store::is_transient(&e)) =>
+            {
                 metrics::counter!("prereg_claim_conflicts_total").increment(1);
                 tracing::debug!(error = %e, attempt, "decision conflicted; deciding again");
             }
@@ -102,13 +119,18 @@ impl From<sqlx::Error> for Failure {
 async fn decide(ctx: &Ctx, id: Uuid) -> Result<Outcome, Failure> {
     let mut tx = ctx.db.begin().await?;
     let Some(p) = preregs::get_for_update(&mut tx, id).await? else {
-        return Err(Failure::Job(JobError::Retryable("pre-registration row not visible yet".into())));
+        return Err(Failure::Job(JobError::Retryable(
+            "pre-registration row not visible yet".into(),
+        )));
     };
     if p.status() != Status::Queued {
         return Ok(Outcome::Skipped("already_decided"));
     }
     let Some(partner) = store::partners::get_for_update(&mut tx, p.partner_id).await? else {
-        return Err(Failure::Job(JobError::fatal("unknown_partner", "partner vanished")));
+        return Err(Failure::Job(JobError::fatal(
+            "unknown_partner",
+            "partner vanished",
+        )));
     };
     let now = Utc::now();
     let mut claims = preregs::claims_on(&mut tx, &p.email_norm, &p.mobile_norm).await?;
@@ -169,7 +191,10 @@ async fn decide(ctx: &Ctx, id: Uuid) -> Result<Outcome, Failure> {
                 },
             )
             .await?;
-            ((Status::Rejected, Some(reason)), rejected_event(id, partner.id, reason, Some(existing_id)))
+            (
+                (Status::Rejected, Some(reason)),
+                rejected_event(id, partner.id, reason, Some(existing_id)),
+            )
         }
         Decision::Rejected { reason } => {
             preregs::apply(
@@ -185,7 +210,10 @@ async fn decide(ctx: &Ctx, id: Uuid) -> Result<Outcome, Failure> {
                 },
             )
             .await?;
-            ((Status::Rejected, Some(reason)), rejected_event(id, partner.id, reason, None))
+            (
+                (Status::Rejected, Some(reason)),
+                rejected_event(id, partner.id, reason, None),
+            )
         }
     };
     store::record(
@@ -207,7 +235,12 @@ async fn decide(ctx: &Ctx, id: Uuid) -> Result<Outcome, Failure> {
     Ok(Outcome::Done)
 }
 
-fn rejected_event(id: Uuid, partner_id: Uuid, reason: domain::Reason, existing_id: Option<Uuid>) -> CloudEvent {
+fn rejected_event(
+    id: Uuid,
+    partner_id: Uuid,
+    reason: domain::Reason,
+    existing_id: Option<Uuid>,
+) -> CloudEvent {
     CloudEvent::with_id(
         format!("preregistration.rejected:{id}"),
         "preregistration.rejected",
@@ -217,7 +250,12 @@ fn rejected_event(id: Uuid, partner_id: Uuid, reason: domain::Reason, existing_i
 }
 
 /// Ends a lapsed claim: `expired`, with its timeline entry and event.
-pub async fn expire_claim(conn: &mut PgConnection, id: Uuid, from: Status, actor: &str) -> Result<(), sqlx::Error> {
+pub async fn expire_claim(
+    conn: &mut PgConnection,
+    id: Uuid,
+    from: Status,
+    actor: &str,
+) -> Result<(), sqlx::Error> {
     preregs::set_status(conn, id, Status::Expired).await?;
     store::record(
         conn,
@@ -251,13 +289,19 @@ pub struct ReviewRequested {
 pub async fn handle_review(ctx: &Ctx, cmd: ReviewRequested) -> Result<Outcome, JobError> {
     let mut tx = ctx.db.begin().await?;
     let Some(review) = store::reviews::get_for_update(&mut tx, cmd.review_id).await? else {
-        return Err(JobError::fatal("unknown_review", format!("review {} does not exist", cmd.review_id)));
+        return Err(JobError::fatal(
+            "unknown_review",
+            format!("review {} does not exist", cmd.review_id),
+        ));
     };
     if review.state != "queued" {
         return Ok(Outcome::Skipped("already_opened"));
     }
     let Some(p) = preregs::get_for_update(&mut tx, review.preregistration_id).await? else {
-        return Err(JobError::fatal("unknown_preregistration", "the review's pre-registration does not exist"));
+        return Err(JobError::fatal(
+            "unknown_preregistration",
+            "the review's pre-registration does not exist",
+        ));
     };
     let partner = store::partners::get_for_update(&mut tx, p.partner_id).await?;
     let refusal = if p.status() != Status::Rejected || !p.manual_review_eligible {

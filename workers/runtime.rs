@@ -13,7 +13,9 @@ use chrono::Utc;
 use futures::StreamExt;
 use lapin::{
     message::Delivery,
-    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    },
     types::{AMQPValue, FieldTable},
 };
 use rand::Rng;
@@ -73,8 +75,11 @@ async fn consume_forever(ctx: Arc<Ctx>, q: Queue, cancel: CancellationToken) {
 async fn session(ctx: &Arc<Ctx>, q: Queue, cancel: &CancellationToken) -> anyhow::Result<()> {
     let (generation, ch) = ctx.broker.channel().await?;
     let concurrency = ctx.cfg.worker_concurrency;
-    ch.basic_qos(concurrency.min(u16::MAX as usize) as u16, BasicQosOptions::default())
-        .await?;
+    ch.basic_qos(
+        concurrency.min(u16::MAX as usize) as u16,
+        BasicQosOptions::default(),
+    )
+    .await?;
     let tag = format!("{}-{}", q.short(), uuid::Uuid::new_v4().simple());
     let mut consumer = ch
         .basic_consume(
@@ -113,8 +118,14 @@ async fn session(ctx: &Arc<Ctx>, q: Queue, cancel: &CancellationToken) -> anyhow
         tracing::info!(queue = q.short(), in_flight, "draining in-flight jobs");
     }
     let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(ctx.cfg.shutdown_grace, drain).await.is_err() {
-        tracing::warn!(queue = q.short(), "grace period over; unfinished jobs go back to the queue");
+    if tokio::time::timeout(ctx.cfg.shutdown_grace, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            queue = q.short(),
+            "grace period over; unfinished jobs go back to the queue"
+        );
         tasks.abort_all();
     }
     let _ = ch.close(200, "consumer done").await;
@@ -142,7 +153,10 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
     async {
         let result = match tokio::time::timeout(ctx.cfg.job_timeout, dispatch(ctx, &ev)).await {
             Ok(r) => r,
-            Err(_) => Err(JobError::Retryable(format!("timed out after {:?}", ctx.cfg.job_timeout))),
+            Err(_) => Err(JobError::Retryable(format!(
+                "timed out after {:?}",
+                ctx.cfg.job_timeout
+            ))),
         };
         let label = match result {
             Ok(outcome) => {
@@ -177,7 +191,8 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
 
 fn record(q: Queue, outcome: &'static str, started: Instant) {
     metrics::counter!("prereg_jobs_total", "queue" => q.short(), "outcome" => outcome).increment(1);
-    metrics::histogram!("prereg_job_duration_seconds", "queue" => q.short()).record(started.elapsed().as_secs_f64());
+    metrics::histogram!("prereg_job_duration_seconds", "queue" => q.short())
+        .record(started.elapsed().as_secs_f64());
 }
 
 async fn ack(delivery: &Delivery) {
@@ -192,7 +207,10 @@ async fn ack(delivery: &Delivery) {
 async fn requeue(delivery: &Delivery) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = delivery
-        .nack(BasicNackOptions { requeue: true, ..Default::default() })
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
         .await;
 }
 
@@ -209,8 +227,15 @@ async fn retry_later(ctx: &Ctx, q: Queue, delivery: &Delivery, retry: u32) {
     let jittered = rand::thread_rng().gen_range((ms * 4 / 5).max(1)..=ms.max(1));
     let mut headers = copy_headers(delivery);
     headers.insert(H_RETRIES.into(), AMQPValue::LongInt(retry as i32));
-    headers.insert("x-retry-tier".into(), AMQPValue::LongString(tier.to_string().into()));
-    let message_id = delivery.properties.message_id().as_ref().map(|s| s.to_string());
+    headers.insert(
+        "x-retry-tier".into(),
+        AMQPValue::LongString(tier.to_string().into()),
+    );
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string());
     match ctx
         .broker
         .publish_raw(
@@ -231,7 +256,14 @@ async fn retry_later(ctx: &Ctx, q: Queue, delivery: &Delivery, retry: u32) {
     }
 }
 
-async fn dead_letter(ctx: &Ctx, q: Queue, delivery: &Delivery, reason: &str, message: &str, retries: u32) {
+async fn dead_letter(
+    ctx: &Ctx,
+    q: Queue,
+    delivery: &Delivery,
+    reason: &str,
+    message: &str,
+    retries: u32,
+) {
     metrics::counter!("prereg_dead_lettered_total", "queue" => q.short(), "reason" => reason.to_string()).increment(1);
     let mut headers = copy_headers(delivery);
     let s = |v: &str| AMQPValue::LongString(v.into());
@@ -240,12 +272,26 @@ async fn dead_letter(ctx: &Ctx, q: Queue, delivery: &Delivery, reason: &str, mes
     headers.insert(H_QUEUE.into(), s(q.short()));
     headers.insert(H_FAILED_AT.into(), s(&Utc::now().to_rfc3339()));
     headers.insert(H_RETRIES.into(), AMQPValue::LongInt(retries as i32));
-    headers.insert("x-prereg-routing-key".into(), s(delivery.routing_key.as_str()));
-    let message_id = delivery.properties.message_id().as_ref().map(|s| s.to_string());
+    headers.insert(
+        "x-prereg-routing-key".into(),
+        s(delivery.routing_key.as_str()),
+    );
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string());
     let names = &ctx.broker.names;
     match ctx
         .broker
-        .publish_raw(&names.dlx(), q.short(), &delivery.data, message_id.as_deref(), headers, None)
+        .publish_raw(
+            &names.dlx(),
+            q.short(),
+            &delivery.data,
+            message_id.as_deref(),
+            headers,
+            None,
+        )
         .await
     {
         Ok(()) => ack(delivery).await,
@@ -280,19 +326,31 @@ pub struct DeadLetter {
 }
 
 /// Reads up to `limit` dead letters of a queue without removing them.
-pub async fn list_dead_letters(ctx: &Ctx, q: Queue, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+pub async fn list_dead_letters(
+    ctx: &Ctx,
+    q: Queue,
+    limit: usize,
+) -> anyhow::Result<Vec<DeadLetter>> {
     let (_, ch) = ctx.broker.channel().await?;
     let mut out = Vec::new();
     while out.len() < limit {
         let Some(msg) = ch
-            .basic_get(&ctx.broker.names.dlq(q), lapin::options::BasicGetOptions { no_ack: false })
+            .basic_get(
+                &ctx.broker.names.dlq(q),
+                lapin::options::BasicGetOptions { no_ack: false },
+            )
             .await?
         else {
             break;
         };
         let h = msg.delivery.properties.headers().clone();
         out.push(DeadLetter {
-            message_id: msg.delivery.properties.message_id().as_ref().map(|s| s.to_string()),
+            message_id: msg
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string()),
             reason: header_str(&h, H_REASON),
             error: header_str(&h, H_ERROR),
             failed_at: header_str(&h, H_FAILED_AT),
@@ -314,18 +372,41 @@ pub async fn replay_dead_letters(ctx: &Ctx, q: Queue, limit: usize) -> anyhow::R
     let mut n = 0;
     while n < limit {
         let Some(msg) = ch
-            .basic_get(&names.dlq(q), lapin::options::BasicGetOptions { no_ack: false })
+            .basic_get(
+                &names.dlq(q),
+                lapin::options::BasicGetOptions { no_ack: false },
+            )
             .await?
         else {
             break;
         };
-        let mut headers = msg.delivery.properties.headers().clone().unwrap_or_default();
+        let mut headers = msg
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
         headers.insert(H_RETRIES.into(), AMQPValue::LongInt(0));
-        headers.insert("x-prereg-replayed-at".into(), AMQPValue::LongString(Utc::now().to_rfc3339().into()));
-        let id = msg.delivery.properties.message_id().as_ref().map(|s| s.to_string());
+        headers.insert(
+            "x-prereg-replayed-at".into(),
+            AMQPValue::LongString(Utc::now().to_rfc3339().into()),
+        );
+        let id = msg
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string());
         // The default exchange routes straight to the work queue by name.
         ctx.broker
-            .publish_raw("", &names.queue(q), &msg.delivery.data, id.as_deref(), headers, None)
+            .publish_raw(
+                "",
+                &names.queue(q),
+                &msg.delivery.data,
+                id.as_deref(),
+                headers,
+                None,
+            )
             .await?;
         msg.delivery.ack(BasicAckOptions::default()).await?;
         n += 1;

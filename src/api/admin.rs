@@ -29,25 +29,55 @@ use crate::{
 /// Reads partner fields; `creating` makes name and country required.
 pub fn partner_fields(v: &Value, creating: bool) -> Result<PartnerFields, Vec<FieldError>> {
     let mut f = Fields::new(v);
-    let name = if creating { f.required_str("name", 200) } else { f.optional_str("name", 200) };
-    let country = if creating { f.required_str("country", 2) } else { f.optional_str("country", 2) };
+    let name = if creating {
+        f.required_str("name", 200)
+    } else {
+        f.optional_str("name", 200)
+    };
+    let country = if creating {
+        f.required_str("country", 2)
+    } else {
+        f.optional_str("country", 2)
+    };
     let country = country.map(|c| c.to_ascii_uppercase());
     if country.as_deref().is_some_and(|c| !validate::is_country(c)) {
-        f.error("country", "invalid", "country must be an ISO 3166-1 alpha-2 code");
+        f.error(
+            "country",
+            "invalid",
+            "country must be an ISO 3166-1 alpha-2 code",
+        );
     }
     let present = |k: &str| v.get(k).is_some();
     let contact_email = f.optional_str("contact_email", 254);
-    if contact_email.as_deref().is_some_and(|e| !validate::is_email(e)) {
-        f.error("contact_email", "invalid", "contact_email must be a valid email address");
+    if contact_email
+        .as_deref()
+        .is_some_and(|e| !validate::is_email(e))
+    {
+        f.error(
+            "contact_email",
+            "invalid",
+            "contact_email must be a valid email address",
+        );
     }
     let contact_mobile = f.optional_str("contact_mobile", 32);
-    if contact_mobile.as_deref().is_some_and(|m| !validate::is_e164(m)) {
-        f.error("contact_mobile", "invalid", "contact_mobile must be in E.164 format");
+    if contact_mobile
+        .as_deref()
+        .is_some_and(|m| !validate::is_e164(m))
+    {
+        f.error(
+            "contact_mobile",
+            "invalid",
+            "contact_mobile must be in E.164 format",
+        );
     }
-    let billing_mode = f.optional_enum("billing_mode", &["postpaid", "prepaid"]).map(str::to_string);
+    let billing_mode = f
+        .optional_enum("billing_mode", &["postpaid", "prepaid"])
+        .map(str::to_string);
     let customer_development = f.optional_bool("customer_development");
     let referral = f.optional_bool("referral");
-    let locale = f.optional_enum("locale", validate::LOCALES).map(str::to_string);
+    let locale = f
+        .optional_enum("locale", validate::LOCALES)
+        .map(str::to_string);
     let mut managers = None;
     if let Some(list) = v.get("account_managers").filter(|x| !x.is_null()) {
         match list.as_array() {
@@ -61,7 +91,11 @@ pub fn partner_fields(v: &Value, creating: bool) -> Result<PartnerFields, Vec<Fi
                         mf.error("email", "invalid", "email must be a valid email address");
                     }
                     for err in mf.errors {
-                        f.error(&format!("account_managers[{i}].{}", err.field), err.code, err.message);
+                        f.error(
+                            &format!("account_managers[{i}].{}", err.field),
+                            err.code,
+                            err.message,
+                        );
                     }
                     if let (Some(n), Some(e)) = (n, e) {
                         out.push((n, e));
@@ -69,7 +103,11 @@ pub fn partner_fields(v: &Value, creating: bool) -> Result<PartnerFields, Vec<Fi
                 }
                 managers = Some(out);
             }
-            _ => f.error("account_managers", "invalid", "account_managers must be an array of at most 100 {name, email}"),
+            _ => f.error(
+                "account_managers",
+                "invalid",
+                "account_managers must be an array of at most 100 {name, email}",
+            ),
         }
     }
     f.finish()?;
@@ -86,16 +124,29 @@ pub fn partner_fields(v: &Value, creating: bool) -> Result<PartnerFields, Vec<Fi
     })
 }
 
-pub async fn create_partner(State(st): State<AppState>, OperatorAuth(op): OperatorAuth, body: Bytes) -> ApiResult<Response> {
+pub async fn create_partner(
+    State(st): State<AppState>,
+    OperatorAuth(op): OperatorAuth,
+    body: Bytes,
+) -> ApiResult<Response> {
     let v = json_body(&body)?;
     let fields = partner_fields(&v, true).map_err(ApiError::validation)?;
     let mut tx = st.ctx.db.begin().await?;
     let p = store::partners::create(&mut tx, &fields).await?;
-    let (key_id, api_key) = store::keys::issue(&mut tx, Role::Partner, Some(p.id), Some("initial")).await?;
-    store::audit(&mut tx, &op.label(), "partner.created", Some(&p.id.to_string()), Some(json!({"key_id": key_id}))).await?;
+    let (key_id, api_key) =
+        store::keys::issue(&mut tx, Role::Partner, Some(p.id), Some("initial")).await?;
+    store::audit(
+        &mut tx,
+        &op.label(),
+        "partner.created",
+        Some(&p.id.to_string()),
+        Some(json!({"key_id": key_id})),
+    )
+    .await?;
     tx.commit().await?;
     let managers = store::partners::managers(&st.ctx.db, p.id).await?;
-    let body = json!({"partner": views::partner(&p, &managers), "api_key": api_key, "key_id": key_id});
+    let body =
+        json!({"partner": views::partner(&p, &managers), "api_key": api_key, "key_id": key_id});
     let mut resp = (StatusCode::CREATED, Json(body)).into_response();
     if let Ok(loc) = format!("/v1/admin/partners/{}", p.id).parse() {
         resp.headers_mut().insert(axum::http::header::LOCATION, loc);
@@ -103,27 +154,52 @@ pub async fn create_partner(State(st): State<AppState>, OperatorAuth(op): Operat
     Ok(resp)
 }
 
-pub async fn get_partner(State(st): State<AppState>, _op: OperatorAuth, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn get_partner(
+    State(st): State<AppState>,
+    _op: OperatorAuth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let id = parse_id(&id)?;
-    let p = store::partners::get(&st.ctx.db, id).await?.ok_or_else(|| ApiError::not_found("partner"))?;
+    let p = store::partners::get(&st.ctx.db, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("partner"))?;
     let managers = store::partners::managers(&st.ctx.db, id).await?;
     Ok(Json(views::partner(&p, &managers)))
 }
 
-pub async fn patch_partner(State(st): State<AppState>, OperatorAuth(op): OperatorAuth, Path(id): Path<String>, body: Bytes) -> ApiResult<Json<Value>> {
+pub async fn patch_partner(
+    State(st): State<AppState>,
+    OperatorAuth(op): OperatorAuth,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
     let id = parse_id(&id)?;
     let v = json_body(&body)?;
     let fields = partner_fields(&v, false).map_err(ApiError::validation)?;
     let mut tx = st.ctx.db.begin().await?;
-    let p = store::partners::update(&mut tx, id, &fields).await?.ok_or_else(|| ApiError::not_found("partner"))?;
-    store::audit(&mut tx, &op.label(), "partner.updated", Some(&id.to_string()), Some(v)).await?;
+    let p = store::partners::update(&mut tx, id, &fields)
+        .await?
+        .ok_or_else(|| ApiError::not_found("partner"))?;
+    store::audit(
+        &mut tx,
+        &op.label(),
+        "partner.updated",
+        Some(&id.to_string()),
+        Some(v),
+    )
+    .await?;
     tx.commit().await?;
     let managers = store::partners::managers(&st.ctx.db, id).await?;
     Ok(Json(views::partner(&p, &managers)))
 }
 
 /// Issues a new key for the partner and (unless `keep_existing`) revokes the others.
-pub async fn rotate_key(State(st): State<AppState>, OperatorAuth(op): OperatorAuth, Path(id): Path<String>, body: Bytes) -> ApiResult<Response> {
+pub async fn rotate_key(
+    State(st): State<AppState>,
+    OperatorAuth(op): OperatorAuth,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
     let id = parse_id(&id)?;
     let keep = if body.is_empty() {
         false
@@ -135,16 +211,38 @@ pub async fn rotate_key(State(st): State<AppState>, OperatorAuth(op): OperatorAu
         keep
     };
     let mut tx = st.ctx.db.begin().await?;
-    store::partners::get(&mut *tx, id).await?.ok_or_else(|| ApiError::not_found("partner"))?;
-    let (key_id, api_key) = store::keys::issue(&mut tx, Role::Partner, Some(id), Some("rotated")).await?;
-    let revoked = if keep { 0 } else { store::keys::revoke_partner_keys(&mut tx, id, key_id).await? };
-    store::audit(&mut tx, &op.label(), "partner.key_issued", Some(&id.to_string()), Some(json!({"key_id": key_id, "revoked": revoked}))).await?;
+    store::partners::get(&mut *tx, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("partner"))?;
+    let (key_id, api_key) =
+        store::keys::issue(&mut tx, Role::Partner, Some(id), Some("rotated")).await?;
+    let revoked = if keep {
+        0
+    } else {
+        store::keys::revoke_partner_keys(&mut tx, id, key_id).await?
+    };
+    store::audit(
+        &mut tx,
+        &op.label(),
+        "partner.key_issued",
+        Some(&id.to_string()),
+        Some(json!({"key_id": key_id, "revoked": revoked})),
+    )
+    .await?;
     tx.commit().await?;
     st.keys.clear();
-    Ok((StatusCode::CREATED, Json(json!({"api_key": api_key, "key_id": key_id, "revoked": revoked}))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"api_key": api_key, "key_id": key_id, "revoked": revoked})),
+    )
+        .into_response())
 }
 
-pub async fn upstream_key(State(st): State<AppState>, OperatorAuth(op): OperatorAuth, body: Bytes) -> ApiResult<Response> {
+pub async fn upstream_key(
+    State(st): State<AppState>,
+    OperatorAuth(op): OperatorAuth,
+    body: Bytes,
+) -> ApiResult<Response> {
     let label = if body.is_empty() {
         None
     } else {
@@ -155,10 +253,22 @@ pub async fn upstream_key(State(st): State<AppState>, OperatorAuth(op): Operator
         label
     };
     let mut tx = st.ctx.db.begin().await?;
-    let (key_id, api_key) = store::keys::issue(&mut tx, Role::Upstream, None, label.as_deref()).await?;
-    store::audit(&mut tx, &op.label(), "upstream_key.issued", Some(&key_id.to_string()), None).await?;
+    let (key_id, api_key) =
+        store::keys::issue(&mut tx, Role::Upstream, None, label.as_deref()).await?;
+    store::audit(
+        &mut tx,
+        &op.label(),
+        "upstream_key.issued",
+        Some(&key_id.to_string()),
+        None,
+    )
+    .await?;
     tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(json!({"api_key": api_key, "key_id": key_id}))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"api_key": api_key, "key_id": key_id})),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -167,7 +277,11 @@ pub struct ReviewQuery {
     limit: Option<i64>,
 }
 
-pub async fn list_reviews(State(st): State<AppState>, _op: OperatorAuth, Query(q): Query<ReviewQuery>) -> ApiResult<Json<Value>> {
+pub async fn list_reviews(
+    State(st): State<AppState>,
+    _op: OperatorAuth,
+    Query(q): Query<ReviewQuery>,
+) -> ApiResult<Json<Value>> {
     let state = q.state.as_deref().unwrap_or("open");
     if !["open", "overdue", "decided"].contains(&state) {
         return Err(ApiError::validation(vec![FieldError {
@@ -177,31 +291,58 @@ pub async fn list_reviews(State(st): State<AppState>, _op: OperatorAuth, Query(q
         }]));
     }
     let rows = reviews::list(&st.ctx.db, state, q.limit.unwrap_or(100).clamp(1, 500)).await?;
-    Ok(Json(json!({"items": rows.iter().map(views::admin_review).collect::<Vec<_>>(), "next_cursor": null})))
+    Ok(Json(
+        json!({"items": rows.iter().map(views::admin_review).collect::<Vec<_>>(), "next_cursor": null}),
+    ))
 }
 
-pub async fn decide_review(State(st): State<AppState>, OperatorAuth(op): OperatorAuth, Path(id): Path<String>, body: Bytes) -> ApiResult<Json<Value>> {
+pub async fn decide_review(
+    State(st): State<AppState>,
+    OperatorAuth(op): OperatorAuth,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
     let id = parse_id(&id)?;
     let v = json_body(&body)?;
     let mut f = Fields::new(&v);
     let decision = f.optional_enum("decision", &["approve", "reject"]);
     if decision.is_none() && f.errors.is_empty() {
-        f.error("decision", "required", "decision is required: approve or reject");
+        f.error(
+            "decision",
+            "required",
+            "decision is required: approve or reject",
+        );
     }
     let note = f.optional_str("note", 4000);
     if decision == Some("reject") && note.is_none() {
-        f.error("note", "required", "a rejection needs a note for the partner");
+        f.error(
+            "note",
+            "required",
+            "a rejection needs a note for the partner",
+        );
     }
     f.finish().map_err(ApiError::validation)?;
     let approve = decision == Some("approve");
     let actor = op.label();
 
     let mut tx = st.ctx.db.begin().await?;
-    let review = reviews::get_for_update(&mut tx, id).await?.ok_or_else(|| ApiError::not_found("review"))?;
+    let review = reviews::get_for_update(&mut tx, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("review"))?;
     match review.state.as_str() {
         "open" | "overdue" => {}
-        "queued" => return Err(ApiError::conflict("review_not_open", "the review request is still being processed")),
-        _ => return Err(ApiError::conflict("already_decided", "this review has already been decided")),
+        "queued" => {
+            return Err(ApiError::conflict(
+                "review_not_open",
+                "the review request is still being processed",
+            ))
+        }
+        _ => {
+            return Err(ApiError::conflict(
+                "already_decided",
+                "this review has already been decided",
+            ))
+        }
     }
     let p = preregs::get_for_update(&mut tx, review.preregistration_id)
         .await?
@@ -263,7 +404,9 @@ pub async fn decide_review(State(st): State<AppState>, OperatorAuth(op): Operato
     .subject(p.id);
     store::outbox::event(&mut tx, &ev).await?;
     tx.commit().await?;
-    let review = reviews::get(&st.ctx.db, id).await?.ok_or_else(|| ApiError::not_found("review"))?;
+    let review = reviews::get(&st.ctx.db, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("review"))?;
     Ok(Json(views::admin_review(&review)))
 }
 
@@ -272,7 +415,9 @@ fn queue_param(name: &str) -> ApiResult<Queue> {
 }
 
 pub async fn queues(State(st): State<AppState>, _op: OperatorAuth) -> ApiResult<Json<Value>> {
-    let stats = crate::app::queue_stats(&st.ctx).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let stats = crate::app::queue_stats(&st.ctx)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
     Ok(Json(json!({"items": stats})))
 }
 
@@ -281,7 +426,12 @@ pub struct LimitQuery {
     limit: Option<usize>,
 }
 
-pub async fn dead_letters(State(st): State<AppState>, _op: OperatorAuth, Path(queue): Path<String>, Query(q): Query<LimitQuery>) -> ApiResult<Json<Value>> {
+pub async fn dead_letters(
+    State(st): State<AppState>,
+    _op: OperatorAuth,
+    Path(queue): Path<String>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Json<Value>> {
     let queue = queue_param(&queue)?;
     let items = runtime::list_dead_letters(&st.ctx, queue, q.limit.unwrap_or(50).clamp(1, 500))
         .await
@@ -289,13 +439,24 @@ pub async fn dead_letters(State(st): State<AppState>, _op: OperatorAuth, Path(qu
     Ok(Json(json!({"queue": queue.short(), "items": items})))
 }
 
-pub async fn replay(State(st): State<AppState>, OperatorAuth(op): OperatorAuth, Path(queue): Path<String>, Query(q): Query<LimitQuery>) -> ApiResult<Json<Value>> {
+pub async fn replay(
+    State(st): State<AppState>,
+    OperatorAuth(op): OperatorAuth,
+    Path(queue): Path<String>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Json<Value>> {
     let queue = queue_param(&queue)?;
     let n = runtime::replay_dead_letters(&st.ctx, queue, q.limit.unwrap_or(1000).clamp(1, 100_000))
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
     let mut conn = st.ctx.db.acquire().await?;
-    store::audit(&mut conn, &op.label(), "dead_letters.replayed", Some(queue.short()), Some(json!({"count": n}))).await?;
+    store::audit(
+        &mut conn,
+        &op.label(),
+        "dead_letters.replayed",
+        Some(queue.short()),
+        Some(json!({"count": n})),
+    )
+    .await?;
     Ok(Json(json!({"queue": queue.short(), "replayed": n})))
 }
-

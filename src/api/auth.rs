@@ -26,7 +26,9 @@ pub struct KeyCache {
 impl KeyCache {
     fn get(&self, hash: &[u8]) -> Option<Principal> {
         let map = self.map.lock().ok()?;
-        map.get(hash).filter(|(_, t)| t.elapsed() < TTL).map(|(p, _)| p.clone())
+        map.get(hash)
+            .filter(|(_, t)| t.elapsed() < TTL)
+            .map(|(p, _)| p.clone())
     }
     fn put(&self, hash: Vec<u8>, p: Principal) {
         if let Ok(mut map) = self.map.lock() {
@@ -62,7 +64,11 @@ pub async fn authenticate(parts: &Parts, st: &AppState) -> Result<Principal, Api
     let hash = keys::hash_token(token);
     if let Some(op) = &st.ctx.cfg.operator_token {
         if constant_time_eq(&Sha256::digest(op.as_bytes()), &hash) {
-            return Ok(Principal { key_id: None, role: Role::Operator, partner_id: None });
+            return Ok(Principal {
+                key_id: None,
+                role: Role::Operator,
+                partner_id: None,
+            });
         }
     }
     if let Some(p) = st.keys.get(&hash) {
@@ -83,7 +89,11 @@ fn require(p: Principal, role: Role) -> Result<Principal, ApiError> {
     } else {
         Err(ApiError::forbidden(
             "wrong_role",
-            format!("this endpoint needs a {} key; yours is a {} key", role.as_str(), p.role.as_str()),
+            format!(
+                "this endpoint needs a {} key; yours is a {} key",
+                role.as_str(),
+                p.role.as_str()
+            ),
         ))
     }
 }
@@ -99,7 +109,10 @@ impl FromRequestParts<AppState> for PartnerAuth {
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
         let p = require(authenticate(parts, st).await?, Role::Partner)?;
         let partner_id = p.partner_id.ok_or_else(ApiError::unauthorized)?;
-        Ok(PartnerAuth { principal: p, partner_id })
+        Ok(PartnerAuth {
+            principal: p,
+            partner_id,
+        })
     }
 }
 
@@ -108,7 +121,10 @@ pub struct OperatorAuth(pub Principal);
 impl FromRequestParts<AppState> for OperatorAuth {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        Ok(OperatorAuth(require(authenticate(parts, st).await?, Role::Operator)?))
+        Ok(OperatorAuth(require(
+            authenticate(parts, st).await?,
+            Role::Operator,
+        )?))
     }
 }
 
@@ -117,6 +133,9 @@ pub struct UpstreamAuth(pub Principal);
 impl FromRequestParts<AppState> for UpstreamAuth {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        Ok(UpstreamAuth(require(authenticate(parts, st).await?, Role::Upstream)?))
+        Ok(UpstreamAuth(require(
+            authenticate(parts, st).await?,
+            Role::Upstream,
+        )?))
     }
 }

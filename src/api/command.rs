@@ -24,7 +24,13 @@ pub struct Idem {
 }
 
 impl Idem {
-    pub fn from_headers(headers: &HeaderMap, principal: String, method: &str, path: &str, body: &[u8]) -> Result<Option<Idem>, ApiError> {
+    pub fn from_headers(
+        headers: &HeaderMap,
+        principal: String,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Option<Idem>, ApiError> {
         let Some(v) = headers.get("idempotency-key") else {
             return Ok(None);
         };
@@ -33,22 +39,38 @@ impl Idem {
             .ok()
             .map(str::trim)
             .filter(|k| !k.is_empty() && k.len() <= 255)
-            .ok_or_else(|| ApiError::bad_request("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 visible characters"))?;
-        Ok(Some(Idem { principal, key: key.to_string(), hash: idempotency::request_hash(method, path, body) }))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_idempotency_key",
+                    "Idempotency-Key must be 1 to 255 visible characters",
+                )
+            })?;
+        Ok(Some(Idem {
+            principal,
+            key: key.to_string(),
+            hash: idempotency::request_hash(method, path, body),
+        }))
     }
 }
 
 pub fn respond(s: &Stored) -> Response {
     let status = StatusCode::from_u16(s.status).unwrap_or(StatusCode::ACCEPTED);
     let mut resp = (status, Json(s.body.clone())).into_response();
-    if let Some(loc) = s.location.as_deref().and_then(|l| HeaderValue::from_str(l).ok()) {
+    if let Some(loc) = s
+        .location
+        .as_deref()
+        .and_then(|l| HeaderValue::from_str(l).ok())
+    {
         resp.headers_mut().insert(header::LOCATION, loc);
     }
     resp
 }
 
 /// Returns the stored first answer if this key was seen before.
-pub async fn replay(tx: &mut PgConnection, idem: Option<&Idem>) -> Result<Option<Response>, ApiError> {
+pub async fn replay(
+    tx: &mut PgConnection,
+    idem: Option<&Idem>,
+) -> Result<Option<Response>, ApiError> {
     let Some(i) = idem else { return Ok(None) };
     match idempotency::check(tx, &i.principal, &i.key, &i.hash).await? {
         Claim::New => Ok(None),
@@ -100,5 +122,9 @@ pub async fn accept(
 }
 
 pub fn accepted(body: Value, location: Option<String>) -> Stored {
-    Stored { status: 202, body, location }
+    Stored {
+        status: 202,
+        body,
+        location,
+    }
 }

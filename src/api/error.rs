@@ -19,14 +19,23 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        Self { status, code: code.to_string(), message: message.into(), details: None }
+        Self {
+            status,
+            code: code.to_string(),
+            message: message.into(),
+            details: None,
+        }
     }
     pub fn details(mut self, details: Value) -> Self {
         self.details = Some(details);
         self
     }
     pub fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
     pub fn unauthorized() -> Self {
         Self::new(
@@ -52,21 +61,33 @@ impl ApiError {
         let n = errors.len();
         Self::unprocessable(
             "validation_failed",
-            format!("{n} field{} failed validation", if n == 1 { "" } else { "s" }),
+            format!(
+                "{n} field{} failed validation",
+                if n == 1 { "" } else { "s" }
+            ),
         )
         .details(json!({ "fields": errors }))
     }
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message)
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            message,
+        )
     }
     pub fn internal() -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error; it has been logged")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "internal error; it has been logged",
+        )
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message, "details": self.details}});
+        let body =
+            json!({"error": {"code": self.code, "message": self.message, "details": self.details}});
         (self.status, Json(body)).into_response()
     }
 }
@@ -74,9 +95,15 @@ impl IntoResponse for ApiError {
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match crate::store::sqlstate(&e).as_deref() {
-            Some("23505") => ApiError::conflict("conflict", "the resource conflicts with an existing one"),
-            Some("23503") => ApiError::unprocessable("invalid_reference", "a referenced resource does not exist"),
-            Some("23514" | "22P02" | "22001") => ApiError::unprocessable("invalid_value", "a value is not allowed"),
+            Some("23505") => {
+                ApiError::conflict("conflict", "the resource conflicts with an existing one")
+            }
+            Some("23503") => {
+                ApiError::unprocessable("invalid_reference", "a referenced resource does not exist")
+            }
+            Some("23514" | "22P02" | "22001") => {
+                ApiError::unprocessable("invalid_value", "a value is not allowed")
+            }
             _ => match e {
                 sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                     tracing::error!(error = %e, "database unavailable");

@@ -28,5 +28,10 @@ pub async fn metrics() -> Response {
 pub static OPENAPI: &str = include_str!("openapi.json");
 
 pub async fn openapi() -> Response {
-    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
 }

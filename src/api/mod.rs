@@ -5,6 +5,8 @@ pub mod auth;
 pub mod command;
 pub mod error;
 pub mod health;
+#[cfg(test)]
+mod openapi_check;
 pub mod partner;
 pub mod upstream;
 pub mod views;
@@ -37,7 +39,10 @@ pub struct RequestId(pub String);
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(ctx: Arc<Ctx>) -> Router {
-    let state = AppState { ctx, keys: Arc::new(auth::KeyCache::default()) };
+    let state = AppState {
+        ctx,
+        keys: Arc::new(auth::KeyCache::default()),
+    };
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
@@ -46,20 +51,41 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         // partner
         .route("/v1/partner", get(partner::profile))
         .route("/v1/partner/contact", put(partner::set_contact))
-        .route("/v1/preregistrations", post(partner::create).get(partner::list))
-        .route("/v1/preregistrations/batch-delete", post(partner::batch_delete))
-        .route("/v1/preregistrations/{id}", get(partner::get_one).delete(partner::delete_one))
+        .route(
+            "/v1/preregistrations",
+            post(partner::create).get(partner::list),
+        )
+        .route(
+            "/v1/preregistrations/batch-delete",
+            post(partner::batch_delete),
+        )
+        .route(
+            "/v1/preregistrations/{id}",
+            get(partner::get_one).delete(partner::delete_one),
+        )
         .route("/v1/preregistrations/{id}/timeline", get(partner::timeline))
-        .route("/v1/preregistrations/{id}/review", post(partner::request_review))
+        .route(
+            "/v1/preregistrations/{id}/review",
+            post(partner::request_review),
+        )
         // upstream
-        .route("/v1/accounts/{account_id}", put(upstream::put_account).get(upstream::get_account))
+        .route(
+            "/v1/accounts/{account_id}",
+            put(upstream::put_account).get(upstream::get_account),
+        )
         // operator
         .route("/v1/admin/partners", post(admin::create_partner))
-        .route("/v1/admin/partners/{id}", get(admin::get_partner).patch(admin::patch_partner))
+        .route(
+            "/v1/admin/partners/{id}",
+            get(admin::get_partner).patch(admin::patch_partner),
+        )
         .route("/v1/admin/partners/{id}/keys", post(admin::rotate_key))
         .route("/v1/admin/upstream-keys", post(admin::upstream_key))
         .route("/v1/admin/reviews", get(admin::list_reviews))
-        .route("/v1/admin/reviews/{id}/decision", post(admin::decide_review))
+        .route(
+            "/v1/admin/reviews/{id}/decision",
+            post(admin::decide_review),
+        )
         .route("/v1/admin/queues", get(admin::queues))
         .route("/v1/admin/dead-letters/{queue}", get(admin::dead_letters))
         .route("/v1/admin/dead-letters/{queue}/replay", post(admin::replay))
@@ -111,10 +137,14 @@ async fn observe(mut req: Request, next: Next) -> Response {
 /// Parses a JSON body into a value, with our error shape on failure.
 pub fn json_body(bytes: &[u8]) -> Result<serde_json::Value, error::ApiError> {
     if bytes.is_empty() {
-        return Err(error::ApiError::bad_request("invalid_json", "a JSON body is required"));
+        return Err(error::ApiError::bad_request(
+            "invalid_json",
+            "a JSON body is required",
+        ));
     }
-    serde_json::from_slice(bytes)
-        .map_err(|e| error::ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        error::ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+    })
 }
 
 /// Parses a path id; an invalid one is simply not found.
@@ -124,7 +154,10 @@ pub fn parse_id(s: &str) -> Result<uuid::Uuid, error::ApiError> {
 
 /// Health and metrics only (worker and scheduler processes).
 pub fn health_router(ctx: Arc<Ctx>) -> Router {
-    let state = AppState { ctx, keys: Arc::new(auth::KeyCache::default()) };
+    let state = AppState {
+        ctx,
+        keys: Arc::new(auth::KeyCache::default()),
+    };
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

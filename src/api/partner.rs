@@ -42,19 +42,35 @@ pub async fn profile(State(st): State<AppState>, auth: PartnerAuth) -> ApiResult
     Ok(Json(views::partner(&p, &managers)))
 }
 
-pub async fn set_contact(State(st): State<AppState>, auth: PartnerAuth, body: Bytes) -> ApiResult<Json<Value>> {
+pub async fn set_contact(
+    State(st): State<AppState>,
+    auth: PartnerAuth,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
     let v = json_body(&body)?;
     let mut f = Fields::new(&v);
     let email = f.optional_str("contact_email", 254);
     let mobile = f.optional_str("contact_mobile", 32);
     if email.as_deref().is_some_and(|e| !validate::is_email(e)) {
-        f.error("contact_email", "invalid", "contact_email must be a valid email address");
+        f.error(
+            "contact_email",
+            "invalid",
+            "contact_email must be a valid email address",
+        );
     }
     if mobile.as_deref().is_some_and(|m| !validate::is_e164(m)) {
-        f.error("contact_mobile", "invalid", "contact_mobile must be in E.164 format");
+        f.error(
+            "contact_mobile",
+            "invalid",
+            "contact_mobile must be in E.164 format",
+        );
     }
     if email.is_none() && mobile.is_none() && f.errors.is_empty() {
-        f.error("contact_email", "required", "give a contact_email or a contact_mobile");
+        f.error(
+            "contact_email",
+            "required",
+            "give a contact_email or a contact_mobile",
+        );
     }
     f.finish().map_err(ApiError::validation)?;
     let fields = store::partners::PartnerFields {
@@ -66,7 +82,14 @@ pub async fn set_contact(State(st): State<AppState>, auth: PartnerAuth, body: By
     let p = store::partners::update(&mut tx, auth.partner_id, &fields)
         .await?
         .ok_or_else(ApiError::unauthorized)?;
-    store::audit(&mut tx, &auth.principal.label(), "partner.contact_updated", Some(&p.id.to_string()), None).await?;
+    store::audit(
+        &mut tx,
+        &auth.principal.label(),
+        "partner.contact_updated",
+        Some(&p.id.to_string()),
+        None,
+    )
+    .await?;
     tx.commit().await?;
     let managers = store::partners::managers(&st.ctx.db, p.id).await?;
     Ok(Json(views::partner(&p, &managers)))
@@ -104,10 +127,19 @@ pub async fn create(
             }]));
         }
     }
-    if req.send_invitation && req.association_type.as_deref() == Some("referral") && !partner.referral {
+    if req.send_invitation
+        && req.association_type.as_deref() == Some("referral")
+        && !partner.referral
+    {
         return Err(referral_not_permitted());
     }
-    let idem = Idem::from_headers(&headers, auth.principal.label(), "POST", "/v1/preregistrations", &body)?;
+    let idem = Idem::from_headers(
+        &headers,
+        auth.principal.label(),
+        "POST",
+        "/v1/preregistrations",
+        &body,
+    )?;
     let mut tx = st.ctx.db.begin().await?;
     if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
         return Ok(r);
@@ -147,14 +179,20 @@ pub async fn create(
     )
     .subject(id)
     .correlation(Some(rid.0.clone()));
-    let answer = command::accepted(json!({"id": id, "status": "queued"}), Some(format!("/v1/preregistrations/{id}")));
+    let answer = command::accepted(
+        json!({"id": id, "status": "queued"}),
+        Some(format!("/v1/preregistrations/{id}")),
+    );
     command::accept(
         &st,
         tx,
         idem.as_ref(),
         answer,
         &job,
-        Some(("DELETE FROM preregistrations WHERE id = $1 AND status = 'queued'", id)),
+        Some((
+            "DELETE FROM preregistrations WHERE id = $1 AND status = 'queued'",
+            id,
+        )),
     )
     .await
 }
@@ -176,25 +214,41 @@ pub struct ListQuery {
 }
 
 pub fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}|{id}", at.timestamp_micros()))
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("{}|{id}", at.timestamp_micros()))
 }
 
-pub fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
+pub fn decode_cursor(s: &str) -> Option<Cursor> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()?;
     let text = String::from_utf8(raw).ok()?;
     let (micros, id) = text.split_once('|')?;
-    Some((DateTime::from_timestamp_micros(micros.parse().ok()?)?, Uuid::parse_str(id).ok()?))
+    Some((
+        DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        Uuid::parse_str(id).ok()?,
+    ))
 }
 
 /// Reads `limit` (1..=200, default 50) and `reveal`, naming bad values.
-pub fn paging(limit: Option<&str>, reveal: Option<&str>, cursor: Option<&str>) -> ApiResult<(i64, bool, Option<(DateTime<Utc>, Uuid)>)> {
+/// A keyset position: the last row's creation time and id.
+pub type Cursor = (DateTime<Utc>, Uuid);
+
+pub fn paging(
+    limit: Option<&str>,
+    reveal: Option<&str>,
+    cursor: Option<&str>,
+) -> ApiResult<(i64, bool, Option<Cursor>)> {
     let mut errors = Vec::new();
     let limit = match limit {
         None => 50,
         Some(s) => match s.parse::<i64>() {
             Ok(n) if (1..=200).contains(&n) => n,
             _ => {
-                errors.push(field_error("limit", "limit must be a whole number from 1 to 200"));
+                errors.push(field_error(
+                    "limit",
+                    "limit must be a whole number from 1 to 200",
+                ));
                 50
             }
         },
@@ -225,20 +279,34 @@ pub fn paging(limit: Option<&str>, reveal: Option<&str>, cursor: Option<&str>) -
 }
 
 fn field_error(field: &str, message: &str) -> validate::FieldError {
-    validate::FieldError { field: field.into(), code: "invalid", message: message.into() }
+    validate::FieldError {
+        field: field.into(),
+        code: "invalid",
+        message: message.into(),
+    }
 }
 
-pub async fn list(State(st): State<AppState>, auth: PartnerAuth, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
-    let (limit, reveal, cursor) = paging(q.limit.as_deref(), q.reveal.as_deref(), q.cursor.as_deref())?;
+pub async fn list(
+    State(st): State<AppState>,
+    auth: PartnerAuth,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    let (limit, reveal, cursor) =
+        paging(q.limit.as_deref(), q.reveal.as_deref(), q.cursor.as_deref())?;
     let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
         None => None,
         Some(s) => Some(Status::parse(s).ok_or_else(|| {
-            ApiError::validation(vec![field_error("status", "status is not a pre-registration state")])
+            ApiError::validation(vec![field_error(
+                "status",
+                "status is not a pre-registration state",
+            )])
         })?),
     };
     let filter = preregs::ListFilter {
         status,
-        q: q.q.filter(|s| !s.trim().is_empty()).map(|s| s.trim().to_string()),
+        q: q.q
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim().to_string()),
         cursor,
         limit: limit + 1,
     };
@@ -260,7 +328,10 @@ pub async fn list(State(st): State<AppState>, auth: PartnerAuth, Query(q): Query
         )
         .await?;
     }
-    let items: Vec<Value> = rows.iter().map(|p| views::prereg(p, !reveal, None, json!([]))).collect();
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|p| views::prereg(p, !reveal, None, json!([])))
+        .collect();
     Ok(Json(json!({"items": items, "next_cursor": next_cursor})))
 }
 
@@ -272,13 +343,21 @@ async fn owned(st: &AppState, auth: &PartnerAuth, id: &str) -> ApiResult<preregs
     }
 }
 
-pub async fn get_one(State(st): State<AppState>, auth: PartnerAuth, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn get_one(
+    State(st): State<AppState>,
+    auth: PartnerAuth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let p = owned(&st, &auth, &id).await?;
     let review = reviews::latest_for(&st.ctx.db, p.id).await?;
     Ok(Json(views::prereg(&p, false, review.as_ref(), json!([]))))
 }
 
-pub async fn timeline(State(st): State<AppState>, auth: PartnerAuth, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn timeline(
+    State(st): State<AppState>,
+    auth: PartnerAuth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let p = owned(&st, &auth, &id).await?;
     let items = preregs::timeline(&st.ctx.db, p.id).await?;
     Ok(Json(json!({"items": items})))
@@ -327,24 +406,50 @@ pub async fn request_review(
     .await;
     if let Err(e) = inserted {
         if store::is_unique_violation(&e) {
-            return Err(ApiError::conflict("review_pending", "a review of this pre-registration is already pending"));
+            return Err(ApiError::conflict(
+                "review_pending",
+                "a review of this pre-registration is already pending",
+            ));
         }
         return Err(e.into());
     }
-    let cmd = ReviewRequested { review_id, preregistration_id: p.id, partner_id: p.partner_id };
-    let job = CloudEvent::with_id(review_id.to_string(), "review.requested", serde_json::to_value(&cmd).unwrap_or_default())
-        .subject(p.id)
-        .correlation(Some(rid.0.clone()));
+    let cmd = ReviewRequested {
+        review_id,
+        preregistration_id: p.id,
+        partner_id: p.partner_id,
+    };
+    let job = CloudEvent::with_id(
+        review_id.to_string(),
+        "review.requested",
+        serde_json::to_value(&cmd).unwrap_or_default(),
+    )
+    .subject(p.id)
+    .correlation(Some(rid.0.clone()));
     let answer = command::accepted(
         json!({"id": review_id, "preregistration_id": p.id, "status": "queued"}),
         Some(format!("/v1/preregistrations/{}", p.id)),
     );
-    command::accept(&st, tx, idem.as_ref(), answer, &job, Some(("DELETE FROM reviews WHERE id = $1 AND state = 'queued'", review_id)))
-        .await
+    command::accept(
+        &st,
+        tx,
+        idem.as_ref(),
+        answer,
+        &job,
+        Some((
+            "DELETE FROM reviews WHERE id = $1 AND state = 'queued'",
+            review_id,
+        )),
+    )
+    .await
 }
 
 /// Deletes one pre-registration inside `conn`'s transaction.
-async fn delete_in(conn: &mut PgConnection, partner_id: Uuid, id: Uuid, actor: &str) -> Result<Value, ApiError> {
+async fn delete_in(
+    conn: &mut PgConnection,
+    partner_id: Uuid,
+    id: Uuid,
+    actor: &str,
+) -> Result<Value, ApiError> {
     let p = match preregs::get_for_update(conn, id).await? {
         Some(p) if p.partner_id == partner_id => p,
         _ => return Err(ApiError::not_found("pre-registration")),
@@ -383,7 +488,11 @@ async fn delete_in(conn: &mut PgConnection, partner_id: Uuid, id: Uuid, actor: &
     Ok(json!({"preregistration_id": id, "status": "deleted"}))
 }
 
-pub async fn delete_one(State(st): State<AppState>, auth: PartnerAuth, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn delete_one(
+    State(st): State<AppState>,
+    auth: PartnerAuth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let id = parse_id(&id)?;
     let mut tx = st.ctx.db.begin().await?;
     let v = delete_in(&mut tx, auth.partner_id, id, &auth.principal.label()).await?;
@@ -391,7 +500,11 @@ pub async fn delete_one(State(st): State<AppState>, auth: PartnerAuth, Path(id):
     Ok(Json(v))
 }
 
-pub async fn batch_delete(State(st): State<AppState>, auth: PartnerAuth, body: Bytes) -> ApiResult<Response> {
+pub async fn batch_delete(
+    State(st): State<AppState>,
+    auth: PartnerAuth,
+    body: Bytes,
+) -> ApiResult<Response> {
     let v = json_body(&body)?;
     let ids = parse_id_list(&v, "ids")?;
     let mut results = Vec::with_capacity(ids.len());
@@ -435,4 +548,3 @@ pub fn parse_id_list(v: &Value, field: &str) -> ApiResult<Vec<Uuid>> {
     }
     Ok(out)
 }
-

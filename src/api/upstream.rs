@@ -28,7 +28,10 @@ pub async fn put_account(
 ) -> ApiResult<Response> {
     let mut v = json_body(&body)?;
     let Some(obj) = v.as_object_mut() else {
-        return Err(ApiError::bad_request("invalid_json", "the body must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the body must be a JSON object",
+        ));
     };
     obj.insert("account_id".into(), json!(account_id));
     let mut facts: AccountFacts = serde_json::from_value(v).map_err(|e| {
@@ -40,7 +43,9 @@ pub async fn put_account(
     })?;
     // Facts sent without a time are as of now.
     facts.updated_at.get_or_insert_with(Utc::now);
-    if let Err(crate::workers::JobError::Fatal { message, .. }) = crate::workers::accounts::validate(&facts) {
+    if let Err(crate::workers::JobError::Fatal { message, .. }) =
+        crate::workers::accounts::validate(&facts)
+    {
         return Err(ApiError::unprocessable("validation_failed", message));
     }
     let path = format!("/v1/accounts/{account_id}");
@@ -49,14 +54,24 @@ pub async fn put_account(
     if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
         return Ok(r);
     }
-    let job = CloudEvent::new("account.upserted", serde_json::to_value(&facts).unwrap_or_default())
-        .subject(&account_id)
-        .correlation(Some(rid.0));
-    let answer = command::accepted(json!({"id": job.id, "account_id": account_id, "status": "queued"}), Some(path));
+    let job = CloudEvent::new(
+        "account.upserted",
+        serde_json::to_value(&facts).unwrap_or_default(),
+    )
+    .subject(&account_id)
+    .correlation(Some(rid.0));
+    let answer = command::accepted(
+        json!({"id": job.id, "account_id": account_id, "status": "queued"}),
+        Some(path),
+    );
     command::accept(&st, tx, idem.as_ref(), answer, &job, None).await
 }
 
-pub async fn get_account(State(st): State<AppState>, _auth: UpstreamAuth, Path(account_id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn get_account(
+    State(st): State<AppState>,
+    _auth: UpstreamAuth,
+    Path(account_id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let facts = store::accounts::get(&st.ctx.db, &account_id)
         .await?
         .ok_or_else(|| ApiError::not_found("account"))?;

@@ -4,7 +4,11 @@ use serde_json::{json, Value};
 
 use crate::{
     domain::mask,
-    store::{partners::{AccountManager, Partner}, preregs::Prereg, reviews::Review},
+    store::{
+        partners::{AccountManager, Partner},
+        preregs::Prereg,
+        reviews::Review,
+    },
 };
 
 pub fn review(r: &Review) -> Value {
@@ -40,7 +44,11 @@ pub fn admin_review(r: &Review) -> Value {
 
 pub fn prereg(p: &Prereg, masked: bool, review_row: Option<&Review>, invitations: Value) -> Value {
     let (name, email, mobile) = if masked {
-        (mask::name(&p.full_name), mask::email(&p.email), mask::mobile(&p.mobile))
+        (
+            mask::name(&p.full_name),
+            mask::email(&p.email),
+            mask::mobile(&p.mobile),
+        )
     } else {
         (p.full_name.clone(), p.email.clone(), p.mobile.clone())
     };

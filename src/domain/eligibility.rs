@@ -131,7 +131,9 @@ pub fn decide(input: &EligibilityInput<'_>) -> Decision {
     let active = || input.claims.iter().filter(|c| c.active(input.now));
     // 1. Same partner, active claim.
     if let Some(own) = active().find(|c| c.partner_id == input.partner_id) {
-        return Decision::AlreadyPreregistered { existing_id: own.id };
+        return Decision::AlreadyPreregistered {
+            existing_id: own.id,
+        };
     }
     let reject = |reason| Decision::Rejected { reason };
     // 2. Blocked, no review possible.
@@ -142,7 +144,11 @@ pub fn decide(input: &EligibilityInput<'_>) -> Decision {
     if any(|a| a.associated_with_partner) {
         return reject(Reason::AssociatedWithPartner);
     }
-    if any(|a| a.site.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("cn"))) {
+    if any(|a| {
+        a.site
+            .as_deref()
+            .is_some_and(|s| s.eq_ignore_ascii_case("cn"))
+    }) {
         return reject(Reason::RegisteredCnSite);
     }
     if any(|a| a.has_contract) {
@@ -240,10 +246,15 @@ mod tests {
     fn own_claim_comes_first() {
         let mut a = fresh_account();
         a.has_contract = true;
-        let claims = [claim(2, Status::Invited, 5), claim(1, Status::Preregistered, 5)];
+        let claims = [
+            claim(2, Status::Invited, 5),
+            claim(1, Status::Preregistered, 5),
+        ];
         assert_eq!(
             run(&claims, &[a], 100),
-            Decision::AlreadyPreregistered { existing_id: Uuid::from_u128(1001) }
+            Decision::AlreadyPreregistered {
+                existing_id: Uuid::from_u128(1001)
+            }
         );
     }
 
@@ -273,10 +284,16 @@ mod tests {
     fn blocking_facts_in_order() {
         type Setter = fn(&mut AccountFacts);
         let cases: [(Setter, Reason); 5] = [
-            (|a| a.associated_with_partner = true, Reason::AssociatedWithPartner),
+            (
+                |a| a.associated_with_partner = true,
+                Reason::AssociatedWithPartner,
+            ),
             (|a| a.site = Some("cn".into()), Reason::RegisteredCnSite),
             (|a| a.has_contract = true, Reason::HasContract),
-            (|a| a.has_cash_expenditure = true, Reason::CashExpenditureNotFollowed),
+            (
+                |a| a.has_cash_expenditure = true,
+                Reason::CashExpenditureNotFollowed,
+            ),
             (
                 |a| a.enterprise_master_unified_accounting = true,
                 Reason::EnterpriseMasterUnifiedAccounting,
@@ -313,7 +330,10 @@ mod tests {
         a.registered_at = Some(now() - Duration::days(8));
         a.country = Some("US".into());
         a.online_sales_team = true;
-        assert_eq!(rejected(run(&[], &[a.clone()], 0)), Reason::RegisteredOver7Days);
+        assert_eq!(
+            rejected(run(&[], &[a.clone()], 0)),
+            Reason::RegisteredOver7Days
+        );
         a.registered_at = Some(now() - Duration::days(6));
         assert_eq!(rejected(run(&[], &[a.clone()], 0)), Reason::CountryMismatch);
         a.country = Some("sg".into());
@@ -324,7 +344,11 @@ mod tests {
         a.has_cash_expenditure = true;
         a.followed_by_direct_sales = true;
         assert_eq!(rejected(run(&[], &[a], 0)), Reason::RegisteredOver7Days);
-        for r in [Reason::RegisteredOver7Days, Reason::CountryMismatch, Reason::OnlineSalesTeam] {
+        for r in [
+            Reason::RegisteredOver7Days,
+            Reason::CountryMismatch,
+            Reason::OnlineSalesTeam,
+        ] {
             assert!(r.manual_review_eligible());
         }
     }

@@ -50,13 +50,22 @@ enum PiiKind {
 }
 
 pub fn pii_email(value: &str) -> Pii<'_> {
-    Pii { kind: PiiKind::Email, value }
+    Pii {
+        kind: PiiKind::Email,
+        value,
+    }
 }
 pub fn pii_mobile(value: &str) -> Pii<'_> {
-    Pii { kind: PiiKind::Mobile, value }
+    Pii {
+        kind: PiiKind::Mobile,
+        value,
+    }
 }
 pub fn pii_name(value: &str) -> Pii<'_> {
-    Pii { kind: PiiKind::Name, value }
+    Pii {
+        kind: PiiKind::Name,
+        value,
+    }
 }
 
 impl fmt::Display for Pii<'_> {
@@ -88,7 +97,13 @@ mod tests {
         assert_eq!(mobile("+8613800000000"), "+86138****0000");
         assert_eq!(mobile("+1234"), "+12****");
         assert_eq!(email("broken"), "***");
-        assert_eq!(format!("{}", pii_email("zhang@example.com")), "z***@example.com");
-        assert_eq!(format!("{:?}", pii_mobile("+8613800000000")), "+86138****0000");
+        assert_eq!(
+            format!("{}", pii_email("zhang@example.com")),
+            "z***@example.com"
+        );
+        assert_eq!(
+            format!("{:?}", pii_mobile("+8613800000000")),
+            "+86138****0000"
+        );
     }
 }

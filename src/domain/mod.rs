@@ -31,7 +31,10 @@ mod tests {
 
     #[test]
     fn normalises() {
-        assert_eq!(normalize_email("  Zhang.San@Example.COM "), "zhang.san@example.com");
+        assert_eq!(
+            normalize_email("  Zhang.San@Example.COM "),
+            "zhang.san@example.com"
+        );
         assert_eq!(normalize_mobile(" +86 138-0000-0000 "), "+8613800000000");
     }
 }

@@ -55,7 +55,10 @@ impl Status {
     pub fn holds_claim(self) -> bool {
         matches!(
             self,
-            Status::Preregistered | Status::Invited | Status::AssociationFailed | Status::Associated
+            Status::Preregistered
+                | Status::Invited
+                | Status::AssociationFailed
+                | Status::Associated
         )
     }
 
@@ -63,13 +66,19 @@ impl Status {
     pub fn counts_toward_quota(self) -> bool {
         matches!(
             self,
-            Status::UnderReview | Status::Preregistered | Status::Invited | Status::AssociationFailed
+            Status::UnderReview
+                | Status::Preregistered
+                | Status::Invited
+                | Status::AssociationFailed
         )
     }
 
     /// A partner may delete anything but a review in progress or an association.
     pub fn deletable(self) -> bool {
-        !matches!(self, Status::UnderReview | Status::Associated | Status::Deleted)
+        !matches!(
+            self,
+            Status::UnderReview | Status::Associated | Status::Deleted
+        )
     }
 }
 

@@ -19,7 +19,10 @@ pub struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     pub fn new(body: &'a Value) -> Self {
-        let mut f = Fields { obj: body.as_object(), errors: Vec::new() };
+        let mut f = Fields {
+            obj: body.as_object(),
+            errors: Vec::new(),
+        };
         if f.obj.is_none() {
             f.error("body", "invalid_type", "the body must be a JSON object");
         }
@@ -27,7 +30,11 @@ impl<'a> Fields<'a> {
     }
 
     pub fn error(&mut self, field: &str, code: &'static str, message: impl Into<String>) {
-        self.errors.push(FieldError { field: field.to_string(), code, message: message.into() });
+        self.errors.push(FieldError {
+            field: field.to_string(),
+            code,
+            message: message.into(),
+        });
     }
 
     fn get(&self, field: &str) -> Option<&'a Value> {
@@ -56,7 +63,11 @@ impl<'a> Fields<'a> {
         match self.get(field) {
             None => None,
             Some(Value::String(s)) if s.chars().count() > max => {
-                self.error(field, "too_long", format!("{field} must be at most {max} characters"));
+                self.error(
+                    field,
+                    "too_long",
+                    format!("{field} must be at most {max} characters"),
+                );
                 None
             }
             Some(Value::String(s)) => Some(s.trim().to_string()),
@@ -72,7 +83,11 @@ impl<'a> Fields<'a> {
             None => None,
             Some(Value::Bool(b)) => Some(*b),
             Some(_) => {
-                self.error(field, "invalid_type", format!("{field} must be true or false"));
+                self.error(
+                    field,
+                    "invalid_type",
+                    format!("{field} must be true or false"),
+                );
                 None
             }
         }
@@ -107,18 +122,29 @@ impl<'a> Fields<'a> {
     }
 
     /// An optional array of short strings.
-    pub fn optional_str_list(&mut self, field: &str, max_items: usize, max_len: usize) -> Vec<String> {
+    pub fn optional_str_list(
+        &mut self,
+        field: &str,
+        max_items: usize,
+        max_len: usize,
+    ) -> Vec<String> {
         match self.get(field) {
             None => Vec::new(),
             Some(Value::Array(items)) => {
                 if items.len() > max_items {
-                    self.error(field, "too_many", format!("{field} may hold at most {max_items} items"));
+                    self.error(
+                        field,
+                        "too_many",
+                        format!("{field} may hold at most {max_items} items"),
+                    );
                     return Vec::new();
                 }
                 let mut out = Vec::new();
                 for item in items {
                     match item.as_str().map(str::trim) {
-                        Some(s) if !s.is_empty() && s.chars().count() <= max_len => out.push(s.to_string()),
+                        Some(s) if !s.is_empty() && s.chars().count() <= max_len => {
+                            out.push(s.to_string())
+                        }
                         _ => {
                             self.error(
                                 field,
@@ -132,7 +158,11 @@ impl<'a> Fields<'a> {
                 out
             }
             Some(_) => {
-                self.error(field, "invalid_type", format!("{field} must be an array of strings"));
+                self.error(
+                    field,
+                    "invalid_type",
+                    format!("{field} must be an array of strings"),
+                );
                 Vec::new()
             }
         }
@@ -144,7 +174,11 @@ impl<'a> Fields<'a> {
         match allowed.iter().find(|a| **a == s) {
             Some(a) => Some(*a),
             None => {
-                self.error(field, "invalid", format!("{field} must be one of: {}", allowed.join(", ")));
+                self.error(
+                    field,
+                    "invalid",
+                    format!("{field} must be one of: {}", allowed.join(", ")),
+                );
                 None
             }
         }
@@ -215,7 +249,8 @@ mod tests {
 
     #[test]
     fn names_every_bad_field() {
-        let body = json!({"full_name": "", "email": 5, "tags": ["ok", ""], "send_invitation": "yes"});
+        let body =
+            json!({"full_name": "", "email": 5, "tags": ["ok", ""], "send_invitation": "yes"});
         let mut f = Fields::new(&body);
         f.required_str("full_name", 10);
         f.required_str("email", 10);
@@ -224,7 +259,10 @@ mod tests {
         f.optional_bool("send_invitation");
         let errs = f.finish().unwrap_err();
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(fields, ["full_name", "email", "mobile", "tags", "send_invitation"]);
+        assert_eq!(
+            fields,
+            ["full_name", "email", "mobile", "tags", "send_invitation"]
+        );
     }
 }
 
@@ -255,7 +293,11 @@ pub fn prereg_request(body: &Value) -> Result<PreregRequest, Vec<FieldError>> {
     }
     let mobile = f.required_str("mobile", 32);
     if mobile.as_deref().is_some_and(|m| !is_e164(m)) {
-        f.error("mobile", "invalid", "mobile must be in E.164 format, e.g. +8613800000000");
+        f.error(
+            "mobile",
+            "invalid",
+            "mobile must be in E.164 format, e.g. +8613800000000",
+        );
     }
     let send_invitation = f.optional_bool("send_invitation").unwrap_or(false);
     let association_type = f.optional_enum("association_type", ASSOCIATION_TYPES);

@@ -71,9 +71,16 @@ impl Broker {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(unavailable)?;
-        let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
         tracing::info!(generation, "connected to RabbitMQ");
-        Ok(Live { generation, conn: Arc::new(conn), publish })
+        Ok(Live {
+            generation,
+            conn: Arc::new(conn),
+            publish,
+        })
     }
 
     /// The live connection and publishing channel, reconnecting when needed.
@@ -120,11 +127,13 @@ impl Broker {
     }
 
     pub async fn publish_event(&self, ev: &CloudEvent) -> Result<(), PublishError> {
-        self.publish(&self.names.events(), &ev.ty, ev, FieldTable::default()).await
+        self.publish(&self.names.events(), &ev.ty, ev, FieldTable::default())
+            .await
     }
 
     pub async fn publish_command(&self, ev: &CloudEvent) -> Result<(), PublishError> {
-        self.publish(&self.names.commands(), &ev.ty, ev, FieldTable::default()).await
+        self.publish(&self.names.commands(), &ev.ty, ev, FieldTable::default())
+            .await
     }
 
     pub async fn publish(
@@ -134,8 +143,21 @@ impl Broker {
         ev: &CloudEvent,
         headers: FieldTable,
     ) -> Result<(), PublishError> {
-        self.publish_raw(exchange, routing_key, &ev.to_bytes(), Some(&ev.id), headers, None)
-            .await
+        self.publish_raw(
+            exchange,
+            routing_key,
+            &ev.to_bytes(),
+            Some(&ev.id),
+            headers,
+            None,
+        )
+        .await
+    }
+
+    /// Events fan out to whoever listens: having no listener is fine. Jobs
+    /// (commands, retries, dead letters) must reach a queue (`mandatory`).
+    fn mandatory(&self, exchange: &str) -> bool {
+        exchange != self.names.events()
     }
 
     /// Publishes and waits for the confirm. Routing failures are errors.
@@ -159,7 +181,10 @@ impl Broker {
         if let Some(ms) = expiration_ms {
             props = props.with_expiration(ms.to_string().into());
         }
-        let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let opts = BasicPublishOptions {
+            mandatory: self.mandatory(exchange),
+            ..Default::default()
+        };
         let attempt = async {
             let confirm = ch
                 .basic_publish(exchange, routing_key, opts, body, props)
@@ -171,10 +196,15 @@ impl Broker {
             Err(_) => Err(PublishError::Timeout(self.timeout)),
             Ok(Err(e)) => Err(e),
             Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(routing_key.to_string())),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => {
+                Err(PublishError::Unroutable(routing_key.to_string()))
+            }
             Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
         };
-        if matches!(result, Err(PublishError::Unavailable(_) | PublishError::Timeout(_))) {
+        if matches!(
+            result,
+            Err(PublishError::Unavailable(_) | PublishError::Timeout(_))
+        ) {
             self.reset(generation).await;
         }
         result

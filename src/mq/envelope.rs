@@ -66,8 +66,8 @@ impl CloudEvent {
 
     /// Parses and checks the envelope; the error says why it is unusable.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        let ev: CloudEvent =
-            serde_json::from_slice(bytes).map_err(|e| format!("not a CloudEvents JSON message: {e}"))?;
+        let ev: CloudEvent = serde_json::from_slice(bytes)
+            .map_err(|e| format!("not a CloudEvents JSON message: {e}"))?;
         if ev.specversion != "1.0" {
             return Err(format!("unsupported specversion `{}`", ev.specversion));
         }

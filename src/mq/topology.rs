@@ -79,7 +79,10 @@ pub struct Names {
 
 impl Names {
     pub fn new(prefix: &str, retry_delays: Vec<Duration>) -> Self {
-        Self { prefix: prefix.to_string(), retry_delays }
+        Self {
+            prefix: prefix.to_string(),
+            retry_delays,
+        }
     }
     pub fn commands(&self) -> String {
         format!("{}.commands", self.prefix)
@@ -121,16 +124,27 @@ impl Names {
         v
     }
     pub fn all_exchange_names(&self) -> Vec<String> {
-        vec![self.commands(), self.events(), self.dlx(), self.retry_exchange()]
+        vec![
+            self.commands(),
+            self.events(),
+            self.dlx(),
+            self.retry_exchange(),
+        ]
     }
 }
 
 fn durable_exchange() -> ExchangeDeclareOptions {
-    ExchangeDeclareOptions { durable: true, ..Default::default() }
+    ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
 }
 
 fn durable_queue() -> QueueDeclareOptions {
-    QueueDeclareOptions { durable: true, ..Default::default() }
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
 }
 
 fn str_arg(s: &str) -> AMQPValue {
@@ -139,46 +153,93 @@ fn str_arg(s: &str) -> AMQPValue {
 
 /// Declares everything; safe to run at every start from every process.
 pub async fn declare(ch: &Channel, names: &Names, delivery_limit: u32) -> lapin::Result<()> {
-    ch.exchange_declare(&names.commands(), ExchangeKind::Topic, durable_exchange(), FieldTable::default())
-        .await?;
-    ch.exchange_declare(&names.events(), ExchangeKind::Topic, durable_exchange(), FieldTable::default())
-        .await?;
-    ch.exchange_declare(&names.dlx(), ExchangeKind::Direct, durable_exchange(), FieldTable::default())
-        .await?;
-    ch.exchange_declare(&names.retry_exchange(), ExchangeKind::Headers, durable_exchange(), FieldTable::default())
-        .await?;
+    ch.exchange_declare(
+        &names.commands(),
+        ExchangeKind::Topic,
+        durable_exchange(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        &names.events(),
+        ExchangeKind::Topic,
+        durable_exchange(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        &names.dlx(),
+        ExchangeKind::Direct,
+        durable_exchange(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        &names.retry_exchange(),
+        ExchangeKind::Headers,
+        durable_exchange(),
+        FieldTable::default(),
+    )
+    .await?;
 
     for q in Queue::ALL {
         let mut dlq_args = FieldTable::default();
         dlq_args.insert("x-queue-type".into(), str_arg("quorum"));
-        ch.queue_declare(&names.dlq(q), durable_queue(), dlq_args).await?;
-        ch.queue_bind(&names.dlq(q), &names.dlx(), q.short(), QueueBindOptions::default(), FieldTable::default())
+        ch.queue_declare(&names.dlq(q), durable_queue(), dlq_args)
             .await?;
+        ch.queue_bind(
+            &names.dlq(q),
+            &names.dlx(),
+            q.short(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
 
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), str_arg("quorum"));
-        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(delivery_limit as i32));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(delivery_limit as i32),
+        );
         args.insert("x-dead-letter-exchange".into(), str_arg(&names.dlx()));
         args.insert("x-dead-letter-routing-key".into(), str_arg(q.short()));
-        ch.queue_declare(&names.queue(q), durable_queue(), args).await?;
+        ch.queue_declare(&names.queue(q), durable_queue(), args)
+            .await?;
         for key in q.bindings() {
-            ch.queue_bind(&names.queue(q), &names.commands(), key, QueueBindOptions::default(), FieldTable::default())
-                .await?;
+            ch.queue_bind(
+                &names.queue(q),
+                &names.commands(),
+                key,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
         }
     }
 
     for (i, delay) in names.retry_delays.iter().enumerate() {
         let mut args = FieldTable::default();
-        args.insert("x-message-ttl".into(), AMQPValue::LongInt(delay.as_millis().min(i32::MAX as u128) as i32));
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongInt(delay.as_millis().min(i32::MAX as u128) as i32),
+        );
         // Empty dead-letter exchange = the default exchange, which routes by
         // the message's own routing key: the full name of its work queue.
         args.insert("x-dead-letter-exchange".into(), str_arg(""));
-        ch.queue_declare(&names.retry_queue(i), durable_queue(), args).await?;
+        ch.queue_declare(&names.retry_queue(i), durable_queue(), args)
+            .await?;
         let mut bind = FieldTable::default();
         bind.insert("x-match".into(), str_arg("all"));
         bind.insert("x-retry-tier".into(), str_arg(&i.to_string()));
-        ch.queue_bind(&names.retry_queue(i), &names.retry_exchange(), "", QueueBindOptions::default(), bind)
-            .await?;
+        ch.queue_bind(
+            &names.retry_queue(i),
+            &names.retry_exchange(),
+            "",
+            QueueBindOptions::default(),
+            bind,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -194,7 +255,10 @@ mod tests {
         assert!(n.all_exchange_names().iter().all(|q| q.starts_with("t1.")));
         assert_eq!(n.queue(Queue::Email), "t1.email");
         assert_eq!(n.dlq(Queue::Email), "t1.email.dlq");
-        assert_eq!(n.queue_by_full_name("t1.registration"), Some(Queue::Registration));
+        assert_eq!(
+            n.queue_by_full_name("t1.registration"),
+            Some(Queue::Registration)
+        );
         assert_eq!(n.retry_tier(1), (0, Duration::from_secs(1)));
         assert_eq!(n.retry_tier(9), (1, Duration::from_secs(5)));
     }

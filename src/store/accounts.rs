@@ -28,7 +28,11 @@ pub async fn upsert<'e>(db: impl PgExecutor<'e>, f: &AccountFacts) -> Result<boo
 }
 
 /// Every account known for the customer's email or mobile.
-pub async fn for_customer(conn: &mut PgConnection, email_norm: &str, mobile_norm: &str) -> Result<Vec<AccountFacts>, sqlx::Error> {
+pub async fn for_customer(
+    conn: &mut PgConnection,
+    email_norm: &str,
+    mobile_norm: &str,
+) -> Result<Vec<AccountFacts>, sqlx::Error> {
     let rows: Vec<serde_json::Value> =
         sqlx::query_scalar("SELECT facts FROM accounts WHERE email_norm = $1 OR mobile_norm = $2")
             .bind(email_norm)
@@ -41,10 +45,14 @@ pub async fn for_customer(conn: &mut PgConnection, email_norm: &str, mobile_norm
         .collect())
 }
 
-pub async fn get<'e>(db: impl PgExecutor<'e>, account_id: &str) -> Result<Option<AccountFacts>, sqlx::Error> {
-    let v: Option<serde_json::Value> = sqlx::query_scalar("SELECT facts FROM accounts WHERE account_id = $1")
-        .bind(account_id)
-        .fetch_optional(db)
-        .await?;
+pub async fn get<'e>(
+    db: impl PgExecutor<'e>,
+    account_id: &str,
+) -> Result<Option<AccountFacts>, sqlx::Error> {
+    let v: Option<serde_json::Value> =
+        sqlx::query_scalar("SELECT facts FROM accounts WHERE account_id = $1")
+            .bind(account_id)
+            .fetch_optional(db)
+            .await?;
     Ok(v.and_then(|v| serde_json::from_value(v).ok()))
 }

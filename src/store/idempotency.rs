@@ -32,7 +32,12 @@ pub fn request_hash(method: &str, path: &str, body: &[u8]) -> Vec<u8> {
 
 /// Looks the key up inside the caller's transaction. A concurrent first use of
 /// the same key blocks on the primary key until the other commits.
-pub async fn check(conn: &mut PgConnection, principal: &str, key: &str, hash: &[u8]) -> Result<Claim, sqlx::Error> {
+pub async fn check(
+    conn: &mut PgConnection,
+    principal: &str,
+    key: &str,
+    hash: &[u8],
+) -> Result<Claim, sqlx::Error> {
     let row = sqlx::query("SELECT request_hash, status, body, location FROM idempotency_keys WHERE principal = $1 AND key = $2")
         .bind(principal)
         .bind(key)
@@ -51,7 +56,13 @@ pub async fn check(conn: &mut PgConnection, principal: &str, key: &str, hash: &[
 
 /// Stores the answer; a unique violation here means a concurrent request with
 /// the same key won (the caller rolls back and replays).
-pub async fn save(conn: &mut PgConnection, principal: &str, key: &str, hash: &[u8], answer: &Stored) -> Result<(), sqlx::Error> {
+pub async fn save(
+    conn: &mut PgConnection,
+    principal: &str,
+    key: &str,
+    hash: &[u8],
+    answer: &Stored,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO idempotency_keys (principal, key, request_hash, status, body, location) VALUES ($1, $2, $3, $4, $5, $6)",
     )
@@ -66,7 +77,11 @@ pub async fn save(conn: &mut PgConnection, principal: &str, key: &str, hash: &[u
     Ok(())
 }
 
-pub async fn forget(conn: &mut PgConnection, principal: &str, key: &str) -> Result<(), sqlx::Error> {
+pub async fn forget(
+    conn: &mut PgConnection,
+    principal: &str,
+    key: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2")
         .bind(principal)
         .bind(key)

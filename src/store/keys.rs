@@ -62,7 +62,10 @@ pub fn generate_token(role: Role) -> String {
         Role::Upstream => "uk",
         Role::Operator => "ok",
     };
-    format!("prereg_{tag}_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    format!(
+        "prereg_{tag}_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
 }
 
 /// Creates a key and returns (key id, the token, shown only now).
@@ -74,19 +77,25 @@ pub async fn issue(
 ) -> Result<(Uuid, String), sqlx::Error> {
     let token = generate_token(role);
     let id = Uuid::now_v7();
-    sqlx::query("INSERT INTO api_keys (id, key_hash, role, partner_id, label) VALUES ($1, $2, $3, $4, $5)")
-        .bind(id)
-        .bind(hash_token(&token))
-        .bind(role.as_str())
-        .bind(partner_id)
-        .bind(label)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "INSERT INTO api_keys (id, key_hash, role, partner_id, label) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id)
+    .bind(hash_token(&token))
+    .bind(role.as_str())
+    .bind(partner_id)
+    .bind(label)
+    .execute(conn)
+    .await?;
     Ok((id, token))
 }
 
 /// Revokes every live key of a partner (key rotation) except `keep`.
-pub async fn revoke_partner_keys(conn: &mut PgConnection, partner_id: Uuid, keep: Uuid) -> Result<u64, sqlx::Error> {
+pub async fn revoke_partner_keys(
+    conn: &mut PgConnection,
+    partner_id: Uuid,
+    keep: Uuid,
+) -> Result<u64, sqlx::Error> {
     let r = sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE partner_id = $1 AND id <> $2 AND revoked_at IS NULL")
         .bind(partner_id)
         .bind(keep)
@@ -96,10 +105,12 @@ pub async fn revoke_partner_keys(conn: &mut PgConnection, partner_id: Uuid, keep
 }
 
 pub async fn lookup(pool: &PgPool, token: &str) -> Result<Option<Principal>, sqlx::Error> {
-    let row = sqlx::query("SELECT id, role, partner_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL")
-        .bind(hash_token(token))
-        .fetch_optional(pool)
-        .await?;
+    let row = sqlx::query(
+        "SELECT id, role, partner_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+    )
+    .bind(hash_token(token))
+    .fetch_optional(pool)
+    .await?;
     Ok(row.and_then(|r| {
         Some(Principal {
             key_id: Some(r.get("id")),

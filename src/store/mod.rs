@@ -45,11 +45,16 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 /// Serialization failures and deadlocks: run the transaction again.
 pub fn is_transient(e: &sqlx::Error) -> bool {
-    matches!(sqlstate(e).as_deref(), Some("40001" | "40P01" | "55P03" | "57P01"))
-        || matches!(
-            e,
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
-        )
+    matches!(
+        sqlstate(e).as_deref(),
+        Some("40001" | "40P01" | "55P03" | "57P01")
+    ) || matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+    )
 }
 
 /// One entry of a pre-registration's timeline.

@@ -46,7 +46,11 @@ pub async fn relay_once(pool: &PgPool, broker: &Broker, batch: i64) -> anyhow::R
         let exchange: &str = r.get("exchange");
         let message: serde_json::Value = r.get("message");
         let ev: CloudEvent = serde_json::from_value(message)?;
-        let x = if exchange == "commands" { broker.names.commands() } else { broker.names.events() };
+        let x = if exchange == "commands" {
+            broker.names.commands()
+        } else {
+            broker.names.events()
+        };
         broker.publish(&x, &ev.ty, &ev, Default::default()).await?;
         anyhow::Ok(id)
     });
@@ -76,7 +80,12 @@ pub async fn relay_once(pool: &PgPool, broker: &Broker, batch: i64) -> anyhow::R
 
 /// Runs the relay until cancelled: immediately again after a full batch,
 /// otherwise every `interval`.
-pub async fn run_relay(pool: PgPool, broker: Arc<Broker>, interval: Duration, cancel: CancellationToken) {
+pub async fn run_relay(
+    pool: PgPool,
+    broker: Arc<Broker>,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
     const BATCH: i64 = 500;
     loop {
         let wait = match relay_once(&pool, &broker, BATCH).await {

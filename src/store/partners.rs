@@ -50,18 +50,28 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Partner
         .await
 }
 
-pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> Result<Option<Partner>, sqlx::Error> {
-    sqlx::query_as::<_, Partner>(&format!("SELECT {COLUMNS} FROM partners WHERE id = $1 FOR UPDATE"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await
+pub async fn get_for_update(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<Partner>, sqlx::Error> {
+    sqlx::query_as::<_, Partner>(&format!(
+        "SELECT {COLUMNS} FROM partners WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
 }
 
-pub async fn managers<'e>(db: impl PgExecutor<'e>, partner_id: Uuid) -> Result<Vec<AccountManager>, sqlx::Error> {
-    sqlx::query_as::<_, AccountManager>("SELECT id, name, email FROM account_managers WHERE partner_id = $1 ORDER BY name, id")
-        .bind(partner_id)
-        .fetch_all(db)
-        .await
+pub async fn managers<'e>(
+    db: impl PgExecutor<'e>,
+    partner_id: Uuid,
+) -> Result<Vec<AccountManager>, sqlx::Error> {
+    sqlx::query_as::<_, AccountManager>(
+        "SELECT id, name, email FROM account_managers WHERE partner_id = $1 ORDER BY name, id",
+    )
+    .bind(partner_id)
+    .fetch_all(db)
+    .await
 }
 
 /// Creates a partner; `fields.name` and `fields.country` are required by the caller.
@@ -89,7 +99,11 @@ pub async fn create(conn: &mut PgConnection, f: &PartnerFields) -> Result<Partne
     Ok(p)
 }
 
-pub async fn update(conn: &mut PgConnection, id: Uuid, f: &PartnerFields) -> Result<Option<Partner>, sqlx::Error> {
+pub async fn update(
+    conn: &mut PgConnection,
+    id: Uuid,
+    f: &PartnerFields,
+) -> Result<Option<Partner>, sqlx::Error> {
     let p = sqlx::query_as::<_, Partner>(&format!(
         "UPDATE partners SET
             name = COALESCE($2, name),
@@ -126,7 +140,11 @@ pub async fn update(conn: &mut PgConnection, id: Uuid, f: &PartnerFields) -> Res
 
 /// Replaces the list of account managers, keeping the ids of those whose
 /// email stays (so assignments to customers survive).
-async fn replace_managers(conn: &mut PgConnection, partner_id: Uuid, list: &[(String, String)]) -> Result<(), sqlx::Error> {
+async fn replace_managers(
+    conn: &mut PgConnection,
+    partner_id: Uuid,
+    list: &[(String, String)],
+) -> Result<(), sqlx::Error> {
     let emails: Vec<String> = list.iter().map(|(_, e)| e.to_lowercase()).collect();
     sqlx::query(
         "DELETE FROM account_managers am WHERE partner_id = $1 AND NOT (lower(email) = ANY($2))

@@ -69,10 +69,15 @@ const COLUMNS: &str = "id, partner_id, full_name, email, mobile, email_norm, mob
     request_id, created_at, decided_at, preregistered_at, expires_at, updated_at";
 
 pub const CLAIM_STATUSES: &str = "('preregistered', 'invited', 'association_failed', 'associated')";
-pub const QUOTA_STATUSES: &str = "('under_review', 'preregistered', 'invited', 'association_failed')";
+pub const QUOTA_STATUSES: &str =
+    "('under_review', 'preregistered', 'invited', 'association_failed')";
 
 /// Inserts the `queued` row unless it exists. Returns whether it was inserted.
-pub async fn insert_queued(conn: &mut PgConnection, p: &NewPrereg, request_id: Option<&str>) -> Result<bool, sqlx::Error> {
+pub async fn insert_queued(
+    conn: &mut PgConnection,
+    p: &NewPrereg,
+    request_id: Option<&str>,
+) -> Result<bool, sqlx::Error> {
     let r = sqlx::query(
         "INSERT INTO preregistrations (id, partner_id, full_name, email, mobile, email_norm, mobile_norm, status,
              send_invitation, association_type, locale, tags, remarks, account_manager_id, request_id)
@@ -99,21 +104,32 @@ pub async fn insert_queued(conn: &mut PgConnection, p: &NewPrereg, request_id: O
 }
 
 pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Prereg>, sqlx::Error> {
-    sqlx::query_as::<_, Prereg>(&format!("SELECT {COLUMNS} FROM preregistrations WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as::<_, Prereg>(&format!(
+        "SELECT {COLUMNS} FROM preregistrations WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await
 }
 
-pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> Result<Option<Prereg>, sqlx::Error> {
-    sqlx::query_as::<_, Prereg>(&format!("SELECT {COLUMNS} FROM preregistrations WHERE id = $1 FOR UPDATE"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await
+pub async fn get_for_update(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<Prereg>, sqlx::Error> {
+    sqlx::query_as::<_, Prereg>(&format!(
+        "SELECT {COLUMNS} FROM preregistrations WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
 }
 
 /// Claims held on a customer identified by its normalised email or mobile.
-pub async fn claims_on(conn: &mut PgConnection, email_norm: &str, mobile_norm: &str) -> Result<Vec<ExistingClaim>, sqlx::Error> {
+pub async fn claims_on(
+    conn: &mut PgConnection,
+    email_norm: &str,
+    mobile_norm: &str,
+) -> Result<Vec<ExistingClaim>, sqlx::Error> {
     let rows = sqlx::query(&format!(
         "SELECT id, partner_id, status, expires_at FROM preregistrations
          WHERE (email_norm = $1 AND status IN {CLAIM_STATUSES}) OR (mobile_norm = $2 AND status IN {CLAIM_STATUSES})"
@@ -174,7 +190,11 @@ pub async fn apply(conn: &mut PgConnection, c: &Change<'_>) -> Result<(), sqlx::
 }
 
 /// Sets only the status (deletion, expiry, review).
-pub async fn set_status(conn: &mut PgConnection, id: Uuid, status: Status) -> Result<(), sqlx::Error> {
+pub async fn set_status(
+    conn: &mut PgConnection,
+    id: Uuid,
+    status: Status,
+) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE preregistrations SET status = $2, updated_at = now() WHERE id = $1")
         .bind(id)
         .bind(status.as_str())
@@ -192,8 +212,14 @@ pub struct ListFilter {
 }
 
 /// The partner's pre-registrations, newest first, keyset-paginated.
-pub async fn list<'e>(db: impl PgExecutor<'e>, partner_id: Uuid, f: &ListFilter) -> Result<Vec<Prereg>, sqlx::Error> {
-    let pattern = f.q.as_ref().map(|q| format!("%{}%", escape_like(&q.to_lowercase())));
+pub async fn list<'e>(
+    db: impl PgExecutor<'e>,
+    partner_id: Uuid,
+    f: &ListFilter,
+) -> Result<Vec<Prereg>, sqlx::Error> {
+    let pattern =
+        f.q.as_ref()
+            .map(|q| format!("%{}%", escape_like(&q.to_lowercase())));
     sqlx::query_as::<_, Prereg>(&format!(
         "SELECT {COLUMNS} FROM preregistrations
          WHERE partner_id = $1
@@ -215,7 +241,9 @@ pub async fn list<'e>(db: impl PgExecutor<'e>, partner_id: Uuid, f: &ListFilter)
 }
 
 pub fn escape_like(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+    s.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
 }
 
 #[derive(Debug, Clone, Serialize, FromRow)]
@@ -229,7 +257,10 @@ pub struct TimelineRow {
     pub details: Option<serde_json::Value>,
 }
 
-pub async fn timeline<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Vec<TimelineRow>, sqlx::Error> {
+pub async fn timeline<'e>(
+    db: impl PgExecutor<'e>,
+    id: Uuid,
+) -> Result<Vec<TimelineRow>, sqlx::Error> {
     sqlx::query_as::<_, TimelineRow>(
         "SELECT at, actor, change, from_status, to_status, reason, details FROM preregistration_events
          WHERE preregistration_id = $1 ORDER BY id",

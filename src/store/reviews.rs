@@ -64,15 +64,23 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Review>
         .await
 }
 
-pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> Result<Option<Review>, sqlx::Error> {
-    sqlx::query_as::<_, Review>(&format!("SELECT {COLUMNS} FROM reviews WHERE id = $1 FOR UPDATE"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await
+pub async fn get_for_update(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<Review>, sqlx::Error> {
+    sqlx::query_as::<_, Review>(&format!(
+        "SELECT {COLUMNS} FROM reviews WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
 }
 
 /// The latest review of a pre-registration.
-pub async fn latest_for<'e>(db: impl PgExecutor<'e>, prereg_id: Uuid) -> Result<Option<Review>, sqlx::Error> {
+pub async fn latest_for<'e>(
+    db: impl PgExecutor<'e>,
+    prereg_id: Uuid,
+) -> Result<Option<Review>, sqlx::Error> {
     sqlx::query_as::<_, Review>(&format!(
         "SELECT {COLUMNS} FROM reviews WHERE preregistration_id = $1 ORDER BY requested_at DESC, id DESC LIMIT 1"
     ))
@@ -97,15 +105,23 @@ pub async fn open(
 }
 
 pub async fn refuse(conn: &mut PgConnection, id: Uuid, code: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE reviews SET state = 'refused', refusal_code = $2, decided_at = now() WHERE id = $1")
-        .bind(id)
-        .bind(code)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "UPDATE reviews SET state = 'refused', refusal_code = $2, decided_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(code)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
-pub async fn decide(conn: &mut PgConnection, id: Uuid, state: &str, by: &str, note: Option<&str>) -> Result<(), sqlx::Error> {
+pub async fn decide(
+    conn: &mut PgConnection,
+    id: Uuid,
+    state: &str,
+    by: &str,
+    note: Option<&str>,
+) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE reviews SET state = $2, decided_at = now(), decided_by = $3, note = $4 WHERE id = $1")
         .bind(id)
         .bind(state)
@@ -117,7 +133,11 @@ pub async fn decide(conn: &mut PgConnection, id: Uuid, state: &str, by: &str, no
 }
 
 /// Operator list: `open` (includes overdue: still undecided), `overdue`, `decided`.
-pub async fn list<'e>(db: impl PgExecutor<'e>, state: &str, limit: i64) -> Result<Vec<Review>, sqlx::Error> {
+pub async fn list<'e>(
+    db: impl PgExecutor<'e>,
+    state: &str,
+    limit: i64,
+) -> Result<Vec<Review>, sqlx::Error> {
     let cond = match state {
         "overdue" => "state = 'overdue'",
         "decided" => "state IN ('approved', 'rejected')",

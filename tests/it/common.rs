@@ -19,7 +19,8 @@ pub fn pg_base() -> String {
     std::env::var("PREREG_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 pub fn amqp_url() -> String {
-    std::env::var("PREREG_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("PREREG_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 pub fn redis_url() -> String {
     std::env::var("PREREG_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -27,7 +28,7 @@ pub fn redis_url() -> String {
 
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "warn,prereg=warn".into()))
+        .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "warn,lapin=error".into()))
         .with_test_writer()
         .try_init();
 }
@@ -37,22 +38,33 @@ pub async fn test_config() -> (Config, String) {
     init_logs();
     let id = Uuid::new_v4().simple().to_string();
     let db_name = format!("prereg_test_{}", &id[..16]);
-    let mut admin = PgConnection::connect(&format!("{}/postgres", pg_base())).await.expect("postgres reachable");
-    sqlx::query(&format!("CREATE DATABASE {db_name}")).execute(&mut admin).await.expect("create database");
-    let mut cfg = Config::default();
-    cfg.database_url = format!("{}/{db_name}", pg_base());
-    cfg.amqp_url = amqp_url();
-    cfg.redis_url = redis_url();
-    cfg.amqp_prefix = format!("test-{}", &id[..12]);
-    cfg.http_addr = "127.0.0.1:0".parse().unwrap();
-    cfg.metrics_addr = "127.0.0.1:0".parse().unwrap();
-    cfg.operator_token = Some(OPERATOR.into());
-    cfg.retry_delays = vec![Duration::from_millis(100), Duration::from_millis(200), Duration::from_millis(400)];
-    cfg.max_attempts = 4;
-    cfg.outbox_interval = Duration::from_millis(50);
-    cfg.worker_concurrency = 8;
-    cfg.db_max_connections = 12;
-    cfg.shutdown_grace = Duration::from_secs(10);
+    let mut admin = PgConnection::connect(&format!("{}/postgres", pg_base()))
+        .await
+        .expect("postgres reachable");
+    sqlx::query(&format!("CREATE DATABASE {db_name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create database");
+    let cfg = Config {
+        database_url: format!("{}/{db_name}", pg_base()),
+        amqp_url: amqp_url(),
+        redis_url: redis_url(),
+        amqp_prefix: format!("test-{}", &id[..12]),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        operator_token: Some(OPERATOR.into()),
+        retry_delays: vec![
+            Duration::from_millis(100),
+            Duration::from_millis(200),
+            Duration::from_millis(400),
+        ],
+        max_attempts: 4,
+        outbox_interval: Duration::from_millis(50),
+        worker_concurrency: 8,
+        db_max_connections: 12,
+        shutdown_grace: Duration::from_secs(10),
+        ..Config::default()
+    };
     (cfg, db_name)
 }
 
@@ -71,14 +83,31 @@ pub async fn spawn_app() -> TestApp {
 
 /// Intake, every worker and the outbox relay, after `tweak` adjusts the config.
 pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_roles(tweak, Queue::ALL.to_vec()).await
+}
+
+/// Intake and relay, consuming only `queues`.
+pub async fn spawn_roles(tweak: impl FnOnce(&mut Config), queues: Vec<Queue>) -> TestApp {
     let (mut cfg, db_name) = test_config().await;
     tweak(&mut cfg);
     let ctx = Ctx::new(cfg.clone()).expect("ctx");
     prereg::store::migrate(&ctx.db).await.expect("migrate");
-    let roles = Roles { intake: true, workers: Queue::ALL.to_vec(), relay: true, health_server: false };
+    let roles = Roles {
+        intake: true,
+        workers: queues,
+        relay: true,
+        health_server: false,
+    };
     let running = app::start(ctx.clone(), roles).await.expect("start");
     let addr = format!("http://{}", running.http_addr.expect("http addr"));
-    TestApp { addr, http: reqwest::Client::new(), ctx, cfg, db_name, running: vec![running] }
+    TestApp {
+        addr,
+        http: reqwest::Client::new(),
+        ctx,
+        cfg,
+        db_name,
+        running: vec![running],
+    }
 }
 
 pub struct Partner {
@@ -97,11 +126,22 @@ impl TestApp {
         let mut cfg = self.cfg.clone();
         tweak(&mut cfg);
         let ctx = Ctx::new(cfg).expect("ctx");
-        let roles = Roles { workers: vec![Queue::Registration, Queue::Accounts], relay: true, ..Default::default() };
-        self.running.push(app::start(ctx, roles).await.expect("start worker"));
+        let roles = Roles {
+            workers: vec![Queue::Registration, Queue::Accounts],
+            relay: true,
+            ..Default::default()
+        };
+        self.running
+            .push(app::start(ctx, roles).await.expect("start worker"));
     }
 
-    pub async fn request(&self, method: Method, path: &str, key: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self.http.request(method, format!("{}{path}", self.addr));
         if let Some(k) = key {
             req = req.bearer_auth(k);
@@ -121,7 +161,8 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
-        self.request(Method::POST, path, Some(key), Some(body)).await
+        self.request(Method::POST, path, Some(key), Some(body))
+            .await
     }
 
     pub async fn create_partner(&self, extra: Value) -> Partner {
@@ -145,7 +186,13 @@ impl TestApp {
     }
 
     pub async fn upstream_key(&self) -> String {
-        let (status, v) = self.post("/v1/admin/upstream-keys", OPERATOR, json!({"label": "tests"})).await;
+        let (status, v) = self
+            .post(
+                "/v1/admin/upstream-keys",
+                OPERATOR,
+                json!({"label": "tests"}),
+            )
+            .await;
         assert_eq!(status, StatusCode::CREATED, "{v}");
         v["api_key"].as_str().unwrap().to_string()
     }
@@ -153,7 +200,11 @@ impl TestApp {
     /// Submits a pre-registration and returns its id (asserting the 202).
     pub async fn prereg(&self, p: &Partner, email: &str, mobile: &str) -> Uuid {
         let (status, v) = self
-            .post("/v1/preregistrations", &p.key, json!({"full_name": "Zhang San", "email": email, "mobile": mobile}))
+            .post(
+                "/v1/preregistrations",
+                &p.key,
+                json!({"full_name": "Zhang San", "email": email, "mobile": mobile}),
+            )
             .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{v}");
         assert_eq!(v["status"], "queued");
@@ -164,12 +215,17 @@ impl TestApp {
     pub async fn decided(&self, p: &Partner, id: Uuid) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let (status, v) = self.get(&format!("/v1/preregistrations/{id}"), &p.key).await;
+            let (status, v) = self
+                .get(&format!("/v1/preregistrations/{id}"), &p.key)
+                .await;
             assert_eq!(status, StatusCode::OK, "{v}");
             if v["status"] != "queued" {
                 return v;
             }
-            assert!(tokio::time::Instant::now() < deadline, "pre-registration {id} never decided");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "pre-registration {id} never decided"
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -177,12 +233,24 @@ impl TestApp {
     /// Stores account facts through the upstream API and waits until stored.
     pub async fn account(&self, upstream: &str, account_id: &str, facts: Value) {
         let (status, v) = self
-            .request(Method::PUT, &format!("/v1/accounts/{account_id}"), Some(upstream), Some(facts.clone()))
+            .request(
+                Method::PUT,
+                &format!("/v1/accounts/{account_id}"),
+                Some(upstream),
+                Some(facts.clone()),
+            )
             .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{v}");
         wait_until(Duration::from_secs(10), || async {
-            let (s, v) = self.get(&format!("/v1/accounts/{account_id}"), upstream).await;
-            s == StatusCode::OK && facts.as_object().unwrap().iter().all(|(k, val)| k.ends_with("_at") || v[k] == *val)
+            let (s, v) = self
+                .get(&format!("/v1/accounts/{account_id}"), upstream)
+                .await;
+            s == StatusCode::OK
+                && facts
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, val)| k.ends_with("_at") || v[k] == *val)
         })
         .await;
     }
@@ -196,9 +264,12 @@ impl TestApp {
         self.ctx.broker.close().await;
         self.ctx.db.close().await;
         if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name))
-                .execute(&mut admin)
-                .await;
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            ))
+            .execute(&mut admin)
+            .await;
         }
     }
 }
@@ -210,7 +281,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + limit;
     while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "condition not met within {limit:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

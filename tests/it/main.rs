@@ -2,4 +2,5 @@
 //! One binary for every test module (faster to link, shared harness).
 
 mod common;
+mod concurrency;
 mod pipeline;

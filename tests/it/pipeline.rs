@@ -9,14 +9,18 @@ use crate::common::*;
 async fn new_customer_is_preregistered_and_resubmission_is_safe() {
     let app = spawn_app().await;
     let p = app.create_partner(json!({})).await;
-    let id = app.prereg(&p, "Zhang.San@Example.com", "+8613800000001").await;
+    let id = app
+        .prereg(&p, "Zhang.San@Example.com", "+8613800000001")
+        .await;
     let v = app.decided(&p, id).await;
     assert_eq!(v["status"], "preregistered", "{v}");
     assert!(v["expires_at"].is_string());
     assert_eq!(v["email"], "Zhang.San@Example.com");
 
     // Same customer (normalised email), same partner: already_preregistered naming the first.
-    let again = app.prereg(&p, "  zhang.san@example.COM ", "+8613800000999").await;
+    let again = app
+        .prereg(&p, "  zhang.san@example.COM ", "+8613800000999")
+        .await;
     let v = app.decided(&p, again).await;
     assert_eq!(v["status"], "rejected");
     assert_eq!(v["reason"]["code"], "already_preregistered");
@@ -24,9 +28,16 @@ async fn new_customer_is_preregistered_and_resubmission_is_safe() {
     assert_eq!(v["manual_review_eligible"], false);
 
     // The timeline records both changes of the first with actor and reason.
-    let (s, t) = app.get(&format!("/v1/preregistrations/{id}/timeline"), &p.key).await;
+    let (s, t) = app
+        .get(&format!("/v1/preregistrations/{id}/timeline"), &p.key)
+        .await;
     assert_eq!(s, StatusCode::OK);
-    let changes: Vec<&str> = t["items"].as_array().unwrap().iter().map(|e| e["change"].as_str().unwrap()).collect();
+    let changes: Vec<&str> = t["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["change"].as_str().unwrap())
+        .collect();
     assert_eq!(changes, ["requested", "decided"]);
     assert_eq!(t["items"][1]["to_status"], "preregistered");
     assert_eq!(t["items"][1]["actor"], "system:registration");
@@ -47,18 +58,73 @@ async fn each_eligibility_rule_through_the_pipeline() {
     // (facts, expected status, expected reason, manual_review_eligible)
     let cases = [
         (json!({}), "preregistered", None, false),
-        (json!({"associated_with_partner": true}), "rejected", Some("associated_with_partner"), false),
-        (json!({"site": "cn"}), "rejected", Some("registered_cn_site"), false),
-        (json!({"has_contract": true}), "rejected", Some("has_contract"), false),
-        (json!({"has_cash_expenditure": true}), "rejected", Some("cash_expenditure_not_followed"), false),
-        (json!({"enterprise_master_unified_accounting": true}), "rejected", Some("enterprise_master_unified_accounting"), false),
-        (json!({"registered_at": old}), "rejected", Some("registered_over_7_days"), true),
-        (json!({"has_cash_expenditure": true, "followed_by_direct_sales": true}), "rejected", Some("registered_over_7_days"), true),
-        (json!({"country": "SG"}), "rejected", Some("country_mismatch"), true),
-        (json!({"online_sales_team": true}), "rejected", Some("online_sales_team"), true),
+        (
+            json!({"associated_with_partner": true}),
+            "rejected",
+            Some("associated_with_partner"),
+            false,
+        ),
+        (
+            json!({"site": "cn"}),
+            "rejected",
+            Some("registered_cn_site"),
+            false,
+        ),
+        (
+            json!({"has_contract": true}),
+            "rejected",
+            Some("has_contract"),
+            false,
+        ),
+        (
+            json!({"has_cash_expenditure": true}),
+            "rejected",
+            Some("cash_expenditure_not_followed"),
+            false,
+        ),
+        (
+            json!({"enterprise_master_unified_accounting": true}),
+            "rejected",
+            Some("enterprise_master_unified_accounting"),
+            false,
+        ),
+        (
+            json!({"registered_at": old}),
+            "rejected",
+            Some("registered_over_7_days"),
+            true,
+        ),
+        (
+            json!({"has_cash_expenditure": true, "followed_by_direct_sales": true}),
+            "rejected",
+            Some("registered_over_7_days"),
+            true,
+        ),
+        (
+            json!({"country": "SG"}),
+            "rejected",
+            Some("country_mismatch"),
+            true,
+        ),
+        (
+            json!({"online_sales_team": true}),
+            "rejected",
+            Some("online_sales_team"),
+            true,
+        ),
         // Order: a blocking rule beats a reviewable one.
-        (json!({"has_contract": true, "online_sales_team": true, "country": "SG"}), "rejected", Some("has_contract"), false),
-        (json!({"registered_at": old, "country": "SG", "online_sales_team": true}), "rejected", Some("registered_over_7_days"), true),
+        (
+            json!({"has_contract": true, "online_sales_team": true, "country": "SG"}),
+            "rejected",
+            Some("has_contract"),
+            false,
+        ),
+        (
+            json!({"registered_at": old, "country": "SG", "online_sales_team": true}),
+            "rejected",
+            Some("registered_over_7_days"),
+            true,
+        ),
     ];
     for (i, (facts, status, reason, reviewable)) in cases.iter().enumerate() {
         let email = format!("rule{i}@customer.example");
@@ -78,12 +144,19 @@ async fn each_eligibility_rule_through_the_pipeline() {
         }
     }
     // Another partner's active claim beats every account fact.
-    let id = app.prereg(&other, "rule0@customer.example", "+8613900000000").await;
+    let id = app
+        .prereg(&other, "rule0@customer.example", "+8613900000000")
+        .await;
     let v = app.decided(&other, id).await;
     assert_eq!(v["reason"]["code"], "preregistered_by_other_partner");
     // Matching by mobile alone names the same customer.
-    let id = app.prereg(&other, "someone-else@customer.example", "+8613900000000").await;
-    assert_eq!(app.decided(&other, id).await["reason"]["code"], "preregistered_by_other_partner");
+    let id = app
+        .prereg(&other, "someone-else@customer.example", "+8613900000000")
+        .await;
+    assert_eq!(
+        app.decided(&other, id).await["reason"]["code"],
+        "preregistered_by_other_partner"
+    );
     app.cleanup().await;
 }
 
@@ -94,7 +167,14 @@ async fn the_101st_claim_exceeds_the_quota() {
     let p = app.create_partner(json!({})).await;
     let mut ids = Vec::new();
     for i in 0..100 {
-        ids.push(app.prereg(&p, &format!("q{i}@quota.example"), &format!("+861370000{i:04}")).await);
+        ids.push(
+            app.prereg(
+                &p,
+                &format!("q{i}@quota.example"),
+                &format!("+861370000{i:04}"),
+            )
+            .await,
+        );
     }
     for id in &ids {
         assert_eq!(app.decided(&p, *id).await["status"], "preregistered");
@@ -105,7 +185,14 @@ async fn the_101st_claim_exceeds_the_quota() {
     assert_eq!(v["reason"]["code"], "quota_exceeded");
     assert_eq!(v["manual_review_eligible"], false);
     // Deleting one frees a place.
-    let (s, _) = app.request(reqwest::Method::DELETE, &format!("/v1/preregistrations/{}", ids[0]), Some(&p.key), None).await;
+    let (s, _) = app
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/v1/preregistrations/{}", ids[0]),
+            Some(&p.key),
+            None,
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
     let id = app.prereg(&p, "q101@quota.example", "+8613700000101").await;
     assert_eq!(app.decided(&p, id).await["status"], "preregistered");
@@ -125,16 +212,34 @@ async fn field_errors_are_all_named() {
         .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(v["error"]["code"], "validation_failed");
-    let mut fields: Vec<&str> = v["error"]["details"]["fields"].as_array().unwrap().iter().map(|f| f["field"].as_str().unwrap()).collect();
+    let mut fields: Vec<&str> = v["error"]["details"]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["field"].as_str().unwrap())
+        .collect();
     fields.sort();
-    assert_eq!(fields, ["association_type", "email", "full_name", "mobile", "tags"]);
+    assert_eq!(
+        fields,
+        ["association_type", "email", "full_name", "mobile", "tags"]
+    );
     // Not JSON at all.
-    let resp = app.http.post(format!("{}/v1/preregistrations", app.addr)).bearer_auth(&p.key).body("{oops").send().await.unwrap();
+    let resp = app
+        .http
+        .post(format!("{}/v1/preregistrations", app.addr))
+        .bearer_auth(&p.key)
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "invalid_json");
     // Nothing was stored.
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM preregistrations").fetch_one(app.db()).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM preregistrations")
+        .fetch_one(app.db())
+        .await
+        .unwrap();
     assert_eq!(n, 0);
     app.cleanup().await;
 }
@@ -144,43 +249,99 @@ async fn partners_are_isolated_and_roles_enforced() {
     let app = spawn_app().await;
     let a = app.create_partner(json!({})).await;
     let b = app.create_partner(json!({"name": "B"})).await;
-    let id = app.prereg(&a, "iso@customer.example", "+8613600000001").await;
+    let id = app
+        .prereg(&a, "iso@customer.example", "+8613600000001")
+        .await;
     app.decided(&a, id).await;
     // No key, unknown key: 401.
-    let (s, v) = app.request(reqwest::Method::GET, &format!("/v1/preregistrations/{id}"), None, None).await;
+    let (s, v) = app
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/preregistrations/{id}"),
+            None,
+            None,
+        )
+        .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(v["error"]["code"], "unauthorized");
-    let (s, _) = app.get(&format!("/v1/preregistrations/{id}"), "prereg_pk_forged").await;
+    let (s, _) = app
+        .get(&format!("/v1/preregistrations/{id}"), "prereg_pk_forged")
+        .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     // Another partner's resource: 404, also for its timeline, review and delete.
-    for path in [format!("/v1/preregistrations/{id}"), format!("/v1/preregistrations/{id}/timeline")] {
+    for path in [
+        format!("/v1/preregistrations/{id}"),
+        format!("/v1/preregistrations/{id}/timeline"),
+    ] {
         let (s, _) = app.get(&path, &b.key).await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{path}");
     }
-    let (s, _) = app.post(&format!("/v1/preregistrations/{id}/review"), &b.key, json!({"justification": "x"})).await;
+    let (s, _) = app
+        .post(
+            &format!("/v1/preregistrations/{id}/review"),
+            &b.key,
+            json!({"justification": "x"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, _) = app.request(reqwest::Method::DELETE, &format!("/v1/preregistrations/{id}"), Some(&b.key), None).await;
+    let (s, _) = app
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/v1/preregistrations/{id}"),
+            Some(&b.key),
+            None,
+        )
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (_, list) = app.get("/v1/preregistrations", &b.key).await;
     assert_eq!(list["items"].as_array().unwrap().len(), 0);
     // A partner key on operator paths: 403; the operator on partner paths: 403.
-    let (s, v) = app.post("/v1/admin/partners", &a.key, json!({"name": "x", "country": "CN"})).await;
+    let (s, v) = app
+        .post(
+            "/v1/admin/partners",
+            &a.key,
+            json!({"name": "x", "country": "CN"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     assert_eq!(v["error"]["code"], "wrong_role");
     let (s, _) = app.get("/v1/preregistrations", OPERATOR).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     // Permission and contact checks answer at once, nothing queued.
-    let no_cd = app.create_partner(json!({"customer_development": false})).await;
-    let (s, v) = app.post("/v1/preregistrations", &no_cd.key, json!({"full_name": "A", "email": "a@b.co", "mobile": "+8613600000002"})).await;
+    let no_cd = app
+        .create_partner(json!({"customer_development": false}))
+        .await;
+    let (s, v) = app
+        .post(
+            "/v1/preregistrations",
+            &no_cd.key,
+            json!({"full_name": "A", "email": "a@b.co", "mobile": "+8613600000002"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     assert_eq!(v["error"]["code"], "customer_development_disabled");
-    assert!(v["error"]["message"].as_str().unwrap().contains("ecosystem manager"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("ecosystem manager"));
     let no_contact = app.create_partner(json!({"contact_email": null})).await;
-    let (s, v) = app.post("/v1/preregistrations", &no_contact.key, json!({"full_name": "A", "email": "a@b.co", "mobile": "+8613600000002"})).await;
+    let (s, v) = app
+        .post(
+            "/v1/preregistrations",
+            &no_contact.key,
+            json!({"full_name": "A", "email": "a@b.co", "mobile": "+8613600000002"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(v["error"]["code"], "partner_contact_missing");
     // Key rotation: the old key stops working.
-    let (s, v) = app.post(&format!("/v1/admin/partners/{}/keys", a.id), OPERATOR, json!({})).await;
+    let (s, v) = app
+        .post(
+            &format!("/v1/admin/partners/{}/keys", a.id),
+            OPERATOR,
+            json!({}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED);
     let new_key = v["api_key"].as_str().unwrap();
     let (s, _) = app.get("/v1/partner", new_key).await;
@@ -188,10 +349,12 @@ async fn partners_are_isolated_and_roles_enforced() {
     let (s, _) = app.get("/v1/partner", &a.key).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     // Keys are stored hashed only.
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE convert_from(key_hash, 'LATIN1') LIKE '%prereg_%'")
-        .fetch_one(app.db())
-        .await
-        .unwrap();
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM api_keys WHERE convert_from(key_hash, 'LATIN1') LIKE '%prereg_%'",
+    )
+    .fetch_one(app.db())
+    .await
+    .unwrap();
     assert_eq!(n, 0);
     app.cleanup().await;
 }
@@ -200,7 +363,8 @@ async fn partners_are_isolated_and_roles_enforced() {
 async fn idempotency_key_returns_the_first_answer() {
     let app = spawn_app().await;
     let p = app.create_partner(json!({})).await;
-    let body = json!({"full_name": "Li Si", "email": "li@customer.example", "mobile": "+8613500000001"});
+    let body =
+        json!({"full_name": "Li Si", "email": "li@customer.example", "mobile": "+8613500000001"});
     let send = |key: &'static str, body: serde_json::Value| {
         app.http
             .post(format!("{}/v1/preregistrations", app.addr))
@@ -219,10 +383,18 @@ async fn idempotency_key_returns_the_first_answer() {
     let v2: serde_json::Value = second.json().await.unwrap();
     assert_eq!(v1, v2);
     // Same key, other request: refused.
-    let third = send("k-1", json!({"full_name": "Other", "email": "o@customer.example", "mobile": "+8613500000002"})).await.unwrap();
+    let third = send(
+        "k-1",
+        json!({"full_name": "Other", "email": "o@customer.example", "mobile": "+8613500000002"}),
+    )
+    .await
+    .unwrap();
     assert_eq!(third.status(), StatusCode::UNPROCESSABLE_ENTITY);
     // Only one pre-registration exists.
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM preregistrations").fetch_one(app.db()).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM preregistrations")
+        .fetch_one(app.db())
+        .await
+        .unwrap();
     assert_eq!(n, 1);
     app.cleanup().await;
 }
@@ -243,11 +415,19 @@ async fn broker_down_answers_503_and_leaves_nothing() {
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "service_unavailable");
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM preregistrations").fetch_one(app.db()).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM preregistrations")
+        .fetch_one(app.db())
+        .await
+        .unwrap();
     assert_eq!(n, 0, "no half-done pre-registration");
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys").fetch_one(app.db()).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+        .fetch_one(app.db())
+        .await
+        .unwrap();
     assert_eq!(n, 0, "the key is free for a retry");
-    let (s, v) = app.request(reqwest::Method::GET, "/readyz", None, None).await;
+    let (s, v) = app
+        .request(reqwest::Method::GET, "/readyz", None, None)
+        .await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(v["checks"]["rabbitmq"]["ok"], false);
     assert_eq!(v["checks"]["postgres"]["ok"], true);
@@ -257,14 +437,20 @@ async fn broker_down_answers_503_and_leaves_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_readiness() {
     let app = spawn_app().await;
-    let (s, v) = app.request(reqwest::Method::GET, "/healthz", None, None).await;
+    let (s, v) = app
+        .request(reqwest::Method::GET, "/healthz", None, None)
+        .await;
     assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("ok")));
-    let (s, v) = app.request(reqwest::Method::GET, "/readyz", None, None).await;
+    let (s, v) = app
+        .request(reqwest::Method::GET, "/readyz", None, None)
+        .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     for check in ["postgres", "redis", "rabbitmq"] {
         assert_eq!(v["checks"][check]["ok"], true, "{check}");
     }
-    let (s, v) = app.request(reqwest::Method::GET, "/openapi.json", None, None).await;
+    let (s, v) = app
+        .request(reqwest::Method::GET, "/openapi.json", None, None)
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert!(v["openapi"].as_str().unwrap().starts_with("3."));
     app.cleanup().await;

@@ -1,0 +1,230 @@
+//! Races for one customer, with and without Redis; the locks themselves;
+//! SIGTERM in the middle of a load.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use prereg::{
+    locks::{LockError, Locks},
+    mq::Queue,
+};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::common::*;
+
+async fn race(app: &TestApp, partners: &[Partner]) {
+    // Everyone submits the same customer at the same moment.
+    let submits = partners
+        .iter()
+        .map(|p| app.prereg(p, "race@customer.example", "+8613300000001"));
+    let ids: Vec<Uuid> = join_all(submits).await;
+    let mut decided = Vec::new();
+    for (p, id) in partners.iter().zip(&ids) {
+        decided.push(app.decided(p, *id).await);
+    }
+    let winners: Vec<_> = decided
+        .iter()
+        .filter(|v| v["status"] == "preregistered")
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one active claim");
+    let losers = decided
+        .iter()
+        .filter(|v| v["reason"]["code"] == "preregistered_by_other_partner")
+        .count();
+    assert_eq!(
+        losers,
+        partners.len() - 1,
+        "every other request names the other partner's claim"
+    );
+    let active: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM preregistrations WHERE email_norm = 'race@customer.example'
+           AND status IN ('preregistered', 'invited', 'association_failed', 'associated')",
+    )
+    .fetch_one(app.db())
+    .await
+    .unwrap();
+    assert_eq!(active, 1);
+}
+
+async fn racing_app(redis: Option<&str>) -> (TestApp, Vec<Partner>) {
+    let redis = redis.map(str::to_string);
+    let r2 = redis.clone();
+    let mut app = spawn_with(move |c| {
+        if let Some(r) = r2 {
+            c.redis_url = r;
+        }
+    })
+    .await;
+    // Two more independent workers: three consumers on the registration queue.
+    for _ in 0..2 {
+        let r = redis.clone();
+        app.add_worker(move |c| {
+            if let Some(r) = r {
+                c.redis_url = r;
+            }
+        })
+        .await;
+    }
+    let mut partners = Vec::new();
+    for i in 0..50 {
+        partners.push(
+            app.create_partner(json!({"name": format!("Racer {i}")}))
+                .await,
+        );
+    }
+    (app, partners)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_partners_race_for_one_customer() {
+    let (app, partners) = racing_app(None).await;
+    race(&app, &partners).await;
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_partners_race_with_redis_unreachable() {
+    // Nothing listens on port 1: every lock attempt fails at once.
+    let (app, partners) = racing_app(Some("redis://127.0.0.1:1")).await;
+    assert!(app.ctx.locks.ping().await.is_err());
+    race(&app, &partners).await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn redis_locks_are_exclusive_ordered_and_owner_released() {
+    let prefix = format!("locktest-{}", Uuid::new_v4().simple());
+    let a = Locks::new(
+        &redis_url(),
+        &prefix,
+        Duration::from_secs(5),
+        Duration::from_millis(150),
+    );
+    let b = Locks::new(
+        &redis_url(),
+        &prefix,
+        Duration::from_secs(5),
+        Duration::from_millis(150),
+    );
+    let keys = ["mobile:+86".to_string(), "email:x@y.z".to_string()];
+    let g = a.acquire(&keys).await.expect("first owner");
+    // Any overlap is refused while held (in either key order).
+    let rev: Vec<String> = keys.iter().rev().cloned().collect();
+    assert!(matches!(b.acquire(&rev).await, Err(LockError::Busy)));
+    assert!(matches!(b.acquire(&keys[..1]).await, Err(LockError::Busy)));
+    // Other keys are free.
+    let other = b
+        .acquire(&["email:other@y.z".to_string()])
+        .await
+        .expect("independent key");
+    b.release(other).await;
+    a.release(g).await;
+    let g2 = b.acquire(&keys).await.expect("free after release");
+    b.release(g2).await;
+    // Expiry: a lock not released frees itself after its TTL.
+    let short = Locks::new(
+        &redis_url(),
+        &prefix,
+        Duration::from_millis(200),
+        Duration::from_millis(50),
+    );
+    let _forgotten = short.acquire(&keys).await.expect("taken");
+    assert!(matches!(b.acquire(&keys).await, Err(LockError::Busy)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let g3 = b.acquire(&keys).await.expect("expired");
+    // A late release by the old owner does not free the new owner's lock.
+    short.release(_forgotten).await;
+    assert!(matches!(a.acquire(&keys).await, Err(LockError::Busy)));
+    b.release(g3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_mid_load_loses_nothing() {
+    // The intake runs here; the registration worker is the real binary.
+    let mut app = spawn_roles(|_| {}, vec![Queue::Accounts]).await;
+    let spawn_worker = |app: &TestApp| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_prereg"))
+            .args(["worker", "--only", "registration"])
+            .env("PREREG_DATABASE_URL", &app.cfg.database_url)
+            .env("PREREG_AMQP_URL", &app.cfg.amqp_url)
+            .env("PREREG_REDIS_URL", &app.cfg.redis_url)
+            .env("PREREG_AMQP_PREFIX", &app.cfg.amqp_prefix)
+            .env("PREREG_RETRY_DELAYS", "100ms,200ms,400ms")
+            .env("PREREG_METRICS_ADDR", "127.0.0.1:0")
+            .env("PREREG_WORKER_CONCURRENCY", "4")
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("worker binary starts")
+    };
+    let mut child = spawn_worker(&app);
+    let partners = [
+        app.create_partner(json!({"name": "A"})).await,
+        app.create_partner(json!({"name": "B"})).await,
+    ];
+    const N: usize = 600;
+    let mut ids = Vec::with_capacity(N);
+    for chunk in (0..N).collect::<Vec<_>>().chunks(20) {
+        // Duplicates included: every 10th customer is submitted by both partners.
+        let batch = chunk.iter().map(|i| {
+            let p = &partners[i % 2];
+            let n = if i % 10 == 1 { i - 1 } else { *i };
+            app.prereg(
+                p,
+                Box::leak(format!("load{n}@customer.example").into_boxed_str()),
+                Box::leak(format!("+86132{n:08}").into_boxed_str()),
+            )
+        });
+        ids.extend(join_all(batch).await);
+    }
+    let db = app.db().clone();
+    let count_decided = || {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM preregistrations WHERE status <> 'queued'",
+            )
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        }
+    };
+    wait_until(Duration::from_secs(30), || async {
+        count_decided().await >= 50
+    })
+    .await;
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let at_signal = count_decided().await;
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .expect("worker exits");
+    assert!(status.success(), "graceful exit, got {status:?}");
+    assert!(
+        (at_signal as usize) < N,
+        "the signal came mid-load ({at_signal} of {N} decided)"
+    );
+    // A new worker picks up the rest.
+    app.add_worker(|_| {}).await;
+    wait_until(Duration::from_secs(60), || async {
+        count_decided().await as usize == N
+    })
+    .await;
+    let twice: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT preregistration_id FROM preregistration_events WHERE change = 'decided'
+           GROUP BY 1 HAVING count(*) <> 1) x",
+    )
+    .fetch_one(app.db())
+    .await
+    .unwrap();
+    assert_eq!(twice, 0, "every pre-registration decided exactly once");
+    let decided_events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM preregistration_events WHERE change = 'decided'")
+            .fetch_one(app.db())
+            .await
+            .unwrap();
+    assert_eq!(decided_events as usize, N);
+    app.cleanup().await;
+}
