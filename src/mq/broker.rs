@@ -222,6 +222,15 @@ impl Broker {
         Ok(())
     }
 
+    /// Closes the live connection as a broker restart would (for tests and
+    /// operators): every channel on it dies; publishers and consumers
+    /// reconnect on their own.
+    pub async fn drop_connection(&self) {
+        if let Some(l) = self.live.lock().await.take() {
+            let _ = l.conn.close(320, "dropped").await;
+        }
+    }
+
     pub async fn close(&self) {
         if let Some(l) = self.live.lock().await.take() {
             let _ = l.conn.close(200, "shutdown").await;

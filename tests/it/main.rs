@@ -3,4 +3,6 @@
 
 mod common;
 mod concurrency;
+mod lifecycle;
+mod messaging;
 mod pipeline;
