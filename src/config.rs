@@ -55,6 +55,12 @@ pub struct Config {
     pub outbox_interval: Duration,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    pub smtp_pool_size: u32,
+    pub smtp_timeout: Duration,
+    /// Invitation emails per partner per second (0 = no limit).
+    pub partner_email_rate: u32,
+    /// Key of the invitation link tokens (HMAC); keep it secret and stable.
+    pub link_secret: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +178,10 @@ impl Config {
             outbox_interval: dur("PREREG_OUTBOX_INTERVAL", "200ms")?,
             shutdown_grace: dur("PREREG_SHUTDOWN_GRACE", "25s")?,
             log_format,
+            smtp_pool_size: num("PREREG_SMTP_POOL_SIZE", "8")?.clamp(1, 256) as u32,
+            smtp_timeout: dur("PREREG_SMTP_TIMEOUT", "10s")?,
+            partner_email_rate: num("PREREG_PARTNER_EMAIL_RATE", "20")?.min(1_000_000) as u32,
+            link_secret: get("PREREG_LINK_SECRET", "dev-only-link-secret-change-me"),
         })
     }
 }

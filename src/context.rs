@@ -13,6 +13,7 @@ use crate::{
     config::{Config, ReviewSla},
     domain::workdays::{Calendar, CalendarEntry, DayKind, Deadline},
     locks::Locks,
+    mail::Mailer,
     mq::{Broker, Names},
 };
 
@@ -21,6 +22,7 @@ pub struct Ctx {
     pub db: PgPool,
     pub broker: Arc<Broker>,
     pub locks: Locks,
+    pub mailer: Mailer,
     calendar: RwLock<(Arc<Calendar>, Option<Instant>)>,
 }
 
@@ -37,11 +39,19 @@ impl Ctx {
             cfg.lock_ttl,
             cfg.lock_wait,
         );
+        let mailer = Mailer::new(
+            &cfg.smtp_url,
+            &cfg.mail_from,
+            cfg.smtp_pool_size,
+            cfg.smtp_timeout,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
         Ok(Arc::new(Self {
             cfg,
             db,
             broker,
             locks,
+            mailer,
             calendar: RwLock::new((Arc::new(Calendar::cn_2026()), None)),
         }))
     }

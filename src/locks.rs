@@ -168,6 +168,28 @@ impl Locks {
         }
     }
 
+    /// A fixed one-second window counter: whether one more event under `key`
+    /// stays within `per_second`. Redis being down allows (and says so).
+    pub async fn rate_allow(&self, key: &str, per_second: u32) -> Result<bool, LockError> {
+        let mut conn = self.connection().await?;
+        let window = chrono::Utc::now().timestamp();
+        let k = format!("{}:rate:{key}:{window}", self.prefix);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("INCR")
+            .arg(&k)
+            .cmd("EXPIRE")
+            .arg(&k)
+            .arg(2)
+            .ignore();
+        let call = pipe.query_async::<(u64,)>(&mut conn);
+        match tokio::time::timeout(self.op_timeout, call).await {
+            Ok(Ok((n,))) => Ok(n <= u64::from(per_second)),
+            Ok(Err(e)) => Err(LockError::Unavailable(e.to_string())),
+            Err(_) => Err(LockError::Unavailable("timeout".into())),
+        }
+    }
+
     pub async fn ping(&self) -> Result<(), LockError> {
         let mut conn = self.connection().await?;
         let cmd = redis::cmd("PING");

@@ -2,6 +2,8 @@
 //! runtime maps outcomes to ack, delayed retry or dead letter.
 
 pub mod accounts;
+pub mod association;
+pub mod email;
 pub mod registration;
 pub mod runtime;
 
@@ -70,6 +72,9 @@ pub async fn dispatch(ctx: &Ctx, ev: &CloudEvent) -> Result<Outcome, JobError> {
         "preregistration.requested" => registration::handle(ctx, payload(ev)?, ev).await,
         "review.requested" => registration::handle_review(ctx, payload(ev)?).await,
         "account.upserted" => accounts::handle(ctx, payload(ev)?).await,
+        "invitation.requested" => email::handle_invitation(ctx, payload(ev)?).await,
+        "email.requested" => email::handle_notice(ctx, payload(ev)?, ev).await,
+        "association.requested" => association::handle(ctx, payload(ev)?).await,
         other => Err(JobError::fatal(
             "unknown_type",
             format!("no handler for message type `{other}`"),
@@ -79,4 +84,19 @@ pub async fn dispatch(ctx: &Ctx, ev: &CloudEvent) -> Result<Outcome, JobError> {
 
 /// Called once when a job has used up its retries, before it is dead-lettered,
 /// so the handler can record the final failure.
-pub async fn exhausted(_ctx: &Ctx, _ev: &CloudEvent, _last_error: &str) {}
+pub async fn exhausted(ctx: &Ctx, ev: &CloudEvent, last_error: &str) {
+    let result = match ev.ty.as_str() {
+        "invitation.requested" => match payload::<email::InvitationJob>(ev) {
+            Ok(job) => email::fail_invitation(ctx, job.invitation_id, last_error).await,
+            Err(_) => Ok(()),
+        },
+        "association.requested" => match payload::<association::AssociationRequested>(ev) {
+            Ok(job) => association::give_up(ctx, job).await,
+            Err(_) => Ok(()),
+        },
+        _ => Ok(()),
+    };
+    if let Err(e) = result {
+        tracing::error!(error = %e, "could not record the final failure");
+    }
+}

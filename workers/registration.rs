@@ -154,6 +154,9 @@ async fn decide(ctx: &Ctx, id: Uuid) -> Result<Outcome, Failure> {
     let (change, event) = match decision {
         Decision::Preregistered => {
             let expires_at = now + ctx.claim_validity();
+            if p.send_invitation {
+                queue_invitation(ctx, &mut tx, &p, &partner, expires_at).await?;
+            }
             preregs::apply(
                 &mut tx,
                 &preregs::Change {
@@ -233,6 +236,52 @@ async fn decide(ctx: &Ctx, id: Uuid) -> Result<Outcome, Failure> {
     tx.commit().await?;
     metrics::counter!("prereg_decisions_total", "status" => change.0.as_str(), "reason" => change.1.map(|r| r.code()).unwrap_or("")).increment(1);
     Ok(Outcome::Done)
+}
+
+/// `send_invitation`: the first invitation goes out as soon as the claim is
+/// granted (its job is written to the outbox with the decision).
+async fn queue_invitation(
+    ctx: &Ctx,
+    conn: &mut PgConnection,
+    p: &preregs::Prereg,
+    partner: &store::partners::Partner,
+    claim_expires: chrono::DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let kind = p.association_type.as_deref().unwrap_or("reseller");
+    if kind == "referral" && !partner.referral {
+        tracing::warn!(preregistration_id = %p.id, "send_invitation with referral but no permission; not sent");
+        return Ok(());
+    }
+    let id = Uuid::now_v7();
+    let nonce = crate::links::new_nonce();
+    let token = crate::links::token(ctx.cfg.link_secret.as_bytes(), id, &nonce);
+    let validity = chrono::Duration::from_std(ctx.cfg.invitation_validity)
+        .unwrap_or(chrono::Duration::days(7));
+    store::invitations::insert(
+        conn,
+        &store::invitations::NewInvitation {
+            id,
+            preregistration_id: p.id,
+            partner_id: partner.id,
+            association_type: kind,
+            method: "email",
+            locale: p.locale.as_deref().unwrap_or(&partner.locale),
+            status: "queued",
+            nonce: &nonce,
+            token_hash: &crate::links::hash(&token),
+            code_hash: None,
+            link_expires_at: Some((Utc::now() + validity).min(claim_expires)),
+            request_id: p.request_id.as_deref(),
+        },
+    )
+    .await?;
+    let job = CloudEvent::with_id(
+        id.to_string(),
+        "invitation.requested",
+        json!({"invitation_id": id}),
+    )
+    .subject(p.id);
+    outbox::command(conn, &job).await
 }
 
 fn rejected_event(

@@ -53,6 +53,14 @@ impl Idem {
     }
 }
 
+impl Idem {
+    /// Stores the answer outside a command transaction (batch endpoints,
+    /// whose answer is known only after publishing).
+    pub async fn save(&self, conn: &mut PgConnection, answer: &Stored) -> Result<(), sqlx::Error> {
+        idempotency::save(conn, &self.principal, &self.key, &self.hash, answer).await
+    }
+}
+
 pub fn respond(s: &Stored) -> Response {
     let status = StatusCode::from_u16(s.status).unwrap_or(StatusCode::ACCEPTED);
     let mut resp = (status, Json(s.body.clone())).into_response();

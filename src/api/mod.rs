@@ -5,6 +5,7 @@ pub mod auth;
 pub mod command;
 pub mod error;
 pub mod health;
+pub mod invitations;
 #[cfg(test)]
 mod openapi_check;
 pub mod partner;
@@ -68,7 +69,21 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
             "/v1/preregistrations/{id}/review",
             post(partner::request_review),
         )
+        .route(
+            "/v1/preregistrations/{id}/offline-link",
+            post(invitations::offline_link),
+        )
+        .route(
+            "/v1/preregistrations/{id}/offline-link/qr.png",
+            get(invitations::offline_qr),
+        )
+        .route("/v1/invitations", post(invitations::invite))
+        .route("/v1/invitations/resend", post(invitations::resend))
+        .route("/v1/invitations/preview", get(invitations::preview))
+        .route("/v1/invitations/{id}", get(invitations::get_one))
         // upstream
+        .route("/v1/associations", post(invitations::submit_association))
+        .route("/v1/associations/{id}", get(invitations::get_association))
         .route(
             "/v1/accounts/{account_id}",
             put(upstream::put_account).get(upstream::get_account),

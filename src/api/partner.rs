@@ -350,7 +350,17 @@ pub async fn get_one(
 ) -> ApiResult<Json<Value>> {
     let p = owned(&st, &auth, &id).await?;
     let review = reviews::latest_for(&st.ctx.db, p.id).await?;
-    Ok(Json(views::prereg(&p, false, review.as_ref(), json!([]))))
+    let invitations: Vec<Value> = store::invitations::for_prereg(&st.ctx.db, p.id)
+        .await?
+        .iter()
+        .map(super::invitations::view)
+        .collect();
+    Ok(Json(views::prereg(
+        &p,
+        false,
+        review.as_ref(),
+        json!(invitations),
+    )))
 }
 
 pub async fn timeline(
@@ -465,6 +475,7 @@ async fn delete_in(
         ));
     }
     preregs::set_status(conn, id, Status::Deleted).await?;
+    store::invitations::end_all(conn, id, "expired").await?;
     store::record(
         conn,
         TimelineEntry {

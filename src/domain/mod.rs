@@ -1,5 +1,6 @@
 //! Domain rules: pure, no I/O, unit-tested.
 
+pub mod association;
 pub mod eligibility;
 pub mod facts;
 pub mod mask;

@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod idempotency;
+pub mod invitations;
 pub mod keys;
 pub mod outbox;
 pub mod partners;

@@ -3,6 +3,7 @@
 
 mod common;
 mod concurrency;
+mod invitations;
 mod lifecycle;
 mod messaging;
 mod pipeline;

@@ -40,6 +40,14 @@ async fn poison_messages_are_dead_lettered_with_their_reason_and_the_queue_moves
         json!({"id": id, "partner_id": p.id, "full_name": "Good Customer", "email": "good@customer.example", "mobile": "+8612900000001"}),
     );
     broker.publish_command(&good).await.unwrap();
+    // The worker creates the row from the upstream command.
+    wait_until(std::time::Duration::from_secs(10), || async {
+        prereg::store::preregs::get(app.db(), id)
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
     let v = app.decided(&p, id).await;
     assert_eq!(v["status"], "preregistered");
 

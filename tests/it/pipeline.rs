@@ -348,14 +348,17 @@ async fn partners_are_isolated_and_roles_enforced() {
     assert_eq!(s, StatusCode::OK);
     let (s, _) = app.get("/v1/partner", &a.key).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    // Keys are stored hashed only.
-    let n: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM api_keys WHERE convert_from(key_hash, 'LATIN1') LIKE '%prereg_%'",
-    )
-    .fetch_one(app.db())
-    .await
-    .unwrap();
-    assert_eq!(n, 0);
+    // Keys are stored hashed only: 32-byte SHA-256 values, none equal to a key.
+    let hashes: Vec<Vec<u8>> = sqlx::query_scalar("SELECT key_hash FROM api_keys")
+        .fetch_all(app.db())
+        .await
+        .unwrap();
+    assert!(hashes.len() >= 4);
+    for h in &hashes {
+        assert_eq!(h.len(), 32);
+        assert!(!h.windows(7).any(|w| w == b"prereg_"));
+    }
+    assert!(hashes.contains(&prereg::store::keys::hash_token(new_key)));
     app.cleanup().await;
 }
 

@@ -1,0 +1,589 @@
+//! Invitations (batch invite and resend, delivery state, preview), offline
+//! links with their QR code, and association attempts from upstream.
+
+use axum::{
+    body::Bytes,
+    extract::{Path, Query, State},
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    Extension, Json,
+};
+use chrono::{DateTime, Utc};
+use futures::future::join_all;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{
+    auth::{PartnerAuth, UpstreamAuth},
+    command::{self, Idem},
+    error::{ApiError, ApiResult},
+    json_body, parse_id,
+    partner::{parse_id_list, referral_not_permitted},
+    AppState, RequestId,
+};
+use crate::{
+    domain::{
+        association::Causes,
+        validate::{self, FieldError, Fields},
+        Status,
+    },
+    links, mail,
+    mq::CloudEvent,
+    store::{self, invitations, partners::Partner, preregs, TimelineEntry},
+    workers::email::InvitationJob,
+};
+
+pub fn view(i: &invitations::Invitation) -> Value {
+    json!({
+        "id": i.id,
+        "preregistration_id": i.preregistration_id,
+        "association_type": i.association_type,
+        "method": i.method,
+        "locale": i.locale,
+        "status": i.status,
+        "created_at": i.created_at,
+        "sent_at": i.sent_at,
+        "link_expires_at": i.link_expires_at,
+        "failure": i.failure,
+        "attempts": i.attempts,
+        "used_at": i.used_at,
+    })
+}
+
+fn invitable(s: Status) -> bool {
+    matches!(
+        s,
+        Status::Preregistered | Status::Invited | Status::AssociationFailed
+    )
+}
+
+/// Links expire after the invitation validity, never after the claim.
+fn link_expiry(st: &AppState, claim_expires: Option<DateTime<Utc>>) -> DateTime<Utc> {
+    let v = chrono::Duration::from_std(st.ctx.cfg.invitation_validity)
+        .unwrap_or(chrono::Duration::days(7));
+    let t = Utc::now() + v;
+    claim_expires.map_or(t, |c| t.min(c))
+}
+
+async fn partner_for(st: &AppState, auth: &PartnerAuth) -> ApiResult<Partner> {
+    let p = store::partners::get(&st.ctx.db, auth.partner_id)
+        .await?
+        .ok_or_else(ApiError::unauthorized)?;
+    if !p.customer_development {
+        return Err(ApiError::forbidden(
+            "customer_development_disabled",
+            "Your partner account does not have the customer-development permission. Contact your ecosystem manager.",
+        ));
+    }
+    Ok(p)
+}
+
+fn item_error(id: Uuid, code: &str, message: &str) -> Value {
+    json!({"preregistration_id": id, "status": "error", "error": {"code": code, "message": message}})
+}
+
+/// Creates one queued email invitation per item and publishes its job.
+async fn send_batch(
+    st: &AppState,
+    auth: &PartnerAuth,
+    rid: &RequestId,
+    items: Vec<(Uuid, Option<(String, String)>)>,
+    idem: Option<Idem>,
+) -> ApiResult<Response> {
+    let partner = partner_for(st, auth).await?;
+    let mut tx = st.ctx.db.begin().await?;
+    if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
+        return Ok(r);
+    }
+    let mut results: Vec<Value> = Vec::with_capacity(items.len());
+    let mut jobs: Vec<(usize, Uuid, CloudEvent)> = Vec::new();
+    for (id, choice) in items {
+        let p = match preregs::get(&mut *tx, id).await? {
+            Some(p) if p.partner_id == partner.id => p,
+            _ => {
+                results.push(item_error(id, "not_found", "pre-registration not found"));
+                continue;
+            }
+        };
+        if !invitable(p.status()) {
+            results.push(item_error(
+                id,
+                "not_invitable",
+                &format!("a pre-registration that is {} cannot be invited", p.status),
+            ));
+            continue;
+        }
+        let (kind, locale) = match choice {
+            Some(c) => c,
+            None => {
+                // Resend: as the latest invitation, or the partner's defaults.
+                let last = invitations::for_prereg(&mut *tx, id)
+                    .await?
+                    .into_iter()
+                    .next();
+                match last {
+                    Some(l) => (l.association_type, l.locale),
+                    None => ("reseller".to_string(), partner.locale.clone()),
+                }
+            }
+        };
+        if kind == "referral" && !partner.referral {
+            results.push(item_error(
+                id,
+                "referral_not_permitted",
+                "your partner account does not have the referral permission",
+            ));
+            continue;
+        }
+        let inv_id = Uuid::now_v7();
+        let nonce = links::new_nonce();
+        let token = links::token(st.ctx.cfg.link_secret.as_bytes(), inv_id, &nonce);
+        invitations::insert(
+            &mut tx,
+            &invitations::NewInvitation {
+                id: inv_id,
+                preregistration_id: id,
+                partner_id: partner.id,
+                association_type: &kind,
+                method: "email",
+                locale: &locale,
+                status: "queued",
+                nonce: &nonce,
+                token_hash: &links::hash(&token),
+                code_hash: None,
+                link_expires_at: Some(link_expiry(st, p.expires_at)),
+                request_id: Some(&rid.0),
+            },
+        )
+        .await?;
+        let job = CloudEvent::with_id(
+            inv_id.to_string(),
+            "invitation.requested",
+            serde_json::to_value(InvitationJob {
+                invitation_id: inv_id,
+            })
+            .unwrap_or_default(),
+        )
+        .subject(id)
+        .correlation(Some(rid.0.clone()));
+        jobs.push((results.len(), inv_id, job));
+        results
+            .push(json!({"preregistration_id": id, "status": "queued", "invitation_id": inv_id}));
+    }
+    tx.commit().await?;
+    // Each job must be confirmed by the broker; those that are not are undone.
+    let outcomes = join_all(
+        jobs.iter()
+            .map(|(_, _, job)| st.ctx.broker.publish_command(job)),
+    )
+    .await;
+    let mut failed = 0;
+    for ((slot, inv_id, _), outcome) in jobs.iter().zip(outcomes) {
+        if let Err(e) = outcome {
+            tracing::error!(error = %e, "invitation job not accepted by the broker");
+            sqlx::query("DELETE FROM invitations WHERE id = $1")
+                .bind(inv_id)
+                .execute(&st.ctx.db)
+                .await?;
+            let pid = results[*slot]["preregistration_id"].clone();
+            results[*slot] = json!({"preregistration_id": pid, "status": "error",
+                "error": {"code": "service_unavailable", "message": "the message broker is unavailable; try again"}});
+            failed += 1;
+        }
+    }
+    if failed > 0 && failed == jobs.len() {
+        return Err(ApiError::unavailable(
+            "the message broker is unavailable; nothing was done, try again",
+        ));
+    }
+    let answer = command::accepted(json!({"results": results}), None);
+    if let Some(i) = &idem {
+        let mut conn = st.ctx.db.acquire().await?;
+        let _ = i.save(&mut conn, &answer).await;
+    }
+    Ok(command::respond(&answer))
+}
+
+pub async fn invite(
+    State(st): State<AppState>,
+    auth: PartnerAuth,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let v = json_body(&body)?;
+    let ids = parse_id_list(&v, "preregistration_ids")?;
+    let mut f = Fields::new(&v);
+    let kind = f
+        .optional_enum("association_type", validate::ASSOCIATION_TYPES)
+        .unwrap_or("reseller");
+    let locale = f.optional_enum("locale", validate::LOCALES);
+    f.finish().map_err(ApiError::validation)?;
+    let partner = partner_for(&st, &auth).await?;
+    if kind == "referral" && !partner.referral {
+        return Err(referral_not_permitted());
+    }
+    let locale = locale.map(str::to_string).unwrap_or(partner.locale.clone());
+    let items = ids
+        .into_iter()
+        .map(|id| (id, Some((kind.to_string(), locale.clone()))))
+        .collect();
+    let idem = Idem::from_headers(
+        &headers,
+        auth.principal.label(),
+        "POST",
+        "/v1/invitations",
+        &body,
+    )?;
+    send_batch(&st, &auth, &rid, items, idem).await
+}
+
+pub async fn resend(
+    State(st): State<AppState>,
+    auth: PartnerAuth,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let v = json_body(&body)?;
+    let ids = parse_id_list(&v, "preregistration_ids")?;
+    let items = ids.into_iter().map(|id| (id, None)).collect();
+    let idem = Idem::from_headers(
+        &headers,
+        auth.principal.label(),
+        "POST",
+        "/v1/invitations/resend",
+        &body,
+    )?;
+    send_batch(&st, &auth, &rid, items, idem).await
+}
+
+pub async fn get_one(
+    State(st): State<AppState>,
+    auth: PartnerAuth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = parse_id(&id)?;
+    match invitations::get(&st.ctx.db, id).await? {
+        Some(i) if i.partner_id == auth.partner_id => Ok(Json(view(&i))),
+        _ => Err(ApiError::not_found("invitation")),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct PreviewQuery {
+    preregistration_id: Option<String>,
+    association_type: Option<String>,
+    locale: Option<String>,
+}
+
+/// Renders exactly what an invitation sent now would say; only the link's
+/// token is a placeholder (a real one exists once the invitation does).
+pub async fn preview(
+    State(st): State<AppState>,
+    auth: PartnerAuth,
+    Query(q): Query<PreviewQuery>,
+) -> ApiResult<Json<Value>> {
+    let mut errors = Vec::new();
+    let field = |f: &str, m: &str| FieldError {
+        field: f.into(),
+        code: "invalid",
+        message: m.into(),
+    };
+    let id = q
+        .preregistration_id
+        .as_deref()
+        .and_then(|s| Uuid::parse_str(s).ok());
+    if id.is_none() {
+        errors.push(field(
+            "preregistration_id",
+            "preregistration_id must be a UUID",
+        ));
+    }
+    let kind = q.association_type.as_deref().unwrap_or("reseller");
+    if !validate::ASSOCIATION_TYPES.contains(&kind) {
+        errors.push(field(
+            "association_type",
+            "association_type must be reseller or referral",
+        ));
+    }
+    if q.locale
+        .as_deref()
+        .is_some_and(|l| !validate::LOCALES.contains(&l))
+    {
+        errors.push(field("locale", "locale must be en or zh-CN"));
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    let partner = partner_for(&st, &auth).await?;
+    let p = match preregs::get(&st.ctx.db, id.unwrap_or_default()).await? {
+        Some(p) if p.partner_id == partner.id => p,
+        _ => return Err(ApiError::not_found("pre-registration")),
+    };
+    let locale = q.locale.unwrap_or(partner.locale.clone());
+    let link = links::link_url(&st.ctx.cfg.public_url, "PREVIEW-TOKEN");
+    let rendered = mail::render_invitation(&mail::InvitationVars {
+        locale: &locale,
+        customer_name: &p.full_name,
+        partner_name: &partner.name,
+        provider: &st.ctx.cfg.provider_name,
+        association_type: kind,
+        link: &link,
+        expires_at: Some(link_expiry(&st, p.expires_at)),
+        timezone: st.ctx.cfg.timezone,
+    })
+    .map_err(|e| {
+        tracing::error!(error = %e, "template failed");
+        ApiError::internal()
+    })?;
+    Ok(Json(serde_json::to_value(rendered).unwrap_or_default()))
+}
+
+/// An offline link and one-time code; earlier links of the claim stop working.
+pub async fn offline_link(
+    State(st): State<AppState>,
+    auth: PartnerAuth,
+    Extension(rid): Extension<RequestId>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    let kind = if body.is_empty() {
+        "reseller"
+    } else {
+        let v = json_body(&body)?;
+        let mut f = Fields::new(&v);
+        let k = f
+            .optional_enum("association_type", validate::ASSOCIATION_TYPES)
+            .unwrap_or("reseller");
+        f.finish().map_err(ApiError::validation)?;
+        k
+    };
+    let partner = partner_for(&st, &auth).await?;
+    if kind == "referral" && !partner.referral {
+        return Err(referral_not_permitted());
+    }
+    let mut tx = st.ctx.db.begin().await?;
+    let p = match preregs::get_for_update(&mut tx, id).await? {
+        Some(p) if p.partner_id == partner.id => p,
+        _ => return Err(ApiError::not_found("pre-registration")),
+    };
+    if !invitable(p.status()) {
+        return Err(ApiError::conflict(
+            "not_invitable",
+            format!("a pre-registration that is {} cannot be invited", p.status),
+        ));
+    }
+    let inv_id = Uuid::now_v7();
+    let nonce = links::new_nonce();
+    let token = links::token(st.ctx.cfg.link_secret.as_bytes(), inv_id, &nonce);
+    let code = links::new_code();
+    invitations::insert(
+        &mut tx,
+        &invitations::NewInvitation {
+            id: inv_id,
+            preregistration_id: id,
+            partner_id: partner.id,
+            association_type: kind,
+            method: "offline",
+            locale: &partner.locale,
+            status: "sent",
+            nonce: &nonce,
+            token_hash: &links::hash(&token),
+            code_hash: Some(&links::hash(&code)),
+            link_expires_at: None,
+            request_id: Some(&rid.0),
+        },
+    )
+    .await?;
+    sqlx::query("UPDATE invitations SET sent_at = now() WHERE id = $1")
+        .bind(inv_id)
+        .execute(&mut *tx)
+        .await?;
+    invitations::supersede_others(&mut tx, id, inv_id).await?;
+    if p.status() != Status::Invited {
+        preregs::set_status(&mut tx, id, Status::Invited).await?;
+    }
+    store::record(
+        &mut tx,
+        TimelineEntry {
+            preregistration_id: id,
+            actor: &auth.principal.label(),
+            change: "invited",
+            from_status: Some(&p.status),
+            to_status: Some("invited"),
+            reason: None,
+            details: Some(json!({"invitation_id": inv_id, "method": "offline"})),
+        },
+    )
+    .await?;
+    let ev = crate::workers::email::invitation_event(
+        "invitation.sent",
+        inv_id,
+        id,
+        json!({"method": "offline"}),
+    );
+    store::outbox::event(&mut tx, &ev).await?;
+    tx.commit().await?;
+    let url = links::link_url(&st.ctx.cfg.public_url, &token);
+    let body = json!({
+        "invitation_id": inv_id,
+        "preregistration_id": id,
+        "url": url,
+        "code": code,
+        "qr_url": format!("/v1/preregistrations/{id}/offline-link/qr.png"),
+        "link_expires_at": null,
+        "claim_expires_at": p.expires_at,
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// The QR code (PNG) of the pre-registration's live offline link.
+pub async fn offline_qr(
+    State(st): State<AppState>,
+    auth: PartnerAuth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    let p = match preregs::get(&st.ctx.db, id).await? {
+        Some(p) if p.partner_id == auth.partner_id => p,
+        _ => return Err(ApiError::not_found("pre-registration")),
+    };
+    let inv = invitations::for_prereg(&st.ctx.db, p.id)
+        .await?
+        .into_iter()
+        .find(|i| i.method == "offline" && i.status == "sent")
+        .ok_or_else(|| ApiError::not_found("live offline link"))?;
+    let token = links::token(st.ctx.cfg.link_secret.as_bytes(), inv.id, &inv.nonce);
+    let png = qr_png(&links::link_url(&st.ctx.cfg.public_url, &token)).map_err(|e| {
+        tracing::error!(error = %e, "qr rendering failed");
+        ApiError::internal()
+    })?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/png"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        png,
+    )
+        .into_response())
+}
+
+/// Renders `text` as a QR code PNG (8 px modules, 4-module quiet zone).
+pub fn qr_png(text: &str) -> Result<Vec<u8>, String> {
+    let code = qrcode::QrCode::new(text.as_bytes()).map_err(|e| e.to_string())?;
+    let modules = code.width();
+    let colors = code.to_colors();
+    const SCALE: usize = 8;
+    const QUIET: usize = 4;
+    let size = (modules + 2 * QUIET) * SCALE;
+    let mut pixels = vec![255u8; size * size];
+    for (i, c) in colors.iter().enumerate() {
+        if *c == qrcode::Color::Dark {
+            let (mx, my) = (i % modules + QUIET, i / modules + QUIET);
+            for y in my * SCALE..(my + 1) * SCALE {
+                pixels[y * size + mx * SCALE..y * size + (mx + 1) * SCALE].fill(0);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, size as u32, size as u32);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().map_err(|e| e.to_string())?;
+        w.write_image_data(&pixels).map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
+/// An association attempt from the account system: `{"token" | "code", "account_id"}`.
+pub async fn submit_association(
+    State(st): State<AppState>,
+    auth: UpstreamAuth,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let v = json_body(&body)?;
+    let mut f = Fields::new(&v);
+    let token = f.optional_str("token", 512);
+    let code = f.optional_str("code", 64);
+    let account_id = f.required_str("account_id", 128);
+    match (&token, &code) {
+        (None, None) => f.error(
+            "token",
+            "required",
+            "give the link's token or the offline code",
+        ),
+        (Some(_), Some(_)) => f.error("code", "invalid", "give either token or code, not both"),
+        _ => {}
+    }
+    f.finish().map_err(ApiError::validation)?;
+    let idem = Idem::from_headers(&headers, auth.0.label(), "POST", "/v1/associations", &body)?;
+    let mut tx = st.ctx.db.begin().await?;
+    if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
+        return Ok(r);
+    }
+    let id = Uuid::now_v7();
+    let token_hash = token.as_deref().map(links::hash);
+    let code_hash = code
+        .as_deref()
+        .map(|c| links::hash(&links::normalize_code(c)));
+    invitations::insert_attempt(
+        &mut tx,
+        id,
+        &account_id.unwrap_or_default(),
+        token_hash.as_deref(),
+        code_hash.as_deref(),
+    )
+    .await?;
+    let job = CloudEvent::with_id(
+        id.to_string(),
+        "association.requested",
+        json!({"attempt_id": id}),
+    )
+    .correlation(Some(rid.0.clone()));
+    let answer = command::accepted(
+        json!({"id": id, "status": "queued"}),
+        Some(format!("/v1/associations/{id}")),
+    );
+    command::accept(
+        &st,
+        tx,
+        idem.as_ref(),
+        answer,
+        &job,
+        Some((
+            "DELETE FROM association_attempts WHERE id = $1 AND status = 'queued'",
+            id,
+        )),
+    )
+    .await
+}
+
+pub async fn get_association(
+    State(st): State<AppState>,
+    _auth: UpstreamAuth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = parse_id(&id)?;
+    let a = invitations::get_attempt(&st.ctx.db, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("association attempt"))?;
+    let cause = a
+        .cause_code
+        .as_deref()
+        .and_then(|c| Causes::shipped().view(c, &st.ctx.cfg.provider_name));
+    Ok(Json(json!({
+        "id": a.id,
+        "status": a.status,
+        "cause": cause,
+        "account_id": a.account_id,
+        "invitation_id": a.invitation_id,
+        "created_at": a.created_at,
+        "decided_at": a.decided_at,
+    })))
+}

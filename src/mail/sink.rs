@@ -1,0 +1,1024 @@
+//! A small, real SMTP server used as an email sink by the tests and by the
+//! local benchmark: an RFC 5321 subset over plain TCP (no TLS, no AUTH).
+//!
+//! It speaks enough ESMTP for a real client (lettre, with or without its
+//! connection pool): `EHLO`/`HELO`, `MAIL`, `RCPT`, `DATA` (with
+//! dot-unstuffing), `RSET`, `NOOP` and `QUIT`, with `PIPELINING` advertised.
+//! Accepted messages are kept in memory (or only counted, in benchmark mode),
+//! and replies to `MAIL`, `RCPT` and the end of `DATA` can be scripted to
+//! exercise the sender's handling of transient and permanent failures.
+//!
+//! One tokio task serves each connection; a task never panics on what the
+//! network sends, and a client that vanishes mid-conversation is only logged
+//! (at debug level).
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+use tracing::{debug, warn};
+
+/// Largest message accepted, as advertised by `SIZE` (10 MiB).
+const MAX_MESSAGE: usize = 10 * 1024 * 1024;
+/// Longest command line (RFC 5321 asks for at least 512 octets).
+const MAX_COMMAND_LINE: usize = 4 * 1024;
+/// Longest line inside `DATA` (RFC 5321 asks for at least 1000 octets).
+const MAX_DATA_LINE: usize = 64 * 1024;
+/// Most recipients in one transaction (RFC 5321 asks for at least 100).
+const MAX_RECIPIENTS: usize = 1000;
+/// A connection silent this long is closed with a 421.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+const GREETING: &[u8] = b"220 sink ESMTP\r\n";
+const EHLO_REPLY: &[u8] = b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10485760\r\n";
+
+/// One message the sink accepted (answered 2xx after `DATA`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedMail {
+    /// The reverse path of `MAIL FROM:<…>`, without angle brackets (empty for `<>`).
+    pub from: String,
+    /// The accepted forward paths of `RCPT TO:<…>`, in order.
+    pub to: Vec<String>,
+    /// The raw message after `DATA`: headers and body, dot-unstuffed, line
+    /// ends kept as sent (CRLF), without the terminating `.` line. Bytes that
+    /// are not UTF-8 are replaced by U+FFFD.
+    pub data: String,
+}
+
+/// A scripted reply for the next MAIL / RCPT / DATA-end (consumed in order, across connections); when the script is empty every command succeeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The reply to the next `MAIL FROM`.
+    Mail,
+    /// The reply to the next `RCPT TO`.
+    Rcpt,
+    /// The reply after the next message's terminating `.`.
+    Data,
+}
+
+/// A running SMTP sink. Stops accepting (and closes idle connections) on
+/// [`SmtpSink::shutdown`] or when dropped.
+pub struct SmtpSink {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+}
+
+struct Shared {
+    /// Scripted replies, in the order they were queued; each stage takes the
+    /// first entry of its own kind.
+    script: Mutex<VecDeque<(Stage, u16, String)>>,
+    received: Mutex<Vec<ReceivedMail>>,
+    count: AtomicUsize,
+    keep: AtomicBool,
+    connections: AtomicUsize,
+    arrived: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn take_script(&self, stage: Stage) -> Option<(u16, String)> {
+        let mut script = lock(&self.script);
+        let i = script.iter().position(|(s, _, _)| *s == stage)?;
+        script.remove(i).map(|(_, code, text)| (code, text))
+    }
+
+    /// Records one accepted message and returns its sequence number.
+    fn accept(&self, mail: Option<ReceivedMail>) -> usize {
+        if let Some(mail) = mail {
+            lock(&self.received).push(mail);
+        }
+        let n = self.count.fetch_add(1, Ordering::SeqCst) + 1;
+        self.arrived.notify_waiters();
+        n
+    }
+}
+
+impl SmtpSink {
+    /// Starts a sink on `127.0.0.1` and a free port.
+    pub async fn start() -> io::Result<SmtpSink> {
+        Self::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await
+    }
+
+    /// Starts a sink on `addr` (port 0 picks a free one). Must be called
+    /// within a tokio runtime.
+    pub async fn start_on(addr: SocketAddr) -> io::Result<SmtpSink> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            script: Mutex::new(VecDeque::new()),
+            received: Mutex::new(Vec::new()),
+            count: AtomicUsize::new(0),
+            keep: AtomicBool::new(true),
+            connections: AtomicUsize::new(0),
+            arrived: Notify::new(),
+        });
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped));
+        debug!(%addr, "smtp sink listening");
+        Ok(SmtpSink { addr, shared, stop })
+    }
+
+    /// The address the sink listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `smtp://HOST:PORT` (plain SMTP, no TLS).
+    pub fn url(&self) -> String {
+        format!("smtp://{}", self.addr)
+    }
+
+    /// Queues one reply for the next command of `stage`, e.g.
+    /// `script(Stage::Data, 451, "4.3.0 try later")`: the next message is
+    /// refused with that reply, and the one after it is accepted. Entries are
+    /// consumed in order, across connections.
+    ///
+    /// A 4xx/5xx on `Mail` refuses the transaction, on `Rcpt` that recipient
+    /// (a transaction left without recipients gets 554 on `DATA`), on `Data`
+    /// the message, which is then neither stored nor counted. A scripted 2xx
+    /// succeeds with the scripted text (on `Data`, the message is accepted).
+    ///
+    /// # Panics
+    /// If `code` is not in `200..=599` (a bug in the calling test).
+    pub fn script(&self, stage: Stage, code: u16, text: &str) {
+        assert!(
+            (200..=599).contains(&code),
+            "scripted SMTP reply code must be 200..=599, got {code}"
+        );
+        let text = text.replace(['\r', '\n'], " ");
+        lock(&self.shared.script).push_back((stage, code, text));
+    }
+
+    /// The messages accepted so far (empty while `keep_messages(false)`).
+    pub fn received(&self) -> Vec<ReceivedMail> {
+        lock(&self.shared.received).clone()
+    }
+
+    /// How many messages were accepted so far, stored or not.
+    pub fn count(&self) -> usize {
+        self.shared.count.load(Ordering::SeqCst)
+    }
+
+    /// `false` (benchmark mode): only count accepted messages, don't store
+    /// them. Default: `true`.
+    pub fn keep_messages(&self, keep: bool) {
+        self.shared.keep.store(keep, Ordering::SeqCst);
+    }
+
+    /// Waits until at least `n` messages were accepted (by [`count`]), or
+    /// until `timeout`, then returns [`received`] as it is.
+    ///
+    /// [`count`]: SmtpSink::count
+    /// [`received`]: SmtpSink::received
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<ReceivedMail> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let arrived = self.shared.arrived.notified();
+            tokio::pin!(arrived);
+            // Register before checking, so no notification can slip between.
+            arrived.as_mut().enable();
+            if self.count() >= n {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                break;
+            }
+        }
+        self.received()
+    }
+
+    /// How many TCP connections were accepted in total.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting connections; open connections get `421` and are
+    /// closed when they next wait for a command. Idempotent; also on drop.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl std::fmt::Debug for SmtpSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpSink")
+            .field("addr", &self.addr)
+            .field("count", &self.count())
+            .field("connections", &self.connections())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resolves once the sink is shut down (or its handle is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // An error means the sender was dropped: that is a shutdown too.
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = stopped(&mut stop) => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                shared.connections.fetch_add(1, Ordering::SeqCst);
+                let shared = Arc::clone(&shared);
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    match serve(stream, &shared, stop).await {
+                        Ok(()) => debug!(%peer, "smtp sink: connection closed"),
+                        Err(err) => debug!(%peer, error = %err, "smtp sink: connection lost"),
+                    }
+                });
+            }
+            Err(err) => {
+                // Out of descriptors and the like: back off, don't spin.
+                warn!(error = %err, "smtp sink: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    debug!("smtp sink: stopped accepting");
+}
+
+/// What one bounded line read produced.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// A whole line, its line end included, is in the buffer.
+    Full,
+    /// The line was longer than allowed; it was read and thrown away.
+    TooLong,
+    /// The peer closed the connection (a partial last line is dropped).
+    Eof,
+}
+
+/// Reads one `\n`-terminated line into `buf` (cleared first), never holding
+/// more than `max` bytes of it.
+async fn read_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<Line> {
+    buf.clear();
+    let mut too_long = false;
+    loop {
+        let available = r.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(Line::Eof);
+        }
+        let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (&available[..=i], true),
+            None => (available, false),
+        };
+        let used = chunk.len();
+        if !too_long {
+            if buf.len() + used > max {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(chunk);
+            }
+        }
+        r.consume(used);
+        if done {
+            return Ok(if too_long { Line::TooLong } else { Line::Full });
+        }
+    }
+}
+
+async fn reply<W: AsyncWrite + Unpin>(w: &mut W, code: u16, text: &str) -> io::Result<()> {
+    let line = if text.is_empty() {
+        format!("{code}\r\n")
+    } else {
+        format!("{code} {text}\r\n")
+    };
+    w.write_all(line.as_bytes()).await
+}
+
+/// Sends the buffered replies unless another complete command is already
+/// waiting (pipelining: answer a whole group at once).
+async fn flush_if_idle<R, W>(r: &BufReader<R>, w: &mut W) -> io::Result<()>
+where
+    R: tokio::io::AsyncRead,
+    W: AsyncWrite + Unpin,
+{
+    if !r.buffer().contains(&b'\n') {
+        w.flush().await?;
+    }
+    Ok(())
+}
+
+fn trim_line_end(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// Strips a case-insensitive `FROM:` / `TO:` prefix.
+fn strip_keyword<'a>(arg: &'a str, keyword: &str) -> Option<&'a str> {
+    let head = arg.get(..keyword.len())?;
+    head.eq_ignore_ascii_case(keyword)
+        .then(|| &arg[keyword.len()..])
+}
+
+/// Parses `<path> [params]` (a bare `path` is tolerated) into the address,
+/// without a source route, and the parameters.
+fn parse_path(rest: &str) -> Option<(String, &str)> {
+    let rest = rest.trim_start();
+    let (path, params) = if let Some(inner) = rest.strip_prefix('<') {
+        let end = inner.find('>')?;
+        (&inner[..end], &inner[end + 1..])
+    } else {
+        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        (&rest[..end], &rest[end..])
+    };
+    // Obsolete source route: <@a,@b:user@c>.
+    let path = match path.strip_prefix('@').and_then(|_| path.rfind(':')) {
+        Some(colon) => &path[colon + 1..],
+        None => path,
+    };
+    Some((path.to_string(), params))
+}
+
+/// The declared `SIZE=` of `MAIL FROM` parameters, if any.
+fn declared_size(params: &str) -> Option<u64> {
+    params.split_whitespace().find_map(|p| {
+        let value = strip_keyword(p, "SIZE=")?;
+        value.parse().ok()
+    })
+}
+
+#[derive(Debug, Default)]
+struct Transaction {
+    from: String,
+    to: Vec<String>,
+}
+
+/// Serves one connection until `QUIT`, disconnect, timeout or shutdown.
+async fn serve(
+    stream: TcpStream,
+    shared: &Shared,
+    mut stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let mut r = BufReader::with_capacity(16 * 1024, rd);
+    let mut w = BufWriter::with_capacity(16 * 1024, wr);
+    w.write_all(GREETING).await?;
+
+    let mut txn: Option<Transaction> = None;
+    let mut line = Vec::with_capacity(256);
+    loop {
+        flush_if_idle(&r, &mut w).await?;
+        let read = tokio::select! {
+            biased;
+            () = stopped(&mut stop) => {
+                reply(&mut w, 421, "4.3.2 sink shutting down").await?;
+                w.flush().await?;
+                return Ok(());
+            }
+            read = tokio::time::timeout(IDLE_TIMEOUT, read_line(&mut r, &mut line, MAX_COMMAND_LINE)) => read,
+        };
+        let Ok(read) = read else {
+            reply(&mut w, 421, "4.4.2 sink idle timeout").await?;
+            w.flush().await?;
+            return Ok(());
+        };
+        match read? {
+            Line::Full => {}
+            Line::TooLong => {
+                reply(&mut w, 500, "5.5.2 line too long").await?;
+                continue;
+            }
+            Line::Eof => {
+                debug!("smtp sink: client closed the connection without QUIT");
+                return Ok(());
+            }
+        }
+
+        let command = String::from_utf8_lossy(trim_line_end(&line));
+        let command = command.trim();
+        let (verb, arg) = match command.find(' ') {
+            Some(i) => (&command[..i], command[i + 1..].trim()),
+            None => (command, ""),
+        };
+        match verb.to_ascii_uppercase().as_str() {
+            "EHLO" | "HELO" if arg.is_empty() => {
+                reply(&mut w, 501, "5.5.4 domain name required").await?;
+            }
+            "EHLO" => {
+                txn = None;
+                w.write_all(EHLO_REPLY).await?;
+            }
+            "HELO" => {
+                txn = None;
+                reply(&mut w, 250, "sink").await?;
+            }
+            "MAIL" => {
+                let Some((from, params)) = strip_keyword(arg, "FROM:").and_then(parse_path) else {
+                    reply(&mut w, 501, "5.5.4 syntax: MAIL FROM:<address>").await?;
+                    continue;
+                };
+                if txn.is_some() {
+                    // RFC 5321 would answer 503; a sink is lenient and
+                    // starts over instead.
+                    debug!("smtp sink: MAIL inside a transaction, resetting it");
+                }
+                txn = None;
+                if declared_size(params).is_some_and(|size| size > MAX_MESSAGE as u64) {
+                    reply(&mut w, 552, "5.3.4 message size exceeds fixed limit").await?;
+                    continue;
+                }
+                match shared.take_script(Stage::Mail) {
+                    Some((code, text)) => {
+                        if (200..300).contains(&code) {
+                            txn = Some(Transaction {
+                                from,
+                                to: Vec::new(),
+                            });
+                        }
+                        reply(&mut w, code, &text).await?;
+                    }
+                    None => {
+                        txn = Some(Transaction {
+                            from,
+                            to: Vec::new(),
+                        });
+                        reply(&mut w, 250, "2.1.0 OK").await?;
+                    }
+                }
+            }
+            "RCPT" => {
+                let Some(t) = txn.as_mut() else {
+                    reply(&mut w, 503, "5.5.1 need MAIL before RCPT").await?;
+                    continue;
+                };
+                let Some((to, _)) = strip_keyword(arg, "TO:")
+                    .and_then(parse_path)
+                    .filter(|(to, _)| !to.is_empty())
+                else {
+                    reply(&mut w, 501, "5.5.4 syntax: RCPT TO:<address>").await?;
+                    continue;
+                };
+                if t.to.len() >= MAX_RECIPIENTS {
+                    reply(&mut w, 452, "4.5.3 too many recipients").await?;
+                    continue;
+                }
+                match shared.take_script(Stage::Rcpt) {
+                    Some((code, text)) => {
+                        if (200..300).contains(&code) {
+                            t.to.push(to);
+                        }
+                        reply(&mut w, code, &text).await?;
+                    }
+                    None => {
+                        t.to.push(to);
+                        reply(&mut w, 250, "2.1.5 OK").await?;
+                    }
+                }
+            }
+            "DATA" => {
+                let Some(t) = txn.take() else {
+                    reply(&mut w, 503, "5.5.1 need MAIL before DATA").await?;
+                    continue;
+                };
+                if t.to.is_empty() {
+                    reply(&mut w, 554, "5.5.1 no valid recipients").await?;
+                    txn = Some(t);
+                    continue;
+                }
+                reply(&mut w, 354, "end data with <CR><LF>.<CR><LF>").await?;
+                w.flush().await?;
+                let keep = shared.keep.load(Ordering::SeqCst);
+                let Some(body) = read_data(&mut r, &mut line, keep).await? else {
+                    debug!("smtp sink: client went away during DATA");
+                    return Ok(());
+                };
+                let Ok(body) = body else {
+                    reply(&mut w, 552, "5.3.4 message too big or line too long").await?;
+                    continue;
+                };
+                let mail = keep.then(|| ReceivedMail {
+                    from: t.from,
+                    to: t.to,
+                    data: String::from_utf8_lossy(&body).into_owned(),
+                });
+                match shared.take_script(Stage::Data) {
+                    Some((code, text)) => {
+                        if (200..300).contains(&code) {
+                            shared.accept(mail);
+                        }
+                        reply(&mut w, code, &text).await?;
+                    }
+                    None => {
+                        let n = shared.accept(mail);
+                        reply(&mut w, 250, &format!("2.0.0 queued as {n}")).await?;
+                    }
+                }
+            }
+            "RSET" => {
+                txn = None;
+                reply(&mut w, 250, "2.0.0 OK").await?;
+            }
+            "NOOP" => reply(&mut w, 250, "2.0.0 OK").await?,
+            "QUIT" => {
+                reply(&mut w, 221, "2.0.0 bye").await?;
+                w.flush().await?;
+                let _ = w.shutdown().await;
+                return Ok(());
+            }
+            _ => reply(&mut w, 500, "5.5.2 command not recognized").await?,
+        }
+    }
+}
+
+/// Reads a message up to its lone `.` line, undoing dot-stuffing.
+/// `None`: the peer closed or went silent; `Some(Err(()))`: too big (the
+/// rest was read and discarded); `Some(Ok(body))`, body empty unless `keep`.
+async fn read_data<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    line: &mut Vec<u8>,
+    keep: bool,
+) -> io::Result<Option<Result<Vec<u8>, ()>>> {
+    let mut body = Vec::new();
+    let mut size = 0usize;
+    let mut too_big = false;
+    loop {
+        let Ok(read) = tokio::time::timeout(IDLE_TIMEOUT, read_line(r, line, MAX_DATA_LINE)).await
+        else {
+            return Ok(None);
+        };
+        match read? {
+            Line::Eof => return Ok(None),
+            Line::TooLong => {
+                too_big = true;
+                body = Vec::new();
+                continue;
+            }
+            Line::Full => {}
+        }
+        if trim_line_end(line) == b"." {
+            break;
+        }
+        let content = line.strip_prefix(b".").unwrap_or(line);
+        size += content.len();
+        if size > MAX_MESSAGE && !too_big {
+            too_big = true;
+            body = Vec::new();
+        }
+        if keep && !too_big {
+            body.extend_from_slice(content);
+        }
+    }
+    Ok(Some(if too_big { Err(()) } else { Ok(body) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use lettre::message::Mailbox;
+    use lettre::transport::smtp::PoolConfig;
+    use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+    use tokio::io::AsyncReadExt;
+    use tokio::task::JoinSet;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn transport(sink: &SmtpSink) -> AsyncSmtpTransport<Tokio1Executor> {
+        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
+            .port(sink.addr().port())
+            .build()
+    }
+
+    fn message(to: &str, subject: &str, body: &str) -> Message {
+        let from: Mailbox = "Prereg <noreply@example.com>".parse().expect("from");
+        let to: Mailbox = to.parse().expect("to");
+        Message::builder()
+            .from(from)
+            .to(to)
+            .subject(subject)
+            .body(body.to_string())
+            .expect("message")
+    }
+
+    /// A raw client for what lettre won't do (pipelining, bad input).
+    struct Raw {
+        r: BufReader<tokio::net::tcp::OwnedReadHalf>,
+        w: tokio::net::tcp::OwnedWriteHalf,
+    }
+
+    impl Raw {
+        async fn connect(sink: &SmtpSink) -> Raw {
+            let stream = TcpStream::connect(sink.addr()).await.expect("connect");
+            let (r, w) = stream.into_split();
+            let mut raw = Raw {
+                r: BufReader::new(r),
+                w,
+            };
+            assert_eq!(raw.reply().await, "220 sink ESMTP");
+            raw
+        }
+
+        async fn send(&mut self, bytes: &str) {
+            self.w.write_all(bytes.as_bytes()).await.expect("write");
+        }
+
+        /// One (possibly multi-line) reply, lines joined by '\n'.
+        async fn reply(&mut self) -> String {
+            let mut lines = Vec::new();
+            loop {
+                let mut line = String::new();
+                let n = tokio::time::timeout(WAIT, self.r.read_line(&mut line))
+                    .await
+                    .expect("reply in time")
+                    .expect("read");
+                assert!(n > 0, "connection closed, got so far: {lines:?}");
+                let line = line.trim_end_matches(['\r', '\n']).to_string();
+                let last = line.as_bytes().get(3) != Some(&b'-');
+                lines.push(line);
+                if last {
+                    return lines.join("\n");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn one_message_arrives_with_envelope_and_body() {
+        let sink = SmtpSink::start().await.expect("start");
+        assert_eq!(
+            sink.url(),
+            format!("smtp://127.0.0.1:{}", sink.addr().port())
+        );
+        transport(&sink)
+            .send(message(
+                "Ann <ann@example.org>",
+                "Welcome",
+                "Hello Ann,\r\nsee you.\r\n",
+            ))
+            .await
+            .expect("send");
+        let got = sink.wait_for(1, WAIT).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(sink.count(), 1);
+        assert_eq!(got[0].from, "noreply@example.com");
+        assert_eq!(got[0].to, vec!["ann@example.org".to_string()]);
+        assert!(
+            got[0].data.contains("Subject: Welcome\r\n"),
+            "{}",
+            got[0].data
+        );
+        assert!(
+            got[0].data.contains("\r\n\r\nHello Ann,\r\nsee you.\r\n"),
+            "{}",
+            got[0].data
+        );
+        assert!(!got[0].data.ends_with("\r\n.\r\n"));
+    }
+
+    #[tokio::test]
+    async fn scripted_451_on_data_is_transient_then_next_succeeds() {
+        let sink = SmtpSink::start().await.expect("start");
+        sink.script(Stage::Data, 451, "4.3.0 try later");
+        let t = transport(&sink);
+        let err = t
+            .send(message("bob@example.org", "first", "try 1"))
+            .await
+            .expect_err("scripted 451");
+        assert!(err.is_transient(), "{err:?}");
+        assert!(err.to_string().contains("try later"), "{err}");
+        assert_eq!(sink.count(), 0);
+
+        t.send(message("bob@example.org", "second", "try 2"))
+            .await
+            .expect("second send");
+        let got = sink.wait_for(1, WAIT).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(sink.count(), 1);
+        assert!(got[0].data.contains("try 2"));
+    }
+
+    #[tokio::test]
+    async fn scripted_550_on_rcpt_is_permanent_with_its_text() {
+        let sink = SmtpSink::start().await.expect("start");
+        sink.script(Stage::Rcpt, 550, "5.1.1 no such user here");
+        let t = transport(&sink);
+        let err = t
+            .send(message("nobody@example.org", "hi", "x"))
+            .await
+            .expect_err("scripted 550");
+        assert!(err.is_permanent(), "{err:?}");
+        assert!(err.to_string().contains("no such user here"), "{err}");
+        assert_eq!(sink.count(), 0);
+        assert!(sink.received().is_empty());
+
+        // The script is used up: the next one goes through.
+        t.send(message("somebody@example.org", "hi", "y"))
+            .await
+            .expect("send");
+        assert_eq!(sink.wait_for(1, WAIT).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn scripted_mail_rejection_and_script_order() {
+        let sink = SmtpSink::start().await.expect("start");
+        sink.script(Stage::Mail, 421, "4.7.0 slow down");
+        sink.script(Stage::Mail, 553, "5.7.1 sender refused");
+        let t = transport(&sink);
+        let err = t
+            .send(message("a@example.org", "1", "1"))
+            .await
+            .expect_err("421");
+        assert!(err.is_transient(), "{err:?}");
+        let err = t
+            .send(message("a@example.org", "2", "2"))
+            .await
+            .expect_err("553");
+        assert!(err.is_permanent(), "{err:?}");
+        assert!(err.to_string().contains("sender refused"), "{err}");
+        t.send(message("a@example.org", "3", "3"))
+            .await
+            .expect("third");
+        assert_eq!(sink.wait_for(1, WAIT).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn two_hundred_messages_through_a_pool_of_eight() {
+        let sink = SmtpSink::start().await.expect("start");
+        let t = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
+            .port(sink.addr().port())
+            .pool_config(PoolConfig::new().max_size(8))
+            .build();
+        // lettre's max_size bounds the parked connections, not the ones in
+        // use, so keep 8 sends in flight (8 workers). A used connection goes
+        // back to the pool on a spawned task: yield so it is parked before
+        // the worker asks for the next one (this runtime is single-threaded).
+        let mut workers = JoinSet::new();
+        for worker in 0..8 {
+            let t = t.clone();
+            workers.spawn(async move {
+                for i in 0..25 {
+                    let n = worker * 25 + i;
+                    let to = format!("user{n}@example.org");
+                    t.send(message(&to, &format!("msg {n}"), &format!("body {n}")))
+                        .await
+                        .expect("send");
+                    tokio::task::yield_now().await;
+                }
+            });
+        }
+        while let Some(done) = workers.join_next().await {
+            done.expect("worker");
+        }
+        let got = sink.wait_for(200, WAIT).await;
+        assert_eq!(got.len(), 200);
+        assert_eq!(sink.count(), 200);
+        let mut subjects: Vec<usize> = got
+            .iter()
+            .map(|m| {
+                let line = m
+                    .data
+                    .lines()
+                    .find(|l| l.starts_with("Subject: msg "))
+                    .expect("subject");
+                line["Subject: msg ".len()..].parse().expect("number")
+            })
+            .collect();
+        subjects.sort_unstable();
+        assert_eq!(subjects, (0..200).collect::<Vec<_>>());
+        let connections = sink.connections();
+        assert!((1..=8).contains(&connections), "{connections} connections");
+    }
+
+    #[tokio::test]
+    async fn dot_stuffing_round_trip() {
+        let sink = SmtpSink::start().await.expect("start");
+        let body = "first\r\n.leading dot\r\n.\r\n..two dots\r\nlast\r\n";
+        transport(&sink)
+            .send(message("dot@example.org", "dots", body))
+            .await
+            .expect("send");
+        let got = sink.wait_for(1, WAIT).await;
+        assert_eq!(got.len(), 1);
+        // lettre always ends with "\r\n.\r\n", even after a final CRLF.
+        assert!(
+            got[0].data.contains(&format!("\r\n\r\n{body}")),
+            "{:?}",
+            got[0].data
+        );
+    }
+
+    #[tokio::test]
+    async fn pipelined_commands_in_one_packet() {
+        let sink = SmtpSink::start().await.expect("start");
+        let mut c = Raw::connect(&sink).await;
+        c.send("EHLO client\r\n").await;
+        assert_eq!(
+            c.reply().await,
+            "250-sink\n250-PIPELINING\n250-8BITMIME\n250 SIZE 10485760"
+        );
+        c.send("MAIL FROM:<a@x> BODY=8BITMIME\r\nRCPT TO:<b@y>\r\nrcpt to:<c@z>\r\nDATA\r\n")
+            .await;
+        assert!(c.reply().await.starts_with("250 "));
+        assert!(c.reply().await.starts_with("250 "));
+        assert!(c.reply().await.starts_with("250 "));
+        assert!(c.reply().await.starts_with("354 "));
+        c.send("Subject: s\r\n\r\n..x\r\n.\r\nNOOP\r\nMAIL FROM:<>\r\nRSET\r\nQUIT\r\n")
+            .await;
+        assert_eq!(c.reply().await, "250 2.0.0 queued as 1");
+        assert!(c.reply().await.starts_with("250 "));
+        assert!(c.reply().await.starts_with("250 "));
+        assert!(c.reply().await.starts_with("250 "));
+        assert!(c.reply().await.starts_with("221 "));
+        let mut rest = Vec::new();
+        c.r.read_to_end(&mut rest).await.expect("eof");
+        assert!(rest.is_empty());
+        assert_eq!(
+            sink.received(),
+            vec![ReceivedMail {
+                from: "a@x".into(),
+                to: vec!["b@y".into(), "c@z".into()],
+                data: "Subject: s\r\n\r\n.x\r\n".into(),
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_sequences_unknown_and_overlong_lines() {
+        let sink = SmtpSink::start().await.expect("start");
+        let mut c = Raw::connect(&sink).await;
+        c.send("HELO client\r\n").await;
+        assert_eq!(c.reply().await, "250 sink");
+        c.send("STARTTLS\r\n").await;
+        assert!(c.reply().await.starts_with("500 "));
+        c.send("RCPT TO:<b@y>\r\n").await;
+        assert!(c.reply().await.starts_with("503 "));
+        c.send("DATA\r\n").await;
+        assert!(c.reply().await.starts_with("503 "));
+        c.send("MAIL FROM:<a@x\r\n").await;
+        assert!(c.reply().await.starts_with("501 "));
+        c.send(&format!("NOOP {}\r\n", "x".repeat(3 * MAX_COMMAND_LINE)))
+            .await;
+        assert!(c.reply().await.starts_with("500 "));
+        c.send("MAIL FROM:<a@x> SIZE=999999999\r\n").await;
+        assert!(c.reply().await.starts_with("552 "));
+        c.send("MAIL FROM:<a@x>\r\nDATA\r\n").await;
+        assert!(c.reply().await.starts_with("250 "));
+        assert!(c.reply().await.starts_with("554 "));
+        c.send("RSET\r\nNOOP\r\n").await;
+        assert!(c.reply().await.starts_with("250 "));
+        assert!(c.reply().await.starts_with("250 "));
+        assert_eq!(sink.count(), 0);
+    }
+
+    #[tokio::test]
+    async fn abrupt_disconnects_do_not_hurt() {
+        let sink = SmtpSink::start().await.expect("start");
+        {
+            // Gone mid-DATA.
+            let mut c = Raw::connect(&sink).await;
+            c.send("EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n")
+                .await;
+            for _ in 0..4 {
+                c.reply().await;
+            }
+            c.send("Subject: half\r\n\r\npartial line without end")
+                .await;
+        }
+        {
+            // Gone mid-command, and right after connecting.
+            let mut c = Raw::connect(&sink).await;
+            c.send("MAIL FROM:<a").await;
+        }
+        drop(TcpStream::connect(sink.addr()).await.expect("connect"));
+        // The sink still serves.
+        transport(&sink)
+            .send(message("x@example.org", "after", "still here"))
+            .await
+            .expect("send");
+        let got = sink.wait_for(1, WAIT).await;
+        assert_eq!(got.len(), 1);
+        assert!(got[0].data.contains("still here"));
+        assert_eq!(sink.connections(), 4);
+    }
+
+    #[tokio::test]
+    async fn benchmark_mode_counts_without_storing() {
+        let sink = SmtpSink::start().await.expect("start");
+        sink.keep_messages(false);
+        let t = transport(&sink);
+        for i in 0..3 {
+            t.send(message("x@example.org", "b", &format!("n{i}")))
+                .await
+                .expect("send");
+        }
+        assert!(sink.wait_for(3, WAIT).await.is_empty());
+        assert_eq!(sink.count(), 3);
+        sink.keep_messages(true);
+        t.send(message("x@example.org", "b", "kept"))
+            .await
+            .expect("send");
+        assert_eq!(sink.wait_for(4, WAIT).await.len(), 1);
+        assert_eq!(sink.count(), 4);
+    }
+
+    #[tokio::test]
+    async fn wait_for_times_out_with_what_it_has() {
+        let sink = SmtpSink::start().await.expect("start");
+        let started = std::time::Instant::now();
+        let got = sink.wait_for(1, Duration::from_millis(100)).await;
+        assert!(got.is_empty());
+        assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_idle_connections_and_stops_accepting() {
+        let sink = SmtpSink::start().await.expect("start");
+        let addr = sink.addr();
+        let mut c = Raw::connect(&sink).await;
+        sink.shutdown();
+        assert!(c.reply().await.starts_with("421 "));
+        // The listener is gone once the accept loop has seen the signal.
+        let mut refused = false;
+        for _ in 0..100 {
+            if TcpStream::connect(addr).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(refused, "still accepting after shutdown");
+        drop(sink);
+    }
+
+    #[tokio::test]
+    async fn start_on_a_given_address() {
+        let sink = SmtpSink::start_on("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("start");
+        assert!(sink.addr().port() != 0);
+        let mut c = Raw::connect(&sink).await;
+        c.send("QUIT\r\n").await;
+        assert_eq!(c.reply().await, "221 2.0.0 bye");
+    }
+
+    #[tokio::test]
+    async fn read_line_is_bounded() {
+        let mut input: &[u8] = b"short\r\nthis one is far too long\r\nok\nno end";
+        let mut buf = Vec::new();
+        assert_eq!(
+            read_line(&mut input, &mut buf, 10).await.expect("r"),
+            Line::Full
+        );
+        assert_eq!(buf, b"short\r\n");
+        assert_eq!(
+            read_line(&mut input, &mut buf, 10).await.expect("r"),
+            Line::TooLong
+        );
+        assert_eq!(
+            read_line(&mut input, &mut buf, 10).await.expect("r"),
+            Line::Full
+        );
+        assert_eq!(buf, b"ok\n");
+        assert_eq!(
+            read_line(&mut input, &mut buf, 10).await.expect("r"),
+            Line::Eof
+        );
+    }
+
+    #[test]
+    fn paths_and_params() {
+        assert_eq!(
+            parse_path("<a@b> SIZE=10"),
+            Some(("a@b".into(), " SIZE=10"))
+        );
+        assert_eq!(parse_path("<>"), Some((String::new(), "")));
+        assert_eq!(parse_path("a@b"), Some(("a@b".into(), "")));
+        assert_eq!(parse_path("<@r1,@r2:u@d>"), Some(("u@d".into(), "")));
+        assert_eq!(parse_path("<a@b"), None);
+        assert_eq!(strip_keyword("from:<x>", "FROM:"), Some("<x>"));
+        assert_eq!(strip_keyword("FR", "FROM:"), None);
+        assert_eq!(strip_keyword("FRé:", "FROM:"), None);
+        assert_eq!(declared_size(" BODY=8BITMIME size=42"), Some(42));
+        assert_eq!(declared_size(" SIZE=x"), None);
+    }
+}

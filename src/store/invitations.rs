@@ -1,0 +1,257 @@
+//! Invitations (email and offline) and association attempts.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{FromRow, PgConnection, PgExecutor};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Invitation {
+    pub id: Uuid,
+    pub preregistration_id: Uuid,
+    pub partner_id: Uuid,
+    pub association_type: String,
+    pub method: String,
+    pub locale: String,
+    pub status: String,
+    pub nonce: Vec<u8>,
+    pub code_hash: Option<Vec<u8>>,
+    pub link_expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub activated_at: Option<DateTime<Utc>>,
+    pub sending_since: Option<DateTime<Utc>>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub attempts: i32,
+    pub failure: Option<String>,
+    pub used_at: Option<DateTime<Utc>>,
+}
+
+const COLUMNS: &str = "id, preregistration_id, partner_id, association_type, method, locale, status, nonce, code_hash,
+    link_expires_at, created_at, activated_at, sending_since, sent_at, attempts, failure, used_at";
+
+pub struct NewInvitation<'a> {
+    pub id: Uuid,
+    pub preregistration_id: Uuid,
+    pub partner_id: Uuid,
+    pub association_type: &'a str,
+    pub method: &'a str,
+    pub locale: &'a str,
+    pub status: &'a str,
+    pub nonce: &'a [u8],
+    pub token_hash: &'a [u8],
+    pub code_hash: Option<&'a [u8]>,
+    pub link_expires_at: Option<DateTime<Utc>>,
+    pub request_id: Option<&'a str>,
+}
+
+pub async fn insert(conn: &mut PgConnection, n: &NewInvitation<'_>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO invitations (id, preregistration_id, partner_id, association_type, method, locale, status, nonce,
+             token_hash, code_hash, link_expires_at, request_id, activated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, CASE WHEN $5 = 'offline' THEN now() END)",
+    )
+    .bind(n.id)
+    .bind(n.preregistration_id)
+    .bind(n.partner_id)
+    .bind(n.association_type)
+    .bind(n.method)
+    .bind(n.locale)
+    .bind(n.status)
+    .bind(n.nonce)
+    .bind(n.token_hash)
+    .bind(n.code_hash)
+    .bind(n.link_expires_at)
+    .bind(n.request_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Invitation>, sqlx::Error> {
+    sqlx::query_as::<_, Invitation>(&format!("SELECT {COLUMNS} FROM invitations WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn get_for_update(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<Invitation>, sqlx::Error> {
+    sqlx::query_as::<_, Invitation>(&format!(
+        "SELECT {COLUMNS} FROM invitations WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+}
+
+pub async fn by_token_hash_for_update(
+    conn: &mut PgConnection,
+    hash: &[u8],
+) -> Result<Option<Invitation>, sqlx::Error> {
+    sqlx::query_as::<_, Invitation>(&format!(
+        "SELECT {COLUMNS} FROM invitations WHERE token_hash = $1 FOR UPDATE"
+    ))
+    .bind(hash)
+    .fetch_optional(conn)
+    .await
+}
+
+pub async fn by_code_hash_for_update(
+    conn: &mut PgConnection,
+    hash: &[u8],
+) -> Result<Option<Invitation>, sqlx::Error> {
+    sqlx::query_as::<_, Invitation>(&format!(
+        "SELECT {COLUMNS} FROM invitations WHERE code_hash = $1 FOR UPDATE"
+    ))
+    .bind(hash)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Every invitation of a pre-registration, newest first.
+pub async fn for_prereg<'e>(
+    db: impl PgExecutor<'e>,
+    prereg_id: Uuid,
+) -> Result<Vec<Invitation>, sqlx::Error> {
+    sqlx::query_as::<_, Invitation>(&format!(
+        "SELECT {COLUMNS} FROM invitations WHERE preregistration_id = $1 ORDER BY created_at DESC, id DESC"
+    ))
+    .bind(prereg_id)
+    .fetch_all(db)
+    .await
+}
+
+/// Links of a pre-registration other than `keep` stop working. Returns the
+/// superseded ids.
+pub async fn supersede_others(
+    conn: &mut PgConnection,
+    prereg_id: Uuid,
+    keep: Uuid,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE invitations SET status = 'superseded', sending_since = NULL
+         WHERE preregistration_id = $1 AND id <> $2 AND status IN ('queued', 'sent') AND activated_at IS NOT NULL
+         RETURNING id",
+    )
+    .bind(prereg_id)
+    .bind(keep)
+    .fetch_all(conn)
+    .await
+}
+
+/// Ends every live link of a pre-registration (deletion, expiry).
+pub async fn end_all(
+    conn: &mut PgConnection,
+    prereg_id: Uuid,
+    status: &str,
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE invitations SET status = $2, sending_since = NULL WHERE preregistration_id = $1 AND status IN ('queued', 'sent')",
+    )
+    .bind(prereg_id)
+    .bind(status)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+pub async fn set_status(
+    conn: &mut PgConnection,
+    id: Uuid,
+    status: &str,
+    failure: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE invitations SET status = $2, failure = COALESCE($3, failure), sending_since = NULL,
+            sent_at = CASE WHEN $2 = 'sent' THEN now() ELSE sent_at END,
+            used_at = CASE WHEN $2 = 'accepted' THEN now() ELSE used_at END
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(status)
+    .bind(failure)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct Attempt {
+    pub id: Uuid,
+    pub account_id: String,
+    pub invitation_id: Option<Uuid>,
+    pub status: String,
+    pub cause_code: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub decided_at: Option<DateTime<Utc>>,
+    #[serde(skip)]
+    pub token_hash: Option<Vec<u8>>,
+    #[serde(skip)]
+    pub code_hash: Option<Vec<u8>>,
+}
+
+pub async fn insert_attempt(
+    conn: &mut PgConnection,
+    id: Uuid,
+    account_id: &str,
+    token_hash: Option<&[u8]>,
+    code_hash: Option<&[u8]>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO association_attempts (id, account_id, token_hash, code_hash, status) VALUES ($1, $2, $3, $4, 'queued')",
+    )
+    .bind(id)
+    .bind(account_id)
+    .bind(token_hash)
+    .bind(code_hash)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+const ATTEMPT_COLUMNS: &str = "id, account_id, invitation_id, status, cause_code, created_at, decided_at, token_hash, code_hash";
+
+pub async fn get_attempt<'e>(
+    db: impl PgExecutor<'e>,
+    id: Uuid,
+) -> Result<Option<Attempt>, sqlx::Error> {
+    sqlx::query_as::<_, Attempt>(&format!(
+        "SELECT {ATTEMPT_COLUMNS} FROM association_attempts WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+pub async fn get_attempt_for_update(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<Attempt>, sqlx::Error> {
+    sqlx::query_as::<_, Attempt>(&format!(
+        "SELECT {ATTEMPT_COLUMNS} FROM association_attempts WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+}
+
+pub async fn decide_attempt(
+    conn: &mut PgConnection,
+    id: Uuid,
+    invitation_id: Option<Uuid>,
+    cause: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE association_attempts SET status = CASE WHEN $3::text IS NULL THEN 'succeeded' ELSE 'failed' END,
+            cause_code = $3, invitation_id = COALESCE($2, invitation_id), decided_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(invitation_id)
+    .bind(cause)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,647 @@
+//! Invitations, email delivery through a real SMTP server, association.
+
+use std::time::Duration;
+
+use prereg::{
+    domain::association::Causes,
+    links,
+    mail::sink::{SmtpSink, Stage},
+    mq::{CloudEvent, Queue},
+    workers::runtime,
+};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::Row;
+use uuid::Uuid;
+
+use crate::common::*;
+
+struct Mail {
+    to: Vec<String>,
+    subject: String,
+    text: String,
+    html: String,
+}
+
+fn parse(m: &prereg::mail::sink::ReceivedMail) -> Mail {
+    let parsed = mailparse::parse_mail(m.data.as_bytes()).expect("a MIME message");
+    let subject = parsed
+        .headers
+        .iter()
+        .find(|h| h.get_key_ref().eq_ignore_ascii_case("subject"))
+        .map(|h| h.get_value())
+        .unwrap_or_default();
+    let mut text = String::new();
+    let mut html = String::new();
+    for part in &parsed.subparts {
+        let body = part.get_body().unwrap_or_default();
+        if part.ctype.mimetype == "text/plain" {
+            text = body;
+        } else if part.ctype.mimetype == "text/html" {
+            html = body;
+        }
+    }
+    Mail {
+        to: m.to.clone(),
+        subject,
+        text,
+        html,
+    }
+}
+
+async fn mail_app(sink: &SmtpSink, tweak: impl FnOnce(&mut prereg::Config)) -> TestApp {
+    let url = sink.url();
+    spawn_with(move |c| {
+        c.smtp_url = url;
+        c.public_url = "https://partners.example".into();
+        c.provider_name = "Example Cloud".into();
+        tweak(c);
+    })
+    .await
+}
+
+async fn claimed(app: &TestApp, p: &Partner, n: u32) -> Uuid {
+    let id = app
+        .prereg(
+            p,
+            &format!("cust{n}@customer.example"),
+            &format!("+8615000000{n:03}"),
+        )
+        .await;
+    assert_eq!(app.decided(p, id).await["status"], "preregistered");
+    id
+}
+
+async fn invite(app: &TestApp, p: &Partner, ids: &[Uuid], body: Value) -> Value {
+    let mut b = body;
+    b["preregistration_ids"] = json!(ids);
+    let (s, v) = app.post("/v1/invitations", &p.key, b).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    v
+}
+
+async fn invitation_state(app: &TestApp, p: &Partner, inv: &str, want: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..400 {
+        let (_, v) = app.get(&format!("/v1/invitations/{inv}"), &p.key).await;
+        if v["status"] == want {
+            return v;
+        }
+        last = v;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("invitation {inv} never became {want}: {last}");
+}
+
+/// The link token of an invitation, as the customer's email carries it.
+async fn token_of(app: &TestApp, inv: Uuid) -> String {
+    let nonce: Vec<u8> = sqlx::query_scalar("SELECT nonce FROM invitations WHERE id = $1")
+        .bind(inv)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+    links::token(app.cfg.link_secret.as_bytes(), inv, &nonce)
+}
+
+async fn associate(app: &TestApp, upstream: &str, body: Value) -> Value {
+    let (s, v) = app.post("/v1/associations", upstream, body).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    for _ in 0..400 {
+        let (_, v) = app.get(&format!("/v1/associations/{id}"), upstream).await;
+        if v["status"] != "queued" {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("association {id} never decided");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invitation_email_arrives_with_a_working_link_in_the_right_language() {
+    let sink = SmtpSink::start().await.unwrap();
+    let app = mail_app(&sink, |_| {}).await;
+    let upstream = app.upstream_key().await;
+    let p = app
+        .create_partner(json!({"name": "Acme Cloud", "contact_email": "sales@acme.example"}))
+        .await;
+    let id = claimed(&app, &p, 1).await;
+    // The preview renders what will be sent.
+    let (s, preview) = app
+        .get(
+            &format!("/v1/invitations/preview?preregistration_id={id}&locale=zh-CN"),
+            &p.key,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{preview}");
+    let v = invite(&app, &p, &[id], json!({"locale": "zh-CN"})).await;
+    assert_eq!(v["results"][0]["status"], "queued");
+    let inv = v["results"][0]["invitation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sent = invitation_state(&app, &p, &inv, "sent").await;
+    assert!(sent["sent_at"].is_string());
+    let mails = sink.wait_for(1, Duration::from_secs(10)).await;
+    let m = parse(&mails[0]);
+    assert_eq!(m.to, ["cust1@customer.example"]);
+    assert!(
+        m.subject.contains("Acme Cloud") && m.subject.contains("邀请"),
+        "{}",
+        m.subject
+    );
+    assert!(m.text.contains("经销模式"), "{}", m.text);
+    assert!(m.html.contains("lang=\"zh-CN\""));
+    assert_eq!(m.subject, preview["subject"]);
+    // Exactly the preview, but for the real token.
+    let token = token_of(&app, inv.parse().unwrap()).await;
+    let link = format!("https://partners.example/i/{token}");
+    assert!(m.text.contains(&link), "{}", m.text);
+    assert_eq!(
+        m.text.replace("\r\n", "\n").trim_end(),
+        preview["text"]
+            .as_str()
+            .unwrap()
+            .replace("PREVIEW-TOKEN", &token)
+            .trim_end()
+    );
+    // The pre-registration is invited, with the invitation listed.
+    let (_, pr) = app.get(&format!("/v1/preregistrations/{id}"), &p.key).await;
+    assert_eq!(pr["status"], "invited");
+    assert_eq!(pr["invitations"][0]["id"], inv);
+    // The customer opens the link and registers: associated.
+    app.account(
+        &upstream,
+        "acct-ok",
+        json!({"email": "CUST1@customer.example", "site": "intl", "country": "CN"}),
+    )
+    .await;
+    let a = associate(
+        &app,
+        &upstream,
+        json!({"token": token, "account_id": "acct-ok"}),
+    )
+    .await;
+    assert_eq!(a["status"], "succeeded", "{a}");
+    assert_eq!(a["cause"], Value::Null);
+    let (_, pr) = app.get(&format!("/v1/preregistrations/{id}"), &p.key).await;
+    assert_eq!(pr["status"], "associated");
+    // The partner is told by email.
+    let mails = sink.wait_for(2, Duration::from_secs(10)).await;
+    let note = parse(&mails[1]);
+    assert_eq!(note.to, ["sales@acme.example"]);
+    assert!(note.subject.contains("associated"), "{}", note.subject);
+    // The used link answers link_used.
+    let again = associate(
+        &app,
+        &upstream,
+        json!({"token": token, "account_id": "acct-ok"}),
+    )
+    .await;
+    assert_eq!(again["cause"]["code"], "link_used");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_451_then_250_sends_once_after_a_retry() {
+    let sink = SmtpSink::start().await.unwrap();
+    sink.script(Stage::Data, 451, "4.3.0 try again later");
+    let app = mail_app(&sink, |_| {}).await;
+    let p = app.create_partner(json!({})).await;
+    let id = claimed(&app, &p, 2).await;
+    let v = invite(&app, &p, &[id], json!({})).await;
+    let inv = v["results"][0]["invitation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sent = invitation_state(&app, &p, &inv, "sent").await;
+    assert_eq!(sent["attempts"], 2, "{sent}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.count(), 1, "one email, after one retry");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_550_fails_the_invitation_and_dead_letters_the_job() {
+    let sink = SmtpSink::start().await.unwrap();
+    sink.script(Stage::Rcpt, 550, "5.1.1 mailbox unavailable");
+    let app = mail_app(&sink, |_| {}).await;
+    let p = app.create_partner(json!({})).await;
+    let id = claimed(&app, &p, 3).await;
+    let v = invite(&app, &p, &[id], json!({})).await;
+    let inv = v["results"][0]["invitation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let failed = invitation_state(&app, &p, &inv, "failed").await;
+    assert!(
+        failed["failure"].as_str().unwrap().contains("550"),
+        "{failed}"
+    );
+    assert!(
+        failed["failure"]
+            .as_str()
+            .unwrap()
+            .contains("mailbox unavailable"),
+        "{failed}"
+    );
+    wait_until(Duration::from_secs(10), || async {
+        runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
+            .await
+            .unwrap()
+            .len()
+            == 1
+    })
+    .await;
+    let dead = runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
+        .await
+        .unwrap();
+    assert_eq!(dead[0].reason.as_deref(), Some("smtp_permanent"));
+    assert_eq!(sink.count(), 0);
+    // A failed invitation can be resent (the cause fixed).
+    let (s, v) = app
+        .post(
+            "/v1/invitations/resend",
+            &p.key,
+            json!({"preregistration_ids": [id]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    invitation_state(
+        &app,
+        &p,
+        v["results"][0]["invitation_id"].as_str().unwrap(),
+        "sent",
+    )
+    .await;
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_delivered_twice_sends_one_email() {
+    let sink = SmtpSink::start().await.unwrap();
+    let app = mail_app(&sink, |_| {}).await;
+    let p = app.create_partner(json!({})).await;
+    let id = claimed(&app, &p, 4).await;
+    let v = invite(&app, &p, &[id], json!({})).await;
+    let inv: Uuid = v["results"][0]["invitation_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    invitation_state(&app, &p, &inv.to_string(), "sent").await;
+    // The same job again, twice at once (a redelivery and a replay).
+    let job = CloudEvent::with_id(
+        inv.to_string(),
+        "invitation.requested",
+        json!({"invitation_id": inv}),
+    );
+    let (a, b) = tokio::join!(
+        app.ctx.broker.publish_command(&job),
+        app.ctx.broker.publish_command(&job)
+    );
+    a.unwrap();
+    b.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sink.count(), 1);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referral_needs_the_permission_and_batches_answer_per_item() {
+    let sink = SmtpSink::start().await.unwrap();
+    let app = mail_app(&sink, |_| {}).await;
+    let p = app.create_partner(json!({})).await;
+    let other = app.create_partner(json!({"name": "Other"})).await;
+    let id = claimed(&app, &p, 5).await;
+    let (s, v) = app
+        .post(
+            "/v1/invitations",
+            &p.key,
+            json!({"preregistration_ids": [id], "association_type": "referral"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(v["error"]["code"], "referral_not_permitted");
+    let not_mine = claimed(&app, &other, 6).await;
+    let rejected = app
+        .prereg(&p, "cust5@customer.example", "+8615000000005")
+        .await; // already_preregistered
+    app.decided(&p, rejected).await;
+    let v = invite(&app, &p, &[id, not_mine, rejected], json!({})).await;
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r[0]["status"], "queued");
+    assert_eq!(r[1]["error"]["code"], "not_found");
+    assert_eq!(r[2]["error"]["code"], "not_invitable");
+    let (s, _) = app
+        .post(
+            "/v1/invitations",
+            &p.key,
+            json!({"preregistration_ids": (0..101).map(|_| Uuid::now_v7()).collect::<Vec<_>>()}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_link_qr_and_one_time_code() {
+    let sink = SmtpSink::start().await.unwrap();
+    let app = mail_app(&sink, |_| {}).await;
+    let upstream = app.upstream_key().await;
+    let p = app.create_partner(json!({})).await;
+    let id = claimed(&app, &p, 7).await;
+    let (s, v) = app
+        .post(
+            &format!("/v1/preregistrations/{id}/offline-link"),
+            &p.key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert!(v["url"]
+        .as_str()
+        .unwrap()
+        .starts_with("https://partners.example/i/"));
+    assert_eq!(v["link_expires_at"], Value::Null);
+    let code = v["code"].as_str().unwrap().to_string();
+    let resp = app
+        .http
+        .get(format!(
+            "{}/v1/preregistrations/{id}/offline-link/qr.png",
+            app.addr
+        ))
+        .bearer_auth(&p.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "image/png");
+    let png = resp.bytes().await.unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    app.account(
+        &upstream,
+        "acct-off",
+        json!({"email": "cust7@customer.example"}),
+    )
+    .await;
+    let a = associate(
+        &app,
+        &upstream,
+        json!({"code": code.to_lowercase(), "account_id": "acct-off"}),
+    )
+    .await;
+    assert_eq!(a["status"], "succeeded", "{a}");
+    let b = associate(
+        &app,
+        &upstream,
+        json!({"code": code, "account_id": "acct-off"}),
+    )
+    .await;
+    assert_eq!(b["cause"]["code"], "code_used");
+    app.cleanup().await;
+}
+
+/// Every cause of the table, reached through the real pipeline and returned
+/// word for word (with `{provider}` filled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_association_failure_cause_is_reachable_word_for_word() {
+    let sink = SmtpSink::start().await.unwrap();
+    let app = mail_app(&sink, |c| c.max_attempts = 2).await;
+    let upstream = app.upstream_key().await;
+    let reseller = app.create_partner(json!({"name": "Reseller"})).await;
+    let referral = app
+        .create_partner(json!({"name": "Referrer", "referral": true}))
+        .await;
+    let prepaid = app
+        .create_partner(json!({"name": "Prepaid", "billing_mode": "prepaid"}))
+        .await;
+    let causes = Causes::shipped();
+    let old = (chrono::Utc::now() - chrono::Duration::days(30)).to_rfc3339();
+    let mut n = 100;
+    for code in causes.codes() {
+        n += 1;
+        let (partner, kind, flag): (&Partner, &str, Value) = match code {
+            "prepaid_partner_reseller" => (&prepaid, "reseller", json!({})),
+            "registered_by_other_partner" => (
+                &reseller,
+                "reseller",
+                json!({"registered_by_other_partner": true}),
+            ),
+            "customer_is_partner" => (
+                &reseller,
+                "reseller",
+                json!({"is_partner_or_applying": true}),
+            ),
+            "associated_with_other_partner" => (
+                &reseller,
+                "reseller",
+                json!({"associated_with_partner": true}),
+            ),
+            "special_contract" => (&reseller, "reseller", json!({"has_special_contract": true})),
+            "internal_account" => (&reseller, "reseller", json!({"internal_account": true})),
+            "enterprise_master_independent_accounting" => (
+                &reseller,
+                "reseller",
+                json!({"enterprise_master_independent_accounting": true}),
+            ),
+            "enterprise_member_account" => (
+                &reseller,
+                "reseller",
+                json!({"enterprise_member_account": true}),
+            ),
+            "referral_not_allowed_relationship" => (
+                &referral,
+                "referral",
+                json!({"referral_blocked_by_relationship": true}),
+            ),
+            "referral_not_allowed_country" => (
+                &referral,
+                "referral",
+                json!({"referral_blocked_by_country": true}),
+            ),
+            "consumption_record" => (
+                &reseller,
+                "reseller",
+                json!({"has_consumption_record": true}),
+            ),
+            "topup_balance_invoice_limit" => (
+                &reseller,
+                "reseller",
+                json!({"topup_balance_over_invoice_limit": true}),
+            ),
+            "registration_time_exceeded" => (&reseller, "reseller", json!({"registered_at": old})),
+            "overdue_payment" => (&reseller, "reseller", json!({"overdue_payment": true})),
+            "credit_bill_run_overdue" => (
+                &reseller,
+                "reseller",
+                json!({"credit_bill_run_overdue": true}),
+            ),
+            "support_plan" => (&reseller, "reseller", json!({"has_support_plan": true})),
+            "member_support_plan" => (
+                &reseller,
+                "reseller",
+                json!({"member_has_support_plan": true}),
+            ),
+            _ => (&reseller, "reseller", json!({})),
+        };
+        let id = claimed(&app, partner, n).await;
+        let v = invite(&app, partner, &[id], json!({"association_type": kind})).await;
+        let inv: Uuid = v["results"][0]["invitation_id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        invitation_state(&app, partner, &inv.to_string(), "sent").await;
+        let mut token = token_of(&app, inv).await;
+        let account = format!("acct-{code}");
+        let mut facts = json!({"email": format!("cust{n}@customer.example")});
+        for (k, val) in flag.as_object().unwrap() {
+            facts[k] = val.clone();
+        }
+        match code {
+            "email_mismatch" => facts["email"] = json!("someone.else@customer.example"),
+            "link_not_found" => token = "no-such-token".into(),
+            "link_expired" => {
+                // A resend supersedes the first link.
+                let (_, r) = app
+                    .post(
+                        "/v1/invitations/resend",
+                        &partner.key,
+                        json!({"preregistration_ids": [id]}),
+                    )
+                    .await;
+                invitation_state(
+                    &app,
+                    partner,
+                    r["results"][0]["invitation_id"].as_str().unwrap(),
+                    "sent",
+                )
+                .await;
+            }
+            "link_used" => {
+                app.account(&upstream, &format!("{account}-first"), facts.clone())
+                    .await;
+                let first = associate(
+                    &app,
+                    &upstream,
+                    json!({"token": token, "account_id": format!("{account}-first")}),
+                )
+                .await;
+                assert_eq!(first["status"], "succeeded");
+            }
+            "code_used" => {
+                let (_, off) = app
+                    .post(
+                        &format!("/v1/preregistrations/{id}/offline-link"),
+                        &partner.key,
+                        json!({}),
+                    )
+                    .await;
+                let code_str = off["code"].as_str().unwrap().to_string();
+                app.account(&upstream, &account, facts.clone()).await;
+                assert_eq!(
+                    associate(
+                        &app,
+                        &upstream,
+                        json!({"code": code_str, "account_id": account})
+                    )
+                    .await["status"],
+                    "succeeded"
+                );
+                let a = associate(
+                    &app,
+                    &upstream,
+                    json!({"code": code_str, "account_id": account}),
+                )
+                .await;
+                assert_cause(&app, &a, code);
+                continue;
+            }
+            _ => {}
+        }
+        if code != "system_busy" {
+            app.account(&upstream, &account, facts).await;
+        }
+        // system_busy: no facts ever arrive for the account; retries run out.
+        let a = associate(
+            &app,
+            &upstream,
+            json!({"token": token, "account_id": account}),
+        )
+        .await;
+        assert_cause(&app, &a, code);
+        if ![
+            "link_not_found",
+            "link_expired",
+            "link_used",
+            "code_used",
+            "system_busy",
+        ]
+        .contains(&code)
+        {
+            let (_, pr) = app
+                .get(&format!("/v1/preregistrations/{id}"), &partner.key)
+                .await;
+            assert_eq!(pr["status"], "association_failed", "{code}");
+            assert_eq!(pr["reason"]["code"], code);
+        }
+    }
+    app.cleanup().await;
+}
+
+fn assert_cause(app: &TestApp, a: &Value, code: &str) {
+    assert_eq!(a["status"], "failed", "{code}: {a}");
+    let want = Causes::shipped()
+        .view(code, &app.cfg.provider_name)
+        .unwrap();
+    assert_eq!(a["cause"]["code"], code, "{a}");
+    assert_eq!(a["cause"]["message"], want.message, "{code}");
+    assert_eq!(a["cause"]["suggestion"], want.suggestion, "{code}");
+    assert!(!want.message.contains("{provider}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_invitation_at_preregistration_and_deleting_kills_the_link() {
+    let sink = SmtpSink::start().await.unwrap();
+    let app = mail_app(&sink, |_| {}).await;
+    let upstream = app.upstream_key().await;
+    let p = app.create_partner(json!({})).await;
+    let (s, v) = app
+        .post("/v1/preregistrations", &p.key, json!({"full_name": "Now", "email": "now@customer.example", "mobile": "+8615100000001", "send_invitation": true, "locale": "en"}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let id: Uuid = v["id"].as_str().unwrap().parse().unwrap();
+    sink.wait_for(1, Duration::from_secs(10)).await;
+    let row = sqlx::query("SELECT id, status FROM invitations WHERE preregistration_id = $1")
+        .bind(id)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+    let inv: Uuid = row.get("id");
+    invitation_state(&app, &p, &inv.to_string(), "sent").await;
+    let token = token_of(&app, inv).await;
+    let (s, _) = app
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/v1/preregistrations/{id}"),
+            Some(&p.key),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    app.account(
+        &upstream,
+        "acct-now",
+        json!({"email": "now@customer.example"}),
+    )
+    .await;
+    let a = associate(
+        &app,
+        &upstream,
+        json!({"token": token, "account_id": "acct-now"}),
+    )
+    .await;
+    assert_eq!(a["cause"]["code"], "link_expired");
+    app.cleanup().await;
+}

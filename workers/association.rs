@@ -1,0 +1,229 @@
+//! Association attempts (SPEC §3): decided in the order of the failure-cause
+//! table, each cause only for the association model it names.
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{email::invitation_event, JobError, Outcome};
+use crate::{
+    context::Ctx,
+    domain::{
+        association::{self, AssociationType, AttemptInput, Causes, LinkState},
+        Status,
+    },
+    mq::CloudEvent,
+    store::{self, invitations, outbox, preregs, TimelineEntry},
+};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AssociationRequested {
+    pub attempt_id: Uuid,
+}
+
+const LINK_CAUSES: [&str; 4] = ["link_not_found", "link_expired", "link_used", "code_used"];
+
+pub async fn handle(ctx: &Ctx, job: AssociationRequested) -> Result<Outcome, JobError> {
+    let now = Utc::now();
+    let mut tx = ctx.db.begin().await?;
+    let Some(attempt) = invitations::get_attempt_for_update(&mut tx, job.attempt_id).await? else {
+        return Ok(Outcome::Skipped("withdrawn"));
+    };
+    if attempt.status != "queued" {
+        return Ok(Outcome::Skipped("already_decided"));
+    }
+    let by_code = attempt.code_hash.is_some();
+    let inv = match (&attempt.token_hash, &attempt.code_hash) {
+        (Some(h), _) => invitations::by_token_hash_for_update(&mut tx, h).await?,
+        (_, Some(h)) => invitations::by_code_hash_for_update(&mut tx, h).await?,
+        _ => None,
+    };
+    let Some(account) = store::accounts::get(&mut *tx, &attempt.account_id).await? else {
+        // The account system may not have told us about the account yet.
+        return Err(JobError::Retryable(format!(
+            "no facts yet for account {}",
+            attempt.account_id
+        )));
+    };
+    let Some(inv) = inv else {
+        return Ok(finish(tx, attempt.id, None, Some("link_not_found")).await?);
+    };
+    let Some(p) = preregs::get_for_update(&mut tx, inv.preregistration_id).await? else {
+        return Ok(finish(tx, attempt.id, None, Some("link_not_found")).await?);
+    };
+    let partner = store::partners::get(&mut *tx, inv.partner_id).await?;
+    let claim_live = matches!(
+        p.status(),
+        Status::Preregistered | Status::Invited | Status::AssociationFailed
+    ) && p.expires_at.is_none_or(|e| e > now);
+    let link = match inv.status.as_str() {
+        "accepted" if by_code => LinkState::CodeUsed,
+        "accepted" => LinkState::Used,
+        "queued" | "sent" if inv.link_expires_at.is_some_and(|e| e <= now) || !claim_live => {
+            LinkState::Expired
+        }
+        "queued" | "sent" if inv.activated_at.is_some() => LinkState::Valid,
+        _ => LinkState::Expired,
+    };
+    let waived: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM reviews WHERE preregistration_id = $1 AND state = 'approved')")
+        .bind(p.id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let input = AttemptInput {
+        link,
+        association_type: AssociationType::parse(&inv.association_type)
+            .unwrap_or(AssociationType::Reseller),
+        partner_prepaid: partner
+            .as_ref()
+            .is_some_and(|p| p.billing_mode == "prepaid"),
+        preregistered_email_norm: &p.email_norm,
+        account: &account,
+        now,
+        registration_limit: chrono::Duration::days(7),
+        registration_time_waived: waived,
+    };
+    let cause = association::decide(Causes::shipped(), &input);
+    match cause.as_deref() {
+        None => {
+            invitations::set_status(&mut tx, inv.id, "accepted", None).await?;
+            preregs::apply(
+                &mut tx,
+                &preregs::Change {
+                    id: p.id,
+                    status: Status::Associated,
+                    reason: None,
+                    manual_review_eligible: false,
+                    existing_id: None,
+                    preregistered_at: None,
+                    expires_at: None,
+                },
+            )
+            .await?;
+            // Other live links of this claim stop working.
+            invitations::end_all(&mut tx, p.id, "superseded").await?;
+            timeline(
+                &mut tx,
+                p.id,
+                &p.status,
+                "associated",
+                None,
+                attempt.id,
+                &attempt.account_id,
+            )
+            .await?;
+            outbox::event(
+                &mut tx,
+                &invitation_event("invitation.accepted", inv.id, p.id, json!({})),
+            )
+            .await?;
+        }
+        Some(code) if LINK_CAUSES.contains(&code) => {}
+        Some(code) => {
+            let view = Causes::shipped().view(code, &ctx.cfg.provider_name);
+            let message = view.map(|v| v.message).unwrap_or_default();
+            preregs::apply(
+                &mut tx,
+                &preregs::Change {
+                    id: p.id,
+                    status: Status::AssociationFailed,
+                    reason: Some((code, &message)),
+                    manual_review_eligible: false,
+                    existing_id: None,
+                    preregistered_at: None,
+                    expires_at: None,
+                },
+            )
+            .await?;
+            timeline(
+                &mut tx,
+                p.id,
+                &p.status,
+                "association_failed",
+                Some(code),
+                attempt.id,
+                &attempt.account_id,
+            )
+            .await?;
+        }
+    }
+    Ok(finish(
+        tx,
+        attempt.id,
+        Some((inv.id, p.id, p.partner_id)),
+        cause.as_deref(),
+    )
+    .await?)
+}
+
+async fn timeline(
+    conn: &mut sqlx::PgConnection,
+    prereg: Uuid,
+    from: &str,
+    to: &str,
+    reason: Option<&str>,
+    attempt: Uuid,
+    account_id: &str,
+) -> Result<(), sqlx::Error> {
+    store::record(
+        conn,
+        TimelineEntry {
+            preregistration_id: prereg,
+            actor: "upstream:account-system",
+            change: to,
+            from_status: Some(from),
+            to_status: Some(to),
+            reason,
+            details: Some(json!({"attempt_id": attempt, "account_id": account_id})),
+        },
+    )
+    .await
+}
+
+/// Records the outcome, its event and (when the partner is known) the
+/// partner's notification email, then commits.
+async fn finish(
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    attempt: Uuid,
+    known: Option<(Uuid, Uuid, Uuid)>,
+    cause: Option<&str>,
+) -> Result<Outcome, sqlx::Error> {
+    invitations::decide_attempt(&mut tx, attempt, known.map(|k| k.0), cause).await?;
+    let (ty, status) = if cause.is_none() {
+        ("association.succeeded", "succeeded")
+    } else {
+        ("association.failed", "failed")
+    };
+    let ev = CloudEvent::with_id(
+        format!("{ty}:{attempt}"),
+        ty,
+        json!({"attempt_id": attempt, "status": status, "cause": cause,
+               "invitation_id": known.map(|k| k.0), "preregistration_id": known.map(|k| k.1), "partner_id": known.map(|k| k.2)}),
+    );
+    outbox::event(&mut tx, &ev).await?;
+    if known.is_some() {
+        let mail = CloudEvent::with_id(
+            format!("email:association_outcome:{attempt}"),
+            "email.requested",
+            json!({"kind": "association_outcome", "attempt_id": attempt}),
+        );
+        outbox::command(&mut tx, &mail).await?;
+    }
+    tx.commit().await?;
+    metrics::counter!("prereg_associations_total", "outcome" => status, "cause" => cause.unwrap_or("").to_string()).increment(1);
+    Ok(Outcome::Done)
+}
+
+/// Retries exhausted (e.g. the account's facts never arrived): `system_busy`.
+pub async fn give_up(ctx: &Ctx, job: AssociationRequested) -> Result<(), sqlx::Error> {
+    let mut tx = ctx.db.begin().await?;
+    let Some(a) = invitations::get_attempt_for_update(&mut tx, job.attempt_id).await? else {
+        return Ok(());
+    };
+    if a.status != "queued" {
+        return Ok(());
+    }
+    finish(tx, a.id, None, Some("system_busy"))
+        .await
+        .map(|_| ())
+}

@@ -1,0 +1,493 @@
+//! Email delivery: invitation emails and notices, over pooled SMTP.
+//!
+//! A job never sends an email the server already accepted: before the SMTP
+//! exchange the job takes a lease in Postgres (`sending_since`), released on
+//! a transient failure and replaced by `sent` on success, each in its own
+//! short transaction (no transaction is held across SMTP). A redelivered job
+//! finds `sent` and stops; one that finds a lease older than the job timeout
+//! (the worker died mid-exchange, outcome unknown) marks the delivery failed
+//! instead of risking a second email.
+
+use chrono::{Duration, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{JobError, Outcome};
+use crate::{
+    context::Ctx,
+    domain::{mask, Status},
+    links,
+    locks::LockError,
+    mail::{self, InvitationVars, Rendered, SendError},
+    mq::CloudEvent,
+    store::{self, invitations, outbox, preregs, TimelineEntry},
+};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InvitationJob {
+    pub invitation_id: Uuid,
+}
+
+fn lease(ctx: &Ctx) -> Duration {
+    Duration::from_std(ctx.cfg.job_timeout).unwrap_or(Duration::seconds(30)) + Duration::seconds(5)
+}
+
+fn count(outcome: &'static str) {
+    metrics::counter!("prereg_emails_total", "outcome" => outcome).increment(1);
+}
+
+pub fn invitation_event(
+    kind: &str,
+    inv: Uuid,
+    prereg: Uuid,
+    extra: serde_json::Value,
+) -> CloudEvent {
+    let mut data = json!({"invitation_id": inv, "preregistration_id": prereg});
+    if let (Some(d), Some(e)) = (data.as_object_mut(), extra.as_object()) {
+        d.extend(e.clone());
+    }
+    CloudEvent::with_id(format!("{kind}:{inv}"), kind, data).subject(prereg)
+}
+
+/// Marks a live invitation failed with the server's reply and publishes
+/// `invitation.failed`.
+pub async fn fail_invitation(ctx: &Ctx, id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
+    let mut tx = ctx.db.begin().await?;
+    let Some(inv) = invitations::get_for_update(&mut tx, id).await? else {
+        return Ok(());
+    };
+    if inv.status != "queued" {
+        return Ok(());
+    }
+    invitations::set_status(&mut tx, id, "failed", Some(reason)).await?;
+    outbox::event(
+        &mut tx,
+        &invitation_event(
+            "invitation.failed",
+            id,
+            inv.preregistration_id,
+            json!({"failure": reason}),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    count("failed");
+    Ok(())
+}
+
+pub async fn handle_invitation(ctx: &Ctx, job: InvitationJob) -> Result<Outcome, JobError> {
+    let id = job.invitation_id;
+    let now = Utc::now();
+    // 1. Claim the delivery (short transaction).
+    let mut tx = ctx.db.begin().await?;
+    let Some(inv) = invitations::get_for_update(&mut tx, id).await? else {
+        return Ok(Outcome::Skipped("withdrawn"));
+    };
+    match inv.status.as_str() {
+        "queued" => {}
+        "sent" => return Ok(Outcome::Skipped("already_sent")),
+        _ => return Ok(Outcome::Skipped("no_longer_live")),
+    }
+    if let Some(since) = inv.sending_since {
+        if now - since < lease(ctx) {
+            return Err(JobError::Retryable(
+                "another worker is sending this invitation".into(),
+            ));
+        }
+        drop(tx);
+        let reason = "delivery outcome unknown: a worker stopped during the SMTP exchange; resend if the customer did not receive it";
+        fail_invitation(ctx, id, reason).await?;
+        return Err(JobError::fatal("delivery_unknown", reason));
+    }
+    let Some(p) = preregs::get_for_update(&mut tx, inv.preregistration_id).await? else {
+        return Ok(Outcome::Skipped("withdrawn"));
+    };
+    if !matches!(
+        p.status(),
+        Status::Preregistered | Status::Invited | Status::AssociationFailed
+    ) {
+        invitations::set_status(
+            &mut tx,
+            id,
+            "expired",
+            Some(&format!("the pre-registration is {}", p.status)),
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(Outcome::Skipped("not_invitable"));
+    }
+    if inv.activated_at.is_none() {
+        // A newer invitation already went out: this one is superseded.
+        let newer: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM invitations WHERE preregistration_id = $1 AND id <> $2
+               AND activated_at IS NOT NULL AND created_at > $3)",
+        )
+        .bind(p.id)
+        .bind(id)
+        .bind(inv.created_at)
+        .fetch_one(&mut *tx)
+        .await?;
+        if newer {
+            invitations::set_status(&mut tx, id, "superseded", None).await?;
+            tx.commit().await?;
+            return Ok(Outcome::Skipped("superseded"));
+        }
+        for old in invitations::supersede_others(&mut tx, p.id, id).await? {
+            tracing::debug!(invitation_id = %old, "superseded");
+        }
+        if p.status() != Status::Invited {
+            preregs::set_status(&mut tx, p.id, Status::Invited).await?;
+        }
+        store::record(
+            &mut tx,
+            TimelineEntry {
+                preregistration_id: p.id,
+                actor: "system:email",
+                change: "invited",
+                from_status: Some(&p.status),
+                to_status: Some("invited"),
+                reason: None,
+                details: Some(
+                    json!({"invitation_id": id, "association_type": inv.association_type}),
+                ),
+            },
+        )
+        .await?;
+    }
+    sqlx::query("UPDATE invitations SET activated_at = COALESCE(activated_at, now()), sending_since = now(), attempts = attempts + 1 WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+
+    // 2. The partner's send rate.
+    if ctx.cfg.partner_email_rate > 0 {
+        match ctx
+            .locks
+            .rate_allow(
+                &format!("email:{}", inv.partner_id),
+                ctx.cfg.partner_email_rate,
+            )
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                release(ctx, id).await?;
+                count("rate_limited");
+                return Err(JobError::Retryable(
+                    "partner send rate limit reached".into(),
+                ));
+            }
+            Err(LockError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "rate limit unavailable; sending")
+            }
+            Err(LockError::Busy) => {}
+        }
+    }
+
+    // 3. Render and send, outside any transaction.
+    let partner = store::partners::get(&ctx.db, inv.partner_id).await?;
+    let partner_name = partner.map(|p| p.name).unwrap_or_default();
+    let rendered = render_invitation(ctx, &inv, &p.full_name, &partner_name)?;
+    match ctx.mailer.send(&p.email, &rendered, &id.to_string()).await {
+        Ok(reply) => {
+            let mut tx = ctx.db.begin().await?;
+            sqlx::query("UPDATE invitations SET status = CASE WHEN status = 'queued' THEN 'sent' ELSE status END, sent_at = now(), sending_since = NULL, failure = NULL WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            outbox::event(
+                &mut tx,
+                &invitation_event(
+                    "invitation.sent",
+                    id,
+                    p.id,
+                    json!({"link_expires_at": inv.link_expires_at}),
+                ),
+            )
+            .await?;
+            tx.commit().await?;
+            count("sent");
+            tracing::info!(invitation_id = %id, to = %mask::pii_email(&p.email), %reply, "invitation sent");
+            Ok(Outcome::Done)
+        }
+        Err(SendError::Transient(e)) => {
+            release(ctx, id).await?;
+            count("transient_failure");
+            Err(JobError::Retryable(format!("smtp: {e}")))
+        }
+        Err(SendError::Permanent(e)) | Err(SendError::Invalid(e)) => {
+            fail_invitation(ctx, id, &e).await?;
+            Err(JobError::fatal("smtp_permanent", e))
+        }
+    }
+}
+
+async fn release(ctx: &Ctx, id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE invitations SET sending_since = NULL WHERE id = $1")
+        .bind(id)
+        .execute(&ctx.db)
+        .await?;
+    Ok(())
+}
+
+pub fn render_invitation(
+    ctx: &Ctx,
+    inv: &invitations::Invitation,
+    customer_name: &str,
+    partner_name: &str,
+) -> Result<Rendered, JobError> {
+    let token = links::token(ctx.cfg.link_secret.as_bytes(), inv.id, &inv.nonce);
+    let link = links::link_url(&ctx.cfg.public_url, &token);
+    mail::render_invitation(&InvitationVars {
+        locale: &inv.locale,
+        customer_name,
+        partner_name,
+        provider: &ctx.cfg.provider_name,
+        association_type: &inv.association_type,
+        link: &link,
+        expires_at: inv.link_expires_at,
+        timezone: ctx.cfg.timezone,
+    })
+    .map_err(|e| JobError::fatal("template", e.to_string()))
+}
+
+/// `email.requested`: a notice for a partner, the reviewers or escalation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EmailRequested {
+    /// `association_outcome`, `review_reminder`, `review_escalation`, `claim_expiry_reminder`.
+    pub kind: String,
+    #[serde(default)]
+    pub to: Option<String>,
+    #[serde(default)]
+    pub attempt_id: Option<Uuid>,
+    #[serde(default)]
+    pub review_id: Option<Uuid>,
+    #[serde(default)]
+    pub preregistration_id: Option<Uuid>,
+}
+
+pub async fn handle_notice(
+    ctx: &Ctx,
+    job: EmailRequested,
+    ev: &CloudEvent,
+) -> Result<Outcome, JobError> {
+    let Some((to, rendered)) = build_notice(ctx, &job).await? else {
+        return Ok(Outcome::Skipped("no_recipient"));
+    };
+    // Claim the delivery by job id.
+    let claimed: Option<String> = sqlx::query_scalar(
+        "INSERT INTO email_deliveries (job_id, kind, state, sending_since) VALUES ($1, $2, 'sending', now())
+         ON CONFLICT (job_id) DO UPDATE SET sending_since = now()
+           WHERE email_deliveries.state = 'sending' AND email_deliveries.sending_since IS NULL
+         RETURNING state",
+    )
+    .bind(&ev.id)
+    .bind(&job.kind)
+    .fetch_optional(&ctx.db)
+    .await?;
+    if claimed.is_none() {
+        let (state, since): (String, Option<chrono::DateTime<Utc>>) =
+            sqlx::query_as("SELECT state, sending_since FROM email_deliveries WHERE job_id = $1")
+                .bind(&ev.id)
+                .fetch_one(&ctx.db)
+                .await?;
+        match (state.as_str(), since) {
+            ("sending", Some(t)) if Utc::now() - t < lease(ctx) => {
+                return Err(JobError::Retryable(
+                    "another worker is sending this email".into(),
+                ))
+            }
+            ("sending", _) => {
+                let reason = "delivery outcome unknown: a worker stopped during the SMTP exchange";
+                mark_notice(ctx, &ev.id, "failed", Some(reason)).await?;
+                return Err(JobError::fatal("delivery_unknown", reason));
+            }
+            _ => return Ok(Outcome::Skipped("already_handled")),
+        }
+    }
+    match ctx
+        .mailer
+        .send(&to, &rendered, &ev.id.replace(':', "."))
+        .await
+    {
+        Ok(_) => {
+            mark_notice(ctx, &ev.id, "sent", None).await?;
+            count("sent");
+            Ok(Outcome::Done)
+        }
+        Err(SendError::Transient(e)) => {
+            sqlx::query("UPDATE email_deliveries SET sending_since = NULL WHERE job_id = $1")
+                .bind(&ev.id)
+                .execute(&ctx.db)
+                .await?;
+            count("transient_failure");
+            Err(JobError::Retryable(format!("smtp: {e}")))
+        }
+        Err(SendError::Permanent(e)) | Err(SendError::Invalid(e)) => {
+            mark_notice(ctx, &ev.id, "failed", Some(&e)).await?;
+            count("failed");
+            Err(JobError::fatal("smtp_permanent", e))
+        }
+    }
+}
+
+async fn mark_notice(
+    ctx: &Ctx,
+    job_id: &str,
+    state: &str,
+    failure: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE email_deliveries SET state = $2, failure = $3, sending_since = NULL,
+            sent_at = CASE WHEN $2 = 'sent' THEN now() END WHERE job_id = $1",
+    )
+    .bind(job_id)
+    .bind(state)
+    .bind(failure)
+    .execute(&ctx.db)
+    .await?;
+    Ok(())
+}
+
+/// The recipient and content of a notice, from the current state.
+async fn build_notice(
+    ctx: &Ctx,
+    job: &EmailRequested,
+) -> Result<Option<(String, Rendered)>, JobError> {
+    let provider = &ctx.cfg.provider_name;
+    let tz = ctx.cfg.timezone;
+    let fmt = |t: chrono::DateTime<Utc>| {
+        format!("{} ({tz})", t.with_timezone(&tz).format("%Y-%m-%d %H:%M"))
+    };
+    let render = |locale: &str, subject: String, paragraphs: Vec<String>| {
+        mail::render_notice(locale, provider, subject, &paragraphs)
+            .map_err(|e| JobError::fatal("template", e.to_string()))
+    };
+    match job.kind.as_str() {
+        "association_outcome" => {
+            let id = job
+                .attempt_id
+                .ok_or_else(|| JobError::fatal("invalid_payload", "attempt_id is required"))?;
+            let Some(a) = invitations::get_attempt(&ctx.db, id).await? else {
+                return Ok(None);
+            };
+            let Some(inv_id) = a.invitation_id else {
+                return Ok(None);
+            };
+            let Some(inv) = invitations::get(&ctx.db, inv_id).await? else {
+                return Ok(None);
+            };
+            let Some(p) = preregs::get(&ctx.db, inv.preregistration_id).await? else {
+                return Ok(None);
+            };
+            let Some(partner) = store::partners::get(&ctx.db, inv.partner_id).await? else {
+                return Ok(None);
+            };
+            let Some(to) = job.to.clone().or(partner.contact_email.clone()) else {
+                return Ok(None);
+            };
+            let zh = partner.locale == "zh-CN";
+            let (subject, mut paragraphs) = match (&a.cause_code, zh) {
+                (None, false) => (
+                    format!("{} is now associated with you", p.full_name),
+                    vec![format!("The customer {} ({}) accepted your invitation and is now associated with {}.", p.full_name, p.email, partner.name)],
+                ),
+                (None, true) => (
+                    format!("客户 {} 已与您关联", p.full_name),
+                    vec![format!("客户 {}（{}）已接受您的邀请，现已关联到 {}。", p.full_name, p.email, partner.name)],
+                ),
+                (Some(code), false) => (
+                    format!("Association failed for {}", p.full_name),
+                    vec![format!("The customer {} ({}) could not be associated with {} ({code}).", p.full_name, p.email, partner.name)],
+                ),
+                (Some(code), true) => (
+                    format!("客户 {} 关联失败", p.full_name),
+                    vec![format!("客户 {}（{}）未能关联到 {}（{code}）。", p.full_name, p.email, partner.name)],
+                ),
+            };
+            if let Some(cause) = a
+                .cause_code
+                .as_deref()
+                .and_then(|c| crate::domain::association::Causes::shipped().view(c, provider))
+            {
+                paragraphs.push(cause.message);
+                paragraphs.push(cause.suggestion);
+            }
+            Ok(Some((to, render(&partner.locale, subject, paragraphs)?)))
+        }
+        "review_reminder" | "review_escalation" => {
+            let id = job
+                .review_id
+                .ok_or_else(|| JobError::fatal("invalid_payload", "review_id is required"))?;
+            let Some(r) = store::reviews::get(&ctx.db, id).await? else {
+                return Ok(None);
+            };
+            let partner = store::partners::get(&ctx.db, r.partner_id)
+                .await?
+                .map(|p| p.name)
+                .unwrap_or_default();
+            let to = job.to.clone().unwrap_or_else(|| {
+                if job.kind == "review_escalation" {
+                    ctx.cfg.escalation_email.clone()
+                } else {
+                    ctx.cfg.reviewer_email.clone()
+                }
+            });
+            let due = r.due_at.map(fmt).unwrap_or_default();
+            let (subject, lead) = if job.kind == "review_escalation" {
+                (format!("OVERDUE: manual review {} for {partner}", r.id), format!("The manual review {} requested by {partner} was due at {due} and is still undecided.", r.id))
+            } else {
+                (
+                    format!(
+                        "Reminder: manual review {} for {partner} is due at {due}",
+                        r.id
+                    ),
+                    format!(
+                        "The manual review {} requested by {partner} must be decided by {due}.",
+                        r.id
+                    ),
+                )
+            };
+            let paragraphs = vec![
+                lead,
+                format!("Justification: {}", r.justification),
+                "Decide it in the operator console (POST /v1/admin/reviews/{id}/decision)."
+                    .to_string(),
+            ];
+            Ok(Some((to, render("en", subject, paragraphs)?)))
+        }
+        "claim_expiry_reminder" => {
+            let id = job.preregistration_id.ok_or_else(|| {
+                JobError::fatal("invalid_payload", "preregistration_id is required")
+            })?;
+            let Some(p) = preregs::get(&ctx.db, id).await? else {
+                return Ok(None);
+            };
+            let Some(partner) = store::partners::get(&ctx.db, p.partner_id).await? else {
+                return Ok(None);
+            };
+            let Some(to) = job.to.clone().or(partner.contact_email.clone()) else {
+                return Ok(None);
+            };
+            let when = p.expires_at.map(fmt).unwrap_or_default();
+            let paragraphs = vec![format!(
+                "Your pre-registration of {} ({}) expires at {when}. Invite the customer before then to keep the claim.",
+                p.full_name, p.email
+            )];
+            Ok(Some((
+                to,
+                render(
+                    &partner.locale,
+                    format!("Pre-registration of {} expires soon", p.full_name),
+                    paragraphs,
+                )?,
+            )))
+        }
+        other => Err(JobError::fatal(
+            "invalid_payload",
+            format!("unknown email kind `{other}`"),
+        )),
+    }
+}
