@@ -84,6 +84,15 @@ pub async fn handle(ctx: &Ctx, job: AssociationRequested) -> Result<Outcome, Job
         registration_time_waived: waived,
     };
     let cause = association::decide(Causes::shipped(), &input);
+    if link == LinkState::Valid {
+        preregs::set_account(
+            &mut tx,
+            p.id,
+            &account.account_id,
+            account.display_name.as_deref(),
+        )
+        .await?;
+    }
     match cause.as_deref() {
         None => {
             invitations::set_status(&mut tx, inv.id, "accepted", None).await?;

@@ -136,9 +136,7 @@ pub async fn handle_invitation(ctx: &Ctx, job: InvitationJob) -> Result<Outcome,
         for old in invitations::supersede_others(&mut tx, p.id, id).await? {
             tracing::debug!(invitation_id = %old, "superseded");
         }
-        if p.status() != Status::Invited {
-            preregs::set_status(&mut tx, p.id, Status::Invited).await?;
-        }
+        preregs::mark_invited(&mut tx, p.id, "email", inv.link_expires_at).await?;
         store::record(
             &mut tx,
             TimelineEntry {

@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod association;
 pub mod email;
+pub mod export;
 pub mod registration;
 pub mod runtime;
 
@@ -75,6 +76,7 @@ pub async fn dispatch(ctx: &Ctx, ev: &CloudEvent) -> Result<Outcome, JobError> {
         "invitation.requested" => email::handle_invitation(ctx, payload(ev)?).await,
         "email.requested" => email::handle_notice(ctx, payload(ev)?, ev).await,
         "association.requested" => association::handle(ctx, payload(ev)?).await,
+        "export.requested" => export::handle(ctx, payload(ev)?).await,
         other => Err(JobError::fatal(
             "unknown_type",
             format!("no handler for message type `{other}`"),
@@ -92,6 +94,10 @@ pub async fn exhausted(ctx: &Ctx, ev: &CloudEvent, last_error: &str) {
         },
         "association.requested" => match payload::<association::AssociationRequested>(ev) {
             Ok(job) => association::give_up(ctx, job).await,
+            Err(_) => Ok(()),
+        },
+        "export.requested" => match payload::<export::ExportRequested>(ev) {
+            Ok(job) => export::give_up(ctx, job, last_error).await,
             Err(_) => Ok(()),
         },
         _ => Ok(()),

@@ -403,9 +403,7 @@ pub async fn offline_link(
         .execute(&mut *tx)
         .await?;
     invitations::supersede_others(&mut tx, id, inv_id).await?;
-    if p.status() != Status::Invited {
-        preregs::set_status(&mut tx, id, Status::Invited).await?;
-    }
+    preregs::mark_invited(&mut tx, id, "offline", None).await?;
     store::record(
         &mut tx,
         TimelineEntry {

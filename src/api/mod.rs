@@ -5,6 +5,7 @@ pub mod auth;
 pub mod command;
 pub mod error;
 pub mod health;
+pub mod history;
 pub mod invitations;
 #[cfg(test)]
 mod openapi_check;
@@ -81,6 +82,10 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/invitations/resend", post(invitations::resend))
         .route("/v1/invitations/preview", get(invitations::preview))
         .route("/v1/invitations/{id}", get(invitations::get_one))
+        .route("/v1/history", get(history::list))
+        .route("/v1/exports", post(history::create_export))
+        .route("/v1/exports/{id}", get(history::get_export))
+        .route("/v1/exports/{id}/download", get(history::download))
         // upstream
         .route("/v1/associations", post(invitations::submit_association))
         .route("/v1/associations/{id}", get(invitations::get_association))

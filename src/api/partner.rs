@@ -236,16 +236,17 @@ pub fn decode_cursor(s: &str) -> Option<Cursor> {
     ))
 }
 
-/// Reads `limit` (1..=200, default 50) and `reveal`, naming bad values.
-/// A keyset position: the last row's creation time and id.
+/// A keyset position: the last row's time and id.
 pub type Cursor = (DateTime<Utc>, Uuid);
 
+/// Reads `limit` (1..=200, default 50), `reveal` and `cursor`, adding any
+/// bad value to `errors` (so a 422 names every bad field at once).
 pub fn paging(
     limit: Option<&str>,
     reveal: Option<&str>,
     cursor: Option<&str>,
-) -> ApiResult<(i64, bool, Option<Cursor>)> {
-    let mut errors = Vec::new();
+    errors: &mut Vec<validate::FieldError>,
+) -> (i64, bool, Option<Cursor>) {
     let limit = match limit {
         None => 50,
         Some(s) => match s.parse::<i64>() {
@@ -269,19 +270,12 @@ pub fn paging(
     };
     let cursor = match cursor {
         None | Some("") => None,
-        Some(c) => match decode_cursor(c) {
-            Some(c) => Some(c),
-            None => {
-                errors.push(field_error("cursor", "cursor is not one this API returned"));
-                None
-            }
-        },
+        Some(c) => decode_cursor(c).or_else(|| {
+            errors.push(field_error("cursor", "cursor is not one this API returned"));
+            None
+        }),
     };
-    if errors.is_empty() {
-        Ok((limit, reveal, cursor))
-    } else {
-        Err(ApiError::validation(errors))
-    }
+    (limit, reveal, cursor)
 }
 
 fn field_error(field: &str, message: &str) -> validate::FieldError {
@@ -297,17 +291,26 @@ pub async fn list(
     auth: PartnerAuth,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
-    let (limit, reveal, cursor) =
-        paging(q.limit.as_deref(), q.reveal.as_deref(), q.cursor.as_deref())?;
-    let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
-        None => None,
-        Some(s) => Some(Status::parse(s).ok_or_else(|| {
-            ApiError::validation(vec![field_error(
+    let mut errors = Vec::new();
+    let (limit, reveal, cursor) = paging(
+        q.limit.as_deref(),
+        q.reveal.as_deref(),
+        q.cursor.as_deref(),
+        &mut errors,
+    );
+    let status = q.status.as_deref().filter(|s| !s.is_empty()).and_then(|s| {
+        let st = Status::parse(s);
+        if st.is_none() {
+            errors.push(field_error(
                 "status",
                 "status is not a pre-registration state",
-            )])
-        })?),
-    };
+            ));
+        }
+        st
+    });
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
     let filter = preregs::ListFilter {
         status,
         q: q.q

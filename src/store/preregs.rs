@@ -80,8 +80,10 @@ pub async fn insert_queued(
 ) -> Result<bool, sqlx::Error> {
     let r = sqlx::query(
         "INSERT INTO preregistrations (id, partner_id, full_name, email, mobile, email_norm, mobile_norm, status,
-             send_invitation, association_type, locale, tags, remarks, account_manager_id, request_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9, $10, $11, $12, $13, $14)
+             send_invitation, association_type, locale, tags, remarks, account_manager_id, request_id, search_text)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9, $10, $11, $12, $13, $14,
+             lower(concat_ws(' ', $3, $4, $12, array_to_string($11, ' '),
+                 (SELECT name FROM account_managers WHERE id = $13))))
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(p.id)
@@ -184,6 +186,46 @@ pub async fn apply(conn: &mut PgConnection, c: &Change<'_>) -> Result<(), sqlx::
     .bind(c.existing_id)
     .bind(c.preregistered_at)
     .bind(c.expires_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The claim was invited (email link activated or offline link handed out).
+pub async fn mark_invited(
+    conn: &mut PgConnection,
+    id: Uuid,
+    method: &str,
+    link_expires_at: Option<DateTime<Utc>>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE preregistrations SET status = 'invited', invited_at = COALESCE(invited_at, now()), last_method = $2,
+            link_expires_at = $3, updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(method)
+    .bind(link_expires_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Remembers the account that tried to associate (searchable as customer information).
+pub async fn set_account(
+    conn: &mut PgConnection,
+    id: Uuid,
+    account_id: &str,
+    display_name: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE preregistrations SET account_id = $2,
+            search_text = search_text || ' ' || lower(concat_ws(' ', $2, $3::text))
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(account_id)
+    .bind(display_name)
     .execute(conn)
     .await?;
     Ok(())

@@ -3,6 +3,7 @@
 
 mod common;
 mod concurrency;
+mod history;
 mod invitations;
 mod lifecycle;
 mod messaging;

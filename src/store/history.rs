@@ -1,0 +1,223 @@
+//! History records: every invited customer of a partner with its current
+//! state; and the export of them as CSV.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{FromRow, PgExecutor, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+/// The state a history record shows.
+pub const STATES: &[&str] = &[
+    "invited",
+    "link_expired",
+    "associated",
+    "association_failed",
+    "claim_expired",
+];
+
+pub const STATE_SQL: &str = "CASE
+    WHEN p.status = 'associated' THEN 'associated'
+    WHEN p.status = 'association_failed' THEN 'association_failed'
+    WHEN p.status = 'expired' THEN 'claim_expired'
+    WHEN p.status = 'invited' AND p.link_expires_at <= now() THEN 'link_expired'
+    WHEN p.status = 'invited' THEN 'invited'
+    ELSE p.status END";
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Record {
+    pub id: Uuid,
+    pub full_name: String,
+    pub email: String,
+    pub mobile: String,
+    pub state: String,
+    pub reason_code: Option<String>,
+    pub last_method: Option<String>,
+    pub invited_at: Option<DateTime<Utc>>,
+    pub link_expires_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub tags: Vec<String>,
+    pub remarks: Option<String>,
+    pub account_id: Option<String>,
+    pub manager_id: Option<Uuid>,
+    pub manager_name: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Filter {
+    pub q: Option<String>,
+    pub state: Option<String>,
+    pub method: Option<String>,
+    pub tag: Option<String>,
+    pub account_manager: Option<Uuid>,
+    #[serde(skip)]
+    pub cursor: Option<(DateTime<Utc>, Uuid)>,
+}
+
+/// The SELECT with only the conditions asked for, so that every search gets
+/// a plan for its own predicates (trigram index for `q`, keyset order else).
+pub fn query(partner_id: Uuid, f: &Filter, limit: Option<i64>) -> QueryBuilder<'static, Postgres> {
+    let mut qb = QueryBuilder::new(format!(
+        "SELECT p.id, p.full_name, p.email, p.mobile, {STATE_SQL} AS state, p.reason_code, p.last_method, p.invited_at,
+            p.link_expires_at, p.expires_at, p.tags, p.remarks, p.account_id, am.id AS manager_id, am.name AS manager_name
+         FROM preregistrations p LEFT JOIN account_managers am ON am.id = p.account_manager_id
+         WHERE p.invited_at IS NOT NULL AND p.status <> 'deleted' AND p.partner_id = "
+    ));
+    qb.push_bind(partner_id);
+    if let Some(q) = f.q.as_ref().filter(|q| !q.is_empty()) {
+        qb.push(" AND p.search_text LIKE ");
+        qb.push_bind(format!(
+            "%{}%",
+            super::preregs::escape_like(&q.to_lowercase())
+        ));
+    }
+    if let Some(m) = &f.method {
+        qb.push(" AND p.last_method = ");
+        qb.push_bind(m.clone());
+    }
+    if let Some(t) = &f.tag {
+        qb.push(" AND p.tags @> ARRAY[");
+        qb.push_bind(t.clone());
+        qb.push("]::text[]");
+    }
+    if let Some(am) = f.account_manager {
+        qb.push(" AND p.account_manager_id = ");
+        qb.push_bind(am);
+    }
+    match f.state.as_deref() {
+        Some("invited") => qb.push(" AND p.status = 'invited' AND (p.link_expires_at IS NULL OR p.link_expires_at > now())"),
+        Some("link_expired") => qb.push(" AND p.status = 'invited' AND p.link_expires_at <= now()"),
+        Some("associated") => qb.push(" AND p.status = 'associated'"),
+        Some("association_failed") => qb.push(" AND p.status = 'association_failed'"),
+        Some("claim_expired") => qb.push(" AND p.status = 'expired'"),
+        _ => &mut qb,
+    };
+    if let Some((at, id)) = f.cursor {
+        qb.push(" AND (p.invited_at, p.id) < (");
+        qb.push_bind(at);
+        qb.push(", ");
+        qb.push_bind(id);
+        qb.push(")");
+    }
+    qb.push(" ORDER BY p.invited_at DESC, p.id DESC");
+    if let Some(n) = limit {
+        qb.push(" LIMIT ");
+        qb.push_bind(n);
+    }
+    qb
+}
+
+pub async fn page<'e>(
+    db: impl PgExecutor<'e>,
+    partner_id: Uuid,
+    f: &Filter,
+    limit: i64,
+) -> Result<Vec<Record>, sqlx::Error> {
+    query(partner_id, f, Some(limit))
+        .build_query_as::<Record>()
+        .fetch_all(db)
+        .await
+}
+
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct Export {
+    pub id: Uuid,
+    pub partner_id: Uuid,
+    pub status: String,
+    pub rows: Option<i64>,
+    pub bytes: Option<i64>,
+    pub failure: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+pub async fn get_export<'e>(
+    db: impl PgExecutor<'e>,
+    id: Uuid,
+) -> Result<Option<Export>, sqlx::Error> {
+    sqlx::query_as::<_, Export>(
+        "SELECT id, partner_id, status, rows, bytes, failure, created_at, started_at, completed_at, expires_at FROM exports WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+/// Removes the files of exports past their retention. Returns how many.
+pub async fn expire_exports<'e>(db: impl PgExecutor<'e>) -> Result<u64, sqlx::Error> {
+    // Chunks go with ON DELETE CASCADE only when the export row goes; keep the
+    // row (its state stays readable) and drop the data.
+    let r = sqlx::query(
+        "WITH due AS (
+             UPDATE exports SET status = 'expired' WHERE status = 'completed' AND expires_at <= now() RETURNING id)
+         DELETE FROM export_chunks WHERE export_id IN (SELECT id FROM due)",
+    )
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// One CSV field: quoted when it holds a separator, quote or line break;
+/// a leading `=` or `@` (or `+`/`-` not followed by a digit, so phone
+/// numbers stay as they are) is prefixed with `'` so that spreadsheets do not
+/// run it as a formula.
+pub fn csv_field(out: &mut String, value: &str) {
+    let guarded;
+    let mut chars = value.chars();
+    let formula = match chars.next() {
+        Some('=' | '@') => true,
+        Some('+' | '-') => !chars.next().is_some_and(|c| c.is_ascii_digit()),
+        _ => false,
+    };
+    let v = if formula {
+        guarded = format!("'{value}");
+        guarded.as_str()
+    } else {
+        value
+    };
+    if v.contains([',', '"', '\n', '\r']) {
+        out.push('"');
+        out.push_str(&v.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(v);
+    }
+}
+
+pub fn csv_row(out: &mut String, fields: &[&str]) {
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        csv_field(out, f);
+    }
+    out.push_str("\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_escaping() {
+        let mut s = String::new();
+        csv_row(
+            &mut s,
+            &[
+                "a",
+                "b,c",
+                "say \"hi\"",
+                "line\nbreak",
+                "=SUM(A1)",
+                "+86138****0000",
+                "+cmd",
+                "-x",
+            ],
+        );
+        assert_eq!(
+            s,
+            "a,\"b,c\",\"say \"\"hi\"\"\",\"line\nbreak\",'=SUM(A1),+86138****0000,'+cmd,'-x\r\n"
+        );
+    }
+}
