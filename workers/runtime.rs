@@ -369,6 +369,18 @@ pub async fn list_dead_letters(
 pub async fn replay_dead_letters(ctx: &Ctx, q: Queue, limit: usize) -> anyhow::Result<usize> {
     let (_, ch) = ctx.broker.channel().await?;
     let names = &ctx.broker.names;
+    // Only what is there now: a message that fails again while we replay
+    // comes back to the dead-letter queue and must not be replayed twice.
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        durable: true,
+        ..Default::default()
+    };
+    let present = ch
+        .queue_declare(&names.dlq(q), passive, FieldTable::default())
+        .await?
+        .message_count() as usize;
+    let limit = limit.min(present);
     let mut n = 0;
     while n < limit {
         let Some(msg) = ch

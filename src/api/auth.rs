@@ -61,6 +61,11 @@ pub async fn authenticate(parts: &Parts, st: &AppState) -> Result<Principal, Api
         .map(str::trim)
         .filter(|t| !t.is_empty() && t.len() <= 256)
         .ok_or_else(ApiError::unauthorized)?;
+    authenticate_token(token, st).await
+}
+
+/// Who a key belongs to (the bootstrap operator key, or a stored key).
+pub async fn authenticate_token(token: &str, st: &AppState) -> Result<Principal, ApiError> {
     let hash = keys::hash_token(token);
     if let Some(op) = &st.ctx.cfg.operator_token {
         if constant_time_eq(&Sha256::digest(op.as_bytes()), &hash) {

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod auth;
 pub mod command;
+pub mod dashboard;
 pub mod error;
 pub mod health;
 pub mod history;
@@ -50,6 +51,15 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(health::openapi))
+        .route("/admin", get(dashboard::dashboard))
+        .route(
+            "/admin/login",
+            get(dashboard::login_form).post(dashboard::login),
+        )
+        .route(
+            "/admin/dead-letters/{queue}/replay",
+            post(dashboard::replay),
+        )
         // partner
         .route("/v1/partner", get(partner::profile))
         .route("/v1/partner/contact", put(partner::set_contact))

@@ -3,6 +3,7 @@
 
 mod common;
 mod concurrency;
+mod dashboard;
 mod history;
 mod invitations;
 mod lifecycle;

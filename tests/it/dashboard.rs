@@ -1,0 +1,161 @@
+//! The operators' dashboard, opened in headless Chromium (chromedriver).
+
+use std::{process::Stdio, time::Duration};
+
+use fantoccini::{ClientBuilder, Locator};
+use prereg::mq::{CloudEvent, Queue};
+use serde_json::json;
+
+use crate::common::*;
+
+struct Driver {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn chromedriver() -> Driver {
+    let port = free_port();
+    let child = std::process::Command::new(std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into()))
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver installed (Debian packages chromium and chromium-driver; .ci/run installs them)");
+    let driver = Driver { child, port };
+    wait_until(Duration::from_secs(20), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    driver
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_queues_dead_letters_and_replays_them() {
+    if std::env::var("PREREG_BROWSER_TESTS").as_deref() == Ok("0") {
+        eprintln!("PREREG_BROWSER_TESTS=0: browser test not run");
+        return;
+    }
+    let app = spawn_app().await;
+    // One poison message in the registration dead-letter queue.
+    let bad = CloudEvent::new("preregistration.requested", json!({"id": "not-a-uuid"}));
+    app.ctx.broker.publish_command(&bad).await.unwrap();
+    wait_until(Duration::from_secs(10), || async {
+        prereg::workers::runtime::list_dead_letters(&app.ctx, Queue::Registration, 5)
+            .await
+            .unwrap()
+            .len()
+            == 1
+    })
+    .await;
+
+    // Two TLS back ends are linked in (via the WebDriver client): pick one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let driver = chromedriver().await;
+    let caps = json!({"goog:chromeOptions": {
+        "binary": std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()),
+        "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    }});
+    let caps = caps.as_object().unwrap().clone();
+    let browser = ClientBuilder::rustls()
+        .expect("tls")
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("a browser session");
+    let run = async {
+        // Not signed in: sent to the sign-in page; a wrong key is refused.
+        browser.goto(&format!("{}/admin", app.addr)).await?;
+        assert!(browser
+            .current_url()
+            .await?
+            .path()
+            .ends_with("/admin/login"));
+        browser
+            .find(Locator::Id("key"))
+            .await?
+            .send_keys("not-a-key")
+            .await?;
+        browser.find(Locator::Id("sign-in")).await?.click().await?;
+        browser
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Id("error"))
+            .await?;
+        browser
+            .find(Locator::Id("key"))
+            .await?
+            .send_keys(OPERATOR)
+            .await?;
+        browser.find(Locator::Id("sign-in")).await?.click().await?;
+        browser
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Id("queues"))
+            .await?;
+        assert!(browser.current_url().await?.path().ends_with("/admin"));
+        // The page shows every queue with its consumers, and the dead letter with its reason.
+        let queues = browser.find(Locator::Id("queues")).await?.text().await?;
+        for q in Queue::ALL {
+            assert!(queues.contains(q.short()), "{queues}");
+        }
+        let dead = browser
+            .find(Locator::Id("dlq-registration"))
+            .await?
+            .text()
+            .await?;
+        assert!(dead.contains("registration"), "{dead}");
+        let reasons = browser
+            .find(Locator::Css("table.dead td.reason"))
+            .await?
+            .text()
+            .await?;
+        assert_eq!(reasons, "invalid_payload");
+        let tile = browser.find(Locator::Id("tile-dead")).await?.text().await?;
+        assert!(tile.contains('1'), "{tile}");
+        // Replay: the message goes back (and, still invalid, returns to the DLQ).
+        browser
+            .find(Locator::Id("replay-registration"))
+            .await?
+            .click()
+            .await?;
+        let flash = browser
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Id("flash"))
+            .await?
+            .text()
+            .await?;
+        assert!(
+            flash.contains("Replayed 1 message(s) of registration"),
+            "{flash}"
+        );
+        Ok::<_, fantoccini::error::CmdError>(())
+    };
+    let result = run.await;
+    let _ = browser.close().await;
+    result.expect("browser steps");
+    let replays: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'dead_letters.replayed'")
+            .fetch_one(app.db())
+            .await
+            .unwrap();
+    assert_eq!(replays, 1);
+    app.cleanup().await;
+}
