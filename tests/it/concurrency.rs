@@ -139,6 +139,19 @@ async fn redis_locks_are_exclusive_ordered_and_owner_released() {
     b.release(g3).await;
 }
 
+/// Kills the child worker however the test ends: an orphan would keep
+/// re-declaring its queues on the shared broker.
+struct ChildGuard(Option<std::process::Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_mid_load_loses_nothing() {
     // The intake runs here; the registration worker is the real binary.
@@ -157,7 +170,8 @@ async fn sigterm_mid_load_loses_nothing() {
             .spawn()
             .expect("worker binary starts")
     };
-    let mut child = spawn_worker(&app);
+    let mut guard = ChildGuard(Some(spawn_worker(&app)));
+    let pid = guard.0.as_ref().map(|c| c.id()).unwrap_or_default();
     let partners = [
         app.create_partner(json!({"name": "A"})).await,
         app.create_partner(json!({"name": "B"})).await,
@@ -194,9 +208,10 @@ async fn sigterm_mid_load_loses_nothing() {
     })
     .await;
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
+        libc::kill(pid as i32, libc::SIGTERM);
     }
     let at_signal = count_decided().await;
+    let mut child = guard.0.take().expect("child");
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
