@@ -1,6 +1,7 @@
 //! Postgres store (sqlx, runtime-checked queries).
 
 pub mod accounts;
+pub mod calendar;
 pub mod idempotency;
 pub mod keys;
 pub mod outbox;

@@ -1,0 +1,27 @@
+-- Time: expiry sweeps, claim-expiry reminders and review deadlines (SPEC §5).
+-- Every query of the sweeps reads a partial index that holds only rows that
+-- can still become due, so a sweep costs what is due, not the table size.
+
+-- Claim-expiry reminder to the partner, sent once per claim.
+ALTER TABLE preregistrations ADD COLUMN expiry_reminder_sent_at timestamptz;
+CREATE INDEX preregistrations_expiry_reminder ON preregistrations (expires_at)
+    WHERE status IN ('preregistered', 'invited', 'association_failed')
+      AND expiry_reminder_sent_at IS NULL;
+
+-- Review deadlines: reminders not yet sent, and open reviews (not yet overdue).
+CREATE INDEX reviews_reminder_due ON reviews (due_at)
+    WHERE state = 'open' AND reminder_sent_at IS NULL;
+CREATE INDEX reviews_open_only_due ON reviews (due_at) WHERE state = 'open';
+
+-- Invitation links past their expiry (the `invitations` table comes with the
+-- invitations feature; the index is created only where the table exists).
+DO $$
+BEGIN
+    IF to_regclass('invitations') IS NOT NULL THEN
+        EXECUTE 'CREATE INDEX IF NOT EXISTS invitations_link_expiry ON invitations (expires_at)
+                 WHERE status IN (''queued'', ''sent'') AND expires_at IS NOT NULL';
+        EXECUTE 'CREATE INDEX IF NOT EXISTS invitations_open_by_prereg ON invitations (preregistration_id)
+                 WHERE status IN (''queued'', ''sent'')';
+    END IF;
+END
+$$;
