@@ -11,8 +11,10 @@ pub mod context;
 pub mod domain;
 pub mod locks;
 pub mod mq;
+pub mod scheduler;
 pub mod store;
 pub mod telemetry;
+pub mod timekeeping;
 
 #[path = "../workers/mod.rs"]
 pub mod workers;
