@@ -6,3 +6,4 @@ mod concurrency;
 mod lifecycle;
 mod messaging;
 mod pipeline;
+mod time;
