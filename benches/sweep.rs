@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
 
     let plan_due = explain_rolled_back(&ctx, ctx.cfg.sweep_batch).await?;
 
+    let load_before = loadavg();
     eprintln!("sweeping…");
     let t = Instant::now();
     let stats = sweeps::run(&ctx).await?;
@@ -92,8 +93,12 @@ async fn main() -> anyhow::Result<()> {
         claims - due
     );
     println!(
-        "- batch size (`PREREG_SWEEP_BATCH`): {}",
-        ctx.cfg.sweep_batch
+        "- batch size (`PREREG_SWEEP_BATCH`): {}; parallel batch loops (`PREREG_SWEEP_PARALLELISM`): {}",
+        ctx.cfg.sweep_batch, ctx.cfg.sweep_parallelism
+    );
+    println!(
+        "- load average (1, 5, 15 min) before the sweep: {load_before}; after the idle runs: {}",
+        loadavg()
     );
     println!();
     println!("| case | result |\n|---|---|");
@@ -127,6 +132,12 @@ async fn main() -> anyhow::Result<()> {
             .await?;
     }
     Ok(())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn num_cpus() -> usize {
@@ -176,6 +187,7 @@ async fn explain_rolled_back(ctx: &Ctx, batch: i64) -> anyhow::Result<String> {
     let rows = sqlx::query(&sql)
         .bind(batch)
         .bind("system:bench")
+        .bind("urn:prereg")
         .fetch_all(&mut *tx)
         .await?;
     tx.rollback().await?;

@@ -43,6 +43,8 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// Rows per sweep transaction (`PREREG_SWEEP_BATCH`).
     pub sweep_batch: i64,
+    /// Batch loops one sweep runs at once (`PREREG_SWEEP_PARALLELISM`).
+    pub sweep_parallelism: usize,
     /// How long before a claim expires the partner is reminded
     /// (`PREREG_CLAIM_REMINDER_BEFORE`; `0s` turns the reminder off).
     pub claim_reminder_before: Duration,
@@ -168,6 +170,7 @@ impl Config {
             review_reminder_before: dur("PREREG_REVIEW_REMINDER_BEFORE", "4h")?,
             sweep_interval,
             sweep_batch: num("PREREG_SWEEP_BATCH", "5000")?.clamp(1, 100_000) as i64,
+            sweep_parallelism: num("PREREG_SWEEP_PARALLELISM", "2")?.clamp(1, 16) as usize,
             claim_reminder_before: dur("PREREG_CLAIM_REMINDER_BEFORE", "2d")?,
             partner_quota: num("PREREG_PARTNER_QUOTA", "100")? as i64,
             export_retention: dur("PREREG_EXPORT_RETENTION", "7d")?,

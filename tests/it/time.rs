@@ -450,6 +450,41 @@ async fn two_sweeps_at_once_expire_each_claim_exactly_once() {
         (DUE, DUE),
         "one event per expired claim"
     );
+    // The event written by SQL is the one the registration worker builds.
+    let (prereg_id, message): (Uuid, Value) = sqlx::query_as(
+        "SELECT p.id, o.message FROM outbox o JOIN preregistrations p ON o.message->>'id' = 'preregistration.expired:' || p.id
+         WHERE o.routing_key = 'preregistration.expired' LIMIT 1",
+    )
+    .fetch_one(&one.db)
+    .await
+    .unwrap();
+    let written: CloudEvent = serde_json::from_value(message).expect("a CloudEvent");
+    let (partner_id, expires_at): (Uuid, DateTime<Utc>) =
+        sqlx::query_as("SELECT partner_id, expires_at FROM preregistrations WHERE id = $1")
+            .bind(prereg_id)
+            .fetch_one(&one.db)
+            .await
+            .unwrap();
+    let previous = written.data["previous_status"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let built = sweeps::expired_event(prereg_id, partner_id, &previous, Some(expires_at));
+    let time = |v: &Value| serde_json::from_value::<DateTime<Utc>>(v.clone()).unwrap();
+    assert_eq!(
+        time(&written.data["expires_at"]),
+        time(&built.data["expires_at"])
+    );
+    let mut data = written.data.clone();
+    data["expires_at"] = built.data["expires_at"].clone();
+    assert_eq!(
+        CloudEvent {
+            time: built.time,
+            data,
+            ..written
+        },
+        built
+    );
     let by_status: Vec<(String, i64)> = sqlx::query_as(
         "SELECT status, count(*) FROM preregistrations GROUP BY status ORDER BY status",
     )
