@@ -2,6 +2,7 @@
 
 use clap::Subcommand;
 use prereg::{
+    domain::workdays::{self, Calendar},
     mq::Queue,
     store::{self, keys::Role, partners::PartnerFields},
     workers::runtime,
@@ -36,6 +37,29 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// The working-day calendar: load a year from a file, or show one.
+    Calendar {
+        #[command(subcommand)]
+        command: CalendarCommand,
+    },
+    /// Run the expiry sweep and the review deadlines once, here and now.
+    Sweep,
+}
+
+#[derive(Subcommand)]
+pub enum CalendarCommand {
+    /// Load (replace) one year from a TSV file: `date<TAB>kind<TAB>name`
+    /// lines after a header, `#` comments allowed (the format of
+    /// calendar-cn-2026.tsv).
+    Load {
+        file: std::path::PathBuf,
+        /// The year being loaded; needed when the file has no entries,
+        /// otherwise taken from them (every date must be in that year).
+        #[arg(long)]
+        year: Option<i32>,
+    },
+    /// Print one year as TSV.
+    Show { year: i32 },
 }
 
 #[derive(Subcommand)]
@@ -119,6 +143,62 @@ pub async fn run(cfg: Config, cmd: AdminCommand) -> anyhow::Result<()> {
         } => {
             let n = runtime::replay_dead_letters(&ctx, queue(&q)?, limit).await?;
             println!("replayed {n} message(s) to {q}");
+        }
+        AdminCommand::Calendar {
+            command: CalendarCommand::Load { file, year },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let entries = workdays::parse_tsv(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let year = match (year, workdays::single_year(&entries)) {
+                (Some(y), _) => y,
+                (None, Ok(Some(y))) => y,
+                (None, Ok(None)) => {
+                    anyhow::bail!("the file lists no dates: give the year with --year")
+                }
+                (None, Err(years)) => anyhow::bail!(
+                    "the file spans several years ({years:?}): load one year per file"
+                ),
+            };
+            if !prereg::api::calendar::YEARS.contains(&year) {
+                anyhow::bail!("year {year} is out of range");
+            }
+            // Same checks as the API: every date in the year, none twice.
+            Calendar::new()
+                .load_year(year, &entries)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let (_, recomputed) =
+                prereg::api::calendar::load_year(&ctx, "operator:cli", year, &entries).await?;
+            println!(
+                "loaded {year}: {} holidays, {} make-up workdays; {recomputed} review deadline(s) recomputed",
+                entries.iter().filter(|e| e.kind == workdays::DayKind::Holiday).count(),
+                entries.iter().filter(|e| e.kind == workdays::DayKind::Workday).count(),
+            );
+        }
+        AdminCommand::Calendar {
+            command: CalendarCommand::Show { year },
+        } => {
+            let (source, entries) = match store::calendar::get_year(&ctx.db, year).await? {
+                Some((_, e)) => ("uploaded", e),
+                None if year == workdays::CN_2026_YEAR => {
+                    ("default", Calendar::cn_2026().entries_for_year(year))
+                }
+                None => anyhow::bail!("no calendar loaded for {year} (weekends only)"),
+            };
+            println!("# {year} ({source})\ndate\tkind\tname");
+            for e in entries {
+                println!("{}\t{}\t{}", e.date, e.kind, e.name);
+            }
+        }
+        AdminCommand::Sweep => {
+            let s = prereg::workers::sweeps::run(&ctx).await?;
+            let d = prereg::workers::deadlines::run(&ctx).await?;
+            println!(
+                "sweep {}\ndeadlines {}",
+                serde_json::to_string(&s)?,
+                serde_json::to_string(&d)?
+            );
         }
     }
     ctx.broker.close().await;

@@ -23,6 +23,8 @@ pub struct Roles {
     /// Serve `/healthz`, `/readyz` and `/metrics` on `PREREG_METRICS_ADDR`
     /// (worker processes, which have no API).
     pub health_server: bool,
+    /// Publish sweep and deadline ticks every `PREREG_SWEEP_INTERVAL`.
+    pub scheduler: bool,
 }
 
 pub struct Running {
@@ -114,6 +116,9 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
             cancel.clone(),
         ));
     }
+    if roles.scheduler {
+        tasks.spawn(crate::scheduler::run(ctx.clone(), cancel.clone()));
+    }
     if roles.relay {
         tasks.spawn(store::outbox::run_relay(
             ctx.db.clone(),
@@ -150,6 +155,20 @@ pub async fn readiness(ctx: &Ctx) -> (StatusCode, Value) {
         Err(_) => json!({"ok": false, "error": "timeout"}),
     };
     let all = [&pg, &redis, &amqp].iter().all(|v| v["ok"] == json!(true));
+    // A warning only: deadlines are still computed (weekends only).
+    let calendar =
+        match tokio::time::timeout(timeout, crate::timekeeping::calendar_status(ctx)).await {
+            Ok(Ok(c)) => {
+                metrics::gauge!("prereg_calendar_missing").set(if c.calendar_missing {
+                    1.0
+                } else {
+                    0.0
+                });
+                json!(c)
+            }
+            Ok(Err(e)) => json!({"error": e.to_string()}),
+            Err(_) => json!({"error": "timeout"}),
+        };
     let code = if all {
         StatusCode::OK
     } else {
@@ -157,7 +176,8 @@ pub async fn readiness(ctx: &Ctx) -> (StatusCode, Value) {
     };
     (
         code,
-        json!({"status": if all { "ready" } else { "not_ready" }, "checks": {"postgres": pg, "redis": redis, "rabbitmq": amqp}}),
+        json!({"status": if all { "ready" } else { "not_ready" }, "checks": {"postgres": pg, "redis": redis, "rabbitmq": amqp},
+               "details": {"calendar": calendar}}),
     )
 }
 

@@ -41,6 +41,13 @@ pub struct Config {
     pub review_sla: ReviewSla,
     pub review_reminder_before: Duration,
     pub sweep_interval: Duration,
+    /// Rows per sweep transaction (`PREREG_SWEEP_BATCH`).
+    pub sweep_batch: i64,
+    /// Batch loops one sweep runs at once (`PREREG_SWEEP_PARALLELISM`).
+    pub sweep_parallelism: usize,
+    /// How long before a claim expires the partner is reminded
+    /// (`PREREG_CLAIM_REMINDER_BEFORE`; `0s` turns the reminder off).
+    pub claim_reminder_before: Duration,
     pub partner_quota: i64,
     pub export_retention: Duration,
     pub amqp_prefix: String,
@@ -127,6 +134,10 @@ impl Config {
             "text" => LogFormat::Text,
             other => return Err(err("PREREG_LOG_FORMAT", format!("`{other}`: json or text"))),
         };
+        let sweep_interval = dur("PREREG_SWEEP_INTERVAL", "60s")?;
+        if sweep_interval < Duration::from_millis(100) {
+            return Err(err("PREREG_SWEEP_INTERVAL", "at least 100ms".into()));
+        }
         let prefix = get("PREREG_AMQP_PREFIX", "prereg");
         if !prefix
             .chars()
@@ -163,7 +174,10 @@ impl Config {
             invitation_validity: dur("PREREG_INVITATION_VALIDITY", "7d")?,
             review_sla,
             review_reminder_before: dur("PREREG_REVIEW_REMINDER_BEFORE", "4h")?,
-            sweep_interval: dur("PREREG_SWEEP_INTERVAL", "60s")?,
+            sweep_interval,
+            sweep_batch: num("PREREG_SWEEP_BATCH", "5000")?.clamp(1, 100_000) as i64,
+            sweep_parallelism: num("PREREG_SWEEP_PARALLELISM", "2")?.clamp(1, 16) as usize,
+            claim_reminder_before: dur("PREREG_CLAIM_REMINDER_BEFORE", "2d")?,
             partner_quota: num("PREREG_PARTNER_QUOTA", "100")? as i64,
             export_retention: dur("PREREG_EXPORT_RETENTION", "7d")?,
             amqp_prefix: prefix,

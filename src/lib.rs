@@ -13,8 +13,10 @@ pub mod links;
 pub mod locks;
 pub mod mail;
 pub mod mq;
+pub mod scheduler;
 pub mod store;
 pub mod telemetry;
+pub mod timekeeping;
 
 #[path = "../workers/mod.rs"]
 pub mod workers;

@@ -32,6 +32,9 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// Publish sweep and deadline ticks every PREREG_SWEEP_INTERVAL (safe to
+    /// run on several nodes).
+    Scheduler,
     /// Operator tasks from a terminal.
     Admin {
         #[command(subcommand)]
@@ -102,6 +105,16 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
             let roles = Roles {
                 workers: queues,
                 relay: true,
+                health_server: true,
+                ..Default::default()
+            };
+            app::start(ctx, roles).await?.run_until_signal().await;
+            Ok(())
+        }
+        Command::Scheduler => {
+            let ctx = Ctx::new(cfg)?;
+            let roles = Roles {
+                scheduler: true,
                 health_server: true,
                 ..Default::default()
             };

@@ -3,10 +3,12 @@
 
 pub mod accounts;
 pub mod association;
+pub mod deadlines;
 pub mod email;
 pub mod export;
 pub mod registration;
 pub mod runtime;
+pub mod sweeps;
 
 use serde::de::DeserializeOwned;
 use thiserror::Error;
@@ -67,6 +69,15 @@ pub fn payload<T: DeserializeOwned>(ev: &CloudEvent) -> Result<T, JobError> {
         .map_err(|e| JobError::fatal("invalid_payload", format!("{}: {e}", ev.ty)))
 }
 
+/// Like [`payload`], for jobs whose fields are all optional: an absent
+/// (`null`) payload is the default one.
+pub fn payload_or_default<T: DeserializeOwned + Default>(ev: &CloudEvent) -> Result<T, JobError> {
+    if ev.data.is_null() {
+        return Ok(T::default());
+    }
+    payload(ev)
+}
+
 /// Routes a job to its handler by message type.
 pub async fn dispatch(ctx: &Ctx, ev: &CloudEvent) -> Result<Outcome, JobError> {
     match ev.ty.as_str() {
@@ -77,6 +88,8 @@ pub async fn dispatch(ctx: &Ctx, ev: &CloudEvent) -> Result<Outcome, JobError> {
         "email.requested" => email::handle_notice(ctx, payload(ev)?, ev).await,
         "association.requested" => association::handle(ctx, payload(ev)?).await,
         "export.requested" => export::handle(ctx, payload(ev)?).await,
+        "sweep.requested" => sweeps::handle(ctx, payload_or_default(ev)?).await,
+        "deadline.tick" => deadlines::handle(ctx, payload_or_default(ev)?).await,
         other => Err(JobError::fatal(
             "unknown_type",
             format!("no handler for message type `{other}`"),

@@ -299,13 +299,26 @@ fn rejected_event(
 }
 
 /// Ends a lapsed claim: `expired`, with its timeline entry and event.
+///
+/// Conditional, like the sweep: if a sweep (or another worker) expired the
+/// claim first, nothing is written twice. Returns whether this call expired it.
 pub async fn expire_claim(
     conn: &mut PgConnection,
     id: Uuid,
     from: Status,
     actor: &str,
-) -> Result<(), sqlx::Error> {
-    preregs::set_status(conn, id, Status::Expired).await?;
+) -> Result<bool, sqlx::Error> {
+    let row: Option<(Uuid, Option<chrono::DateTime<Utc>>)> = sqlx::query_as(
+        "UPDATE preregistrations SET status = 'expired', updated_at = now()
+         WHERE id = $1 AND status IN ('preregistered', 'invited', 'association_failed')
+         RETURNING partner_id, expires_at",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((partner_id, expires_at)) = row else {
+        return Ok(false);
+    };
     store::record(
         conn,
         TimelineEntry {
@@ -319,12 +332,9 @@ pub async fn expire_claim(
         },
     )
     .await?;
-    let ev = CloudEvent::with_id(
-        format!("preregistration.expired:{id}"),
-        "preregistration.expired",
-        json!({"preregistration_id": id, "status": "expired"}),
-    );
-    outbox::event(conn, &ev.subject(id)).await
+    let ev = super::sweeps::expired_event(id, partner_id, from.as_str(), expires_at);
+    outbox::event(conn, &ev).await?;
+    Ok(true)
 }
 
 /// `review.requested`: the partner asks for a manual review of a rejection.

@@ -20,7 +20,8 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
     (code, Json(details)).into_response()
 }
 
-pub async fn metrics() -> Response {
+pub async fn metrics(State(st): State<AppState>) -> Response {
+    crate::timekeeping::refresh_gauges(&st.ctx).await;
     let body = crate::telemetry::metrics().render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

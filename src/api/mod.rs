@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod calendar;
 pub mod command;
 pub mod dashboard;
 pub mod error;
@@ -116,6 +117,11 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
             "/v1/admin/reviews/{id}/decision",
             post(admin::decide_review),
         )
+        .route(
+            "/v1/admin/calendar/{year}",
+            put(calendar::put_year).get(calendar::get_year),
+        )
+        .route("/v1/admin/sweeps", post(calendar::request_sweep))
         .route("/v1/admin/queues", get(admin::queues))
         .route("/v1/admin/dead-letters/{queue}", get(admin::dead_letters))
         .route("/v1/admin/dead-letters/{queue}/replay", post(admin::replay))

@@ -37,6 +37,7 @@ pub fn admin_review(r: &Review) -> Value {
     v["preregistration_id"] = json!(r.preregistration_id);
     v["partner_id"] = json!(r.partner_id);
     v["reminder_sent_at"] = json!(r.reminder_sent_at);
+    v["overdue_at"] = json!(r.overdue_at);
     v["escalated_at"] = json!(r.escalated_at);
     v["decided_by"] = json!(r.decided_by);
     v

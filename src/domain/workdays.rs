@@ -179,6 +179,17 @@ pub fn parse_tsv(text: &str) -> Result<Vec<CalendarEntry>, CalendarError> {
     Ok(entries)
 }
 
+/// The one year every entry is dated in: `Ok(None)` for no entries,
+/// `Err(years)` when they span several.
+pub fn single_year(entries: &[CalendarEntry]) -> Result<Option<i32>, Vec<i32>> {
+    let years: BTreeSet<i32> = entries.iter().map(|e| e.date.year()).collect();
+    match years.len() {
+        0 => Ok(None),
+        1 => Ok(years.into_iter().next()),
+        _ => Err(years.into_iter().collect()),
+    }
+}
+
 /// Strict `YYYY-MM-DD`.
 fn parse_date(text: &str) -> Option<NaiveDate> {
     let bytes = text.as_bytes();
@@ -507,6 +518,18 @@ mod tests {
         let mut calendar = Calendar::new();
         calendar.load_year(2026, &entries).expect("loads");
         calendar
+    }
+
+    #[test]
+    fn single_year_of_a_file() {
+        let entries = parse_tsv(CN_2026_TSV).expect("parses");
+        assert_eq!(single_year(&entries), Ok(Some(2026)));
+        assert_eq!(single_year(&[]), Ok(None));
+        let mixed = [
+            entry(date(2026, 1, 1), DayKind::Holiday, "a"),
+            entry(date(2027, 1, 1), DayKind::Holiday, "b"),
+        ];
+        assert_eq!(single_year(&mixed), Err(vec![2026, 2027]));
     }
 
     // --- the four examples of the spec -------------------------------------

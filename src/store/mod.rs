@@ -1,6 +1,7 @@
 //! Postgres store (sqlx, runtime-checked queries).
 
 pub mod accounts;
+pub mod calendar;
 pub mod history;
 pub mod idempotency;
 pub mod invitations;

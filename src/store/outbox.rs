@@ -16,6 +16,42 @@ pub async fn command(conn: &mut PgConnection, ev: &CloudEvent) -> Result<(), sql
     push(conn, "commands", ev).await
 }
 
+/// Writes many events in one statement (sweeps touch thousands of rows per
+/// transaction).
+pub async fn events(conn: &mut PgConnection, evs: &[CloudEvent]) -> Result<(), sqlx::Error> {
+    push_many(conn, "events", evs).await
+}
+
+/// Writes many commands in one statement.
+pub async fn commands(conn: &mut PgConnection, evs: &[CloudEvent]) -> Result<(), sqlx::Error> {
+    push_many(conn, "commands", evs).await
+}
+
+async fn push_many(
+    conn: &mut PgConnection,
+    exchange: &str,
+    evs: &[CloudEvent],
+) -> Result<(), sqlx::Error> {
+    if evs.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = evs.iter().map(|e| e.ty.as_str()).collect();
+    let messages: Vec<serde_json::Value> = evs
+        .iter()
+        .map(|e| serde_json::to_value(e).unwrap_or_default())
+        .collect();
+    sqlx::query(
+        "INSERT INTO outbox (exchange, routing_key, message)
+         SELECT $1, k, m FROM unnest($2::text[], $3::jsonb[]) WITH ORDINALITY AS t(k, m, n) ORDER BY n",
+    )
+    .bind(exchange)
+    .bind(&keys)
+    .bind(&messages)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 async fn push(conn: &mut PgConnection, exchange: &str, ev: &CloudEvent) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO outbox (exchange, routing_key, message) VALUES ($1, $2, $3)")
         .bind(exchange)

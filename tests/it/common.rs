@@ -97,6 +97,7 @@ pub async fn spawn_roles(tweak: impl FnOnce(&mut Config), queues: Vec<Queue>) ->
         workers: queues,
         relay: true,
         health_server: false,
+        scheduler: false,
     };
     let running = app::start(ctx.clone(), roles).await.expect("start");
     let addr = format!("http://{}", running.http_addr.expect("http addr"));

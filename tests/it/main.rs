@@ -9,3 +9,4 @@ mod invitations;
 mod lifecycle;
 mod messaging;
 mod pipeline;
+mod time;

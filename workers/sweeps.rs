@@ -1,0 +1,367 @@
+//! The expiry sweep (SPEC §5), run on `sweep.requested`.
+//!
+//! - Claims past `expires_at` that are not associated become `expired`: the
+//!   customer is free for any partner at once.
+//! - Invitation links past their expiry, and outstanding links of the claims
+//!   that just expired, become `expired` (only where the `invitations` table
+//!   exists; see [`expire_links`]).
+//! - Partners are reminded `PREREG_CLAIM_REMINDER_BEFORE` ahead of a claim's
+//!   expiry (an `email.requested` command through the outbox).
+//!
+//! Every step works in bounded batches: one transaction per batch picks due
+//! rows from a partial index that holds only rows that can still become due
+//! (`ORDER BY expires_at LIMIT n FOR UPDATE SKIP LOCKED`), changes them, and
+//! writes the timeline entries and outbox messages in bulk. Sweeps on several
+//! nodes at once skip each other's locked rows, so no row is handled twice,
+//! and a sweep with nothing due costs a few index probes. A run stops after a
+//! time budget and hands the rest to a fresh `sweep.requested`; a complete run
+//! is recorded in `sweep_runs`.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{JobError, Outcome};
+use crate::{context::Ctx, mq::CloudEvent, store};
+
+/// The name of this sweep in `sweep_runs`.
+pub const NAME: &str = "expiry";
+const ACTOR: &str = "system:sweep";
+/// Statuses of a claim that can expire (not `associated`).
+const EXPIRABLE: &str = "('preregistered', 'invited', 'association_failed')";
+
+/// `sweep.requested`: from the scheduler (with the slot it stands for), the
+/// operator API, or any upstream publisher (every field optional).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SweepRequested {
+    /// The scheduler's time slot: a tick is skipped when a run that started
+    /// at or after it already succeeded (several schedulers, a backlog).
+    #[serde(default)]
+    pub scheduled_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub requested_by: Option<String>,
+}
+
+/// What one run did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct SweepStats {
+    pub claims_expired: u64,
+    pub links_expired: u64,
+    pub reminders: u64,
+    pub batches: u64,
+    /// Stopped on its time budget; a continuation was queued.
+    pub incomplete: bool,
+    pub duration_ms: u64,
+}
+
+pub async fn handle(ctx: &Ctx, cmd: SweepRequested) -> Result<Outcome, JobError> {
+    if let Some(at) = cmd.scheduled_at {
+        if let Some((last, _)) = store::calendar::last_run(&ctx.db, NAME).await? {
+            if last >= at {
+                return Ok(Outcome::Skipped("already_swept"));
+            }
+        }
+    }
+    let stats = run(ctx).await?;
+    if stats.claims_expired + stats.links_expired + stats.reminders > 0 {
+        tracing::info!(
+            claims_expired = stats.claims_expired,
+            links_expired = stats.links_expired,
+            reminders = stats.reminders,
+            duration_ms = stats.duration_ms,
+            "expiry sweep"
+        );
+    }
+    Ok(Outcome::Done)
+}
+
+/// Runs one complete sweep (or as much as fits its time budget).
+pub async fn run(ctx: &Ctx) -> Result<SweepStats, sqlx::Error> {
+    run_with_budget(ctx, ctx.cfg.job_timeout / 2).await
+}
+
+pub async fn run_with_budget(ctx: &Ctx, budget: Duration) -> Result<SweepStats, sqlx::Error> {
+    let started_at = Utc::now();
+    let t0 = Instant::now();
+    let batch = ctx.cfg.sweep_batch.max(1);
+    let mut stats = SweepStats::default();
+    let mut expired_ids: Vec<Uuid> = Vec::new();
+    let over_budget = |stats: &mut SweepStats| {
+        let over = t0.elapsed() >= budget;
+        stats.incomplete |= over;
+        over
+    };
+
+    // 1. Claims: `PREREG_SWEEP_PARALLELISM` batch loops at once (they skip
+    //    each other's locked rows like sweeps on other nodes do). A loop ends
+    //    on a batch that is not full: nothing unlocked was left for it.
+    let loops = (0..ctx.cfg.sweep_parallelism.max(1)).map(|_| async {
+        let mut ids: Vec<Uuid> = Vec::new();
+        let mut batches = 0u64;
+        let mut incomplete = false;
+        loop {
+            let got = expire_claims_batch(ctx, batch).await?;
+            batches += 1;
+            let full = got.len() as i64 == batch;
+            ids.extend(got);
+            if !full {
+                break;
+            }
+            if t0.elapsed() >= budget {
+                incomplete = true;
+                break;
+            }
+        }
+        Ok::<_, sqlx::Error>((ids, batches, incomplete))
+    });
+    for result in futures::future::join_all(loops).await {
+        let (ids, batches, incomplete) = result?;
+        stats.claims_expired += ids.len() as u64;
+        stats.batches += batches;
+        stats.incomplete |= incomplete;
+        expired_ids.extend(ids);
+    }
+    // 2. Invitation links (a separate step: a failure here never undoes or
+    //    blocks the claims).
+    if !stats.incomplete {
+        match expire_links(ctx, batch, &expired_ids).await {
+            Ok(n) => stats.links_expired = n,
+            Err(e) => {
+                tracing::warn!(error = %e, "invitation link expiry failed; will retry next sweep")
+            }
+        }
+    }
+    // Exports past their retention lose their file.
+    match store::history::expire_exports(&ctx.db).await {
+        Ok(n) if n > 0 => tracing::info!(chunks = n, "expired export files removed"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "export cleanup failed; will retry next sweep"),
+    }
+    // 3. Reminders of claims about to expire.
+    if !stats.incomplete && !ctx.cfg.claim_reminder_before.is_zero() {
+        loop {
+            let n = remind_claims_batch(ctx, batch).await?;
+            stats.batches += 1;
+            stats.reminders += n;
+            if (n as i64) < batch || over_budget(&mut stats) {
+                break;
+            }
+        }
+    }
+    stats.duration_ms = t0.elapsed().as_millis() as u64;
+    let stats_json = serde_json::to_value(&stats).unwrap_or(Value::Null);
+    if stats.incomplete {
+        // Hand the rest to a fresh job rather than hold this one past its timeout.
+        let next = CloudEvent::new(
+            "sweep.requested",
+            json!({"requested_by": "system:sweep-continuation"}),
+        );
+        let mut conn = ctx.db.acquire().await?;
+        store::outbox::command(&mut conn, &next).await?;
+    } else {
+        store::calendar::record_run(&ctx.db, NAME, started_at, &stats_json).await?;
+        metrics::gauge!("prereg_sweep_last_success_timestamp_seconds", "sweep" => NAME)
+            .set(started_at.timestamp() as f64);
+    }
+    metrics::counter!("prereg_sweep_claims_expired_total").increment(stats.claims_expired);
+    metrics::counter!("prereg_sweep_links_expired_total").increment(stats.links_expired);
+    metrics::counter!("prereg_claim_reminders_total").increment(stats.reminders);
+    metrics::histogram!("prereg_sweep_duration_seconds", "sweep" => NAME)
+        .record(t0.elapsed().as_secs_f64());
+    Ok(stats)
+}
+
+/// The statement that expires one batch of claims and writes, in the same
+/// statement, their timeline entries and their `preregistration.expired`
+/// events to the outbox (`$1` batch size, `$2` actor, `$3` CloudEvents
+/// source): one round trip per batch. The event is the one
+/// [`expired_event`] builds. The rows are locked by the `due` scan, so their
+/// `ctid` stays theirs until the update (a TID scan instead of a second index
+/// lookup per row). Returns the ids it expired. Public for the benchmark's
+/// query plan.
+pub const EXPIRE_CLAIMS_SQL: &str = "
+WITH due AS (
+    SELECT ctid AS tid, id, status FROM preregistrations
+    WHERE status IN ('preregistered', 'invited', 'association_failed') AND expires_at <= now()
+    ORDER BY expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), expired AS (
+    UPDATE preregistrations p SET status = 'expired', updated_at = now()
+    FROM due
+    WHERE p.ctid = due.tid AND p.status IN ('preregistered', 'invited', 'association_failed')
+    RETURNING p.id, p.partner_id, due.status AS from_status, p.expires_at
+), timeline AS (
+    INSERT INTO preregistration_events (preregistration_id, actor, change, from_status, to_status, reason)
+    SELECT id, $2, 'expired', from_status, 'expired', 'claim_validity_passed' FROM expired
+), events AS (
+    INSERT INTO outbox (exchange, routing_key, message)
+    SELECT 'events', 'preregistration.expired', jsonb_build_object(
+        'specversion', '1.0', 'id', 'preregistration.expired:' || id, 'source', $3::text,
+        'type', 'preregistration.expired', 'time', now(), 'subject', id::text,
+        'datacontenttype', 'application/json',
+        'data', jsonb_build_object('preregistration_id', id, 'partner_id', partner_id, 'status', 'expired',
+                                   'previous_status', from_status, 'expires_at', expires_at))
+    FROM expired
+)
+SELECT id FROM expired";
+
+/// Expires up to `batch` due claims in one transaction. Returns their ids.
+async fn expire_claims_batch(ctx: &Ctx, batch: i64) -> Result<Vec<Uuid>, sqlx::Error> {
+    let mut tx = ctx.db.begin().await?;
+    // A commit lost in a crash only means the next sweep expires those claims
+    // again, with the same event ids: no need to wait for the WAL flush.
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
+    let ids: Vec<Uuid> = sqlx::query_scalar(EXPIRE_CLAIMS_SQL)
+        .bind(batch)
+        .bind(ACTOR)
+        .bind(crate::mq::envelope::SOURCE)
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// The event of an expired claim (the same id whichever path expired it).
+pub fn expired_event(
+    id: Uuid,
+    partner_id: Uuid,
+    previous_status: &str,
+    expires_at: Option<DateTime<Utc>>,
+) -> CloudEvent {
+    CloudEvent::with_id(
+        format!("preregistration.expired:{id}"),
+        "preregistration.expired",
+        json!({"preregistration_id": id, "partner_id": partner_id, "status": "expired",
+               "previous_status": previous_status, "expires_at": expires_at}),
+    )
+    .subject(id)
+}
+
+/// Reminds partners of claims expiring within `PREREG_CLAIM_REMINDER_BEFORE`:
+/// marks each claim once (`expiry_reminder_sent_at`) and queues the email in
+/// the same transaction. Claims of partners without a contact email are
+/// marked without an email.
+async fn remind_claims_batch(ctx: &Ctx, batch: i64) -> Result<u64, sqlx::Error> {
+    let before_ms = ctx
+        .cfg
+        .claim_reminder_before
+        .as_millis()
+        .min(i64::MAX as u128) as i64;
+    let mut tx = ctx.db.begin().await?;
+    let rows = sqlx::query(&format!(
+        "WITH due AS (
+            SELECT id FROM preregistrations
+            WHERE status IN {EXPIRABLE} AND expiry_reminder_sent_at IS NULL
+              AND expires_at > now() AND expires_at <= now() + $2 * interval '1 millisecond'
+            ORDER BY expires_at
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+         )
+         UPDATE preregistrations p SET expiry_reminder_sent_at = now()
+         FROM due WHERE p.id = due.id AND p.expiry_reminder_sent_at IS NULL
+         RETURNING p.id, p.partner_id, p.expires_at,
+                   (SELECT contact_email FROM partners WHERE partners.id = p.partner_id) AS contact_email"
+    ))
+    .bind(batch)
+    .bind(before_ms)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        tx.rollback().await?;
+        return Ok(0);
+    }
+    let emails: Vec<CloudEvent> = rows
+        .iter()
+        .filter_map(|r| {
+            let to: Option<String> = r.get("contact_email");
+            let id: Uuid = r.get("id");
+            let partner_id: Uuid = r.get("partner_id");
+            let expires_at: Option<DateTime<Utc>> = r.get("expires_at");
+            to.map(|to| {
+                CloudEvent::with_id(
+                    format!("email:claim_expiry_reminder:{id}"),
+                    "email.requested",
+                    json!({"kind": "claim_expiry_reminder", "to": to, "preregistration_id": id,
+                           "partner_id": partner_id, "expires_at": expires_at}),
+                )
+                .subject(id)
+            })
+        })
+        .collect();
+    store::outbox::commands(&mut tx, &emails).await?;
+    tx.commit().await?;
+    Ok(rows.len() as u64)
+}
+
+/// Invitation links: those past their own expiry, and the outstanding ones
+/// of the claims this run expired (an offline link has no expiry of its own
+/// and ends with its claim). Uses the partial index on `link_expires_at`.
+pub async fn expire_links(
+    ctx: &Ctx,
+    batch: i64,
+    expired_claims: &[Uuid],
+) -> Result<u64, sqlx::Error> {
+    let mut total = 0;
+    for chunk in expired_claims.chunks(batch as usize) {
+        let mut tx = ctx.db.begin().await?;
+        let rows = sqlx::query(
+            "UPDATE invitations SET status = 'expired'
+             WHERE preregistration_id = ANY($1) AND status IN ('queued', 'sent')
+             RETURNING id, preregistration_id",
+        )
+        .bind(chunk)
+        .fetch_all(&mut *tx)
+        .await?;
+        total += rows.len() as u64;
+        store::outbox::events(&mut tx, &link_events(&rows, "claim_expired")).await?;
+        tx.commit().await?;
+    }
+    loop {
+        let mut tx = ctx.db.begin().await?;
+        let rows = sqlx::query(
+            "WITH due AS (
+                SELECT id FROM invitations
+                WHERE status IN ('queued', 'sent') AND link_expires_at <= now()
+                ORDER BY link_expires_at
+                LIMIT $1
+                FOR UPDATE SKIP LOCKED
+             )
+             UPDATE invitations i SET status = 'expired' FROM due
+             WHERE i.id = due.id AND i.status IN ('queued', 'sent')
+             RETURNING i.id, i.preregistration_id",
+        )
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        let n = rows.len();
+        total += n as u64;
+        store::outbox::events(&mut tx, &link_events(&rows, "link_validity_passed")).await?;
+        tx.commit().await?;
+        if (n as i64) < batch {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+fn link_events(rows: &[sqlx::postgres::PgRow], reason: &str) -> Vec<CloudEvent> {
+    rows.iter()
+        .map(|r| {
+            let id: Uuid = r.get("id");
+            let prereg: Uuid = r.get("preregistration_id");
+            CloudEvent::with_id(
+                format!("invitation.expired:{id}"),
+                "invitation.expired",
+                json!({"invitation_id": id, "preregistration_id": prereg, "status": "expired", "reason": reason}),
+            )
+            .subject(prereg)
+        })
+        .collect()
+}
