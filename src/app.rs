@@ -119,6 +119,10 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
     if roles.scheduler {
         tasks.spawn(crate::scheduler::run(ctx.clone(), cancel.clone()));
     }
+    if roles.intake || roles.health_server {
+        // Processes that serve /metrics also report the queues.
+        tasks.spawn(monitor_queues(ctx.clone(), cancel.clone()));
+    }
     if roles.relay {
         tasks.spawn(store::outbox::run_relay(
             ctx.db.clone(),
@@ -181,6 +185,19 @@ pub async fn readiness(ctx: &Ctx) -> (StatusCode, Value) {
     )
 }
 
+/// Refreshes the queue gauges every 15 s.
+async fn monitor_queues(ctx: Arc<Ctx>, cancel: CancellationToken) {
+    loop {
+        if let Err(e) = queue_stats(&ctx).await {
+            tracing::debug!(error = %e, "queue stats unavailable");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(15)) => {}
+        }
+    }
+}
+
 /// Depth and consumers of every work queue and its dead-letter queue.
 pub async fn queue_stats(ctx: &Ctx) -> anyhow::Result<Vec<Value>> {
     let (_, ch) = ctx.broker.channel().await?;
@@ -202,6 +219,13 @@ pub async fn queue_stats(ctx: &Ctx) -> anyhow::Result<Vec<Value>> {
             .set(work.message_count() as f64);
         metrics::gauge!("prereg_dead_letters", "queue" => q.short())
             .set(dlq.message_count() as f64);
+        metrics::gauge!("prereg_queue_consumers", "queue" => q.short())
+            .set(work.consumer_count() as f64);
+        if work.message_count() == 0 {
+            // Nothing waits: the oldest message is no age at all.
+            metrics::gauge!("prereg_queue_oldest_message_age_seconds", "queue" => q.short())
+                .set(0.0);
+        }
         out.push(json!({
             "queue": q.short(),
             "messages": work.message_count(),

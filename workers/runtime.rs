@@ -148,6 +148,10 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
             return;
         }
     };
+    // In a FIFO queue the message taken now was the oldest waiting: its age
+    // is the queue's oldest-message age at this moment.
+    let waited = (Utc::now() - ev.time).num_milliseconds().max(0) as f64 / 1000.0;
+    metrics::gauge!("prereg_queue_oldest_message_age_seconds", "queue" => q.short()).set(waited);
     let span = tracing::info_span!("job", queue = q.short(), job_id = %ev.id, job_type = %ev.ty,
         correlation_id = ev.correlationid.as_deref().unwrap_or(""), attempt = retries + 1);
     async {

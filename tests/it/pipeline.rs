@@ -456,5 +456,32 @@ async fn health_and_readiness() {
         .await;
     assert_eq!(s, StatusCode::OK);
     assert!(v["openapi"].as_str().unwrap().starts_with("3."));
+    // Prometheus metrics: jobs, HTTP, queues (the monitor reports at start).
+    let p = app.create_partner(json!({})).await;
+    let id = app
+        .prereg(&p, "metrics@customer.example", "+8613900009999")
+        .await;
+    app.decided(&p, id).await;
+    let text = app
+        .http
+        .get(format!("{}/metrics", app.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "prereg_jobs_total{queue=\"registration\",outcome=\"done\"}",
+        "prereg_job_duration_seconds_bucket",
+        "prereg_http_requests_total",
+        "prereg_queue_depth{queue=\"registration\"}",
+        "prereg_dead_letters{queue=\"email\"}",
+        "prereg_queue_consumers{queue=\"registration\"}",
+        "prereg_queue_oldest_message_age_seconds{queue=\"registration\"}",
+        "prereg_reviews_overdue",
+    ] {
+        assert!(text.contains(name), "missing {name}");
+    }
     app.cleanup().await;
 }
