@@ -112,8 +112,12 @@ pub async fn page<'e>(
     f: &Filter,
     limit: i64,
 ) -> Result<Vec<Record>, sqlx::Error> {
+    // Not a reused prepared statement: a plan made for a rare search term
+    // (trigram index) is ruinous for a common one (keyset order), and the
+    // other way round. Planning each search costs ~0.3 ms.
     query(partner_id, f, Some(limit))
         .build_query_as::<Record>()
+        .persistent(false)
         .fetch_all(db)
         .await
 }
