@@ -19,7 +19,7 @@ use super::{
     command::{self, Idem},
     error::{ApiError, ApiResult},
     json_body, parse_id,
-    partner::{parse_id_list, referral_not_permitted},
+    partner::{developing_partner, parse_id_list, referral_not_permitted},
     AppState, RequestId,
 };
 use crate::{
@@ -30,7 +30,7 @@ use crate::{
     },
     links, mail,
     mq::CloudEvent,
-    store::{self, invitations, partners::Partner, preregs, TimelineEntry},
+    store::{self, invitations, preregs, TimelineEntry},
     workers::email::InvitationJob,
 };
 
@@ -66,19 +66,6 @@ fn link_expiry(st: &AppState, claim_expires: Option<DateTime<Utc>>) -> DateTime<
     claim_expires.map_or(t, |c| t.min(c))
 }
 
-async fn partner_for(st: &AppState, auth: &PartnerAuth) -> ApiResult<Partner> {
-    let p = store::partners::get(&st.ctx.db, auth.partner_id)
-        .await?
-        .ok_or_else(ApiError::unauthorized)?;
-    if !p.customer_development {
-        return Err(ApiError::forbidden(
-            "customer_development_disabled",
-            "Your partner account does not have the customer-development permission. Contact your ecosystem manager.",
-        ));
-    }
-    Ok(p)
-}
-
 fn item_error(id: Uuid, code: &str, message: &str) -> Value {
     json!({"preregistration_id": id, "status": "error", "error": {"code": code, "message": message}})
 }
@@ -91,7 +78,7 @@ async fn send_batch(
     items: Vec<(Uuid, Option<(String, String)>)>,
     idem: Option<Idem>,
 ) -> ApiResult<Response> {
-    let partner = partner_for(st, auth).await?;
+    let partner = developing_partner(st, auth).await?;
     let mut tx = st.ctx.db.begin().await?;
     if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
         return Ok(r);
@@ -220,7 +207,7 @@ pub async fn invite(
         .unwrap_or("reseller");
     let locale = f.optional_enum("locale", validate::LOCALES);
     f.finish().map_err(ApiError::validation)?;
-    let partner = partner_for(&st, &auth).await?;
+    let partner = developing_partner(&st, &auth).await?;
     if kind == "referral" && !partner.referral {
         return Err(referral_not_permitted());
     }
@@ -317,7 +304,7 @@ pub async fn preview(
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
-    let partner = partner_for(&st, &auth).await?;
+    let partner = developing_partner(&st, &auth).await?;
     let p = match preregs::get(&st.ctx.db, id.unwrap_or_default()).await? {
         Some(p) if p.partner_id == partner.id => p,
         _ => return Err(ApiError::not_found("pre-registration")),
@@ -361,7 +348,7 @@ pub async fn offline_link(
         f.finish().map_err(ApiError::validation)?;
         k
     };
-    let partner = partner_for(&st, &auth).await?;
+    let partner = developing_partner(&st, &auth).await?;
     if kind == "referral" && !partner.referral {
         return Err(referral_not_permitted());
     }

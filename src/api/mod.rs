@@ -47,10 +47,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         ctx,
         keys: Arc::new(auth::KeyCache::default()),
     };
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
+    health_routes()
         .route("/openapi.json", get(health::openapi))
         .route("/admin", get(dashboard::dashboard))
         .route(
@@ -194,9 +191,13 @@ pub fn health_router(ctx: Arc<Ctx>) -> Router {
         ctx,
         keys: Arc::new(auth::KeyCache::default()),
     };
+    health_routes().with_state(state)
+}
+
+/// Liveness, readiness and metrics: served by every process.
+fn health_routes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
-        .with_state(state)
 }

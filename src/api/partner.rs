@@ -36,6 +36,18 @@ async fn own_partner(st: &AppState, auth: &PartnerAuth) -> ApiResult<Partner> {
         .ok_or_else(ApiError::unauthorized)
 }
 
+/// The caller's partner, which must have the customer-development permission.
+pub async fn developing_partner(st: &AppState, auth: &PartnerAuth) -> ApiResult<Partner> {
+    let p = own_partner(st, auth).await?;
+    if !p.customer_development {
+        return Err(ApiError::forbidden(
+            "customer_development_disabled",
+            "Your partner account does not have the customer-development permission. Contact your ecosystem manager.",
+        ));
+    }
+    Ok(p)
+}
+
 pub async fn profile(State(st): State<AppState>, auth: PartnerAuth) -> ApiResult<Json<Value>> {
     let p = own_partner(&st, &auth).await?;
     let managers = store::partners::managers(&st.ctx.db, p.id).await?;
@@ -102,13 +114,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let partner = own_partner(&st, &auth).await?;
-    if !partner.customer_development {
-        return Err(ApiError::forbidden(
-            "customer_development_disabled",
-            "Your partner account does not have the customer-development permission. Contact your ecosystem manager.",
-        ));
-    }
+    let partner = developing_partner(&st, &auth).await?;
     if partner.contact_email.is_none() && partner.contact_mobile.is_none() {
         return Err(ApiError::unprocessable(
             "partner_contact_missing",

@@ -112,50 +112,26 @@ pub fn render_invitation(v: &InvitationVars<'_>) -> Result<Rendered, askama::Err
         (None, false) => "while your pre-registration with the partner is active".to_string(),
         (None, true) => "在合作伙伴的预注册有效期内".to_string(),
     };
+    // The four templates take the same fields.
+    macro_rules! fill {
+        ($t:ident) => {
+            $t {
+                subject: &subject,
+                customer_name: v.customer_name,
+                partner_name: p,
+                provider: prov,
+                association_label: &label,
+                association_meaning: &meaning,
+                link: v.link,
+                validity: &validity,
+            }
+            .render()?
+        };
+    }
     let (html, text) = if zh {
-        let html = InvitationZhHtml {
-            subject: &subject,
-            customer_name: v.customer_name,
-            partner_name: p,
-            provider: prov,
-            association_label: &label,
-            association_meaning: &meaning,
-            link: v.link,
-            validity: &validity,
-        };
-        let text = InvitationZhText {
-            subject: &subject,
-            customer_name: v.customer_name,
-            partner_name: p,
-            provider: prov,
-            association_label: &label,
-            association_meaning: &meaning,
-            link: v.link,
-            validity: &validity,
-        };
-        (html.render()?, text.render()?)
+        (fill!(InvitationZhHtml), fill!(InvitationZhText))
     } else {
-        let html = InvitationEnHtml {
-            subject: &subject,
-            customer_name: v.customer_name,
-            partner_name: p,
-            provider: prov,
-            association_label: &label,
-            association_meaning: &meaning,
-            link: v.link,
-            validity: &validity,
-        };
-        let text = InvitationEnText {
-            subject: &subject,
-            customer_name: v.customer_name,
-            partner_name: p,
-            provider: prov,
-            association_label: &label,
-            association_meaning: &meaning,
-            link: v.link,
-            validity: &validity,
-        };
-        (html.render()?, text.render()?)
+        (fill!(InvitationEnHtml), fill!(InvitationEnText))
     };
     Ok(Rendered {
         subject,
