@@ -37,6 +37,7 @@ pub const H_REASON: &str = "x-prereg-reason";
 pub const H_ERROR: &str = "x-prereg-error";
 pub const H_QUEUE: &str = "x-prereg-queue";
 pub const H_FAILED_AT: &str = "x-prereg-failed-at";
+pub const H_REPLAY_RUN: &str = "x-prereg-replay-run";
 
 /// Consumes `queues` until `cancel` fires, then drains in-flight jobs.
 pub async fn run(ctx: Arc<Ctx>, queues: Vec<Queue>, cancel: CancellationToken) {
@@ -373,18 +374,11 @@ pub async fn list_dead_letters(
 pub async fn replay_dead_letters(ctx: &Ctx, q: Queue, limit: usize) -> anyhow::Result<usize> {
     let (_, ch) = ctx.broker.channel().await?;
     let names = &ctx.broker.names;
-    // Only what is there now: a message that fails again while we replay
-    // comes back to the dead-letter queue and must not be replayed twice.
-    let passive = lapin::options::QueueDeclareOptions {
-        passive: true,
-        durable: true,
-        ..Default::default()
-    };
-    let present = ch
-        .queue_declare(&names.dlq(q), passive, FieldTable::default())
-        .await?
-        .message_count() as usize;
-    let limit = limit.min(present);
+    // Only what was dead before: each message this run replays carries the
+    // run's id, so one that fails again and comes back is left in place.
+    // (Counting the queue first is not enough: messages a listing channel
+    // just handed back may not be counted yet.)
+    let run = uuid::Uuid::new_v4().to_string();
     let mut n = 0;
     while n < limit {
         let Some(msg) = ch
@@ -402,6 +396,19 @@ pub async fn replay_dead_letters(ctx: &Ctx, q: Queue, limit: usize) -> anyhow::R
             .headers()
             .clone()
             .unwrap_or_default();
+        if header_str(&Some(headers.clone()), H_REPLAY_RUN).as_deref() == Some(run.as_str()) {
+            msg.delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await?;
+            break;
+        }
+        headers.insert(
+            H_REPLAY_RUN.into(),
+            AMQPValue::LongString(run.clone().into()),
+        );
         headers.insert(H_RETRIES.into(), AMQPValue::LongInt(0));
         headers.insert(
             "x-prereg-replayed-at".into(),
