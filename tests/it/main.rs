@@ -9,4 +9,5 @@ mod invitations;
 mod lifecycle;
 mod messaging;
 mod pipeline;
+mod retries;
 mod time;
