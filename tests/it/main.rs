@@ -6,6 +6,7 @@ mod concurrency;
 mod dashboard;
 mod history;
 mod invitations;
+mod isolation;
 mod lifecycle;
 mod messaging;
 mod pipeline;
