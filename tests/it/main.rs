@@ -10,5 +10,6 @@ mod isolation;
 mod lifecycle;
 mod messaging;
 mod pipeline;
+mod promises;
 mod retries;
 mod time;
