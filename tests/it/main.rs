@@ -9,4 +9,6 @@ mod invitations;
 mod lifecycle;
 mod messaging;
 mod pipeline;
+mod security;
 mod time;
+mod wire;
