@@ -12,4 +12,6 @@ mod messaging;
 mod pipeline;
 mod promises;
 mod retries;
+mod security;
 mod time;
+mod wire;
