@@ -11,3 +11,4 @@ mod messaging;
 mod pipeline;
 mod retries;
 mod time;
+mod trust;
