@@ -97,14 +97,15 @@ pub fn contact_present(partner: &Partner) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// The request's fields (SPEC §1 field rules), its account manager (one of
+/// The request's fields (SPEC §1 field rules and §8 text rules; a field not
+/// in the request's shape is refused as unknown), its account manager (one of
 /// the partner's) and, with `send_invitation`, the referral permission.
 pub async fn prereg_fields<'e>(
     db: impl PgExecutor<'e>,
     partner: &Partner,
     body: &Value,
 ) -> Result<Result<PreregRequest, Refusal>, sqlx::Error> {
-    let req = match validate::prereg_request(body) {
+    let req = match validate::prereg_http_request(body) {
         Ok(r) => r,
         Err(errors) => return Ok(Err(Refusal::Invalid(errors))),
     };

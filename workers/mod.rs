@@ -67,6 +67,19 @@ pub enum Disposition {
     DeadLetter { code: &'static str, message: String },
 }
 
+impl Disposition {
+    /// The same, with email addresses and phone numbers masked in the message.
+    pub fn masked(self) -> Self {
+        match self {
+            Disposition::Retry(m) => Disposition::Retry(crate::domain::mask::text(&m)),
+            Disposition::DeadLetter { code, message } => Disposition::DeadLetter {
+                code,
+                message: crate::domain::mask::text(&message),
+            },
+        }
+    }
+}
+
 impl JobError {
     pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
         JobError::Fatal {

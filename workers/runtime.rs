@@ -144,6 +144,7 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
     let ev = match CloudEvent::parse(&delivery.data) {
         Ok(ev) => ev,
         Err(reason) => {
+            let reason = crate::domain::mask::text(&reason);
             tracing::warn!(queue = q.short(), %reason, "poison message");
             dead_letter(ctx, q, &delivery, "unparseable", &reason, retries).await;
             record(q, "dead_lettered", started);
@@ -164,7 +165,8 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
                 ctx.cfg.job_timeout
             ))),
         };
-        let label = match result.map_err(|e| e.disposition()) {
+        // Parser errors and replies may quote personal data (SPEC §8).
+        let label = match result.map_err(|e| e.disposition().masked()) {
             Ok(outcome) => {
                 if let Outcome::Skipped(why) = outcome {
                     tracing::debug!(why, "job skipped");
@@ -276,7 +278,10 @@ async fn dead_letter(
     let mut headers = copy_headers(delivery);
     let s = |v: &str| AMQPValue::LongString(v.into());
     headers.insert(H_REASON.into(), s(reason));
-    headers.insert(H_ERROR.into(), s(&truncate(message, 2000)));
+    headers.insert(
+        H_ERROR.into(),
+        s(&truncate(&crate::domain::mask::text(message), 2000)),
+    );
     headers.insert(H_QUEUE.into(), s(q.short()));
     headers.insert(H_FAILED_AT.into(), s(&Utc::now().to_rfc3339()));
     headers.insert(H_RETRIES.into(), count_header(retries));

@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use prereg::{
-    mail::sink::SmtpSink,
     mq::{CloudEvent, PublishError, Queue},
     workers::runtime::{self, DeadLetter},
 };
+use prereg_devtools::smtp_sink::SmtpSink;
 use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
