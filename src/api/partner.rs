@@ -532,7 +532,13 @@ pub async fn batch_delete(
     body: Bytes,
 ) -> ApiResult<Response> {
     let v = json_body(&body)?;
-    let ids = parse_id_list(&v, "ids")?;
+    // `preregistration_ids`, as in every batch; `ids` is the deprecated spelling.
+    let field = if v.get("preregistration_ids").is_none() && v.get("ids").is_some() {
+        "ids"
+    } else {
+        "preregistration_ids"
+    };
+    let ids = parse_id_list(&v, field)?;
     let mut results = Vec::with_capacity(ids.len());
     for id in ids {
         // One transaction per item: one item's failure leaves the others done.
