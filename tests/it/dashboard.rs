@@ -135,6 +135,8 @@ async fn dashboard_shows_queues_dead_letters_and_replays_them() {
             .await?
             .click()
             .await?;
+        // "Replay every dead letter of registration?"
+        browser.accept_alert().await?;
         let flash = browser
             .wait()
             .at_most(Duration::from_secs(10))

@@ -184,7 +184,7 @@ async fn invitation_link_redirects_while_valid_and_explains_otherwise() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_ids_and_status_filter_have_one_name_and_old_spellings_still_work() {
-    let app = spawn_app().await;
+    let app = spawn_with(|c| c.public_url = "https://partners.example".into()).await;
     let p = app.create_partner(json!({})).await;
     // History: the record's field is `status`, like the filter (and `state`
     // stays as the deprecated spelling).
