@@ -213,11 +213,15 @@ fn count_failure(client: &str) {
 }
 
 pub async fn login(State(st): State<AppState>, req: Request) -> Response {
-    let client = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_else(|| "unknown".into());
+    // Per deployment (the broker prefix) and client address.
+    let client = format!(
+        "{}/{}",
+        st.ctx.cfg.amqp_prefix,
+        req.extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip().to_string())
+            .unwrap_or_else(|| "unknown".into())
+    );
     if let Some(wait) = limited(&client) {
         let mut r = page(
             StatusCode::TOO_MANY_REQUESTS,
