@@ -2,8 +2,6 @@
 //! and a pooled SMTP transport (lettre), or, on a laptop, lettre's file
 //! transport that catches every message as an `.eml` file in a directory.
 
-pub mod sink;
-
 use askama::Template;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;

@@ -50,7 +50,8 @@ async fn get_admin(app: &TestApp, cookie: &str) -> (StatusCode, String) {
 }
 
 fn csrf_of(html: &str) -> String {
-    let at = html.find(r#"name="csrf" value=""#).expect("a CSRF field") + r#"name="csrf" value=""#.len();
+    let at =
+        html.find(r#"name="csrf" value=""#).expect("a CSRF field") + r#"name="csrf" value=""#.len();
     html[at..at + html[at..].find('"').unwrap()].to_string()
 }
 
@@ -134,7 +135,10 @@ async fn dashboard_sessions_are_server_side_expire_and_resist_forgery() {
         .await
         .unwrap();
     assert_eq!(out.status(), StatusCode::SEE_OTHER);
-    assert!(out.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    assert!(out.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
     assert_eq!(get_admin(&app, &cookie).await.0, StatusCode::SEE_OTHER);
 
     // Sign-in is rate-limited per address: the 6th failure within a minute is refused.
@@ -184,17 +188,22 @@ async fn open_review(app: &TestApp, upstream: &str, p: &Partner) -> (Uuid, Uuid)
         )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let mut review = None;
+    let q = "SELECT id FROM reviews WHERE preregistration_id = $1 AND state = 'open'";
     wait_until(Duration::from_secs(10), || async {
-        review = sqlx::query_scalar("SELECT id FROM reviews WHERE preregistration_id = $1 AND state = 'open'")
+        sqlx::query_scalar::<_, Uuid>(q)
             .bind(id)
             .fetch_optional(app.db())
             .await
-            .unwrap();
-        review.is_some()
+            .unwrap()
+            .is_some()
     })
     .await;
-    (id, review.unwrap())
+    let review: Uuid = sqlx::query_scalar(q)
+        .bind(id)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+    (id, review)
 }
 
 fn screenshot_dir() -> std::path::PathBuf {
@@ -214,13 +223,17 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
     let p = app.create_partner(json!({"name": "Acme Cloud"})).await;
     let (claim, review) = open_review(&app, &upstream, &p).await;
     // A claim that ends within 48 hours, and some work for the charts.
-    let soon = app.prereg(&p, "soon@customer.example", "+8613200000002").await;
+    let soon = app
+        .prereg(&p, "soon@customer.example", "+8613200000002")
+        .await;
     app.decided(&p, soon).await;
-    sqlx::query("UPDATE preregistrations SET expires_at = now() + interval '20 hours' WHERE id = $1")
-        .bind(soon)
-        .execute(app.db())
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE preregistrations SET expires_at = now() + interval '20 hours' WHERE id = $1",
+    )
+    .bind(soon)
+    .execute(app.db())
+    .await
+    .unwrap();
     let bad = CloudEvent::new(
         "preregistration.requested",
         json!({"id": "not-a-uuid", "email": "leak@customer.example"}),
@@ -237,7 +250,12 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
     // The charts need two samples of this process's metrics.
     wait_until(Duration::from_secs(20), || async {
         let h = prereg::jobstats::history();
-        h.len() >= 2 && h.last().unwrap().jobs.keys().any(|(q, _)| q == "registration")
+        h.len() >= 2
+            && h.last()
+                .unwrap()
+                .jobs
+                .keys()
+                .any(|(q, _)| q == "registration")
     })
     .await;
 
@@ -257,7 +275,11 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
     let shots = screenshot_dir();
     let run = async {
         browser.goto(&format!("{}/admin", app.addr)).await?;
-        browser.find(Locator::Id("key")).await?.send_keys(OPERATOR).await?;
+        browser
+            .find(Locator::Id("key"))
+            .await?
+            .send_keys(OPERATOR)
+            .await?;
         browser.find(Locator::Id("sign-in")).await?.click().await?;
         browser
             .wait()
@@ -272,7 +294,16 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
         std::fs::write(shots.join("dashboard.png"), browser.screenshot().await?).unwrap();
 
         let queues = browser.find(Locator::Id("queues")).await?.text().await?;
-        for col in ["ready", "in flight", "consumers", "dead letters", "oldest message", "publish", "deliver", "ack"] {
+        for col in [
+            "ready",
+            "in flight",
+            "consumers",
+            "dead letters",
+            "oldest message",
+            "publish",
+            "deliver",
+            "ack",
+        ] {
             assert!(queues.contains(col), "{col}: {queues}");
         }
         for q in Queue::ALL {
@@ -288,11 +319,19 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
         assert!(claims.contains(&soon.to_string()), "{claims}");
         assert!(!claims.contains("soon@customer.example"), "{claims}");
         // Dead letters per message, body masked.
-        let dead = browser.find(Locator::Css("table.dead")).await?.html(false).await?;
+        let dead = browser
+            .find(Locator::Css("table.dead"))
+            .await?
+            .html(false)
+            .await?;
         assert!(dead.contains("invalid_payload"), "{dead}");
         assert!(!dead.contains("leak@customer.example"), "{dead}");
         // The open review, approved with a confirmation.
-        let row = browser.find(Locator::Id(&format!("review-{review}"))).await?.text().await?;
+        let row = browser
+            .find(Locator::Id(&format!("review-{review}")))
+            .await?
+            .text()
+            .await?;
         assert!(row.contains("Acme Cloud"), "{row}");
         browser
             .find(Locator::Id(&format!("approve-{review}")))
@@ -309,7 +348,11 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
             .await?;
         assert_eq!(flash, "Review approved.");
         browser.find(Locator::Id("no-reviews")).await?;
-        std::fs::write(shots.join("dashboard-after-approve.png"), browser.screenshot().await?).unwrap();
+        std::fs::write(
+            shots.join("dashboard-after-approve.png"),
+            browser.screenshot().await?,
+        )
+        .unwrap();
         // Sign out: back to the sign-in page, and the dashboard is closed.
         browser.find(Locator::Id("sign-out")).await?.click().await?;
         browser
@@ -318,13 +361,19 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
             .for_element(Locator::Id("sign-in"))
             .await?;
         browser.goto(&format!("{}/admin", app.addr)).await?;
-        assert!(browser.current_url().await?.path().ends_with("/admin/login"));
+        assert!(browser
+            .current_url()
+            .await?
+            .path()
+            .ends_with("/admin/login"));
         Ok::<_, fantoccini::error::CmdError>(())
     };
     let result = run.await;
     let _ = browser.close().await;
     result.expect("browser steps");
-    let (s, v) = app.get(&format!("/v1/preregistrations/{claim}"), &p.key).await;
+    let (s, v) = app
+        .get(&format!("/v1/preregistrations/{claim}"), &p.key)
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["status"], "preregistered", "{v}");
     let decided_by: String = sqlx::query_scalar("SELECT decided_by FROM reviews WHERE id = $1")
