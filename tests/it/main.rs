@@ -4,6 +4,8 @@
 mod common;
 mod concurrency;
 mod dashboard;
+mod dashboard_ops;
+mod first_hour;
 mod history;
 mod invitations;
 mod isolation;
