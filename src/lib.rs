@@ -8,6 +8,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod context;
+pub mod deps;
 pub mod domain;
 pub mod links;
 pub mod locks;

@@ -4,9 +4,12 @@
 mod common;
 mod concurrency;
 mod dashboard;
+mod faults_locks;
+mod faults_outage;
 mod history;
 mod invitations;
 mod lifecycle;
 mod messaging;
 mod pipeline;
+mod private;
 mod time;
