@@ -84,7 +84,9 @@ pub async fn handle(ctx: &Ctx, job: AssociationRequested) -> Result<Outcome, Job
         registration_time_waived: waived,
     };
     let cause = association::decide(Causes::shipped(), &input);
-    if link == LinkState::Valid {
+    // Only the account that associates is attached to the claim: a stranger's
+    // failed attempt must not show up as the customer's information.
+    if link == LinkState::Valid && cause.is_none() {
         preregs::set_account(
             &mut tx,
             p.id,

@@ -159,28 +159,47 @@ pub async fn handle_invitation(ctx: &Ctx, job: InvitationJob) -> Result<Outcome,
         .await?;
     tx.commit().await?;
 
-    // 2. The partner's send rate.
+    // 2. The partner's send rate. Over the rate, the job waits for a slot
+    // (a burst is spread out, not failed); only when no slot comes within
+    // two thirds of the job timeout is it handed back, and then the attempt
+    // is not counted: it never reached the mail server.
     if ctx.cfg.partner_email_rate > 0 {
-        match ctx
-            .locks
-            .rate_allow(
-                &format!("email:{}", inv.partner_id),
-                ctx.cfg.partner_email_rate,
-            )
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => {
-                release(ctx, id).await?;
-                count("rate_limited");
-                return Err(JobError::Retryable(
-                    "partner send rate limit reached".into(),
-                ));
+        let give_up = tokio::time::Instant::now() + ctx.cfg.job_timeout * 2 / 3;
+        loop {
+            match ctx
+                .locks
+                .rate_allow(
+                    &format!("email:{}", inv.partner_id),
+                    ctx.cfg.partner_email_rate,
+                )
+                .await
+            {
+                Ok(true) => break,
+                Ok(false) => {
+                    count("rate_limited");
+                    // The rate's windows are whole seconds: try again soon
+                    // after the next one opens (jittered).
+                    let now = Utc::now();
+                    let to_next = 1000 - i64::from(now.timestamp_subsec_millis()).min(999);
+                    let jitter = rand::random::<u64>() % 100;
+                    let wait = std::time::Duration::from_millis(to_next as u64 + jitter);
+                    if tokio::time::Instant::now() + wait > give_up {
+                        sqlx::query("UPDATE invitations SET sending_since = NULL, attempts = greatest(attempts - 1, 0) WHERE id = $1")
+                            .bind(id)
+                            .execute(&ctx.db)
+                            .await?;
+                        return Err(JobError::Retryable(
+                            "partner send rate limit reached".into(),
+                        ));
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                Err(LockError::Unavailable(e)) => {
+                    tracing::warn!(error = %e, "rate limit unavailable; sending");
+                    break;
+                }
+                Err(LockError::Busy) => break,
             }
-            Err(LockError::Unavailable(e)) => {
-                tracing::warn!(error = %e, "rate limit unavailable; sending")
-            }
-            Err(LockError::Busy) => {}
         }
     }
 
@@ -213,9 +232,12 @@ pub async fn handle_invitation(ctx: &Ctx, job: InvitationJob) -> Result<Outcome,
         Err(SendError::Transient(e)) => {
             release(ctx, id).await?;
             count("transient_failure");
-            Err(JobError::Retryable(format!("smtp: {e}")))
+            Err(JobError::Retryable(format!("smtp: {}", mask::text(&e))))
         }
         Err(SendError::Permanent(e)) | Err(SendError::Invalid(e)) => {
+            // The reply may quote the customer's address: masked before it
+            // is stored, logged or put in a dead-letter header.
+            let e = mask::text(&e);
             fail_invitation(ctx, id, &e).await?;
             Err(JobError::fatal("smtp_permanent", e))
         }
@@ -321,9 +343,10 @@ pub async fn handle_notice(
                 .execute(&ctx.db)
                 .await?;
             count("transient_failure");
-            Err(JobError::Retryable(format!("smtp: {e}")))
+            Err(JobError::Retryable(format!("smtp: {}", mask::text(&e))))
         }
         Err(SendError::Permanent(e)) | Err(SendError::Invalid(e)) => {
+            let e = mask::text(&e);
             mark_notice(ctx, &ev.id, "failed", Some(&e)).await?;
             count("failed");
             Err(JobError::fatal("smtp_permanent", e))

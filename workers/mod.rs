@@ -43,6 +43,16 @@ pub enum JobError {
 }
 
 impl JobError {
+    /// The same error with email addresses and phone numbers masked.
+    pub fn masked(self) -> Self {
+        match self {
+            JobError::Retryable(m) => JobError::Retryable(crate::domain::mask::text(&m)),
+            JobError::Fatal { code, message } => JobError::Fatal {
+                code,
+                message: crate::domain::mask::text(&message),
+            },
+        }
+    }
     pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
         JobError::Fatal {
             code,

@@ -94,6 +94,7 @@ pub fn entries_from_json(year: i32, v: &Value) -> Result<Vec<CalendarEntry>, Vec
                 first.insert(d, i);
             }
         }
+        f.check_unknown();
         for e in f.errors {
             let field = if e.field == "body" {
                 format!("[{i}]")

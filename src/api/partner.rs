@@ -122,7 +122,7 @@ pub async fn create(
         ));
     }
     let v = json_body(&body)?;
-    let req = validate::prereg_request(&v).map_err(ApiError::validation)?;
+    let req = validate::prereg_http_request(&v).map_err(ApiError::validation)?;
     if let Some(am) = req.account_manager_id {
         let managers = store::partners::managers(&st.ctx.db, partner.id).await?;
         if !managers.iter().any(|m| m.id == am) {
@@ -314,6 +314,15 @@ pub async fn list(
         }
         st
     });
+    if let Some(e) =
+        q.q.as_deref()
+            .and_then(|v| validate::text_error("q", v, false))
+    {
+        errors.push(e);
+    }
+    if q.q.as_deref().is_some_and(|s| s.chars().count() > 200) {
+        errors.push(field_error("q", "q must be at most 200 characters"));
+    }
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
@@ -358,12 +367,46 @@ async fn owned(st: &AppState, auth: &PartnerAuth, id: &str) -> ApiResult<preregs
     }
 }
 
+#[derive(Debug, Deserialize)]
+pub struct RevealQuery {
+    pub reveal: Option<String>,
+}
+
+/// `reveal=true|1|false|0` (absent: false); anything else is a 422.
+pub fn reveal_param(reveal: Option<&str>) -> ApiResult<bool> {
+    let mut errors = Vec::new();
+    let (_, reveal, _) = paging(None, reveal, None, &mut errors);
+    if errors.is_empty() {
+        Ok(reveal)
+    } else {
+        Err(ApiError::validation(errors))
+    }
+}
+
+/// Writes who revealed which record (SPEC §8); the audit row's time is when.
+pub async fn audit_reveal(st: &AppState, actor: &str, action: &str, id: Uuid) -> ApiResult<()> {
+    let mut conn = st.ctx.db.acquire().await?;
+    store::audit(&mut conn, actor, action, Some(&id.to_string()), None).await?;
+    Ok(())
+}
+
 pub async fn get_one(
     State(st): State<AppState>,
     auth: PartnerAuth,
     Path(id): Path<String>,
+    Query(q): Query<RevealQuery>,
 ) -> ApiResult<Json<Value>> {
+    let reveal = reveal_param(q.reveal.as_deref())?;
     let p = owned(&st, &auth, &id).await?;
+    if reveal {
+        audit_reveal(
+            &st,
+            &auth.principal.label(),
+            "preregistration.revealed",
+            p.id,
+        )
+        .await?;
+    }
     let review = reviews::latest_for(&st.ctx.db, p.id).await?;
     let invitations: Vec<Value> = store::invitations::for_prereg(&st.ctx.db, p.id)
         .await?
@@ -372,7 +415,7 @@ pub async fn get_one(
         .collect();
     Ok(Json(views::prereg(
         &p,
-        false,
+        !reveal,
         review.as_ref(),
         json!(invitations),
     )))
@@ -399,9 +442,9 @@ pub async fn request_review(
     let p = owned(&st, &auth, &id).await?;
     let v = json_body(&body)?;
     let mut f = Fields::new(&v);
-    let justification = f.required_str("justification", 4000);
+    let justification = f.required_multiline("justification", 4000);
     let spend = f.optional_f64("expected_new_spend");
-    let contact = f.optional_str("contact_record", 4000);
+    let contact = f.optional_multiline("contact_record", 4000);
     f.finish().map_err(ApiError::validation)?;
     if p.status() != Status::Rejected || !p.manual_review_eligible {
         return Err(ApiError::conflict(
@@ -532,6 +575,7 @@ pub async fn batch_delete(
     body: Bytes,
 ) -> ApiResult<Response> {
     let v = json_body(&body)?;
+    validate::only_fields(&v, &["ids"]).map_err(ApiError::validation)?;
     let ids = parse_id_list(&v, "ids")?;
     let mut results = Vec::with_capacity(ids.len());
     for id in ids {

@@ -211,7 +211,9 @@ pub async fn mark_invited(
     Ok(())
 }
 
-/// Remembers the account that tried to associate (searchable as customer information).
+/// Remembers the account that associated (searchable as customer
+/// information). The search text is rebuilt, never appended to, so it does
+/// not grow with each call.
 pub async fn set_account(
     conn: &mut PgConnection,
     id: Uuid,
@@ -220,7 +222,8 @@ pub async fn set_account(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE preregistrations SET account_id = $2,
-            search_text = search_text || ' ' || lower(concat_ws(' ', $2, $3::text))
+            search_text = lower(concat_ws(' ', full_name, email, remarks, array_to_string(tags, ' '),
+                (SELECT name FROM account_managers WHERE id = account_manager_id), $2, $3::text))
          WHERE id = $1",
     )
     .bind(id)

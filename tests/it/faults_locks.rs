@@ -47,6 +47,7 @@ async fn sigkilled_worker_frees_its_locks_within_about_a_second() {
             .env("PREREG_AMQP_URL", &app.cfg.amqp_url)
             .env("PREREG_REDIS_URL", &app.cfg.redis_url)
             .env("PREREG_AMQP_PREFIX", &app.cfg.amqp_prefix)
+            .env("PREREG_DEV_MODE", "1")
             .env("PREREG_RETRY_DELAYS", "100ms,200ms,400ms")
             .env("PREREG_METRICS_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "error"),
