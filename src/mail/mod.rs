@@ -183,6 +183,7 @@ pub enum SendError {
 pub struct Mailer {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
+    timeout: std::time::Duration,
 }
 
 impl Mailer {
@@ -202,7 +203,11 @@ impl Mailer {
         let from = from
             .parse::<Mailbox>()
             .map_err(|e| format!("PREREG_MAIL_FROM: {e}"))?;
-        Ok(Self { transport, from })
+        Ok(Self {
+            transport,
+            from,
+            timeout,
+        })
     }
 
     /// Sends and returns the server's reply to the message.
@@ -234,6 +239,27 @@ impl Mailer {
                     ),
             )
             .map_err(|e| SendError::Invalid(e.to_string()))?;
+        // The transport bounds the TCP connect only: a server that accepts
+        // and then says nothing would hold the job until its timeout, with
+        // the outcome unknown. Check first that it answers (greeting, EHLO,
+        // NOOP) within the SMTP timeout: if not, nothing was sent and the
+        // job is simply retried.
+        match tokio::time::timeout(self.timeout, self.transport.test_connection()).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                return Err(SendError::Transient(
+                    "mail server connection is not usable".into(),
+                ))
+            }
+            Ok(Err(e)) if e.is_permanent() => return Err(SendError::Permanent(e.to_string())),
+            Ok(Err(e)) => return Err(SendError::Transient(e.to_string())),
+            Err(_) => {
+                return Err(SendError::Transient(format!(
+                    "mail server did not answer within {:?}; nothing was sent",
+                    self.timeout
+                )))
+            }
+        }
         match self.transport.send(message).await {
             Ok(resp) => Ok(format!(
                 "{} {}",

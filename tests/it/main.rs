@@ -6,6 +6,7 @@ mod concurrency;
 mod dashboard;
 mod faults_locks;
 mod faults_outage;
+mod faults_slow;
 mod history;
 mod invitations;
 mod isolation;
