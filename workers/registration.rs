@@ -42,6 +42,16 @@ pub async fn handle(ctx: &Ctx, cmd: NewPrereg, ev: &CloudEvent) -> Result<Outcom
         Some(p) if p.status() != Status::Queued => return Ok(Outcome::Skipped("already_decided")),
         Some(_) => {}
         None => {
+            // The intake answered 503 and undid this request; its job got
+            // through anyway (a publish confirm that timed out).
+            let withdrawn: Option<(Uuid,)> =
+                sqlx::query_as("SELECT id FROM withdrawn_commands WHERE id = $1")
+                    .bind(cmd.id)
+                    .fetch_optional(&ctx.db)
+                    .await?;
+            if withdrawn.is_some() {
+                return Ok(Outcome::Skipped("withdrawn"));
+            }
             let partner = store::partners::get(&ctx.db, cmd.partner_id).await?;
             let Some(partner) = partner else {
                 return Err(JobError::fatal(

@@ -4,6 +4,7 @@
 mod common;
 mod concurrency;
 mod dashboard;
+mod faults_broker;
 mod faults_locks;
 mod faults_outage;
 mod faults_slow;
