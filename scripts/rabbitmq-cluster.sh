@@ -53,7 +53,13 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 start_node() {
   local i=$1 d="$DIR/n$1"
   mkdir -p "$d"
-  printf 'loopback_users.guest = false\ncluster_partition_handling = pause_minority\n' >"$d/rabbitmq.conf"
+  {
+    echo 'loopback_users.guest = false'
+    echo 'cluster_partition_handling = pause_minority'
+    # The nodes find each other on first boot (no join_cluster calls).
+    echo 'cluster_formation.peer_discovery_backend = classic_config'
+    for j in $(seq 1 "$NODES"); do echo "cluster_formation.classic_config.nodes.$j = $(node_name "$j")"; done
+  } >"$d/rabbitmq.conf"
   echo '[].' >"$d/enabled_plugins"
   echo 'ERL_EPMD_ADDRESS=127.0.0.1' >"$d/env.conf"
   if [ -f "$d/group" ] && kill -0 -- "-$(cat "$d/group")" 2>/dev/null; then
@@ -90,16 +96,11 @@ case "${1:-}" in
     mkdir -p "$DIR"
     # One Erlang cookie for the cluster (HOME=$DIR), not the machine's.
     [ -f "$DIR/.erlang.cookie" ] || { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$DIR/.erlang.cookie"; chmod 400 "$DIR/.erlang.cookie"; }
-    for i in $(seq 1 "$NODES"); do start_node "$i"; done
-    ctl 1 await_startup >/dev/null
-    for i in $(seq 2 "$NODES"); do
-      ctl "$i" await_startup >/dev/null
-      if ! ctl 1 cluster_status 2>/dev/null | grep -q "$(node_name "$i")"; then
-        ctl "$i" stop_app >/dev/null
-        ctl "$i" join_cluster "$(node_name 1)" >/dev/null
-        ctl "$i" start_app >/dev/null
-      fi
-    done
+    # All nodes at once: they form the cluster by peer discovery.
+    pids=()
+    for i in $(seq 1 "$NODES"); do start_node "$i" & pids+=($!); done
+    for p in "${pids[@]}"; do wait "$p"; done
+    ctl 1 await_online_nodes "$NODES" --timeout 120 >/dev/null
     echo "cluster up; PREREG_AMQP_URL=$(urls)"
     ;;
   urls) urls ;;

@@ -5,6 +5,7 @@ mod common;
 mod concurrency;
 mod dashboard;
 mod faults_broker;
+mod faults_cluster;
 mod faults_locks;
 mod faults_outage;
 mod faults_slow;
