@@ -119,6 +119,7 @@ fault() {
   local k=$1 t=$(( $(date +%s) - T0 ))
   case $((k % 4)) in
     0) local p; p=$(pid_of worker1); kill -KILL "$p" 2>/dev/null || true
+       wait "$p" 2>/dev/null || true  # reaped: its metrics port is free
        PREREG_METRICS_ADDR=127.0.0.1:$((HTTP_PORT+1)) start_proc worker1 "$BIN" worker
        echo "$t worker1 SIGKILLed and restarted" >>"$FAULTS" ;;
     1) "${CLUSTER[@]}" stop-node 2 >/dev/null; sleep 5; "${CLUSTER[@]}" start-node 2 >/dev/null

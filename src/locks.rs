@@ -98,7 +98,12 @@ async fn watchdog(
         }
         inv.arg(&token).arg(ttl.as_millis() as u64);
         let call = inv.invoke_async::<i64>(&mut conn);
-        match tokio::time::timeout(op_timeout.min(every), call).await {
+        let result = tokio::time::timeout(op_timeout.min(every), call).await;
+        if stop.is_cancelled() {
+            // Released meanwhile (the release may have run between the keys).
+            return;
+        }
+        match result {
             Ok(Ok(n)) if n as usize == keys.len() => {}
             Ok(Ok(n)) => {
                 metrics::counter!("prereg_lock_lost_total").increment(1);
