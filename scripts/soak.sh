@@ -146,10 +146,10 @@ sample
 
 # --- report ---------------------------------------------------------------------
 q() { as_pg "$PGBIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atc "$1"; }
-metric() { # sum of a counter over every worker and the intake
+metric() { # sum of the series matching a regex over every worker and the intake
   local total=0
   for port in $((HTTP_PORT+1)) $((HTTP_PORT+2)) "$HTTP_PORT"; do
-    local v; v=$(curl -fs "http://127.0.0.1:$port/metrics" | awk -v m="$1" 'index($0, m)==1 {s+=$NF} END {print s+0}')
+    local v; v=$(curl -fs "http://127.0.0.1:$port/metrics" | awk -v m="$1" '$0 ~ m {s+=$NF} END {print s+0}')
     total=$(awk -v a="$total" -v b="$v" 'BEGIN {print a+b}')
   done
   echo "$total"
@@ -160,9 +160,10 @@ tail -n 1 "$SOAK_DIR/bench.out" | grep -q '^{' && echo "bench: $(tail -n 1 "$SOA
 echo "faults:"; sed 's/^/  /' "$FAULTS" 2>/dev/null || true
 echo "rows: $(q "SELECT count(*) FROM preregistrations")  queued (undecided): $(q "SELECT count(*) FROM preregistrations WHERE status='queued'")"
 echo "decided by status: $(q "SELECT string_agg(status || '=' || n, ' ') FROM (SELECT status, count(*) n FROM preregistrations GROUP BY 1) x")"
-echo "double claims (customers with two active claims, must be 0): $(q "SELECT count(*) FROM (SELECT email_norm FROM preregistrations WHERE status IN ('preregistered','invited','under_review','association_failed') GROUP BY 1 HAVING count(*) > 1) x") by email, $(q "SELECT count(*) FROM (SELECT mobile_norm FROM preregistrations WHERE status IN ('preregistered','invited','under_review','association_failed') GROUP BY 1 HAVING count(*) > 1) x") by mobile"
+echo "double claims (customers with two active claims, must be 0): $(q "SELECT count(*) FROM (SELECT email_norm FROM preregistrations WHERE status IN ('preregistered','invited','association_failed') GROUP BY 1 HAVING count(*) > 1) x") by email, $(q "SELECT count(*) FROM (SELECT mobile_norm FROM preregistrations WHERE status IN ('preregistered','invited','association_failed') GROUP BY 1 HAVING count(*) > 1) x") by mobile"
 echo "decided twice (must be 0): $(q "SELECT count(*) FROM (SELECT preregistration_id FROM preregistration_events WHERE change='decided' GROUP BY 1 HAVING count(*) > 1) x")"
-echo "retries (prereg_jobs_total outcome=retried, surviving processes): $(metric 'prereg_jobs_total{outcome="retried"')"
+echo "lock renewals lost: $(metric '^prereg_lock_lost_total')  decided without a lock: $(metric '^prereg_lock_unavailable_total')"
+echo "retries (prereg_jobs_total outcome=retried, surviving processes): $(metric '^prereg_jobs_total[{].*outcome="retried"')"
 echo "dead letters (registration DLQ): $("${CLUSTER[@]}" ctl 1 list_queues name messages 2>/dev/null | awk '$1 ~ /\.dlq$/ {s+=$2} END {print s+0}')"
 echo "RSS (KiB) first / max / last per process:"
 for n in intake worker1 worker2; do
