@@ -10,6 +10,7 @@ pub mod app;
 pub mod config;
 pub mod context;
 pub mod dev;
+pub mod deps;
 pub mod domain;
 pub mod events;
 pub mod jobs;
