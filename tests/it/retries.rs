@@ -40,13 +40,34 @@ async fn a_failing_job_occupies_one_delay_slot_waits_each_delay_and_dead_letters
     let names = app.ctx.broker.names.clone();
     let (_, ch) = app.ctx.broker.channel().await.unwrap();
     let upstream = app.upstream_key().await;
-    // An association attempt for an account whose facts never arrive: the
-    // worker retries it (retryable "no facts yet") until retries run out.
+    // An association attempt through a live link for an account whose facts
+    // never arrive: the link checks pass, then the worker retries it
+    // (retryable "no facts yet") until retries run out.
+    let p = app.create_partner(json!({})).await;
+    let id = app
+        .prereg(&p, "retry@customer.example", "+8615800000001")
+        .await;
+    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
+    let (status, link) = app
+        .post(
+            &format!("/v1/preregistrations/{id}/offline-link"),
+            &p.key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{link}");
+    let token = link["url"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
     let (status, v) = app
         .post(
             "/v1/associations",
             &upstream,
-            json!({"token": "no-such-link", "account_id": "acct-never-known"}),
+            json!({"token": token, "account_id": "acct-never-known"}),
         )
         .await;
     assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{v}");
