@@ -14,6 +14,7 @@ pub mod locks;
 pub mod mail;
 pub mod mq;
 pub mod scheduler;
+pub mod stages;
 pub mod store;
 pub mod telemetry;
 pub mod timekeeping;

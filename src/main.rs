@@ -11,7 +11,6 @@ use prereg::{
 };
 
 mod admin_cli;
-mod bench;
 
 #[derive(Parser)]
 #[command(name = "prereg", version, about = "Partner pre-registration back end")]
@@ -40,8 +39,6 @@ enum Command {
         #[command(subcommand)]
         command: admin_cli::AdminCommand,
     },
-    /// Load generator against a running intake.
-    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -122,6 +119,5 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin { command } => admin_cli::run(cfg, command).await,
-        Command::Bench(args) => bench::run(cfg, args).await,
     }
 }

@@ -17,6 +17,7 @@ use crate::{
     domain::{self, mask, Decision, EligibilityInput, Status},
     locks::LockError,
     mq::CloudEvent,
+    stages::{self, Stage},
     store::{self, outbox, preregs, preregs::NewPrereg, TimelineEntry},
 };
 
@@ -66,7 +67,10 @@ pub async fn handle(ctx: &Ctx, cmd: NewPrereg, ev: &CloudEvent) -> Result<Outcom
         format!("email:{email_norm}"),
         format!("mobile:{mobile_norm}"),
     ];
-    let guard = match ctx.locks.acquire(&keys).await {
+    let lock_started = std::time::Instant::now();
+    let locked = ctx.locks.acquire(&keys).await;
+    stages::since(Stage::LockWait, lock_started);
+    let guard = match locked {
         Ok(g) => Some(g),
         Err(LockError::Unavailable(e)) => {
             metrics::counter!("prereg_lock_unavailable_total").increment(1);
@@ -117,6 +121,7 @@ impl From<sqlx::Error> for Failure {
 }
 
 async fn decide(ctx: &Ctx, id: Uuid) -> Result<Outcome, Failure> {
+    let started = std::time::Instant::now();
     let mut tx = ctx.db.begin().await?;
     let Some(p) = preregs::get_for_update(&mut tx, id).await? else {
         return Err(Failure::Job(JobError::Retryable(
@@ -233,7 +238,10 @@ async fn decide(ctx: &Ctx, id: Uuid) -> Result<Outcome, Failure> {
     )
     .await?;
     outbox::event(&mut tx, &event.subject(id)).await?;
+    stages::since(Stage::Decision, started);
+    let commit_started = std::time::Instant::now();
     tx.commit().await?;
+    stages::since(Stage::Commit, commit_started);
     metrics::counter!("prereg_decisions_total", "status" => change.0.as_str(), "reason" => change.1.map(|r| r.code()).unwrap_or("")).increment(1);
     Ok(Outcome::Done)
 }

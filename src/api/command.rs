@@ -115,7 +115,10 @@ pub async fn accept(
         }
     }
     tx.commit().await?;
-    if let Err(e) = st.ctx.broker.publish_command(job).await {
+    let publish_started = std::time::Instant::now();
+    let published = st.ctx.broker.publish_command(job).await;
+    crate::stages::since(crate::stages::Stage::PublishConfirm, publish_started);
+    if let Err(e) = published {
         let mut tx = st.ctx.db.begin().await?;
         if let Some((sql, id)) = undo {
             sqlx::query(sql).bind(id).execute(&mut *tx).await?;

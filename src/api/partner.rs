@@ -121,8 +121,10 @@ pub async fn create(
             "Set a contact email or mobile for your partner account first (PUT /v1/partner/contact).",
         ));
     }
+    let validation_started = std::time::Instant::now();
     let v = json_body(&body)?;
     let req = validate::prereg_request(&v).map_err(ApiError::validation)?;
+    crate::stages::since(crate::stages::Stage::Validation, validation_started);
     if let Some(am) = req.account_manager_id {
         let managers = store::partners::managers(&st.ctx.db, partner.id).await?;
         if !managers.iter().any(|m| m.id == am) {
@@ -146,6 +148,7 @@ pub async fn create(
         "/v1/preregistrations",
         &body,
     )?;
+    let db_started = std::time::Instant::now();
     let mut tx = st.ctx.db.begin().await?;
     // This commit need not wait for the WAL flush: the job, confirmed by the
     // broker before we answer, carries the whole request, and the worker
@@ -195,6 +198,7 @@ pub async fn create(
         json!({"id": id, "status": "queued"}),
         Some(format!("/v1/preregistrations/{id}")),
     );
+    crate::stages::since(crate::stages::Stage::IntakeDb, db_started);
     command::accept(
         &st,
         tx,

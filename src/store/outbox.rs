@@ -68,13 +68,17 @@ async fn push(conn: &mut PgConnection, exchange: &str, ev: &CloudEvent) -> Resul
 pub async fn relay_once(pool: &PgPool, broker: &Broker, batch: i64) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
-        "SELECT id, exchange, routing_key, message FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        "SELECT id, exchange, routing_key, message, EXTRACT(EPOCH FROM now() - created_at)::float8 AS lag
+         FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(batch)
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
         return Ok(0);
+    }
+    for r in &rows {
+        crate::stages::observe(crate::stages::Stage::RelayLag, r.get("lag"));
     }
     let mut done: Vec<i64> = Vec::with_capacity(rows.len());
     let publishes = rows.iter().map(|r| async move {
