@@ -60,6 +60,19 @@ pub struct Config {
     pub lock_wait: Duration,
     pub db_max_connections: u32,
     pub outbox_interval: Duration,
+    /// How long the intake's own outbox rows wait before the relay may
+    /// publish them (the intake publishes them itself; the relay steps in
+    /// after a crash or an unanswered confirm). Also the relay's lease.
+    pub outbox_grace: Duration,
+    /// How long a publisher waits for the broker's confirms.
+    pub publish_timeout: Duration,
+    /// Intake group commit: most commands written and published together.
+    pub intake_batch_size: usize,
+    /// Intake group commit: how long the first command of a batch waits for
+    /// others to join.
+    pub intake_batch_linger: Duration,
+    /// Registration worker: most deliveries decided in one transaction.
+    pub registration_batch: usize,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     pub smtp_pool_size: u32,
@@ -190,6 +203,11 @@ impl Config {
             lock_wait: dur("PREREG_LOCK_WAIT", "3s")?,
             db_max_connections: num("PREREG_DB_MAX_CONNECTIONS", "20")?.max(1) as u32,
             outbox_interval: dur("PREREG_OUTBOX_INTERVAL", "200ms")?,
+            outbox_grace: dur("PREREG_OUTBOX_GRACE", "15s")?,
+            publish_timeout: dur("PREREG_PUBLISH_TIMEOUT", "5s")?,
+            intake_batch_size: num("PREREG_INTAKE_BATCH_SIZE", "128")?.clamp(1, 1000) as usize,
+            intake_batch_linger: dur("PREREG_INTAKE_BATCH_LINGER", "1ms")?,
+            registration_batch: num("PREREG_REGISTRATION_BATCH", "32")?.clamp(1, 500) as usize,
             shutdown_grace: dur("PREREG_SHUTDOWN_GRACE", "25s")?,
             log_format,
             smtp_pool_size: num("PREREG_SMTP_POOL_SIZE", "8")?.clamp(1, 256) as u32,

@@ -38,7 +38,11 @@ async fn own_partner(st: &AppState, auth: &PartnerAuth) -> ApiResult<Partner> {
 
 /// The caller's partner, which must have the customer-development permission.
 pub async fn developing_partner(st: &AppState, auth: &PartnerAuth) -> ApiResult<Partner> {
-    let p = own_partner(st, auth).await?;
+    may_develop(own_partner(st, auth).await?)
+}
+
+/// The partner, if it has the customer-development permission.
+fn may_develop(p: Partner) -> ApiResult<Partner> {
     if !p.customer_development {
         return Err(ApiError::forbidden(
             "customer_development_disabled",
@@ -114,7 +118,14 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let partner = developing_partner(&st, &auth).await?;
+    // The partner row is cached for a couple of seconds by the intake.
+    let partner = st
+        .ctx
+        .intake()
+        .partner(&st.ctx.db, auth.partner_id)
+        .await?
+        .ok_or_else(ApiError::unauthorized)
+        .and_then(may_develop)?;
     if partner.contact_email.is_none() && partner.contact_mobile.is_none() {
         return Err(ApiError::unprocessable(
             "partner_contact_missing",
@@ -148,20 +159,10 @@ pub async fn create(
         "/v1/preregistrations",
         &body,
     )?;
-    let db_started = std::time::Instant::now();
-    let mut tx = st.ctx.db.begin().await?;
-    // This commit need not wait for the WAL flush: the job, confirmed by the
-    // broker before we answer, carries the whole request, and the worker
-    // recreates a row lost in a Postgres crash. That saves an fsync per request.
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
-    if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
-        return Ok(r);
-    }
-    let id = Uuid::now_v7();
+    // Group commit: this request joins the intake's next batch (one
+    // transaction and one round of confirms for many requests).
     let cmd = preregs::NewPrereg {
-        id,
+        id: Uuid::now_v7(),
         partner_id: partner.id,
         full_name: req.full_name,
         email: req.email,
@@ -173,44 +174,17 @@ pub async fn create(
         remarks: req.remarks,
         account_manager_id: req.account_manager_id,
     };
-    preregs::insert_queued(&mut tx, &cmd, Some(&rid.0)).await?;
-    store::record(
-        &mut tx,
-        TimelineEntry {
-            preregistration_id: id,
-            actor: &auth.principal.label(),
-            change: "requested",
-            from_status: None,
-            to_status: Some("queued"),
-            reason: None,
-            details: None,
-        },
-    )
-    .await?;
-    let job = CloudEvent::with_id(
-        id.to_string(),
-        "preregistration.requested",
-        serde_json::to_value(&cmd).unwrap_or_default(),
-    )
-    .subject(id)
-    .correlation(Some(rid.0.clone()));
-    let answer = command::accepted(
-        json!({"id": id, "status": "queued"}),
-        Some(format!("/v1/preregistrations/{id}")),
-    );
-    crate::stages::since(crate::stages::Stage::IntakeDb, db_started);
-    command::accept(
-        &st,
-        tx,
-        idem.as_ref(),
-        answer,
-        &job,
-        Some((
-            "DELETE FROM preregistrations WHERE id = $1 AND status = 'queued'",
-            id,
-        )),
-    )
-    .await
+    let answer = st
+        .ctx
+        .intake()
+        .submit(crate::intake::Request {
+            cmd,
+            actor: auth.principal.label(),
+            request_id: rid.0,
+            idem: idem.as_ref().map(Idem::to_key),
+        })
+        .await;
+    command::intake_response(answer)
 }
 
 pub fn referral_not_permitted() -> ApiError {
