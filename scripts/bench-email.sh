@@ -11,6 +11,8 @@
 # dropped afterwards unless BENCH_KEEP_DB=1), BENCH_EMAILS,
 # BENCH_PUBLISH_PARALLELISM, PREREG_DB_MAX_CONNECTIONS.
 set -euo pipefail
+# Benchmarks build their own throwaway context: development-mode secrets.
+export PREREG_DEV_MODE="${PREREG_DEV_MODE:-1}"
 cd "$(dirname "$0")/.."
 echo "== machine: $(nproc) CPUs, $(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//'), load $(cut -d' ' -f1-3 /proc/loadavg), git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >&2
 exec cargo bench --bench email -- "$@"

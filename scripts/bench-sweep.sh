@@ -11,6 +11,8 @@
 # (default prereg_bench_sweep, dropped afterwards unless BENCH_KEEP_DB=1),
 # BENCH_CLAIMS, BENCH_DUE, PREREG_SWEEP_BATCH, PREREG_CLAIM_REMINDER_BEFORE.
 set -euo pipefail
+# Benchmarks build their own throwaway context: development-mode secrets.
+export PREREG_DEV_MODE="${PREREG_DEV_MODE:-1}"
 cd "$(dirname "$0")/.."
 echo "== machine: $(nproc) CPUs, $(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//'), git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >&2
 exec cargo bench --bench sweep -- "$@"

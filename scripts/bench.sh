@@ -60,6 +60,8 @@ psql -X -q -v ON_ERROR_STOP=1 "$PG/postgres" \
 export PREREG_DATABASE_URL="$PG/$DB"
 export PREREG_AMQP_PREFIX="bench-$$"
 export PREREG_OPERATOR_TOKEN=bench-operator
+# A throwaway local stack: development mode accepts its short secrets.
+export PREREG_DEV_MODE=1
 export PREREG_HTTP_ADDR="$HTTP_ADDR"
 export PREREG_METRICS_ADDR="$METRICS_ADDR"
 export PREREG_LOG_FORMAT=json

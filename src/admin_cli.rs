@@ -32,6 +32,11 @@ pub enum AdminCommand {
         #[arg(long)]
         label: Option<String>,
     },
+    /// Operator keys, stored hashed: issue (printed once), list, revoke.
+    OperatorKey {
+        #[command(subcommand)]
+        command: OperatorKeyCommand,
+    },
     /// Dead letters: list or replay.
     Dlq {
         #[command(subcommand)]
@@ -60,6 +65,20 @@ pub enum CalendarCommand {
     },
     /// Print one year as TSV.
     Show { year: i32 },
+}
+
+#[derive(Subcommand)]
+pub enum OperatorKeyCommand {
+    /// Issue an operator key and print it (shown once; only its hash is kept).
+    Issue {
+        /// Who or what the key is for, e.g. a person's name.
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List operator keys (id, label, created, revoked); never the keys.
+    List,
+    /// Revoke an operator key by its id (it stops working within seconds).
+    Revoke { key_id: uuid::Uuid },
 }
 
 #[derive(Subcommand)]
@@ -127,6 +146,7 @@ pub async fn run(cfg: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             tx.commit().await?;
             println!("key_id {id}\napi_key {key}");
         }
+        AdminCommand::OperatorKey { command } => operator_key(&ctx, command).await?,
         AdminCommand::Dlq {
             command: DlqCommand::List { queue: q, limit },
         } => {
@@ -202,5 +222,59 @@ pub async fn run(cfg: Config, cmd: AdminCommand) -> anyhow::Result<()> {
         }
     }
     ctx.broker.close().await;
+    Ok(())
+}
+
+async fn operator_key(ctx: &Ctx, command: OperatorKeyCommand) -> anyhow::Result<()> {
+    match command {
+        OperatorKeyCommand::Issue { label } => {
+            let mut tx = ctx.db.begin().await?;
+            let (id, key) =
+                store::keys::issue(&mut tx, Role::Operator, None, label.as_deref()).await?;
+            store::audit(
+                &mut tx,
+                "operator:cli",
+                "operator_key.issued",
+                Some(&id.to_string()),
+                None,
+            )
+            .await?;
+            tx.commit().await?;
+            println!("key_id {id}\napi_key {key}");
+        }
+        OperatorKeyCommand::List => {
+            let keys = store::keys::list(&ctx.db, Role::Operator).await?;
+            if keys.is_empty() {
+                println!("no operator keys stored");
+            }
+            for k in keys {
+                println!(
+                    "{}\t{}\tcreated {}\t{}",
+                    k.id,
+                    k.label.as_deref().unwrap_or("-"),
+                    k.created_at.to_rfc3339(),
+                    k.revoked_at
+                        .map(|t| format!("revoked {}", t.to_rfc3339()))
+                        .unwrap_or_else(|| "live".into())
+                );
+            }
+        }
+        OperatorKeyCommand::Revoke { key_id } => {
+            let mut tx = ctx.db.begin().await?;
+            if !store::keys::revoke(&mut tx, key_id, Role::Operator).await? {
+                anyhow::bail!("no live operator key {key_id}");
+            }
+            store::audit(
+                &mut tx,
+                "operator:cli",
+                "operator_key.revoked",
+                Some(&key_id.to_string()),
+                None,
+            )
+            .await?;
+            tx.commit().await?;
+            println!("revoked {key_id}");
+        }
+    }
     Ok(())
 }

@@ -81,7 +81,37 @@ pub struct Config {
     pub partner_email_rate: u32,
     /// Key of the invitation link tokens (HMAC); keep it secret and stable.
     pub link_secret: String,
+    /// `PREREG_DEV_MODE=1`: a laptop setup; weak or default secrets are
+    /// accepted. Outside it, processes refuse to start with them.
+    pub dev_mode: bool,
+    /// Failed association attempts on one invitation before it is locked
+    /// (`PREREG_ATTEMPT_LIMIT`, 5).
+    pub attempt_limit: u32,
+    /// Failed attempts per upstream key per `attempt_window` before that key
+    /// is refused (`PREREG_ATTEMPT_KEY_LIMIT`, 20).
+    pub attempt_key_limit: u32,
+    /// The window of the per-key count (`PREREG_ATTEMPT_WINDOW`, 1m).
+    pub attempt_window: Duration,
+    /// How long a locked invitation refuses attempts (`PREREG_ATTEMPT_COOLDOWN`, 15m).
+    pub attempt_cooldown: Duration,
+    /// Pending or running exports one partner may have (`PREREG_EXPORT_MAX_ACTIVE`, 3).
+    pub export_max_active: i64,
 }
+
+/// Secrets that shipped in examples or code: never accepted outside
+/// development mode.
+const KNOWN_DEFAULT_SECRETS: &[&str] = &[
+    "dev-only-link-secret-change-me",
+    "dev-operator-token",
+    "test-operator-token",
+    "bench-operator",
+    "change-me",
+    "changeme",
+    "secret",
+];
+
+/// The shortest secret accepted outside development mode.
+pub const MIN_SECRET_LEN: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -103,6 +133,32 @@ impl Config {
             .filter(|(k, _)| k.starts_with("PREREG_"))
             .collect();
         Self::from_map(&vars)
+    }
+
+    /// The operator token and the link secret must be set, at least 32
+    /// characters long and not a value that shipped anywhere.
+    pub fn check_secrets(&self) -> Result<(), ConfigError> {
+        let check = |var: &str, value: Option<&str>| -> Result<(), ConfigError> {
+            let err = |m: &str| {
+                ConfigError {
+                var: var.to_string(),
+                message: format!("{m} (set a random value of at least {MIN_SECRET_LEN} characters, e.g. `openssl rand -hex 32`, or PREREG_DEV_MODE=1 on a laptop)"),
+            }
+            };
+            match value.map(str::trim) {
+                None | Some("") => Err(err("missing")),
+                Some(v) if KNOWN_DEFAULT_SECRETS.contains(&v) => {
+                    Err(err("a default value that is publicly known"))
+                }
+                Some(v) if v.chars().count() < MIN_SECRET_LEN => Err(err(&format!(
+                    "too short ({} characters)",
+                    v.chars().count()
+                ))),
+                Some(_) => Ok(()),
+            }
+        };
+        check("PREREG_OPERATOR_TOKEN", self.operator_token.as_deref())?;
+        check("PREREG_LINK_SECRET", Some(&self.link_secret))
     }
 
     pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
@@ -214,6 +270,15 @@ impl Config {
             smtp_timeout: dur("PREREG_SMTP_TIMEOUT", "10s")?,
             partner_email_rate: num("PREREG_PARTNER_EMAIL_RATE", "20")?.min(1_000_000) as u32,
             link_secret: get("PREREG_LINK_SECRET", "dev-only-link-secret-change-me"),
+            dev_mode: matches!(
+                get("PREREG_DEV_MODE", "0").to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes"
+            ),
+            attempt_limit: num("PREREG_ATTEMPT_LIMIT", "5")?.clamp(1, 1000) as u32,
+            attempt_key_limit: num("PREREG_ATTEMPT_KEY_LIMIT", "20")?.clamp(1, 1_000_000) as u32,
+            attempt_window: dur("PREREG_ATTEMPT_WINDOW", "1m")?,
+            attempt_cooldown: dur("PREREG_ATTEMPT_COOLDOWN", "15m")?,
+            export_max_active: num("PREREG_EXPORT_MAX_ACTIVE", "3")?.clamp(1, 1000) as i64,
         })
     }
 }
@@ -325,5 +390,36 @@ mod tests {
         m.insert("PREREG_CLAIM_VALIDITY".to_string(), "soon".to_string());
         let e = Config::from_map(&m).unwrap_err();
         assert_eq!(e.var, "PREREG_CLAIM_VALIDITY");
+    }
+
+    #[test]
+    fn weak_secrets_are_named() {
+        let strong = "0123456789abcdef0123456789abcdef";
+        let cfg = |op: Option<&str>, link: Option<&str>| {
+            let mut m = HashMap::new();
+            if let Some(op) = op {
+                m.insert("PREREG_OPERATOR_TOKEN".to_string(), op.to_string());
+            }
+            if let Some(l) = link {
+                m.insert("PREREG_LINK_SECRET".to_string(), l.to_string());
+            }
+            Config::from_map(&m).unwrap()
+        };
+        assert!(cfg(Some(strong), Some(strong)).check_secrets().is_ok());
+        let var = |c: Config| c.check_secrets().unwrap_err().var;
+        assert_eq!(var(cfg(None, Some(strong))), "PREREG_OPERATOR_TOKEN");
+        assert_eq!(
+            var(cfg(Some("short"), Some(strong))),
+            "PREREG_OPERATOR_TOKEN"
+        );
+        assert_eq!(var(cfg(Some(strong), None)), "PREREG_LINK_SECRET");
+        assert_eq!(
+            var(cfg(Some(strong), Some("x".repeat(31).as_str()))),
+            "PREREG_LINK_SECRET"
+        );
+        let e = cfg(Some("dev-operator-token"), Some(strong))
+            .check_secrets()
+            .unwrap_err();
+        assert!(e.to_string().contains("PREREG_OPERATOR_TOKEN"), "{e}");
     }
 }

@@ -34,7 +34,12 @@ pub struct Ctx {
 const CALENDAR_TTL: Duration = Duration::from_secs(30);
 
 impl Ctx {
+    /// Outside development mode (`PREREG_DEV_MODE`), a missing, short or
+    /// publicly known operator token or link secret stops the process here.
     pub fn new(cfg: Config) -> anyhow::Result<Arc<Self>> {
+        if !cfg.dev_mode {
+            cfg.check_secrets()?;
+        }
         let db = crate::store::connect(&cfg.database_url, cfg.db_max_connections)?;
         let names = Names::new(&cfg.amqp_prefix, cfg.retry_delays.clone());
         let broker = Arc::new(Broker::new(&cfg.amqp_url, names, cfg.delivery_limit));

@@ -200,14 +200,12 @@ fn accepted(id: Uuid) -> Stored {
 }
 
 fn job(r: &Request) -> CloudEvent {
+    use crate::jobs::{Job, PreregistrationRequested};
     let id = r.cmd.id;
-    CloudEvent::with_id(
-        id.to_string(),
-        "preregistration.requested",
-        serde_json::to_value(&r.cmd).unwrap_or_default(),
-    )
-    .subject(id)
-    .correlation(Some(r.request_id.clone()))
+    let payload = serde_json::to_value(PreregistrationRequested::from(&r.cmd)).unwrap_or_default();
+    CloudEvent::with_id(id.to_string(), PreregistrationRequested::TYPE, payload)
+        .subject(id)
+        .correlation(Some(r.request_id.clone()))
 }
 
 impl Flusher {

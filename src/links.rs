@@ -34,6 +34,17 @@ pub fn hash(token_or_code: &str) -> Vec<u8> {
     Sha256::digest(token_or_code.trim().as_bytes()).to_vec()
 }
 
+/// The stored form of an offline code: an HMAC keyed with the link secret
+/// (a code has only 50 bits, so a plain hash could be reversed by trying
+/// every code), over the normalized code.
+pub fn code_hash(secret: &[u8], code: &str) -> Vec<u8> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| <Hmac<Sha256> as Mac>::new_from_slice(b"prereg").expect("static key"));
+    mac.update(b"offline-code\0");
+    mac.update(normalize_code(code).as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
 /// 10 characters from an alphabet without look-alikes (50 bits).
 pub fn new_code() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";

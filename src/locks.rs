@@ -97,8 +97,12 @@ impl Locks {
         }
     }
 
+    /// Lock names carry emails and mobiles: the key holds their SHA-256
+    /// only (no personal data in Redis key names, SPEC §8).
     fn key(&self, name: &str) -> String {
-        format!("{}:lock:{name}", self.prefix)
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(name.as_bytes());
+        format!("{}:lock:{}", self.prefix, hex::encode(digest))
     }
 
     /// Takes every lock in `names` (sorted, deduplicated) or none.

@@ -30,19 +30,22 @@ use crate::{
 pub struct Outgoing {
     pub exchange: String,
     pub routing_key: String,
-    pub body: Vec<u8>,
+    /// The encoded message, or why it could not be encoded (too large, …):
+    /// such a message is never sent and its fate is `NotTaken`.
+    pub body: Result<Vec<u8>, String>,
     pub message_id: String,
     /// Must reach a queue (jobs); events may have no listener.
     pub mandatory: bool,
 }
 
 impl Outgoing {
-    /// A job on the commands exchange.
+    /// One of our own jobs, on the internal exchange (upstream systems
+    /// publish to the commands exchange; we do not).
     pub fn command(broker: &Broker, ev: &CloudEvent) -> Self {
         Self {
-            exchange: broker.names.commands(),
+            exchange: broker.names.internal(),
             routing_key: ev.ty.clone(),
-            body: ev.to_bytes(),
+            body: ev.to_bytes().map_err(|e| e.to_string()),
             message_id: ev.id.clone(),
             mandatory: true,
         }
@@ -53,7 +56,7 @@ impl Outgoing {
         Self {
             exchange: broker.names.events(),
             routing_key: ev.ty.clone(),
-            body: ev.to_bytes(),
+            body: ev.to_bytes().map_err(|e| e.to_string()),
             message_id: ev.id.clone(),
             mandatory: false,
         }
@@ -148,15 +151,23 @@ impl Publisher {
                 mandatory: m.mandatory,
                 ..Default::default()
             };
+            let body = match &m.body {
+                Ok(b) => b,
+                Err(why) => {
+                    pending.push(Err(format!("message not sent: {why}")));
+                    continue;
+                }
+            };
             pending.push(
-                ch.basic_publish(&m.exchange, &m.routing_key, opts, &m.body, props)
-                    .await,
+                ch.basic_publish(&m.exchange, &m.routing_key, opts, body, props)
+                    .await
+                    .map_err(|e| format!("broker unavailable: {e}")),
             );
         }
         let deadline = tokio::time::Instant::now() + self.timeout;
         let waits = pending.into_iter().map(|p| async move {
             match p {
-                Err(e) => Fate::NotTaken(format!("broker unavailable: {e}")),
+                Err(why) => Fate::NotTaken(why),
                 Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
                     Err(_) => Fate::Unknown("no confirm from the broker in time".into()),
                     Ok(Err(e)) => Fate::Unknown(format!("channel failed before the confirm: {e}")),

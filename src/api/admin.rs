@@ -79,6 +79,7 @@ pub fn partner_fields(v: &Value, creating: bool) -> Result<PartnerFields, Vec<Fi
         .optional_enum("locale", validate::LOCALES)
         .map(str::to_string);
     let mut managers = None;
+    f.known(&["account_managers"]);
     if let Some(list) = v.get("account_managers").filter(|x| !x.is_null()) {
         match list.as_array() {
             Some(items) if items.len() <= 100 => {
@@ -90,6 +91,7 @@ pub fn partner_fields(v: &Value, creating: bool) -> Result<PartnerFields, Vec<Fi
                     if e.as_deref().is_some_and(|e| !validate::is_email(e)) {
                         mf.error("email", "invalid", "email must be a valid email address");
                     }
+                    mf.check_unknown();
                     for err in mf.errors {
                         f.error(
                             &format!("account_managers[{i}].{}", err.field),
@@ -313,7 +315,7 @@ pub async fn decide_review(
             "decision is required: approve or reject",
         );
     }
-    let note = f.optional_str("note", 4000);
+    let note = f.optional_multiline("note", 4000);
     if decision == Some("reject") && note.is_none() {
         f.error(
             "note",

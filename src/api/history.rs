@@ -20,10 +20,13 @@ use super::{
     AppState, RequestId,
 };
 use crate::{
-    domain::{association::Causes, mask, validate::FieldError},
-    mq::CloudEvent,
+    domain::{
+        association::Causes,
+        mask,
+        validate::{self, FieldError},
+    },
+    jobs::ExportRequested,
     store::{self, history},
-    workers::export::ExportRequested,
 };
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +128,11 @@ pub async fn list(
     if search.as_deref().is_some_and(|s| s.chars().count() > 200) {
         errors.push(bad("q", "q must be at most 200 characters"));
     }
+    for (name, value) in [("q", search.as_deref()), ("tag", q.tag.as_deref())] {
+        if let Some(e) = value.and_then(|v| validate::text_error(name, v, false)) {
+            errors.push(e);
+        }
+    }
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
@@ -183,6 +191,10 @@ pub async fn create_export(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
+    if !body.is_empty() {
+        let v = super::json_body(&body)?;
+        validate::only_fields(&v, &[]).map_err(ApiError::validation)?;
+    }
     let idem = Idem::from_headers(
         &headers,
         auth.principal.label(),
@@ -194,18 +206,38 @@ pub async fn create_export(
     if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
         return Ok(r);
     }
+    // Exports are bounded per partner: at most `export_max_active` pending
+    // or running at once (serialized per partner so two requests cannot
+    // both pass the count).
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('exports:' || $1::text, 0))")
+        .bind(auth.partner_id)
+        .execute(&mut *tx)
+        .await?;
+    let active: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM exports WHERE partner_id = $1 AND status IN ('pending', 'running')
+           AND created_at > now() - interval '1 day'",
+    )
+    .bind(auth.partner_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if active >= st.ctx.cfg.export_max_active {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_exports",
+            format!(
+                "{active} exports of yours are still pending or running (at most {} at once); wait until one completes",
+                st.ctx.cfg.export_max_active
+            ),
+        ));
+    }
     let id = Uuid::now_v7();
     sqlx::query("INSERT INTO exports (id, partner_id, status) VALUES ($1, $2, 'pending')")
         .bind(id)
         .bind(auth.partner_id)
         .execute(&mut *tx)
         .await?;
-    let job = CloudEvent::with_id(
-        id.to_string(),
-        "export.requested",
-        serde_json::to_value(ExportRequested { export_id: id }).unwrap_or_default(),
-    )
-    .correlation(Some(rid.0));
+    let job =
+        command::job(id.to_string(), &ExportRequested { export_id: id })?.correlation(Some(rid.0));
     let answer = command::accepted(
         json!({"id": id, "status": "pending"}),
         Some(format!("/v1/exports/{id}")),

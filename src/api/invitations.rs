@@ -24,13 +24,15 @@ use super::{
 use crate::{
     domain::{
         association::Causes,
+        mask,
         validate::{self, FieldError, Fields},
         Status,
     },
+    events,
+    jobs::{AssociationRequested, InvitationRequested},
     links, mail,
     mq::CloudEvent,
     store::{self, invitations, preregs, TimelineEntry},
-    workers::email::InvitationJob,
 };
 
 pub fn view(i: &invitations::Invitation) -> Value {
@@ -44,7 +46,7 @@ pub fn view(i: &invitations::Invitation) -> Value {
         "created_at": i.created_at,
         "sent_at": i.sent_at,
         "link_expires_at": i.link_expires_at,
-        "failure": i.failure,
+        "failure": i.failure.as_deref().map(mask::text),
         "attempts": i.attempts,
         "used_at": i.used_at,
     })
@@ -143,14 +145,12 @@ async fn send_batch(
             },
         )
         .await?;
-        let job = CloudEvent::with_id(
+        let job = command::job(
             inv_id.to_string(),
-            "invitation.requested",
-            serde_json::to_value(InvitationJob {
+            &InvitationRequested {
                 invitation_id: inv_id,
-            })
-            .unwrap_or_default(),
-        )
+            },
+        )?
         .subject(id)
         .correlation(Some(rid.0.clone()));
         jobs.push((results.len(), inv_id, job));
@@ -230,6 +230,7 @@ pub async fn invite(
     let v = json_body(&body)?;
     let ids = parse_id_list(&v, "preregistration_ids")?;
     let mut f = Fields::new(&v);
+    f.known(&["preregistration_ids"]);
     let kind = f
         .optional_enum("association_type", validate::ASSOCIATION_TYPES)
         .unwrap_or("reseller");
@@ -262,6 +263,7 @@ pub async fn resend(
     body: Bytes,
 ) -> ApiResult<Response> {
     let v = json_body(&body)?;
+    validate::only_fields(&v, &["preregistration_ids"]).map_err(ApiError::validation)?;
     let ids = parse_id_list(&v, "preregistration_ids")?;
     let items = ids.into_iter().map(|id| (id, None)).collect();
     let idem = Idem::from_headers(
@@ -291,10 +293,13 @@ pub struct PreviewQuery {
     preregistration_id: Option<String>,
     association_type: Option<String>,
     locale: Option<String>,
+    reveal: Option<String>,
 }
 
-/// Renders exactly what an invitation sent now would say; only the link's
-/// token is a placeholder (a real one exists once the invitation does).
+/// Renders what an invitation sent now would say, with the customer's name
+/// masked unless `reveal=true` (then it is exactly the email, and audited);
+/// only the link's token is a placeholder (a real one exists once the
+/// invitation does).
 pub async fn preview(
     State(st): State<AppState>,
     auth: PartnerAuth,
@@ -329,6 +334,10 @@ pub async fn preview(
     {
         errors.push(field("locale", "locale must be en or zh-CN"));
     }
+    let reveal = super::partner::reveal_param(q.reveal.as_deref()).unwrap_or_else(|_| {
+        errors.push(field("reveal", "reveal must be true or false"));
+        false
+    });
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
@@ -337,11 +346,23 @@ pub async fn preview(
         Some(p) if p.partner_id == partner.id => p,
         _ => return Err(ApiError::not_found("pre-registration")),
     };
+    let customer_name = if reveal {
+        super::partner::audit_reveal(
+            &st,
+            &auth.principal.label(),
+            "invitation_preview.revealed",
+            p.id,
+        )
+        .await?;
+        p.full_name.clone()
+    } else {
+        mask::name(&p.full_name)
+    };
     let locale = q.locale.unwrap_or(partner.locale.clone());
     let link = links::link_url(&st.ctx.cfg.public_url, "PREVIEW-TOKEN");
     let rendered = mail::render_invitation(&mail::InvitationVars {
         locale: &locale,
-        customer_name: &p.full_name,
+        customer_name: &customer_name,
         partner_name: &partner.name,
         provider: &st.ctx.cfg.provider_name,
         association_type: kind,
@@ -407,7 +428,7 @@ pub async fn offline_link(
             status: "sent",
             nonce: &nonce,
             token_hash: &links::hash(&token),
-            code_hash: Some(&links::hash(&code)),
+            code_hash: Some(&links::code_hash(st.ctx.cfg.link_secret.as_bytes(), &code)),
             link_expires_at: None,
             request_id: Some(&rid.0),
         },
@@ -432,12 +453,7 @@ pub async fn offline_link(
         },
     )
     .await?;
-    let ev = crate::workers::email::invitation_event(
-        "invitation.sent",
-        inv_id,
-        id,
-        json!({"method": "offline"}),
-    );
+    let ev = events::invitation_event("invitation.sent", inv_id, id, json!({"method": "offline"}));
     store::outbox::event(&mut tx, &ev).await?;
     tx.commit().await?;
     let url = links::link_url(&st.ctx.cfg.public_url, &token);
@@ -544,21 +560,50 @@ pub async fn submit_association(
     let token_hash = token.as_deref().map(links::hash);
     let code_hash = code
         .as_deref()
-        .map(|c| links::hash(&links::normalize_code(c)));
+        .map(|c| links::code_hash(st.ctx.cfg.link_secret.as_bytes(), c));
+    // Guessing is throttled (SPEC §8): per upstream key, and per invitation.
+    let submitter = auth.0.label();
+    let cfg = &st.ctx.cfg;
+    if invitations::unsuccessful_attempts_by(&mut *tx, &submitter, cfg.attempt_window).await?
+        >= i64::from(cfg.attempt_key_limit)
+    {
+        return Ok(too_many_attempts(
+            cfg.attempt_window,
+            format!(
+                "this key made {} unsuccessful association attempts within {} s; try again later",
+                cfg.attempt_key_limit,
+                cfg.attempt_window.as_secs()
+            ),
+        ));
+    }
+    if invitations::failed_attempts_on(
+        &mut *tx,
+        token_hash.as_deref(),
+        code_hash.as_deref(),
+        cfg.attempt_cooldown,
+    )
+    .await?
+        >= i64::from(cfg.attempt_limit)
+    {
+        return Ok(too_many_attempts(
+            cfg.attempt_cooldown,
+            format!(
+                "this invitation is locked after {} failed association attempts; try again later",
+                cfg.attempt_limit
+            ),
+        ));
+    }
     invitations::insert_attempt(
         &mut tx,
         id,
         &account_id.unwrap_or_default(),
         token_hash.as_deref(),
         code_hash.as_deref(),
+        &submitter,
     )
     .await?;
-    let job = CloudEvent::with_id(
-        id.to_string(),
-        "association.requested",
-        json!({"attempt_id": id}),
-    )
-    .correlation(Some(rid.0.clone()));
+    let job = command::job(id.to_string(), &AssociationRequested { attempt_id: id })?
+        .correlation(Some(rid.0.clone()));
     let answer = command::accepted(
         json!({"id": id, "status": "queued"}),
         Some(format!("/v1/associations/{id}")),
@@ -575,6 +620,17 @@ pub async fn submit_association(
         )),
     )
     .await
+}
+
+/// `429` with `Retry-After` (whole seconds).
+fn too_many_attempts(wait: std::time::Duration, message: String) -> Response {
+    let mut resp =
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts", message).into_response();
+    let secs = wait.as_secs().max(1).to_string();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&secs) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
 }
 
 pub async fn get_association(

@@ -19,9 +19,9 @@ use std::{sync::Arc, time::Instant};
 
 use axum::{
     extract::{MatchedPath, Request},
-    http::{HeaderName, HeaderValue},
+    http::{header, HeaderName, HeaderValue, Method, StatusCode},
     middleware::{self, Next},
-    response::Response,
+    response::{IntoResponse, Response},
     routing::{get, post, put},
     Router,
 };
@@ -123,6 +123,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/admin/dead-letters/{queue}", get(admin::dead_letters))
         .route("/v1/admin/dead-letters/{queue}/replay", post(admin::replay))
         .fallback(|| async { error::ApiError::not_found("route") })
+        .layer(middleware::from_fn(wire))
         .layer(middleware::from_fn(observe))
         .layer(CatchPanicLayer::custom(|_| {
             axum::response::IntoResponse::into_response(error::ApiError::internal())
@@ -145,7 +146,7 @@ async fn observe(mut req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     req.extensions_mut().insert(RequestId(id.clone()));
     let span = tracing::info_span!("http", request_id = %id, %method, %route);
     let mut resp = next.run(req).instrument(span.clone()).await;
@@ -167,6 +168,178 @@ async fn observe(mut req: Request, next: Next) -> Response {
     resp
 }
 
+/// The HTTP method as a metric label: one of a fixed set, `other` for any
+/// invented method (labels must not grow without bound).
+pub fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// The largest request body the API reads.
+pub const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// Paths that answer HTML (the dashboard and invitation links) keep their
+/// own content types; everything else is the JSON API.
+fn is_json_api(path: &str) -> bool {
+    !(path == "/admin" || path.starts_with("/admin/") || path.starts_with("/i/"))
+}
+
+/// `application/json` (any parameters) or a `+json` type.
+fn is_json_type(v: &str) -> bool {
+    let essence = v
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Wire hygiene: JSON bodies must say `application/json` (415), bodies
+/// above 2 MiB are refused (413), and every 4xx/5xx the framework produces
+/// itself (bad query, 405, 413, ...) gets the one error shape.
+async fn wire(req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if !is_json_api(path) {
+        return next.run(req).await;
+    }
+    if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+        let h = req.headers();
+        let length = h
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let has_body = length.is_some_and(|n| n > 0) || h.contains_key(header::TRANSFER_ENCODING);
+        if length.is_some_and(|n| n > BODY_LIMIT as u64) {
+            return too_large().into_response();
+        }
+        let json = h
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(is_json_type);
+        if has_body && !json {
+            return error::ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "the body must be JSON sent as Content-Type: application/json",
+            )
+            .into_response();
+        }
+    }
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| is_json_type(v) || v.starts_with("text/csv") || v.starts_with("image/"));
+    if !(status.is_client_error() || status.is_server_error()) || json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = crate::domain::mask::text(String::from_utf8_lossy(&text).trim());
+    let err = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => too_large(),
+        StatusCode::METHOD_NOT_ALLOWED => error::ApiError::new(
+            status,
+            "method_not_allowed",
+            "this method is not allowed on this path",
+        ),
+        StatusCode::NOT_FOUND => error::ApiError::not_found("route"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => error::ApiError::new(
+            status,
+            "unsupported_media_type",
+            "the body must be JSON sent as Content-Type: application/json",
+        ),
+        s if s.is_client_error() => {
+            let code = if s == StatusCode::BAD_REQUEST {
+                "bad_request"
+            } else {
+                "invalid_request"
+            };
+            let message = if text.is_empty() {
+                s.canonical_reason().unwrap_or("bad request").to_string()
+            } else {
+                text
+            };
+            error::ApiError::new(s, code, message)
+        }
+        _ => error::ApiError::internal(),
+    };
+    let mut out = err.into_response();
+    *out.status_mut() = status;
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+fn too_large() -> error::ApiError {
+    error::ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("the request body exceeds the limit of 2 MiB ({BODY_LIMIT} bytes)"),
+    )
+}
+
+/// Replaces each JSON `\uXXXX` escape of a lone surrogate by `\u0000`, which
+/// every text field refuses with a 422 naming the field (instead of a 400
+/// for the whole body).
+fn neutralize_lone_surrogates(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    fn hex4(b: &[u8]) -> Option<u16> {
+        let s = std::str::from_utf8(b.get(..4)?).ok()?;
+        u16::from_str_radix(s, 16).ok()
+    }
+    let is_high = |u: u16| (0xD800..0xDC00).contains(&u);
+    let is_low = |u: u16| (0xDC00..0xE000).contains(&u);
+    if !bytes.windows(2).any(|w| w == b"\\u") {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let mut out = bytes.to_vec();
+    let mut i = 0;
+    while i + 1 < out.len() {
+        if out[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        if out[i + 1] != b'u' {
+            i += 2;
+            continue;
+        }
+        let Some(u) = hex4(&out[i + 2..]) else {
+            i += 2;
+            continue;
+        };
+        if is_high(u) {
+            let next = (out.get(i + 6) == Some(&b'\\') && out.get(i + 7) == Some(&b'u'))
+                .then(|| hex4(&out[i + 8..]))
+                .flatten();
+            if next.is_some_and(is_low) {
+                i += 12;
+                continue;
+            }
+        } else if !is_low(u) {
+            i += 6;
+            continue;
+        }
+        out[i + 2..i + 6].copy_from_slice(b"0000");
+        i += 6;
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Parses a JSON body into a value, with our error shape on failure.
 pub fn json_body(bytes: &[u8]) -> Result<serde_json::Value, error::ApiError> {
     if bytes.is_empty() {
@@ -175,8 +348,11 @@ pub fn json_body(bytes: &[u8]) -> Result<serde_json::Value, error::ApiError> {
             "a JSON body is required",
         ));
     }
-    serde_json::from_slice(bytes).map_err(|e| {
-        error::ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+    serde_json::from_slice(&neutralize_lone_surrogates(bytes)).map_err(|e| {
+        error::ApiError::bad_request(
+            "invalid_json",
+            crate::domain::mask::text(&format!("the body is not valid JSON: {e}")),
+        )
     })
 }
 

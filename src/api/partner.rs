@@ -21,13 +21,14 @@ use super::{
     json_body, parse_id, views, AppState, RequestId,
 };
 use crate::{
+    admission::{self, Refusal},
     domain::{
         validate::{self, Fields},
         Status,
     },
+    jobs::ReviewRequested,
     mq::CloudEvent,
     store::{self, partners::Partner, preregs, reviews, TimelineEntry},
-    workers::registration::ReviewRequested,
 };
 
 async fn own_partner(st: &AppState, auth: &PartnerAuth) -> ApiResult<Partner> {
@@ -38,18 +39,19 @@ async fn own_partner(st: &AppState, auth: &PartnerAuth) -> ApiResult<Partner> {
 
 /// The caller's partner, which must have the customer-development permission.
 pub async fn developing_partner(st: &AppState, auth: &PartnerAuth) -> ApiResult<Partner> {
-    may_develop(own_partner(st, auth).await?)
+    admission::developing_partner(&st.ctx.db, auth.partner_id)
+        .await?
+        .map_err(refused)
 }
 
-/// The partner, if it has the customer-development permission.
-fn may_develop(p: Partner) -> ApiResult<Partner> {
-    if !p.customer_development {
-        return Err(ApiError::forbidden(
-            "customer_development_disabled",
-            "Your partner account does not have the customer-development permission. Contact your ecosystem manager.",
-        ));
+/// A refusal of [`admission`], as the intake answers it.
+pub fn refused(r: Refusal) -> ApiError {
+    match r {
+        Refusal::UnknownPartner => ApiError::unauthorized(),
+        Refusal::Forbidden { code, message } => ApiError::forbidden(code, message),
+        Refusal::Unprocessable { code, message } => ApiError::unprocessable(code, message),
+        Refusal::Invalid(errors) => ApiError::validation(errors),
     }
-    Ok(p)
 }
 
 pub async fn profile(State(st): State<AppState>, auth: PartnerAuth) -> ApiResult<Json<Value>> {
@@ -118,40 +120,21 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    // The partner row is cached for a couple of seconds by the intake.
-    let partner = st
-        .ctx
-        .intake()
-        .partner(&st.ctx.db, auth.partner_id)
-        .await?
-        .ok_or_else(ApiError::unauthorized)
-        .and_then(may_develop)?;
-    if partner.contact_email.is_none() && partner.contact_mobile.is_none() {
-        return Err(ApiError::unprocessable(
-            "partner_contact_missing",
-            "Set a contact email or mobile for your partner account first (PUT /v1/partner/contact).",
-        ));
-    }
+    // The partner row is cached for a couple of seconds by the intake (a
+    // refusal is always read fresh, with its exact reason).
+    let partner = match st.ctx.intake().partner(&st.ctx.db, auth.partner_id).await? {
+        Some(p) if p.customer_development => p,
+        _ => developing_partner(&st, &auth).await?,
+    };
+    // The same checks, in the same order, as an upstream command's
+    // (`admission::check_prereg`), with the body parsed once the partner passed.
+    admission::contact_present(&partner).map_err(refused)?;
     let validation_started = std::time::Instant::now();
     let v = json_body(&body)?;
-    let req = validate::prereg_request(&v).map_err(ApiError::validation)?;
+    let req = admission::prereg_fields(&st.ctx.db, &partner, &v)
+        .await?
+        .map_err(refused)?;
     crate::stages::since(crate::stages::Stage::Validation, validation_started);
-    if let Some(am) = req.account_manager_id {
-        let managers = store::partners::managers(&st.ctx.db, partner.id).await?;
-        if !managers.iter().any(|m| m.id == am) {
-            return Err(ApiError::validation(vec![validate::FieldError {
-                field: "account_manager_id".into(),
-                code: "invalid",
-                message: "account_manager_id is not one of your account managers".into(),
-            }]));
-        }
-    }
-    if req.send_invitation
-        && req.association_type.as_deref() == Some("referral")
-        && !partner.referral
-    {
-        return Err(referral_not_permitted());
-    }
     let idem = Idem::from_headers(
         &headers,
         auth.principal.label(),
@@ -188,10 +171,7 @@ pub async fn create(
 }
 
 pub fn referral_not_permitted() -> ApiError {
-    ApiError::forbidden(
-        "referral_not_permitted",
-        "Your partner account does not have the referral permission; use the reseller association type or contact your ecosystem manager.",
-    )
+    refused(admission::referral_not_permitted())
 }
 
 #[derive(Debug, Deserialize)]
@@ -292,6 +272,15 @@ pub async fn list(
         }
         st
     });
+    if let Some(e) =
+        q.q.as_deref()
+            .and_then(|v| validate::text_error("q", v, false))
+    {
+        errors.push(e);
+    }
+    if q.q.as_deref().is_some_and(|s| s.chars().count() > 200) {
+        errors.push(field_error("q", "q must be at most 200 characters"));
+    }
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
@@ -336,12 +325,46 @@ async fn owned(st: &AppState, auth: &PartnerAuth, id: &str) -> ApiResult<preregs
     }
 }
 
+#[derive(Debug, Deserialize)]
+pub struct RevealQuery {
+    pub reveal: Option<String>,
+}
+
+/// `reveal=true|1|false|0` (absent: false); anything else is a 422.
+pub fn reveal_param(reveal: Option<&str>) -> ApiResult<bool> {
+    let mut errors = Vec::new();
+    let (_, reveal, _) = paging(None, reveal, None, &mut errors);
+    if errors.is_empty() {
+        Ok(reveal)
+    } else {
+        Err(ApiError::validation(errors))
+    }
+}
+
+/// Writes who revealed which record (SPEC §8); the audit row's time is when.
+pub async fn audit_reveal(st: &AppState, actor: &str, action: &str, id: Uuid) -> ApiResult<()> {
+    let mut conn = st.ctx.db.acquire().await?;
+    store::audit(&mut conn, actor, action, Some(&id.to_string()), None).await?;
+    Ok(())
+}
+
 pub async fn get_one(
     State(st): State<AppState>,
     auth: PartnerAuth,
     Path(id): Path<String>,
+    Query(q): Query<RevealQuery>,
 ) -> ApiResult<Json<Value>> {
+    let reveal = reveal_param(q.reveal.as_deref())?;
     let p = owned(&st, &auth, &id).await?;
+    if reveal {
+        audit_reveal(
+            &st,
+            &auth.principal.label(),
+            "preregistration.revealed",
+            p.id,
+        )
+        .await?;
+    }
     let review = reviews::latest_for(&st.ctx.db, p.id).await?;
     let invitations: Vec<Value> = store::invitations::for_prereg(&st.ctx.db, p.id)
         .await?
@@ -350,7 +373,7 @@ pub async fn get_one(
         .collect();
     Ok(Json(views::prereg(
         &p,
-        false,
+        !reveal,
         review.as_ref(),
         json!(invitations),
     )))
@@ -377,9 +400,9 @@ pub async fn request_review(
     let p = owned(&st, &auth, &id).await?;
     let v = json_body(&body)?;
     let mut f = Fields::new(&v);
-    let justification = f.required_str("justification", 4000);
+    let justification = f.required_multiline("justification", 4000);
     let spend = f.optional_f64("expected_new_spend");
-    let contact = f.optional_str("contact_record", 4000);
+    let contact = f.optional_multiline("contact_record", 4000);
     f.finish().map_err(ApiError::validation)?;
     if p.status() != Status::Rejected || !p.manual_review_eligible {
         return Err(ApiError::conflict(
@@ -421,13 +444,9 @@ pub async fn request_review(
         preregistration_id: p.id,
         partner_id: p.partner_id,
     };
-    let job = CloudEvent::with_id(
-        review_id.to_string(),
-        "review.requested",
-        serde_json::to_value(&cmd).unwrap_or_default(),
-    )
-    .subject(p.id)
-    .correlation(Some(rid.0.clone()));
+    let job = command::job(review_id.to_string(), &cmd)?
+        .subject(p.id)
+        .correlation(Some(rid.0.clone()));
     let answer = command::accepted(
         json!({"id": review_id, "preregistration_id": p.id, "status": "queued"}),
         Some(format!("/v1/preregistrations/{}", p.id)),
@@ -510,6 +529,7 @@ pub async fn batch_delete(
     body: Bytes,
 ) -> ApiResult<Response> {
     let v = json_body(&body)?;
+    validate::only_fields(&v, &["ids"]).map_err(ApiError::validation)?;
     let ids = parse_id_list(&v, "ids")?;
     let mut results = Vec::with_capacity(ids.len());
     for id in ids {

@@ -16,7 +16,25 @@ use super::{
     error::{ApiError, ApiResult},
     json_body, AppState, RequestId,
 };
-use crate::{domain::AccountFacts, mq::CloudEvent, store};
+use crate::{
+    domain::{validate, AccountFacts},
+    store,
+};
+
+/// An account id from the path: at most 128 characters, no control characters.
+fn account_param(account_id: &str) -> ApiResult<()> {
+    if account_id.chars().count() > 128 {
+        return Err(ApiError::validation(vec![validate::FieldError {
+            field: "account_id".into(),
+            code: "too_long",
+            message: "account_id must be at most 128 characters".into(),
+        }]));
+    }
+    match validate::text_error("account_id", account_id, false) {
+        Some(e) => Err(ApiError::validation(vec![e])),
+        None => Ok(()),
+    }
+}
 
 pub async fn put_account(
     State(st): State<AppState>,
@@ -26,6 +44,7 @@ pub async fn put_account(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
+    account_param(&account_id)?;
     let mut v = json_body(&body)?;
     let Some(obj) = v.as_object_mut() else {
         return Err(ApiError::bad_request(
@@ -33,19 +52,35 @@ pub async fn put_account(
             "the body must be a JSON object",
         ));
     };
+    // Unknown fields and characters no text field may hold are named.
+    let known = serde_json::to_value(AccountFacts::default()).unwrap_or_default();
+    let mut errors = Vec::new();
+    for (k, val) in obj.iter() {
+        if known.get(k).is_none() {
+            let shown: String = k.chars().filter(|c| !c.is_control()).take(64).collect();
+            errors.push(validate::FieldError {
+                field: shown.clone(),
+                code: "unknown_field",
+                message: format!("unknown field `{shown}`"),
+            });
+        } else if let Some(e) = val.as_str().and_then(|s| validate::text_error(k, s, false)) {
+            errors.push(e);
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
     obj.insert("account_id".into(), json!(account_id));
     let mut facts: AccountFacts = serde_json::from_value(v).map_err(|e| {
-        ApiError::validation(vec![crate::domain::validate::FieldError {
+        ApiError::validation(vec![validate::FieldError {
             field: "body".into(),
             code: "invalid",
-            message: e.to_string(),
+            message: crate::domain::mask::text(&e.to_string()),
         }])
     })?;
     // Facts sent without a time are as of now.
     facts.updated_at.get_or_insert_with(Utc::now);
-    if let Err(crate::workers::JobError::Fatal { message, .. }) =
-        crate::workers::accounts::validate(&facts)
-    {
+    if let Err(message) = crate::domain::facts::check(&facts) {
         return Err(ApiError::unprocessable("validation_failed", message));
     }
     let path = format!("/v1/accounts/{account_id}");
@@ -54,10 +89,10 @@ pub async fn put_account(
     if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
         return Ok(r);
     }
-    let job = CloudEvent::new(
-        "account.upserted",
-        serde_json::to_value(&facts).unwrap_or_default(),
-    )
+    let job = command::job(
+        uuid::Uuid::now_v7().to_string(),
+        &crate::jobs::AccountUpserted(facts),
+    )?
     .subject(&account_id)
     .correlation(Some(rid.0));
     let answer = command::accepted(
@@ -72,6 +107,9 @@ pub async fn get_account(
     _auth: UpstreamAuth,
     Path(account_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    if account_param(&account_id).is_err() {
+        return Err(ApiError::not_found("account"));
+    }
     let facts = store::accounts::get(&st.ctx.db, &account_id)
         .await?
         .ok_or_else(|| ApiError::not_found("account"))?;

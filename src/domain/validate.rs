@@ -15,6 +15,41 @@ pub struct FieldError {
 pub struct Fields<'a> {
     obj: Option<&'a Map<String, Value>>,
     pub errors: Vec<FieldError>,
+    /// Field names read so far (the others are unknown at `finish`).
+    seen: Vec<String>,
+}
+
+/// Bidirectional embeddings, overrides and isolates (U+202A–U+202E,
+/// U+2066–U+2069): they can make a name read differently from what it is.
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Whether `c` may appear in a text field (line breaks and tabs only where
+/// `multiline`). C0 and C1 controls, DEL and bidi controls never may.
+pub fn allowed_char(c: char, multiline: bool) -> bool {
+    if multiline && matches!(c, '\n' | '\r' | '\t') {
+        return true;
+    }
+    !(c.is_control() || is_bidi_control(c))
+}
+
+/// `Some(error)` when `s` holds a character a text field must not hold.
+pub fn text_error(field: &str, s: &str, multiline: bool) -> Option<FieldError> {
+    let bad = s.chars().find(|c| !allowed_char(*c, multiline))?;
+    let message = if bad == '\n' || bad == '\r' {
+        format!("{field} must be a single line")
+    } else {
+        format!(
+            "{field} must not contain control characters, bidirectional overrides or lone surrogates (found U+{:04X})",
+            bad as u32
+        )
+    };
+    Some(FieldError {
+        field: field.to_string(),
+        code: "invalid_character",
+        message,
+    })
 }
 
 impl<'a> Fields<'a> {
@@ -22,6 +57,7 @@ impl<'a> Fields<'a> {
         let mut f = Fields {
             obj: body.as_object(),
             errors: Vec::new(),
+            seen: Vec::new(),
         };
         if f.obj.is_none() {
             f.error("body", "invalid_type", "the body must be a JSON object");
@@ -37,8 +73,34 @@ impl<'a> Fields<'a> {
         });
     }
 
-    fn get(&self, field: &str) -> Option<&'a Value> {
+    fn get(&mut self, field: &str) -> Option<&'a Value> {
+        self.known(&[field]);
         self.obj.and_then(|o| o.get(field)).filter(|v| !v.is_null())
+    }
+
+    /// Marks fields read by other means as known.
+    pub fn known(&mut self, fields: &[&str]) {
+        for f in fields {
+            if !self.seen.iter().any(|s| s == f) {
+                self.seen.push(f.to_string());
+            }
+        }
+    }
+
+    /// Adds an `unknown_field` error for every key of the object that no
+    /// reader asked for (a misspelt `send_invitaton` is not ignored).
+    pub fn check_unknown(&mut self) {
+        let Some(obj) = self.obj else { return };
+        let mut unknown: Vec<String> = obj
+            .keys()
+            .filter(|k| !self.seen.iter().any(|s| s == *k))
+            .cloned()
+            .collect();
+        unknown.sort();
+        for k in unknown {
+            let shown: String = k.chars().filter(|c| !c.is_control()).take(64).collect();
+            self.error(&shown, "unknown_field", format!("unknown field `{shown}`"));
+        }
     }
 
     /// A string that must be present and non-blank, at most `max` characters.
@@ -59,7 +121,31 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// A single-line string of at most `max` characters.
     pub fn optional_str(&mut self, field: &str, max: usize) -> Option<String> {
+        self.text(field, max, false)
+    }
+
+    /// Text that may hold line breaks and tabs (remarks, notes).
+    pub fn optional_multiline(&mut self, field: &str, max: usize) -> Option<String> {
+        self.text(field, max, true)
+    }
+
+    /// Like `required_str`, for text that may hold line breaks.
+    pub fn required_multiline(&mut self, field: &str, max: usize) -> Option<String> {
+        if self.get(field).is_none() {
+            self.error(field, "required", format!("{field} is required"));
+            return None;
+        }
+        let s = self.text(field, max, true)?;
+        if s.trim().is_empty() {
+            self.error(field, "required", format!("{field} must not be blank"));
+            return None;
+        }
+        Some(s)
+    }
+
+    fn text(&mut self, field: &str, max: usize, multiline: bool) -> Option<String> {
         match self.get(field) {
             None => None,
             Some(Value::String(s)) if s.chars().count() > max => {
@@ -70,7 +156,13 @@ impl<'a> Fields<'a> {
                 );
                 None
             }
-            Some(Value::String(s)) => Some(s.trim().to_string()),
+            Some(Value::String(s)) => {
+                if let Some(e) = text_error(field, s.trim(), multiline) {
+                    self.errors.push(e);
+                    return None;
+                }
+                Some(s.trim().to_string())
+            }
             Some(_) => {
                 self.error(field, "invalid_type", format!("{field} must be a string"));
                 None
@@ -143,6 +235,10 @@ impl<'a> Fields<'a> {
                 for item in items {
                     match item.as_str().map(str::trim) {
                         Some(s) if !s.is_empty() && s.chars().count() <= max_len => {
+                            if let Some(e) = text_error(field, s, false) {
+                                self.errors.push(e);
+                                return Vec::new();
+                            }
                             out.push(s.to_string())
                         }
                         _ => {
@@ -184,7 +280,9 @@ impl<'a> Fields<'a> {
         }
     }
 
-    pub fn finish(self) -> Result<(), Vec<FieldError>> {
+    /// The errors found, including unknown fields.
+    pub fn finish(mut self) -> Result<(), Vec<FieldError>> {
+        self.check_unknown();
         if self.errors.is_empty() {
             Ok(())
         } else {
@@ -211,6 +309,21 @@ pub fn is_email(s: &str) -> bool {
         }
         None => false,
     }
+}
+
+/// A name that carries a link (it would show up in a provider-branded email).
+pub fn looks_like_link(s: &str) -> bool {
+    let l = s.to_ascii_lowercase();
+    l.contains("://") || l.contains("www.")
+}
+
+/// `Ok` when `v` is an object holding only `allowed` keys (or not an object,
+/// which the caller reports), else the unknown fields.
+pub fn only_fields(v: &Value, allowed: &[&str]) -> Result<(), Vec<FieldError>> {
+    let mut f = Fields::new(v);
+    f.errors.clear();
+    f.known(allowed);
+    f.finish()
 }
 
 /// E.164: `+`, a non-zero digit, then 6 to 14 more digits.
@@ -283,10 +396,29 @@ pub struct PreregRequest {
 pub const ASSOCIATION_TYPES: &[&str] = &["reseller", "referral"];
 pub const LOCALES: &[&str] = &["en", "zh-CN"];
 
-/// Checks a pre-registration request, naming every bad field.
+/// Checks a pre-registration command (a job's payload, which also carries
+/// its `id` and `partner_id`), naming every bad field.
 pub fn prereg_request(body: &Value) -> Result<PreregRequest, Vec<FieldError>> {
+    prereg_fields(body, &["id", "partner_id"])
+}
+
+/// Checks a pre-registration request as a partner sends it over HTTP: any
+/// field not in the request's shape is named as unknown.
+pub fn prereg_http_request(body: &Value) -> Result<PreregRequest, Vec<FieldError>> {
+    prereg_fields(body, &[])
+}
+
+fn prereg_fields(body: &Value, also_known: &[&str]) -> Result<PreregRequest, Vec<FieldError>> {
     let mut f = Fields::new(body);
+    f.known(also_known);
     let full_name = f.required_str("full_name", 200);
+    if full_name.as_deref().is_some_and(looks_like_link) {
+        f.error(
+            "full_name",
+            "invalid",
+            "full_name must be a person's or company's name, not a link",
+        );
+    }
     let email = f.required_str("email", 254);
     if email.as_deref().is_some_and(|e| !is_email(e)) {
         f.error("email", "invalid", "email must be a valid email address");
@@ -303,7 +435,7 @@ pub fn prereg_request(body: &Value) -> Result<PreregRequest, Vec<FieldError>> {
     let association_type = f.optional_enum("association_type", ASSOCIATION_TYPES);
     let locale = f.optional_enum("locale", LOCALES);
     let tags = f.optional_str_list("tags", 20, 50);
-    let remarks = f.optional_str("remarks", 2000);
+    let remarks = f.optional_multiline("remarks", 2000);
     let account_manager_id = f.optional_uuid("account_manager_id");
     f.finish()?;
     Ok(PreregRequest {

@@ -162,19 +162,13 @@ pub async fn expire_exports<'e>(db: impl PgExecutor<'e>) -> Result<u64, sqlx::Er
     Ok(r.rows_affected())
 }
 
-/// One CSV field: quoted when it holds a separator, quote or line break;
-/// a leading `=` or `@` (or `+`/`-` not followed by a digit, so phone
-/// numbers stay as they are) is prefixed with `'` so that spreadsheets do not
-/// run it as a formula.
+/// One CSV field: quoted when it holds a separator, quote or line break; a
+/// field starting with `=`, `+`, `-`, `@`, a tab or a carriage return is
+/// prefixed with `'` so that no spreadsheet runs it as a formula (SPEC §8;
+/// this includes masked mobiles such as `'+86*******0000`).
 pub fn csv_field(out: &mut String, value: &str) {
     let guarded;
-    let mut chars = value.chars();
-    let formula = match chars.next() {
-        Some('=' | '@') => true,
-        Some('+' | '-') => !chars.next().is_some_and(|c| c.is_ascii_digit()),
-        _ => false,
-    };
-    let v = if formula {
+    let v = if formula_start(value) {
         guarded = format!("'{value}");
         guarded.as_str()
     } else {
@@ -187,6 +181,11 @@ pub fn csv_field(out: &mut String, value: &str) {
     } else {
         out.push_str(v);
     }
+}
+
+/// Whether a spreadsheet could read `value` as a formula.
+pub fn formula_start(value: &str) -> bool {
+    value.starts_with(['=', '+', '-', '@', '\t', '\r'])
 }
 
 pub fn csv_row(out: &mut String, fields: &[&str]) {
@@ -214,14 +213,33 @@ mod tests {
                 "say \"hi\"",
                 "line\nbreak",
                 "=SUM(A1)",
-                "+86138****0000",
+                "+86*******0000",
                 "+cmd",
                 "-x",
             ],
         );
         assert_eq!(
             s,
-            "a,\"b,c\",\"say \"\"hi\"\"\",\"line\nbreak\",'=SUM(A1),+86138****0000,'+cmd,'-x\r\n"
+            "a,\"b,c\",\"say \"\"hi\"\"\",\"line\nbreak\",'=SUM(A1),'+86*******0000,'+cmd,'-x\r\n"
         );
+    }
+
+    #[test]
+    fn formula_guard_covers_issue_10_item_6() {
+        for (input, want) in [
+            ("-1+cmd|' /C calc'!A0", "'-1+cmd|' /C calc'!A0"),
+            (
+                "+1+HYPERLINK(\"http://x\")",
+                "\"'+1+HYPERLINK(\"\"http://x\"\")\"",
+            ),
+            ("\t=1+1", "'\t=1+1"),
+            ("\r=1+1", "\"'\r=1+1\""),
+            ("@SUM(1)", "'@SUM(1)"),
+            ("plain", "plain"),
+        ] {
+            let mut s = String::new();
+            csv_field(&mut s, input);
+            assert_eq!(s, want, "{input:?}");
+        }
     }
 }

@@ -198,17 +198,60 @@ pub async fn insert_attempt(
     account_id: &str,
     token_hash: Option<&[u8]>,
     code_hash: Option<&[u8]>,
+    submitted_by: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO association_attempts (id, account_id, token_hash, code_hash, status) VALUES ($1, $2, $3, $4, 'queued')",
+        "INSERT INTO association_attempts (id, account_id, token_hash, code_hash, status, submitted_by) VALUES ($1, $2, $3, $4, 'queued', $5)",
     )
     .bind(id)
     .bind(account_id)
     .bind(token_hash)
     .bind(code_hash)
+    .bind(submitted_by)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Attempts of `submitted_by` within the last `window` that did not succeed
+/// (failed, or still queued and so possibly failing).
+pub async fn unsuccessful_attempts_by<'e>(
+    db: impl PgExecutor<'e>,
+    submitted_by: &str,
+    window: std::time::Duration,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM association_attempts
+         WHERE submitted_by = $1 AND status <> 'succeeded'
+           AND created_at > now() - make_interval(secs => $2)",
+    )
+    .bind(submitted_by)
+    .bind(window.as_secs_f64())
+    .fetch_one(db)
+    .await
+}
+
+/// The invitation a link token or an offline code (hashes) belongs to, and
+/// its failed attempts within the last `window`.
+pub async fn failed_attempts_on<'e>(
+    db: impl PgExecutor<'e>,
+    token_hash: Option<&[u8]>,
+    code_hash: Option<&[u8]>,
+    window: std::time::Duration,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM association_attempts a
+         WHERE a.status = 'failed' AND a.decided_at > now() - make_interval(secs => $3)
+           AND a.invitation_id = (SELECT i.id FROM invitations i
+                WHERE ($1::bytea IS NOT NULL AND i.token_hash = $1)
+                   OR ($2::bytea IS NOT NULL AND i.code_hash = $2)
+                LIMIT 1)",
+    )
+    .bind(token_hash)
+    .bind(code_hash)
+    .bind(window.as_secs_f64())
+    .fetch_one(db)
+    .await
 }
 
 const ATTEMPT_COLUMNS: &str = "id, account_id, invitation_id, status, cause_code, created_at, decided_at, token_hash, code_hash";

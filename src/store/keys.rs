@@ -104,6 +104,38 @@ pub async fn revoke_partner_keys(
     Ok(r.rows_affected())
 }
 
+/// A stored key as operators list it (never the key itself).
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct KeyInfo {
+    pub id: Uuid,
+    pub role: String,
+    pub label: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Every key of a role, newest first, revoked ones included.
+pub async fn list(pool: &PgPool, role: Role) -> Result<Vec<KeyInfo>, sqlx::Error> {
+    sqlx::query_as::<_, KeyInfo>(
+        "SELECT id, role, label, created_at, revoked_at FROM api_keys WHERE role = $1 ORDER BY created_at DESC, id DESC",
+    )
+    .bind(role.as_str())
+    .fetch_all(pool)
+    .await
+}
+
+/// Revokes one key of `role`; false when there is no such live key.
+pub async fn revoke(conn: &mut PgConnection, id: Uuid, role: Role) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND role = $2 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .bind(role.as_str())
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
 pub async fn lookup(pool: &PgPool, token: &str) -> Result<Option<Principal>, sqlx::Error> {
     let row = sqlx::query(
         "SELECT id, role, partner_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",

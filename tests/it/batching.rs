@@ -256,11 +256,11 @@ async fn work_left_behind_by_a_crashed_intake_is_published_by_the_relay() {
         prereg::store::preregs::insert_queued(&mut tx, &cmd, None)
             .await
             .unwrap();
-        let job = CloudEvent::with_id(
+        let job = CloudEvent::job(
             id.to_string(),
-            "preregistration.requested",
-            serde_json::to_value(&cmd).unwrap(),
-        );
+            &prereg::jobs::PreregistrationRequested::from(&cmd),
+        )
+        .unwrap();
         prereg::store::outbox::command_after(&mut tx, &job, Duration::from_millis(300))
             .await
             .unwrap();

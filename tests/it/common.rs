@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
-pub const OPERATOR: &str = "test-operator-token";
+pub const OPERATOR: &str = "test-operator-token-7f3c9a1e5b2d4f608e1a3c5b7d9f0e2a";
 
 pub fn pg_base() -> String {
     std::env::var("PREREG_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
@@ -53,6 +53,7 @@ pub async fn test_config() -> (Config, String) {
         http_addr: "127.0.0.1:0".parse().unwrap(),
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         operator_token: Some(OPERATOR.into()),
+        link_secret: "test-link-secret-5e8d2c4a9b1f3e7d6c0a8b2e4f6d1c3a".into(),
         retry_delays: vec![
             Duration::from_millis(100),
             Duration::from_millis(200),

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use prereg::mail::sink::SmtpSink;
+use prereg_devtools::smtp_sink::SmtpSink;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -170,7 +170,7 @@ async fn history_search_filters_pagination_masking_and_export() {
     assert_eq!(by_id(0)["state"], "associated");
     assert_eq!(by_id(0)["full_name"], "A**");
     assert_eq!(by_id(0)["email"], "h***@customer.example");
-    assert_eq!(by_id(0)["mobile"], "+86160****0000");
+    assert_eq!(by_id(0)["mobile"], "+86*******0000");
     assert_eq!(by_id(1)["state"], "association_failed");
     assert_eq!(by_id(1)["cause"]["code"], "overdue_payment");
     assert!(by_id(1)["cause"]["suggestion"]
@@ -288,7 +288,7 @@ async fn history_search_filters_pagination_masking_and_export() {
     assert!(
         csv.contains("A**")
             && csv.contains("h***@customer.example")
-            && csv.contains("+86160****0000")
+            && csv.contains("'+86*******0000")
     );
     assert!(csv.contains("association_failed,overdue_payment,email"));
     // After its retention the file is gone.

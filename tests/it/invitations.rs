@@ -5,10 +5,10 @@ use std::time::Duration;
 use prereg::{
     domain::association::Causes,
     links,
-    mail::sink::{SmtpSink, Stage},
     mq::{CloudEvent, Queue},
     workers::runtime,
 };
+use prereg_devtools::smtp_sink::{SmtpSink, Stage};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::Row;
@@ -23,7 +23,7 @@ struct Mail {
     html: String,
 }
 
-fn parse(m: &prereg::mail::sink::ReceivedMail) -> Mail {
+fn parse(m: &prereg_devtools::smtp_sink::ReceivedMail) -> Mail {
     let parsed = mailparse::parse_mail(m.data.as_bytes()).expect("a MIME message");
     let subject = parsed
         .headers
@@ -129,7 +129,7 @@ async fn invitation_email_arrives_with_a_working_link_in_the_right_language() {
     // The preview renders what will be sent.
     let (s, preview) = app
         .get(
-            &format!("/v1/invitations/preview?preregistration_id={id}&locale=zh-CN"),
+            &format!("/v1/invitations/preview?preregistration_id={id}&locale=zh-CN&reveal=true"),
             &p.key,
         )
         .await;
@@ -407,7 +407,13 @@ async fn offline_link_qr_and_one_time_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_association_failure_cause_is_reachable_word_for_word() {
     let sink = SmtpSink::start().await.unwrap();
-    let app = mail_app(&sink, |c| c.max_attempts = 2).await;
+    let app = mail_app(&sink, |c| {
+        c.max_attempts = 2;
+        // This test fails on purpose many times with one key: no lockout.
+        c.attempt_key_limit = 10_000;
+        c.attempt_limit = 1_000;
+    })
+    .await;
     let upstream = app.upstream_key().await;
     let reseller = app.create_partner(json!({"name": "Reseller"})).await;
     let referral = app

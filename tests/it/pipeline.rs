@@ -15,7 +15,12 @@ async fn new_customer_is_preregistered_and_resubmission_is_safe() {
     let v = app.decided(&p, id).await;
     assert_eq!(v["status"], "preregistered", "{v}");
     assert!(v["expires_at"].is_string());
-    assert_eq!(v["email"], "Zhang.San@Example.com");
+    // Masked by default; stored as given.
+    assert_eq!(v["email"], "Z***@Example.com");
+    let (_, full) = app
+        .get(&format!("/v1/preregistrations/{id}?reveal=true"), &p.key)
+        .await;
+    assert_eq!(full["email"], "Zhang.San@Example.com");
 
     // Same customer (normalised email), same partner: already_preregistered naming the first.
     let again = app
@@ -228,6 +233,7 @@ async fn field_errors_are_all_named() {
         .http
         .post(format!("{}/v1/preregistrations", app.addr))
         .bearer_auth(&p.key)
+        .header("content-type", "application/json")
         .body("{oops")
         .send()
         .await
