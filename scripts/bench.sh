@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Benchmark: builds the release binary, starts a fresh intake and worker
 # against a new database `prereg_bench` and a private RabbitMQ prefix, runs
-# `prereg bench` against them and stops them again.
+# the load generator (`prereg-loadgen`, the workspace crate loadgen/) against
+# them and stops them again.
 #
-#   scripts/bench.sh                              # defaults of `prereg bench`
+#   scripts/bench.sh                              # defaults of the load generator
 #   scripts/bench.sh --requests 5000 --partners 20 --json
 #   scripts/bench.sh --rate 500 --concurrency 128
 #
-# Extra arguments go to `prereg bench` (see `prereg bench --help`).
+# Extra arguments go to the load generator (see `target/release/prereg-loadgen --help`).
 # Needs PostgreSQL, RabbitMQ and Redis on 127.0.0.1 (scripts/services-up.sh).
 # Any PREREG_* variable not set below (e.g. PREREG_WORKER_CONCURRENCY,
 # PREREG_DB_MAX_CONNECTIONS) passes through to both services.
 #
 # Environment knobs: BENCH_PG (server URL, default postgres://postgres@127.0.0.1:5432),
 # BENCH_DB (database, default prereg_bench), BENCH_KEEP_QUEUES=1 (leave the
-# RabbitMQ queues and exchanges of the run in place), BENCH_LOG_DIR (service logs).
+# RabbitMQ queues and exchanges of the run in place), BENCH_LOG_DIR (service logs),
+# BENCH_BIN_DIR (prebuilt prereg and prereg-loadgen; no build).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -23,7 +25,10 @@ PG="${BENCH_PG:-postgres://postgres@127.0.0.1:5432}"
 DB="${BENCH_DB:-prereg_bench}"
 HTTP_ADDR=127.0.0.1:18080
 METRICS_ADDR=127.0.0.1:19091
-BIN=target/release/prereg
+# BENCH_BIN_DIR: run prebuilt binaries from there instead of building.
+BIN_DIR="${BENCH_BIN_DIR:-target/release}"
+BIN="$BIN_DIR/prereg"
+LOADGEN="$BIN_DIR/prereg-loadgen"
 
 log() { echo "bench.sh: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -41,8 +46,10 @@ echo "git:    $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git dif
 echo
 
 # -------------------------------------------------------------------- build
-log "cargo build --release"
-cargo build --release
+if [ -z "${BENCH_BIN_DIR:-}" ]; then
+  log "cargo build --release (prereg and prereg-loadgen)"
+  cargo build --release -p prereg -p prereg-loadgen
+fi
 
 # ----------------------------------------------------------------- database
 log "recreating database $DB"
@@ -155,8 +162,9 @@ log "intake pid $INTAKE_PID and worker pid $WORKER_PID are ready"
 
 # -------------------------------------------------------------------- bench
 rc=0
-"$BIN" bench --url "http://$HTTP_ADDR" \
-  --intake-pid "$INTAKE_PID" --worker-pid "$WORKER_PID" "$@" || rc=$?
+"$LOADGEN" --url "http://$HTTP_ADDR" \
+  --intake-pid "$INTAKE_PID" --worker-pid "$WORKER_PID" \
+  --metrics-url "http://$HTTP_ADDR/metrics,http://$METRICS_ADDR/metrics" "$@" || rc=$?
 
 for name in intake worker; do
   n="$(grep -c '"level":"\(WARN\|ERROR\)"' "$LOG_DIR/$name.log" 2>/dev/null || true)"

@@ -140,8 +140,9 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
     if roles.relay {
         tasks.spawn(store::outbox::run_relay(
             ctx.db.clone(),
-            ctx.broker.clone(),
+            ctx.publisher.clone(),
             ctx.cfg.outbox_interval,
+            ctx.cfg.outbox_grace,
             cancel.clone(),
         ));
     }

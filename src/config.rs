@@ -85,6 +85,17 @@ pub struct Config {
     /// `Retry-After` of a `503` answer.
     pub retry_after: Duration,
     pub outbox_interval: Duration,
+    /// How long the intake's own outbox rows wait before the relay may
+    /// publish them (the intake publishes them itself; the relay steps in
+    /// after a crash or an unanswered confirm). Also the relay's lease.
+    pub outbox_grace: Duration,
+    /// Intake group commit: most commands written and published together.
+    pub intake_batch_size: usize,
+    /// Intake group commit: how long the first command of a batch waits for
+    /// others to join.
+    pub intake_batch_linger: Duration,
+    /// Registration worker: most deliveries decided in one transaction.
+    pub registration_batch: usize,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     pub smtp_pool_size: u32,
@@ -284,6 +295,10 @@ impl Config {
                 .max(Duration::from_millis(20)),
             retry_after: dur("PREREG_RETRY_AFTER", "2s")?.max(Duration::from_secs(1)),
             outbox_interval: dur("PREREG_OUTBOX_INTERVAL", "200ms")?,
+            outbox_grace: dur("PREREG_OUTBOX_GRACE", "15s")?,
+            intake_batch_size: num("PREREG_INTAKE_BATCH_SIZE", "128")?.clamp(1, 1000) as usize,
+            intake_batch_linger: dur("PREREG_INTAKE_BATCH_LINGER", "1ms")?,
+            registration_batch: num("PREREG_REGISTRATION_BATCH", "32")?.clamp(1, 500) as usize,
             shutdown_grace: dur("PREREG_SHUTDOWN_GRACE", "25s")?,
             log_format,
             smtp_pool_size: num("PREREG_SMTP_POOL_SIZE", "8")?.clamp(1, 256) as u32,

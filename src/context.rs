@@ -2,7 +2,7 @@
 //! and the working-day calendar.
 
 use std::{
-    sync::{Arc, RwLock},
+    sync::{Arc, OnceLock, RwLock},
     time::{Duration, Instant},
 };
 
@@ -16,6 +16,7 @@ use crate::{
     locks::Locks,
     mail::Mailer,
     mq::{Broker, Names},
+    publisher::Publisher,
 };
 
 pub struct Ctx {
@@ -27,6 +28,10 @@ pub struct Ctx {
     /// Which dependencies are known to be down (shared by every request and
     /// job; kept current by the probe task).
     pub health: Arc<Health>,
+    /// Pipelined publishing with confirms (intake batches, outbox relay).
+    pub publisher: Arc<Publisher>,
+    /// The intake's group commit, started on first use.
+    intake: OnceLock<crate::intake::Intake>,
     calendar: RwLock<(Arc<Calendar>, Option<Instant>)>,
 }
 
@@ -65,6 +70,7 @@ impl Ctx {
             cfg.smtp_timeout,
         )
         .map_err(|e| anyhow::anyhow!(e))?;
+        let publisher = Arc::new(Publisher::new(broker.clone(), cfg.publish_timeout));
         Ok(Arc::new(Self {
             cfg,
             db,
@@ -72,8 +78,23 @@ impl Ctx {
             locks,
             mailer,
             health,
+            publisher,
+            intake: OnceLock::new(),
             calendar: RwLock::new((Arc::new(Calendar::cn_2026()), None)),
         }))
+    }
+
+    /// The intake's batcher (needs a running Tokio runtime on first use).
+    pub fn intake(&self) -> &crate::intake::Intake {
+        self.intake.get_or_init(|| {
+            crate::intake::Intake::start(
+                self.db.clone(),
+                self.publisher.clone(),
+                self.cfg.intake_batch_size,
+                self.cfg.intake_batch_linger,
+                self.cfg.outbox_grace,
+            )
+        })
     }
 
     /// The calendar: the shipped 2026 data, with every year operators uploaded

@@ -11,7 +11,6 @@ use prereg::{
 };
 
 mod admin_cli;
-mod bench;
 
 /// The environment variables every subcommand reads (a `.env` file in the
 /// working directory is read too). README.md has the full table.
@@ -89,9 +88,6 @@ enum Command {
         #[command(subcommand)]
         command: admin_cli::AdminCommand,
     },
-    /// Load generator against a running intake.
-    #[command(after_help = ENV_HELP)]
-    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -195,6 +191,5 @@ async fn run(cli: Cli, mut cfg: Config, smtp_url_given: bool) -> anyhow::Result<
             Ok(())
         }
         Command::Admin { command } => admin_cli::run(cfg, command).await,
-        Command::Bench(args) => bench::run(cfg, args).await,
     }
 }

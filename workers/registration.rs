@@ -18,6 +18,7 @@ use crate::{
     jobs::{InvitationRequested, PreregistrationRequested},
     locks::LockError,
     mq::CloudEvent,
+    stages::{self, Stage},
     store::{self, outbox, preregs, preregs::NewPrereg, TimelineEntry},
 };
 
@@ -71,7 +72,10 @@ pub async fn handle(ctx: &Ctx, ev: &CloudEvent) -> Result<Outcome, JobError> {
         format!("email:{email_norm}"),
         format!("mobile:{mobile_norm}"),
     ];
-    let guard = match ctx.locks.acquire(&keys).await {
+    let lock_started = std::time::Instant::now();
+    let locked = ctx.locks.acquire(&keys).await;
+    stages::since(Stage::LockWait, lock_started);
+    let guard = match locked {
         Ok(g) => Some(g),
         Err(LockError::Unavailable(e)) => {
             metrics::counter!("prereg_lock_unavailable_total").increment(1);
@@ -122,6 +126,7 @@ impl From<sqlx::Error> for Failure {
 }
 
 async fn decide(ctx: &Ctx, id: Uuid) -> Result<Outcome, Failure> {
+    let started = std::time::Instant::now();
     let mut tx = ctx.db.begin().await?;
     let Some(p) = preregs::get_for_update(&mut tx, id).await? else {
         return Err(Failure::Job(JobError::Retryable(
@@ -241,7 +246,10 @@ async fn decide(ctx: &Ctx, id: Uuid) -> Result<Outcome, Failure> {
     // upstream command) that asked for it.
     let event = event.subject(id).correlation(p.request_id.clone());
     outbox::event(&mut tx, &event).await?;
+    stages::since(Stage::Decision, started);
+    let commit_started = std::time::Instant::now();
     tx.commit().await?;
+    stages::since(Stage::Commit, commit_started);
     metrics::counter!("prereg_decisions_total", "status" => change.0.as_str(), "reason" => change.1.map(|r| r.code()).unwrap_or("")).increment(1);
     Ok(Outcome::Done)
 }

@@ -223,7 +223,10 @@ fn record(q: Queue, outcome: &'static str, started: Instant) {
 }
 
 async fn ack(delivery: &Delivery) {
-    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+    let started = Instant::now();
+    let r = delivery.ack(BasicAckOptions::default()).await;
+    crate::stages::since(crate::stages::Stage::Ack, started);
+    if let Err(e) = r {
         // The channel is gone: the broker redelivers; handlers are idempotent.
         tracing::warn!(error = %e, "ack failed; message will be redelivered");
     }

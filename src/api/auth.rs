@@ -61,7 +61,10 @@ pub async fn authenticate(parts: &Parts, st: &AppState) -> Result<Principal, Api
         .map(str::trim)
         .filter(|t| !t.is_empty() && t.len() <= 256)
         .ok_or_else(ApiError::unauthorized)?;
-    authenticate_token(token, st).await
+    let started = Instant::now();
+    let r = authenticate_token(token, st).await;
+    crate::stages::since(crate::stages::Stage::Authentication, started);
+    r
 }
 
 /// Who a key belongs to (the bootstrap operator key, or a stored key).

@@ -1,7 +1,24 @@
-//! Accepting commands: store what must be stored, publish the job with a
-//! publisher confirm, answer 202. If the broker cannot take the job, what was
-//! stored is undone and the answer is 503. An `Idempotency-Key` makes a
-//! retried command return the first answer.
+//! Accepting commands (SPEC §6, §8).
+//!
+//! - **Idempotency under concurrency**: [`replay`] *claims* the
+//!   `Idempotency-Key` (an `INSERT … ON CONFLICT DO NOTHING` in the command's
+//!   own transaction) before any work. A second request with the same key
+//!   blocks on that row until the first commits — then it reads and returns
+//!   the first answer — or rolls back — then the key is its own. So two
+//!   requests sent at the same moment have one effect and the same answer.
+//! - **Accepted is never lost**: the job is written to the transactional
+//!   outbox in the same transaction as the state change (a grace period
+//!   ahead), then published here with a confirm. Confirmed: the outbox row
+//!   is deleted, 202. Certainly not taken by the broker (refused, unroutable,
+//!   no connection): the change, the outbox row and the key are withdrawn in
+//!   one transaction, 503, nothing done. No confirm in time (the broker may
+//!   hold it): 202 — the outbox row stays and the relay publishes it after
+//!   the grace period (duplicates are harmless: the job's id), because the
+//!   work will happen either way. A crash after the commit leaves the outbox
+//!   row for the relay: nothing stays `queued` forever.
+//!
+//! `POST /v1/preregistrations` goes through the intake's group commit
+//! ([`crate::intake`]), which does the same per batch.
 
 use axum::{
     http::{header, HeaderMap, HeaderValue, StatusCode},
@@ -10,10 +27,13 @@ use axum::{
 };
 use serde_json::Value;
 use sqlx::{PgConnection, Postgres, Transaction};
+use uuid::Uuid;
 
 use super::{error::ApiError, AppState};
 use crate::{
+    intake::{Answer, IdemKey},
     mq::CloudEvent,
+    publisher::{Fate, Outgoing},
     store::idempotency::{self, Claim, Stored},
 };
 
@@ -51,13 +71,24 @@ impl Idem {
             hash: idempotency::request_hash(method, path, body),
         }))
     }
-}
 
-impl Idem {
-    /// Stores the answer outside a command transaction (batch endpoints,
-    /// whose answer is known only after publishing).
+    /// The key as the intake's batcher takes it.
+    pub fn to_key(&self) -> IdemKey {
+        IdemKey {
+            principal: self.principal.clone(),
+            key: self.key.clone(),
+            hash: self.hash.clone(),
+        }
+    }
+
+    /// Stores the answer of the claimed key, in the command's transaction.
     pub async fn save(&self, conn: &mut PgConnection, answer: &Stored) -> Result<(), sqlx::Error> {
-        idempotency::save(conn, &self.principal, &self.key, &self.hash, answer).await
+        idempotency::answer(conn, &self.principal, &self.key, answer).await
+    }
+
+    /// Releases the claimed key (the command was withdrawn).
+    pub async fn forget(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        idempotency::forget(conn, &self.principal, &self.key).await
     }
 }
 
@@ -74,25 +105,133 @@ pub fn respond(s: &Stored) -> Response {
     resp
 }
 
-/// Returns the stored first answer if this key was seen before.
+fn mismatch() -> ApiError {
+    ApiError::unprocessable(
+        "idempotency_key_reused",
+        "this Idempotency-Key was used with a different request",
+    )
+}
+
+/// Claims the key in `tx` (first use: `None`, go ahead and answer with
+/// [`accept`] in the same transaction) or returns the first answer. A
+/// concurrent first use blocks here until it commits or rolls back.
 pub async fn replay(
     tx: &mut PgConnection,
     idem: Option<&Idem>,
 ) -> Result<Option<Response>, ApiError> {
     let Some(i) = idem else { return Ok(None) };
-    match idempotency::check(tx, &i.principal, &i.key, &i.hash).await? {
+    match idempotency::claim(tx, &i.principal, &i.key, &i.hash).await? {
         Claim::New => Ok(None),
         Claim::Replay(s) => Ok(Some(respond(&s))),
-        Claim::Mismatch => Err(ApiError::unprocessable(
-            "idempotency_key_reused",
-            "this Idempotency-Key was used with a different request",
-        )),
+        Claim::Mismatch => Err(mismatch()),
     }
 }
 
-/// Commits the transaction (with the idempotency record), publishes the job,
-/// and undoes with `undo` (one SQL statement taking `$1 = undo_id`) if the
-/// broker does not confirm.
+/// A job written to the outbox in the command's transaction.
+pub struct Staged {
+    pub outbox_id: i64,
+    pub job: CloudEvent,
+    /// Statements (each taking `$1`) that undo the command's change if the
+    /// broker refuses the job.
+    pub undo: Vec<(&'static str, Uuid)>,
+}
+
+/// Writes the jobs to the outbox (a grace period ahead: this process
+/// publishes them itself; the relay only steps in later).
+pub async fn stage(
+    st: &AppState,
+    conn: &mut PgConnection,
+    jobs: Vec<(CloudEvent, Vec<(&'static str, Uuid)>)>,
+) -> Result<Vec<Staged>, sqlx::Error> {
+    let mut out = Vec::with_capacity(jobs.len());
+    for (job, undo) in jobs {
+        let outbox_id =
+            crate::store::outbox::command_after(conn, &job, st.ctx.cfg.outbox_grace).await?;
+        out.push(Staged {
+            outbox_id,
+            job,
+            undo,
+        });
+    }
+    Ok(out)
+}
+
+/// Publishes committed, staged jobs together. Returns, per job, whether it
+/// was withdrawn (the broker certainly did not take it; its change undone),
+/// and — when any was — the open transaction of the withdrawal, in which the
+/// caller fixes or forgets its idempotency answer before committing. Every
+/// job not withdrawn will run: confirmed now, or published by the relay.
+pub async fn settle(
+    st: &AppState,
+    staged: &[Staged],
+) -> (Vec<bool>, Option<Transaction<'static, Postgres>>) {
+    let broker = st.ctx.publisher.broker();
+    let msgs: Vec<Outgoing> = staged
+        .iter()
+        .map(|s| Outgoing::command(broker, &s.job))
+        .collect();
+    let fates = st.ctx.publisher.publish_all(&msgs).await;
+    let confirmed: Vec<i64> = staged
+        .iter()
+        .zip(&fates)
+        .filter(|(_, f)| f.is_confirmed())
+        .map(|(s, _)| s.outbox_id)
+        .collect();
+    let refused: Vec<i64> = staged
+        .iter()
+        .zip(&fates)
+        .filter(|(_, f)| matches!(f, Fate::NotTaken(_)))
+        .map(|(s, _)| s.outbox_id)
+        .collect();
+    for (s, f) in staged.iter().zip(&fates) {
+        if let Fate::NotTaken(why) | Fate::Unknown(why) = f {
+            tracing::warn!(job_id = %s.job.id, job_type = %s.job.ty, reason = %why, "job not confirmed by the broker");
+        }
+    }
+    let none = vec![false; staged.len()];
+    if refused.is_empty() {
+        if !confirmed.is_empty() {
+            if let Err(e) = crate::store::outbox::delete(&st.ctx.db, &confirmed).await {
+                tracing::warn!(error = %e, "could not delete published outbox rows; the relay will publish them again");
+            }
+        }
+        return (none, None);
+    }
+    let result: Result<_, sqlx::Error> = async {
+        let mut tx = st.ctx.db.begin().await?;
+        if !confirmed.is_empty() {
+            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+                .bind(&confirmed)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let gone = crate::store::outbox::withdraw(&mut tx, &refused).await?;
+        let mut withdrawn = none.clone();
+        for (i, s) in staged.iter().enumerate() {
+            if gone.contains(&s.outbox_id) {
+                for (sql, id) in &s.undo {
+                    sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+                }
+                withdrawn[i] = true;
+            }
+        }
+        Ok((withdrawn, tx))
+    }
+    .await;
+    match result {
+        Ok((w, tx)) => (w, Some(tx)),
+        Err(e) => {
+            // Nothing withdrawn: the relay publishes every job later.
+            tracing::warn!(error = %e, "could not withdraw refused jobs; the relay will publish them");
+            (none, None)
+        }
+    }
+}
+
+/// Stores the answer with the key, writes the job to the outbox, commits,
+/// publishes with a confirm; if the broker refuses the job, undoes the
+/// change with `undo` (one SQL statement taking `$1 = undo_id`) and
+/// answers 503.
 pub async fn accept(
     st: &AppState,
     mut tx: Transaction<'static, Postgres>,
@@ -102,37 +241,50 @@ pub async fn accept(
     undo: Option<(&str, uuid::Uuid)>,
 ) -> Result<Response, ApiError> {
     if let Some(i) = idem {
-        if let Err(e) = idempotency::save(&mut tx, &i.principal, &i.key, &i.hash, &answer).await {
-            if crate::store::is_unique_violation(&e) {
-                // A concurrent request with the same key won: give its answer.
-                tx.rollback().await?;
-                let mut conn = st.ctx.db.acquire().await?;
-                if let Some(r) = replay(&mut conn, Some(i)).await? {
-                    return Ok(r);
-                }
-            }
-            return Err(e.into());
-        }
+        i.save(&mut tx, &answer).await?;
     }
+    // `undo` borrows from the caller; the statements used are 'static in
+    // practice, copied here into owned form for the staged job.
+    let undo_owned: Vec<(String, Uuid)> = undo
+        .map(|(s, id)| (s.to_string(), id))
+        .into_iter()
+        .collect();
+    let outbox_id =
+        crate::store::outbox::command_after(&mut tx, job, st.ctx.cfg.outbox_grace).await?;
     tx.commit().await?;
-    if let Err(e) = st.ctx.broker.publish_command(job).await {
-        let mut tx = st.ctx.db.begin().await?;
-        if let Some((sql, id)) = undo {
-            sqlx::query(sql).bind(id).execute(&mut *tx).await?;
-            // The message may still reach the broker (a confirm that timed
-            // out): its worker must not recreate what was undone.
-            sqlx::query("INSERT INTO withdrawn_commands (id) VALUES ($1) ON CONFLICT DO NOTHING")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+    let staged = [Staged {
+        outbox_id,
+        job: job.clone(),
+        undo: Vec::new(),
+    }];
+    let (withdrawn, wtx) = settle(st, &staged).await;
+    let Some(mut wtx) = wtx else {
+        return Ok(respond(&answer));
+    };
+    if !withdrawn[0] {
+        let _ = wtx.commit().await;
+        return Ok(respond(&answer));
+    }
+    let undone: Result<(), sqlx::Error> = async {
+        for (sql, id) in &undo_owned {
+            sqlx::query(sql).bind(id).execute(&mut *wtx).await?;
         }
         if let Some(i) = idem {
-            idempotency::forget(&mut tx, &i.principal, &i.key).await?;
+            i.forget(&mut wtx).await?;
         }
-        tx.commit().await?;
-        return Err(e.into());
+        wtx.commit().await
     }
-    Ok(respond(&answer))
+    .await;
+    match undone {
+        Ok(()) => Err(ApiError::unavailable(
+            "the message broker is unavailable; nothing was done, try again",
+        )),
+        // The withdrawal rolled back: the job stays in the outbox and runs.
+        Err(e) => {
+            tracing::warn!(error = %e, "could not withdraw a refused job; the relay will publish it");
+            Ok(respond(&answer))
+        }
+    }
 }
 
 /// The message for one of our jobs; failing to encode it is an internal
@@ -149,5 +301,20 @@ pub fn accepted(body: Value, location: Option<String>) -> Stored {
         status: 202,
         body,
         location,
+    }
+}
+
+/// The response for an answer of the intake's group commit.
+pub fn intake_response(answer: Answer) -> Result<Response, ApiError> {
+    match answer {
+        Answer::Respond(s) => Ok(respond(&s)),
+        Answer::KeyMismatch => Err(mismatch()),
+        Answer::Unavailable(why) => {
+            tracing::warn!(reason = %why, "pre-registration not accepted: broker");
+            Err(ApiError::unavailable(
+                "the message broker is unavailable; nothing was done, try again",
+            ))
+        }
+        Answer::Database(e) => Err(e.into()),
     }
 }

@@ -9,7 +9,6 @@ use axum::{
     Extension, Json,
 };
 use chrono::{DateTime, Utc};
-use futures::future::join_all;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -158,38 +157,67 @@ async fn send_batch(
         results
             .push(json!({"preregistration_id": id, "status": "queued", "invitation_id": inv_id}));
     }
-    tx.commit().await?;
-    // Each job must be confirmed by the broker; those that are not are undone.
-    let outcomes = join_all(
+    // The jobs go to the outbox in the same transaction as the invitations
+    // and the idempotency answer, then are published together (SPEC §8:
+    // accepted is never lost; a concurrent request with the same key waits
+    // for this answer).
+    let staged = command::stage(
+        st,
+        &mut tx,
         jobs.iter()
-            .map(|(_, _, job)| st.ctx.broker.publish_command(job)),
+            .map(|(_, inv_id, job)| {
+                (
+                    job.clone(),
+                    vec![("DELETE FROM invitations WHERE id = $1", *inv_id)],
+                )
+            })
+            .collect(),
     )
-    .await;
+    .await?;
+    let answer = command::accepted(json!({"results": results.clone()}), None);
+    if let Some(i) = &idem {
+        i.save(&mut tx, &answer).await?;
+    }
+    tx.commit().await?;
+    // Jobs the broker certainly did not take are withdrawn (their invitation
+    // deleted); every other one runs, confirmed now or published later.
+    let (withdrawn, wtx) = command::settle(st, &staged).await;
+    let Some(mut wtx) = wtx else {
+        return Ok(command::respond(&answer));
+    };
     let mut failed = 0;
-    for ((slot, inv_id, _), outcome) in jobs.iter().zip(outcomes) {
-        if let Err(e) = outcome {
-            tracing::error!(error = %e, "invitation job not accepted by the broker");
-            sqlx::query("DELETE FROM invitations WHERE id = $1")
-                .bind(inv_id)
-                .execute(&st.ctx.db)
-                .await?;
+    for ((slot, _, _), w) in jobs.iter().zip(&withdrawn) {
+        if *w {
             let pid = results[*slot]["preregistration_id"].clone();
             results[*slot] = json!({"preregistration_id": pid, "status": "error",
                 "error": {"code": "service_unavailable", "message": "the message broker is unavailable; try again"}});
             failed += 1;
         }
     }
-    if failed > 0 && failed == jobs.len() {
+    let all_failed = failed > 0 && failed == jobs.len();
+    let final_answer = command::accepted(json!({"results": results}), None);
+    let fixed: Result<(), sqlx::Error> = async {
+        if let Some(i) = &idem {
+            if all_failed {
+                i.forget(&mut wtx).await?;
+            } else {
+                i.save(&mut wtx, &final_answer).await?;
+            }
+        }
+        wtx.commit().await
+    }
+    .await;
+    if let Err(e) = fixed {
+        // Nothing withdrawn after all: every job runs.
+        tracing::warn!(error = %e, "could not withdraw refused invitation jobs; the relay will publish them");
+        return Ok(command::respond(&answer));
+    }
+    if all_failed {
         return Err(ApiError::unavailable(
             "the message broker is unavailable; nothing was done, try again",
         ));
     }
-    let answer = command::accepted(json!({"results": results}), None);
-    if let Some(i) = &idem {
-        let mut conn = st.ctx.db.acquire().await?;
-        let _ = i.save(&mut conn, &answer).await;
-    }
-    Ok(command::respond(&answer))
+    Ok(command::respond(&final_answer))
 }
 
 pub async fn invite(

@@ -63,7 +63,7 @@ fn browser_lang(headers: &HeaderMap) -> &'static str {
 
 /// The registration page's URL with `token` added to its query.
 pub fn signup_redirect(signup_url: &str, token: &str) -> Option<String> {
-    let mut url = reqwest::Url::parse(signup_url).ok()?;
+    let mut url = url::Url::parse(signup_url).ok()?;
     url.query_pairs_mut().append_pair("token", token);
     Some(url.into())
 }

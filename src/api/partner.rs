@@ -26,7 +26,7 @@ use crate::{
         validate::{self, Fields},
         Status,
     },
-    jobs::{PreregistrationRequested, ReviewRequested},
+    jobs::ReviewRequested,
     mq::CloudEvent,
     store::{self, partners::Partner, preregs, reviews, TimelineEntry},
 };
@@ -120,14 +120,21 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
+    // The partner row is cached for a couple of seconds by the intake (a
+    // refusal is always read fresh, with its exact reason).
+    let partner = match st.ctx.intake().partner(&st.ctx.db, auth.partner_id).await? {
+        Some(p) if p.customer_development => p,
+        _ => developing_partner(&st, &auth).await?,
+    };
     // The same checks, in the same order, as an upstream command's
     // (`admission::check_prereg`), with the body parsed once the partner passed.
-    let partner = developing_partner(&st, &auth).await?;
     admission::contact_present(&partner).map_err(refused)?;
+    let validation_started = std::time::Instant::now();
     let v = json_body(&body)?;
     let req = admission::prereg_fields(&st.ctx.db, &partner, &v)
         .await?
         .map_err(refused)?;
+    crate::stages::since(crate::stages::Stage::Validation, validation_started);
     let idem = Idem::from_headers(
         &headers,
         auth.principal.label(),
@@ -135,19 +142,10 @@ pub async fn create(
         "/v1/preregistrations",
         &body,
     )?;
-    let mut tx = st.ctx.db.begin().await?;
-    // This commit need not wait for the WAL flush: the job, confirmed by the
-    // broker before we answer, carries the whole request, and the worker
-    // recreates a row lost in a Postgres crash. That saves an fsync per request.
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
-    if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
-        return Ok(r);
-    }
-    let id = Uuid::now_v7();
+    // Group commit: this request joins the intake's next batch (one
+    // transaction and one round of confirms for many requests).
     let cmd = preregs::NewPrereg {
-        id,
+        id: Uuid::now_v7(),
         partner_id: partner.id,
         full_name: req.full_name,
         email: req.email,
@@ -159,39 +157,17 @@ pub async fn create(
         remarks: req.remarks,
         account_manager_id: req.account_manager_id,
     };
-    preregs::insert_queued(&mut tx, &cmd, Some(&rid.0)).await?;
-    store::record(
-        &mut tx,
-        TimelineEntry {
-            preregistration_id: id,
-            actor: &auth.principal.label(),
-            change: "requested",
-            from_status: None,
-            to_status: Some("queued"),
-            reason: None,
-            details: None,
-        },
-    )
-    .await?;
-    let job = command::job(id.to_string(), &PreregistrationRequested::from(&cmd))?
-        .subject(id)
-        .correlation(Some(rid.0.clone()));
-    let answer = command::accepted(
-        json!({"id": id, "status": "queued"}),
-        Some(format!("/v1/preregistrations/{id}")),
-    );
-    command::accept(
-        &st,
-        tx,
-        idem.as_ref(),
-        answer,
-        &job,
-        Some((
-            "DELETE FROM preregistrations WHERE id = $1 AND status = 'queued'",
-            id,
-        )),
-    )
-    .await
+    let answer = st
+        .ctx
+        .intake()
+        .submit(crate::intake::Request {
+            cmd,
+            actor: auth.principal.label(),
+            request_id: rid.0,
+            idem: idem.as_ref().map(Idem::to_key),
+        })
+        .await;
+    command::intake_response(answer)
 }
 
 pub fn referral_not_permitted() -> ApiError {

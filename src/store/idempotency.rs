@@ -89,3 +89,60 @@ pub async fn forget(
         .await?;
     Ok(())
 }
+
+/// Claims the key for this request, inside the caller's transaction (the row
+/// stays locked until it commits or rolls back). A concurrent request with
+/// the same key blocks here until then; afterwards it sees the first answer,
+/// or — if the first rolled back — claims the key itself.
+pub async fn claim(
+    conn: &mut PgConnection,
+    principal: &str,
+    key: &str,
+    hash: &[u8],
+) -> Result<Claim, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency_keys (principal, key, request_hash, status, body) VALUES ($1, $2, $3, 0, 'null')
+         ON CONFLICT (principal, key) DO NOTHING",
+    )
+    .bind(principal)
+    .bind(key)
+    .bind(hash)
+    .execute(&mut *conn)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        return Ok(Claim::New);
+    }
+    Ok(match check(conn, principal, key, hash).await? {
+        // Claimed and committed without an answer: not written by this code;
+        // do not run the command a second time.
+        Claim::Replay(s) if s.status == 0 => Claim::Replay(Stored {
+            status: 409,
+            body: serde_json::json!({"error": {"code": "idempotency_key_in_use",
+                "message": "a request with this Idempotency-Key has no recorded answer"}}),
+            location: None,
+        }),
+        // Withdrawn between the insert and the read: the key is free again.
+        Claim::New => return Box::pin(claim(conn, principal, key, hash)).await,
+        other => other,
+    })
+}
+
+/// Records the answer of a claimed key (same transaction as the command).
+pub async fn answer(
+    conn: &mut PgConnection,
+    principal: &str,
+    key: &str,
+    answer: &Stored,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE idempotency_keys SET status = $3, body = $4, location = $5 WHERE principal = $1 AND key = $2",
+    )
+    .bind(principal)
+    .bind(key)
+    .bind(answer.status as i16)
+    .bind(&answer.body)
+    .bind(answer.location.as_deref())
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,12 +1,19 @@
-//! Transactional outbox: events are written in the same transaction as the
-//! change they describe, then published (with confirms) and deleted by a relay.
+//! Transactional outbox: events and jobs are written in the same transaction
+//! as the change they describe, then published (with confirms) and deleted by
+//! a relay that holds no transaction across the network (rows are leased),
+//! publishes a batch with its confirms awaited together, deletes it in one
+//! statement, and sleeps on `LISTEN/NOTIFY` when idle.
 
 use std::{sync::Arc, time::Duration};
 
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{postgres::PgListener, PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
-use crate::mq::{Broker, CloudEvent};
+use crate::{
+    mq::CloudEvent,
+    publisher::{Outgoing, Publisher},
+    stages::{self, Stage},
+};
 
 pub async fn event(conn: &mut PgConnection, ev: &CloudEvent) -> Result<(), sqlx::Error> {
     push(conn, "events", ev).await
@@ -62,81 +69,256 @@ async fn push(conn: &mut PgConnection, exchange: &str, ev: &CloudEvent) -> Resul
     Ok(())
 }
 
-/// Publishes one batch. Rows are locked (`SKIP LOCKED`), so relays on several
-/// nodes never publish the same row at once; a row is deleted only after the
-/// broker confirmed it. Returns how many were published.
-pub async fn relay_once(pool: &PgPool, broker: &Broker, batch: i64) -> anyhow::Result<usize> {
+/// Writes a command that this process publishes itself: the relay may
+/// publish it only after `grace` (if this process crashed or never got the
+/// confirm). Returns the outbox row's id.
+pub async fn command_after(
+    conn: &mut PgConnection,
+    ev: &CloudEvent,
+    grace: Duration,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO outbox (exchange, routing_key, message, publish_after) VALUES ('commands', $1, $2, now() + $3) RETURNING id",
+    )
+    .bind(&ev.ty)
+    .bind(serde_json::to_value(ev).unwrap_or_default())
+    .bind(grace)
+    .fetch_one(conn)
+    .await
+}
+
+/// Deletes published rows (one statement).
+pub async fn delete(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Deletes rows the relay never took (their job is withdrawn). Returns the
+/// ids deleted.
+pub async fn withdraw(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar("DELETE FROM outbox WHERE id = ANY($1) AND attempts = 0 RETURNING id")
+        .bind(ids)
+        .fetch_all(conn)
+        .await
+}
+
+/// [`delete`] without waiting for the WAL flush (the rows' jobs are already
+/// confirmed; a lost delete only means a harmless republish).
+pub async fn delete_async(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let rows = sqlx::query(
-        "SELECT id, exchange, routing_key, message FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// Publishes one batch of due rows, without holding a transaction across the
+/// network: the rows are leased first (one short statement moves their
+/// `publish_after` a lease ahead, `SKIP LOCKED`, so relays on several nodes
+/// never take the same row), then published together with their confirms
+/// awaited together, then the confirmed ones are deleted in one statement.
+/// A row whose publish failed (or whose relay died) is due again when its
+/// lease ends. Returns how many rows were leased.
+pub async fn relay_once(
+    pool: &PgPool,
+    publisher: &Publisher,
+    batch: i64,
+    lease: Duration,
+) -> anyhow::Result<usize> {
+    let mut rows = sqlx::query(
+        "UPDATE outbox SET publish_after = now() + $2, attempts = attempts + 1
+         WHERE id IN (SELECT id FROM outbox WHERE publish_after <= now()
+                      ORDER BY publish_after, id LIMIT $1 FOR UPDATE SKIP LOCKED)
+         RETURNING id, exchange, message, EXTRACT(EPOCH FROM now() - created_at)::float8 AS lag",
     )
     .bind(batch)
-    .fetch_all(&mut *tx)
+    .bind(lease)
+    .fetch_all(pool)
     .await?;
     if rows.is_empty() {
         return Ok(0);
     }
-    let mut done: Vec<i64> = Vec::with_capacity(rows.len());
-    let publishes = rows.iter().map(|r| async move {
+    rows.sort_by_key(|r| r.get::<i64, _>("id"));
+    let broker = publisher.broker();
+    let mut ids: Vec<i64> = Vec::with_capacity(rows.len());
+    let mut msgs: Vec<Outgoing> = Vec::with_capacity(rows.len());
+    let mut unreadable: Vec<i64> = Vec::new();
+    for r in &rows {
+        stages::observe(Stage::RelayLag, r.get("lag"));
         let id: i64 = r.get("id");
-        let exchange: &str = r.get("exchange");
         let message: serde_json::Value = r.get("message");
-        let ev: CloudEvent = serde_json::from_value(message)?;
-        // Our own jobs travel on the internal exchange (not the commands
-        // exchange shared with upstream systems).
-        let x = if exchange == "commands" {
-            broker.names.internal()
-        } else {
-            broker.names.events()
-        };
-        broker.publish(&x, &ev.ty, &ev, Default::default()).await?;
-        anyhow::Ok(id)
-    });
-    let mut first_err = None;
-    for r in futures::future::join_all(publishes).await {
-        match r {
-            Ok(id) => done.push(id),
+        match serde_json::from_value::<CloudEvent>(message) {
+            Ok(ev) => {
+                ids.push(id);
+                msgs.push(if r.get::<&str, _>("exchange") == "commands" {
+                    Outgoing::command(broker, &ev)
+                } else {
+                    Outgoing::event(broker, &ev)
+                });
+            }
             Err(e) => {
-                first_err.get_or_insert(e);
+                // Written by this code, so never expected; kept rather than
+                // lost, and retried after the lease.
+                tracing::error!(outbox_id = id, error = %e, "unreadable outbox row");
+                unreadable.push(id);
             }
         }
     }
-    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-        .bind(&done)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    match first_err {
-        Some(e) if done.is_empty() => Err(e),
-        Some(e) => {
-            tracing::warn!(error = %e, "some outbox messages were not published; they stay for the next round");
-            Ok(done.len())
-        }
-        None => Ok(done.len()),
+    let fates = publisher.publish_all(&msgs).await;
+    let done: Vec<i64> = ids
+        .iter()
+        .zip(&fates)
+        .filter(|(_, f)| f.is_confirmed())
+        .map(|(id, _)| *id)
+        .collect();
+    if !done.is_empty() {
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(&done)
+            .execute(pool)
+            .await?;
     }
+    if let Some(f) = fates.iter().find(|f| !f.is_confirmed()) {
+        // Due again soon (not at the end of the lease).
+        let retry: Vec<i64> = ids
+            .iter()
+            .zip(&fates)
+            .filter(|(_, f)| !f.is_confirmed())
+            .map(|(id, _)| *id)
+            .collect();
+        let _ = sqlx::query("UPDATE outbox SET publish_after = now() + $2 WHERE id = ANY($1)")
+            .bind(&retry)
+            .bind(RETRY_AFTER)
+            .execute(pool)
+            .await;
+        let failed = fates.len() - done.len();
+        if done.is_empty() {
+            anyhow::bail!("outbox relay: {failed} messages not published: {f:?}");
+        }
+        tracing::warn!(failed, fate = ?f, "some outbox messages were not published; they are due again after the lease");
+    }
+    Ok(rows.len())
 }
 
-/// Runs the relay until cancelled: immediately again after a full batch,
-/// otherwise every `interval`.
+/// Runs the relay until cancelled: again at once while there is work; when
+/// idle, it sleeps until woken by `LISTEN/NOTIFY` (a row due now was
+/// written) or until the next row's `publish_after` (rows leased or kept
+/// back for a grace period), at most `interval`... and polls every
+/// `interval` only if it cannot listen.
 pub async fn run_relay(
     pool: PgPool,
-    broker: Arc<Broker>,
+    publisher: Arc<Publisher>,
     interval: Duration,
+    lease: Duration,
     cancel: CancellationToken,
 ) {
     const BATCH: i64 = 500;
+    // The longest sleep when idle and nothing is scheduled: a safety net for
+    // a missed notification.
+    let idle_cap = Duration::from_secs(5).max(interval);
+    let mut listener = match PgListener::connect_with(&pool).await {
+        Ok(mut l) => match l.listen(CHANNEL).await {
+            Ok(()) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox relay cannot LISTEN; polling instead");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "outbox relay cannot LISTEN; polling instead");
+            None
+        }
+    };
+    let mut idle = false;
     loop {
-        let wait = match relay_once(&pool, &broker, BATCH).await {
-            Ok(n) if n as i64 == BATCH => Duration::ZERO,
-            Ok(_) => interval,
+        if cancel.is_cancelled() {
+            break;
+        }
+        let wait = match relay_once(&pool, &publisher, BATCH, lease).await {
+            Ok(n) if n > 0 => {
+                if idle {
+                    idle = set_idle(&pool, false).await.map_or(idle, |_| false);
+                }
+                continue;
+            }
+            Ok(_) if listener.is_none() => interval,
+            Ok(_) if !idle => {
+                // Announce the sleep, then look once more: a row committed
+                // before the announcement was seen by that look, one after it
+                // sends a notification.
+                idle = set_idle(&pool, true).await.is_ok();
+                Duration::ZERO
+            }
+            Ok(_) => next_due(&pool).await.unwrap_or(idle_cap).min(idle_cap),
             Err(e) => {
                 tracing::warn!(error = %e, "outbox relay failed; will retry");
                 interval.max(Duration::from_secs(1))
             }
         };
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(wait) => {}
+        if wait.is_zero() {
+            continue;
+        }
+        let mut drop_listener = false;
+        match listener.as_mut() {
+            Some(l) => {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    r = tokio::time::timeout(wait, l.recv()) => {
+                        if let Ok(Err(e)) = r {
+                            // Pool closed (shutdown) or connection lost: poll from now on.
+                            tracing::warn!(error = %e, "outbox relay lost its LISTEN connection; polling");
+                            drop_listener = true;
+                        }
+                    }
+                }
+            }
+            None => {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+        if drop_listener {
+            listener = None;
+            if idle {
+                idle = set_idle(&pool, false).await.is_err();
+            }
         }
     }
+    if idle {
+        let _ = set_idle(&pool, false).await;
+    }
+}
+
+/// When a row whose publish failed is due again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The notification channel of due outbox rows (see the migration
+/// `outbox_relay`).
+pub const CHANNEL: &str = "prereg_outbox";
+
+async fn set_idle(pool: &PgPool, idle: bool) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE outbox_relay_state SET idle = $1 WHERE idle <> $1")
+        .bind(idle)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// How long until the next row is due (none: `None`).
+async fn next_due(pool: &PgPool) -> Option<Duration> {
+    let secs: Option<f64> = sqlx::query_scalar(
+        "SELECT GREATEST(EXTRACT(EPOCH FROM min(publish_after) - now()), 0)::float8 FROM outbox",
+    )
+    .fetch_one(pool)
+    .await
+    .ok()?;
+    secs.map(|s| Duration::from_secs_f64(s) + Duration::from_millis(5))
 }

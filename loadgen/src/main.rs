@@ -1,4 +1,6 @@
-//! `prereg bench`: a load generator against a running intake.
+//! `prereg-loadgen`: a load generator against a running intake (run by
+//! `scripts/bench.sh`). It is its own binary so that its HTTP client is not a
+//! dependency of `prereg`.
 //!
 //! It creates M partners through the operator API, sends N pre-registrations
 //! to `POST /v1/preregistrations` over C concurrent connections (a share of
@@ -8,7 +10,11 @@
 //!
 //! It reports intake throughput and latency, end-to-end decisions per second,
 //! the decisions by status and reason code, and the peak RSS (VmHWM) and CPU
-//! time of the processes named with `--intake-pid` / `--worker-pid`.
+//! time of the processes named with `--intake-pid` / `--worker-pid`, the CPU
+//! time of RabbitMQ, Postgres and Redis (from `/proc`), CPU-seconds per 1,000
+//! decisions for each, and the per-stage timings of the services (the
+//! `prereg_stage_seconds` histograms scraped from `--metrics-url` before and
+//! after).
 //!
 //! Postgres is only read: to poll for completion and to count the decisions.
 
@@ -22,8 +28,8 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use axum::body::Bytes;
-use clap::Args;
+use bytes::Bytes;
+use clap::{Args, Parser};
 use futures::{StreamExt, TryStreamExt};
 use prereg::Config;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -35,6 +41,35 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio::time::Instant;
 use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(
+    name = "prereg-loadgen",
+    about = "Load generator against a running prereg intake"
+)]
+struct Cli {
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let cfg = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(cfg, cli.args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -74,6 +109,10 @@ pub struct BenchArgs {
     /// Seed of the request plan (the same seed gives the same mix of partners and duplicates).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Prometheus endpoints of the services (comma-separated), scraped before
+    /// and after for the per-stage timings.
+    #[arg(long, value_delimiter = ',')]
+    metrics_url: Vec<String>,
     /// Also print the summary as one line of JSON (the last line of stdout).
     #[arg(long)]
     json: bool,
@@ -161,6 +200,8 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
 
     let pids = watched_pids(&args);
     let cpu_before: Vec<Option<f64>> = pids.iter().map(|(_, pid)| cpu_seconds(pid).ok()).collect();
+    let infra_before = infra_cpu();
+    let stages_before = scrape_stages(&client, &args.metrics_url).await;
 
     // ---- send phase
     eprintln!(
@@ -259,6 +300,18 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
         .zip(cpu_before)
         .map(|((role, pid), before)| ProcReport::read(role, pid, before))
         .collect();
+    let infra_after = infra_cpu();
+    let infra: Vec<(&'static str, f64, u64)> = infra_after
+        .iter()
+        .filter_map(|(name, after, rss)| {
+            let before = infra_before.iter().find(|(n, _, _)| n == name)?.1;
+            Some((*name, after - before, *rss))
+        })
+        .collect();
+    let stages = stage_delta(
+        &stages_before,
+        &scrape_stages(&client, &args.metrics_url).await,
+    );
 
     let report = Report {
         args: &args,
@@ -273,6 +326,8 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
         db_span,
         decisions,
         procs,
+        infra,
+        stages,
     };
     print!("{}", report.text());
     if args.json {
@@ -739,6 +794,174 @@ fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
     Ok(tick(11)? + tick(12)?)
 }
 
+/// The shared services by process name: (name, CPU seconds so far, RSS kB).
+/// Postgres counts every backend plus what exited backends left in the
+/// postmaster's children times.
+fn infra_cpu() -> Vec<(&'static str, f64, u64)> {
+    const SERVICES: [(&str, &str); 3] = [
+        ("rabbitmq", "beam.smp"),
+        ("postgres", "postgres"),
+        ("redis", "redis-server"),
+    ];
+    let mut out: Vec<(&'static str, f64, u64)> =
+        SERVICES.iter().map(|(n, _)| (*n, 0.0, 0)).collect();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    for entry in dir.flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
+            continue;
+        };
+        let Some(i) = SERVICES.iter().position(|(_, c)| *c == comm.trim()) else {
+            continue;
+        };
+        if let Ok(t) = cpu_seconds_with_children(&pid) {
+            out[i].1 += t;
+        }
+        if let Ok((_, rss)) = memory_kb(&pid) {
+            out[i].2 += rss;
+        }
+    }
+    out
+}
+
+/// utime + stime + cutime + cstime.
+fn cpu_seconds_with_children(pid: &str) -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = text.rsplit_once(')').map(|(_, r)| r).context("stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let mut t = 0.0;
+    for i in 11..=14 {
+        t += f
+            .get(i)
+            .and_then(|v| v.parse::<i64>().ok())
+            .context("stat")? as f64
+            / USER_HZ;
+    }
+    Ok(t)
+}
+
+/// One `prereg_stage_seconds` series: sum, count and cumulative buckets.
+#[derive(Debug, Default, Clone)]
+struct Stage {
+    sum: f64,
+    count: u64,
+    buckets: Vec<(f64, u64)>,
+}
+
+impl Stage {
+    fn mean_ms(&self) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        self.sum / self.count as f64 * 1000.0
+    }
+
+    /// The upper bound of the bucket holding the 99th percentile (seconds).
+    fn p99_le(&self) -> Option<f64> {
+        let want = (self.count as f64 * 0.99).ceil() as u64;
+        let mut b = self.buckets.clone();
+        b.sort_by(|x, y| x.0.total_cmp(&y.0));
+        b.iter().find(|(_, c)| *c >= want).map(|(le, _)| *le)
+    }
+
+    fn p99_label(&self) -> String {
+        match self.p99_le() {
+            Some(le) if le.is_finite() => format!("{:.1} ms", le * 1000.0),
+            _ => "+Inf".into(),
+        }
+    }
+}
+
+/// Scrapes every endpoint and adds up the stage series by stage name.
+async fn scrape_stages(client: &reqwest::Client, urls: &[String]) -> BTreeMap<String, Stage> {
+    let mut out: BTreeMap<String, Stage> = BTreeMap::new();
+    for url in urls {
+        let text = match client.get(url).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => {
+                eprintln!("bench: cannot scrape {url}: {e}");
+                continue;
+            }
+        };
+        parse_stages(&text, &mut out);
+    }
+    out
+}
+
+fn parse_stages(text: &str, out: &mut BTreeMap<String, Stage>) {
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("prereg_stage_seconds_") else {
+            continue;
+        };
+        let Some((head, value)) = rest.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(v) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let label = |name: &str| -> Option<String> {
+            let key = format!("{name}=\"");
+            let start = head.find(&key)? + key.len();
+            let end = head[start..].find('"')? + start;
+            Some(head[start..end].to_string())
+        };
+        let Some(stage) = label("stage") else {
+            continue;
+        };
+        let st = out.entry(stage).or_default();
+        if head.starts_with("sum") {
+            st.sum += v;
+        } else if head.starts_with("count") {
+            st.count += v as u64;
+        } else if head.starts_with("bucket") {
+            let le = match label("le").as_deref() {
+                Some("+Inf") => f64::INFINITY,
+                Some(x) => x.parse().unwrap_or(f64::INFINITY),
+                None => continue,
+            };
+            match st.buckets.iter_mut().find(|(l, _)| *l == le) {
+                Some(b) => b.1 += v as u64,
+                None => st.buckets.push((le, v as u64)),
+            }
+        }
+    }
+}
+
+/// What happened between two scrapes.
+fn stage_delta(
+    before: &BTreeMap<String, Stage>,
+    after: &BTreeMap<String, Stage>,
+) -> BTreeMap<String, Stage> {
+    after
+        .iter()
+        .map(|(k, a)| {
+            let b = before.get(k).cloned().unwrap_or_default();
+            let buckets = a
+                .buckets
+                .iter()
+                .map(|(le, c)| {
+                    let prev = b.buckets.iter().find(|(l, _)| l == le).map_or(0, |x| x.1);
+                    (*le, c.saturating_sub(prev))
+                })
+                .collect();
+            (
+                k.clone(),
+                Stage {
+                    sum: a.sum - b.sum,
+                    count: a.count.saturating_sub(b.count),
+                    buckets,
+                },
+            )
+        })
+        .filter(|(_, s)| s.count > 0)
+        .collect()
+}
+
 // ---------------------------------------------------------------- report
 
 struct Report<'a> {
@@ -754,6 +977,9 @@ struct Report<'a> {
     db_span: Option<f64>,
     decisions: Vec<(String, Option<String>, i64)>,
     procs: Vec<ProcReport>,
+    /// (name, CPU seconds during the run, RSS kB now) of the shared services.
+    infra: Vec<(&'static str, f64, u64)>,
+    stages: BTreeMap<String, Stage>,
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -790,12 +1016,15 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 impl Report<'_> {
-    fn sent(&self) -> u64 {
-        self.args.requests
+    /// Accepted (202) requests per second of the send phase: a request
+    /// answered with an error is not intake throughput.
+    fn throughput(&self) -> f64 {
+        self.accepted as f64 / self.send_elapsed.as_secs_f64().max(1e-9)
     }
 
-    fn throughput(&self) -> f64 {
-        self.sent() as f64 / self.send_elapsed.as_secs_f64().max(1e-9)
+    /// CPU seconds per 1,000 decisions.
+    fn per_thousand(&self, cpu_s: f64) -> Option<f64> {
+        (self.accepted > 0).then(|| cpu_s * 1000.0 / self.accepted as f64)
     }
 
     fn decisions_per_s(&self) -> Option<f64> {
@@ -952,6 +1181,39 @@ impl Report<'_> {
                 }
             }
         }
+        let _ = writeln!(
+            s,
+            "\ncpu-seconds per 1,000 decisions (user+system, since sending began)"
+        );
+        for p in &self.procs {
+            if let Some(k) = p.cpu_s.and_then(|c| self.per_thousand(c)) {
+                let _ = writeln!(s, "  {:<10} {k:>8.3}", p.role);
+            }
+        }
+        for (name, cpu, rss) in &self.infra {
+            if let Some(k) = self.per_thousand(*cpu) {
+                let _ = writeln!(
+                    s,
+                    "  {name:<10} {k:>8.3}   ({cpu:.2} s; rss now {:.1} MiB)",
+                    mib(*rss)
+                );
+            }
+        }
+        if !self.stages.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nstages (prereg_stage_seconds during the run: count, mean, p99 bucket bound)"
+            );
+            for (name, st) in &self.stages {
+                let _ = writeln!(
+                    s,
+                    "  {name:<22} {:>9}  mean {:>8.3} ms  p99 <= {}",
+                    st.count,
+                    st.mean_ms(),
+                    st.p99_label()
+                );
+            }
+        }
         for (role, count) in [
             ("intake", a.intake_pid.len()),
             ("worker", a.worker_pid.len()),
@@ -1010,6 +1272,10 @@ impl Report<'_> {
             "db_span_seconds": self.db_span,
             "decisions": self.decisions.iter().map(|(st, r, c)| json!({"status": st, "reason_code": r, "count": c})).collect::<Vec<_>>(),
             "processes": procs,
+            "cpu_s_per_1000_decisions": self.procs.iter().filter_map(|p| Some((p.role.to_string(), json!(self.per_thousand(p.cpu_s?)))))
+                .chain(self.infra.iter().map(|(n, c, _)| (n.to_string(), json!(self.per_thousand(*c)))))
+                .collect::<serde_json::Map<_, _>>(),
+            "stages": self.stages.iter().map(|(k, st)| (k.clone(), json!({"count": st.count, "mean_ms": st.mean_ms(), "p99_le": st.p99_le()}))).collect::<serde_json::Map<_, _>>(),
             "peak_rss_kb": {"intake": peak("intake"), "worker": peak("worker")},
         })
     }
@@ -1068,6 +1334,25 @@ mod tests {
         assert!(parse_ratio("1").is_err());
         assert!(parse_rate("-1").is_err());
         assert!(parse_rate("NaN").is_err());
+    }
+
+    #[test]
+    fn stages_are_parsed_and_subtracted() {
+        let mut before = BTreeMap::new();
+        parse_stages(
+            "prereg_stage_seconds_bucket{stage=\"commit\",le=\"0.001\"} 1\nprereg_stage_seconds_bucket{stage=\"commit\",le=\"+Inf\"} 2\nprereg_stage_seconds_sum{stage=\"commit\"} 0.5\nprereg_stage_seconds_count{stage=\"commit\"} 2\n",
+            &mut before,
+        );
+        let mut after = BTreeMap::new();
+        parse_stages(
+            "# TYPE x\nprereg_stage_seconds_bucket{stage=\"commit\",le=\"0.001\"} 100\nprereg_stage_seconds_bucket{stage=\"commit\",le=\"+Inf\"} 102\nprereg_stage_seconds_sum{stage=\"commit\"} 0.6\nprereg_stage_seconds_count{stage=\"commit\"} 102\n",
+            &mut after,
+        );
+        let d = stage_delta(&before, &after);
+        let c = &d["commit"];
+        assert_eq!(c.count, 100);
+        assert!((c.mean_ms() - 1.0).abs() < 1e-6);
+        assert_eq!(c.p99_le(), Some(0.001));
     }
 
     #[test]

@@ -1,0 +1,654 @@
+//! Intake group commit for `POST /v1/preregistrations`.
+//!
+//! Concurrent requests join a batch (flushed at `PREREG_INTAKE_BATCH_SIZE`
+//! requests or `PREREG_INTAKE_BATCH_LINGER` after the first, whichever comes
+//! first). One transaction per batch claims the batch's `Idempotency-Key`s,
+//! inserts the rows, their timeline entries and their jobs (into the outbox,
+//! a grace period ahead) with one multi-row statement each; then the jobs are
+//! published together and their confirms awaited together. Each request gets
+//! its own answer:
+//!
+//! - confirmed: 202, and its outbox row is deleted;
+//! - certainly not taken by the broker (refused, unroutable, no connection):
+//!   its row, outbox row and key are withdrawn in one transaction and it gets
+//!   503 with nothing done;
+//! - no confirm in time (the broker may hold it): 202, because the work will
+//!   happen either way — the outbox row stays and the relay publishes it after
+//!   the grace period (a duplicate is harmless: the job's id makes it so).
+//!   This is SPEC §8 "accepted is never lost": answering 503 here would be
+//!   wrong whenever the broker did take the message.
+//!
+//! A crash anywhere leaves either nothing (before the commit) or a committed
+//! row with its outbox job, which the relay publishes after the grace period:
+//! no row stays `queued` forever.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use sqlx::{PgPool, Row};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use uuid::Uuid;
+
+use crate::{
+    mq::CloudEvent,
+    publisher::{Fate, Outgoing, Publisher},
+    stages::{self, Stage},
+    store::{idempotency::Stored, partners::Partner, preregs::NewPrereg},
+};
+
+/// Most batches written and awaiting confirms at once.
+const FLUSHES_IN_FLIGHT: usize = 8;
+/// How long a cached partner row is used.
+const PARTNER_TTL: Duration = Duration::from_secs(2);
+
+/// An `Idempotency-Key` of a request: who, which key, the request's hash.
+#[derive(Debug, Clone)]
+pub struct IdemKey {
+    pub principal: String,
+    pub key: String,
+    pub hash: Vec<u8>,
+}
+
+/// One accepted-for-processing request.
+pub struct Request {
+    pub cmd: NewPrereg,
+    /// Who asked (timeline actor).
+    pub actor: String,
+    pub request_id: String,
+    pub idem: Option<IdemKey>,
+}
+
+/// What the intake answers a request.
+#[derive(Debug)]
+pub enum Answer {
+    /// The answer to give (202, or the stored first answer of a key).
+    Respond(Stored),
+    /// The key was used with a different request.
+    KeyMismatch,
+    /// The broker did not take the job; nothing was done.
+    Unavailable(String),
+    /// The database failed; nothing was done.
+    Database(sqlx::Error),
+}
+
+struct Pending {
+    req: Request,
+    reply: oneshot::Sender<Answer>,
+}
+
+pub struct Intake {
+    tx: mpsc::Sender<Pending>,
+    partners: Mutex<HashMap<Uuid, (Partner, Instant)>>,
+}
+
+impl Intake {
+    /// Starts the batcher (a task that ends when the `Intake` is dropped).
+    pub fn start(
+        db: PgPool,
+        publisher: Arc<Publisher>,
+        batch_size: usize,
+        linger: Duration,
+        grace: Duration,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(batch_size.max(1) * FLUSHES_IN_FLIGHT * 2);
+        let flusher = Flusher {
+            db,
+            publisher,
+            grace,
+        };
+        tokio::spawn(batcher(rx, Arc::new(flusher), batch_size.max(1), linger));
+        Self {
+            tx,
+            partners: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Queues the request for the next batch and waits for its answer.
+    pub async fn submit(&self, req: Request) -> Answer {
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send(Pending { req, reply }).await.is_err() {
+            return Answer::Unavailable("the intake is shutting down".into());
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Answer::Unavailable("the batch was abandoned".into()))
+    }
+
+    /// The partner row, cached for a couple of seconds (permissions changed
+    /// by an operator apply within that time).
+    pub async fn partner(&self, db: &PgPool, id: Uuid) -> Result<Option<Partner>, sqlx::Error> {
+        if let Ok(map) = self.partners.lock() {
+            if let Some((p, at)) = map.get(&id) {
+                if at.elapsed() < PARTNER_TTL {
+                    return Ok(Some(p.clone()));
+                }
+            }
+        }
+        let p = crate::store::partners::get(db, id).await?;
+        if let (Some(p), Ok(mut map)) = (&p, self.partners.lock()) {
+            if map.len() > 10_000 {
+                map.clear();
+            }
+            map.insert(id, (p.clone(), Instant::now()));
+        }
+        Ok(p)
+    }
+}
+
+async fn batcher(
+    mut rx: mpsc::Receiver<Pending>,
+    flusher: Arc<Flusher>,
+    size: usize,
+    linger: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(FLUSHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.len() < size {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(p)) => batch.push(p),
+                    _ => break,
+                },
+            }
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let f = flusher.clone();
+        tokio::spawn(async move {
+            f.flush(batch).await;
+            drop(permit);
+        });
+    }
+}
+
+struct Flusher {
+    db: PgPool,
+    publisher: Arc<Publisher>,
+    grace: Duration,
+}
+
+/// A request of the batch that writes (the first of its key).
+struct Leader {
+    pending: Pending,
+    /// Later requests of the batch with the same key.
+    followers: Vec<Pending>,
+}
+
+/// What the write step decided for one leader.
+enum Written {
+    /// Row, timeline entry and outbox job written (the outbox row's id).
+    New(i64),
+    /// The key was used before (by a committed request).
+    Replay(Stored),
+    Mismatch,
+}
+
+fn accepted(id: Uuid) -> Stored {
+    Stored {
+        status: 202,
+        body: json!({"id": id, "status": "queued"}),
+        location: Some(format!("/v1/preregistrations/{id}")),
+    }
+}
+
+fn job(r: &Request) -> CloudEvent {
+    use crate::jobs::{Job, PreregistrationRequested};
+    let id = r.cmd.id;
+    let payload = serde_json::to_value(PreregistrationRequested::from(&r.cmd)).unwrap_or_default();
+    CloudEvent::with_id(id.to_string(), PreregistrationRequested::TYPE, payload)
+        .subject(id)
+        .correlation(Some(r.request_id.clone()))
+}
+
+impl Flusher {
+    async fn flush(&self, batch: Vec<Pending>) {
+        // Requests of one batch sharing a key: the first writes, the others
+        // get its answer (or a mismatch).
+        let mut leaders: Vec<Leader> = Vec::with_capacity(batch.len());
+        let mut by_key: HashMap<(String, String), usize> = HashMap::new();
+        for p in batch {
+            if let Some(k) = &p.req.idem {
+                let slot = (k.principal.clone(), k.key.clone());
+                if let Some(&i) = by_key.get(&slot) {
+                    leaders[i].followers.push(p);
+                    continue;
+                }
+                by_key.insert(slot, leaders.len());
+            }
+            leaders.push(Leader {
+                pending: p,
+                followers: Vec::new(),
+            });
+        }
+        let started = Instant::now();
+        let written = match self.write(&leaders).await {
+            Ok(w) => w,
+            Err(e) if leaders.len() > 1 => {
+                // One bad request must not fail its neighbours: write each alone.
+                tracing::warn!(error = %e, n = leaders.len(), "intake batch failed; writing its requests one by one");
+                let mut out = Vec::with_capacity(leaders.len());
+                for l in leaders {
+                    let one = vec![l];
+                    let w = self.write(&one).await;
+                    out.push((one, w));
+                }
+                for (one, w) in out {
+                    match w {
+                        Ok(w) => self.publish_and_answer(one, w).await,
+                        Err(e) => fail(one, e),
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                fail(leaders, e);
+                return;
+            }
+        };
+        stages::since(Stage::IntakeDb, started);
+        self.publish_and_answer(leaders, written).await;
+    }
+
+    /// One transaction: claim the keys, write rows, timeline and outbox jobs.
+    async fn write(&self, leaders: &[Leader]) -> Result<Vec<Written>, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        // The job confirmed by the broker carries the whole request (the worker
+        // recreates a row lost in a Postgres crash), and an unconfirmed job
+        // makes the answer wait for a synchronous commit (see `cleanup`), so
+        // this commit need not wait for the WAL flush.
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
+        let mut fate: Vec<Option<Written>> = (0..leaders.len()).map(|_| None).collect();
+
+        // Keys first, in a fixed order (two batches never wait on each other
+        // in a cycle). A key held by a concurrent request blocks here until
+        // that request commits (then we replay its answer) or rolls back
+        // (then the key is ours).
+        let mut keyed: Vec<(usize, &IdemKey)> = leaders
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.pending.req.idem.as_ref().map(|k| (i, k)))
+            .collect();
+        keyed.sort_by(|a, b| (&a.1.principal, &a.1.key).cmp(&(&b.1.principal, &b.1.key)));
+        if !keyed.is_empty() {
+            let principals: Vec<&str> = keyed.iter().map(|(_, k)| k.principal.as_str()).collect();
+            let keys: Vec<&str> = keyed.iter().map(|(_, k)| k.key.as_str()).collect();
+            let hashes: Vec<Vec<u8>> = keyed.iter().map(|(_, k)| k.hash.clone()).collect();
+            let answers: Vec<Stored> = keyed
+                .iter()
+                .map(|(i, _)| accepted(leaders[*i].pending.req.cmd.id))
+                .collect();
+            let bodies: Vec<Value> = answers.iter().map(|a| a.body.clone()).collect();
+            let locations: Vec<Option<&str>> =
+                answers.iter().map(|a| a.location.as_deref()).collect();
+            let claimed = sqlx::query(
+                "INSERT INTO idempotency_keys (principal, key, request_hash, status, body, location)
+                 SELECT p, k, h, 202, b, l
+                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::jsonb[], $5::text[]) WITH ORDINALITY AS t(p, k, h, b, l, n)
+                 ORDER BY n
+                 ON CONFLICT (principal, key) DO NOTHING
+                 RETURNING principal, key",
+            )
+            .bind(&principals)
+            .bind(&keys)
+            .bind(&hashes)
+            .bind(&bodies)
+            .bind(&locations)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mine: std::collections::HashSet<(String, String)> = claimed
+                .iter()
+                .map(|r| (r.get::<String, _>("principal"), r.get::<String, _>("key")))
+                .collect();
+            let taken: Vec<&(usize, &IdemKey)> = keyed
+                .iter()
+                .filter(|(_, k)| !mine.contains(&(k.principal.clone(), k.key.clone())))
+                .collect();
+            if !taken.is_empty() {
+                let tp: Vec<&str> = taken.iter().map(|(_, k)| k.principal.as_str()).collect();
+                let tk: Vec<&str> = taken.iter().map(|(_, k)| k.key.as_str()).collect();
+                let rows = sqlx::query(
+                    "SELECT principal, key, request_hash, status, body, location FROM idempotency_keys
+                     WHERE (principal, key) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                )
+                .bind(&tp)
+                .bind(&tk)
+                .fetch_all(&mut *tx)
+                .await?;
+                for (i, k) in taken {
+                    let row = rows.iter().find(|r| {
+                        r.get::<&str, _>("principal") == k.principal
+                            && r.get::<&str, _>("key") == k.key
+                    });
+                    fate[*i] = Some(match row {
+                        Some(r) if r.get::<Vec<u8>, _>("request_hash") == k.hash => {
+                            Written::Replay(Stored {
+                                status: r.get::<i16, _>("status") as u16,
+                                body: r.get("body"),
+                                location: r.get("location"),
+                            })
+                        }
+                        Some(_) => Written::Mismatch,
+                        // Claimed, then withdrawn (its job was refused)
+                        // between our insert and this read: rare; the
+                        // client tries again.
+                        None => Written::Replay(Stored {
+                            status: 503,
+                            body: json!({"error": {"code": "service_unavailable",
+                                "message": "a request with this Idempotency-Key was just withdrawn; try again"}}),
+                            location: None,
+                        }),
+                    });
+                }
+            }
+        }
+
+        let fresh: Vec<&Request> = leaders
+            .iter()
+            .zip(&fate)
+            .filter(|(_, f)| f.is_none())
+            .map(|(l, _)| &l.pending.req)
+            .collect();
+        if !fresh.is_empty() {
+            insert_rows(&mut tx, &fresh).await?;
+            let messages: Vec<Value> = fresh
+                .iter()
+                .map(|r| serde_json::to_value(job(r)).unwrap_or_default())
+                .collect();
+            let ids = sqlx::query(
+                "INSERT INTO outbox (exchange, routing_key, message, publish_after)
+                 SELECT 'commands', 'preregistration.requested', m, now() + $2
+                 FROM unnest($1::jsonb[]) WITH ORDINALITY AS t(m, n) ORDER BY n
+                 RETURNING id, message->>'id' AS job_id",
+            )
+            .bind(&messages)
+            .bind(self.grace)
+            .fetch_all(&mut *tx)
+            .await?;
+            let by_job: HashMap<String, i64> = ids
+                .iter()
+                .map(|r| (r.get::<String, _>("job_id"), r.get::<i64, _>("id")))
+                .collect();
+            for (l, f) in leaders.iter().zip(fate.iter_mut()) {
+                if f.is_none() {
+                    let outbox_id = by_job
+                        .get(&l.pending.req.cmd.id.to_string())
+                        .copied()
+                        .ok_or(sqlx::Error::RowNotFound)?;
+                    *f = Some(Written::New(outbox_id));
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(fate
+            .into_iter()
+            .map(|f| f.unwrap_or(Written::Mismatch))
+            .collect())
+    }
+
+    async fn publish_and_answer(&self, leaders: Vec<Leader>, written: Vec<Written>) {
+        let broker = self.publisher.broker();
+        let mut outgoing = Vec::new();
+        let mut slots = Vec::new();
+        for (i, (l, w)) in leaders.iter().zip(&written).enumerate() {
+            if let Written::New(_) = w {
+                outgoing.push(Outgoing::command(broker, &job(&l.pending.req)));
+                slots.push(i);
+            }
+        }
+        let fates = self.publisher.publish_all(&outgoing).await;
+        let mut fate_of: Vec<Option<Fate>> = (0..leaders.len()).map(|_| None).collect();
+        for (slot, f) in slots.into_iter().zip(fates) {
+            fate_of[slot] = Some(f);
+        }
+        // All confirmed (the common case): answer first, then delete the
+        // outbox rows (if that fails, the relay republishes them after the
+        // grace period: harmless). Otherwise settle before answering.
+        let all_confirmed = fate_of.iter().flatten().all(Fate::is_confirmed);
+        let confirmed_ids: Vec<i64> = written
+            .iter()
+            .filter_map(|w| match w {
+                Written::New(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        let withdrawn = if all_confirmed {
+            vec![false; leaders.len()]
+        } else {
+            self.cleanup(&leaders, &written, &fate_of).await
+        };
+        for (((l, w), f), out) in leaders.into_iter().zip(written).zip(fate_of).zip(withdrawn) {
+            let answer = || match (&w, &f) {
+                (Written::Replay(s), _) => Answer::Respond(s.clone()),
+                (Written::Mismatch, _) => Answer::KeyMismatch,
+                (Written::New(_), Some(Fate::NotTaken(why))) if out => {
+                    Answer::Unavailable(why.clone())
+                }
+                (Written::New(_), _) => Answer::Respond(accepted(l.pending.req.cmd.id)),
+            };
+            if let Some(why) = match &f {
+                Some(Fate::NotTaken(why) | Fate::Unknown(why)) => Some(why),
+                _ => None,
+            } {
+                tracing::warn!(preregistration_id = %l.pending.req.cmd.id, withdrawn = out, reason = %why, "job not confirmed by the broker");
+            }
+            for follower in l.followers {
+                let same = follower.req.idem.as_ref().map(|k| &k.hash)
+                    == l.pending.req.idem.as_ref().map(|k| &k.hash);
+                let _ = follower
+                    .reply
+                    .send(if same { answer() } else { Answer::KeyMismatch });
+            }
+            let _ = l.pending.reply.send(answer());
+        }
+        if all_confirmed && !confirmed_ids.is_empty() {
+            if let Err(e) = crate::store::outbox::delete_async(&self.db, &confirmed_ids).await {
+                tracing::warn!(error = %e, "could not delete published outbox rows; the relay will publish them again");
+            }
+        }
+    }
+
+    /// Deletes the outbox rows of confirmed jobs and withdraws what the
+    /// broker certainly did not take. Returns, per leader, whether it was
+    /// withdrawn. When a job's fate is unknown, the transaction commits
+    /// synchronously, which also makes the batch's own (asynchronous) commit
+    /// durable before anyone is told 202.
+    async fn cleanup(
+        &self,
+        leaders: &[Leader],
+        written: &[Written],
+        fates: &[Option<Fate>],
+    ) -> Vec<bool> {
+        let mut withdrawn = vec![false; leaders.len()];
+        let mut confirmed: Vec<i64> = Vec::new();
+        let mut refused: Vec<i64> = Vec::new();
+        let mut unknown = false;
+        for (w, f) in written.iter().zip(fates) {
+            if let (Written::New(id), Some(f)) = (w, f) {
+                match f {
+                    Fate::Confirmed => confirmed.push(*id),
+                    Fate::NotTaken(_) => refused.push(*id),
+                    Fate::Unknown(_) => unknown = true,
+                }
+            }
+        }
+        let result: Result<Vec<i64>, sqlx::Error> = async {
+            let mut tx = self.db.begin().await?;
+            if !unknown && refused.is_empty() {
+                sqlx::query("SET LOCAL synchronous_commit = off")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if !confirmed.is_empty() {
+                sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+                    .bind(&confirmed)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let mut gone = Vec::new();
+            if !refused.is_empty() {
+                // Only rows the relay has not taken meanwhile (it never does
+                // within the grace period, but if it did, the work happens).
+                gone = sqlx::query_scalar::<_, i64>(
+                    "DELETE FROM outbox WHERE id = ANY($1) AND attempts = 0 RETURNING id",
+                )
+                .bind(&refused)
+                .fetch_all(&mut *tx)
+                .await?;
+                let ids: Vec<Uuid> = leaders
+                    .iter()
+                    .zip(written)
+                    .filter(|(_, w)| matches!(w, Written::New(o) if gone.contains(o)))
+                    .map(|(l, _)| l.pending.req.cmd.id)
+                    .collect();
+                sqlx::query("DELETE FROM preregistrations WHERE id = ANY($1) AND status = 'queued'")
+                    .bind(&ids)
+                    .execute(&mut *tx)
+                    .await?;
+                let keyed: Vec<&IdemKey> = leaders
+                    .iter()
+                    .zip(written)
+                    .filter(|(_, w)| matches!(w, Written::New(o) if gone.contains(o)))
+                    .filter_map(|(l, _)| l.pending.req.idem.as_ref())
+                    .collect();
+                if !keyed.is_empty() {
+                    let p: Vec<&str> = keyed.iter().map(|k| k.principal.as_str()).collect();
+                    let k: Vec<&str> = keyed.iter().map(|k| k.key.as_str()).collect();
+                    sqlx::query(
+                        "DELETE FROM idempotency_keys WHERE (principal, key) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                    )
+                    .bind(&p)
+                    .bind(&k)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(gone)
+        }
+        .await;
+        match result {
+            Ok(gone) => {
+                for (slot, w) in withdrawn.iter_mut().zip(written) {
+                    *slot = matches!(w, Written::New(o) if gone.contains(o));
+                }
+            }
+            // Nothing withdrawn: every written job stays in the outbox and the
+            // relay publishes it after the grace period, so all are accepted.
+            Err(e) => {
+                tracing::warn!(error = %e, "intake cleanup failed; the relay will publish the batch's jobs")
+            }
+        }
+        withdrawn
+    }
+}
+
+async fn insert_rows(tx: &mut sqlx::PgConnection, reqs: &[&Request]) -> Result<(), sqlx::Error> {
+    let ids: Vec<Uuid> = reqs.iter().map(|r| r.cmd.id).collect();
+    let partners: Vec<Uuid> = reqs.iter().map(|r| r.cmd.partner_id).collect();
+    let names: Vec<&str> = reqs.iter().map(|r| r.cmd.full_name.as_str()).collect();
+    let emails: Vec<&str> = reqs.iter().map(|r| r.cmd.email.as_str()).collect();
+    let mobiles: Vec<&str> = reqs.iter().map(|r| r.cmd.mobile.as_str()).collect();
+    let email_norms: Vec<String> = reqs
+        .iter()
+        .map(|r| crate::domain::normalize_email(&r.cmd.email))
+        .collect();
+    let mobile_norms: Vec<String> = reqs
+        .iter()
+        .map(|r| crate::domain::normalize_mobile(&r.cmd.mobile))
+        .collect();
+    let send: Vec<bool> = reqs.iter().map(|r| r.cmd.send_invitation).collect();
+    let kinds: Vec<Option<&str>> = reqs
+        .iter()
+        .map(|r| r.cmd.association_type.as_deref())
+        .collect();
+    let locales: Vec<Option<&str>> = reqs.iter().map(|r| r.cmd.locale.as_deref()).collect();
+    // Tags differ in length per row: passed as JSON arrays.
+    let tags: Vec<Value> = reqs.iter().map(|r| json!(r.cmd.tags)).collect();
+    let remarks: Vec<Option<&str>> = reqs.iter().map(|r| r.cmd.remarks.as_deref()).collect();
+    let managers: Vec<Option<Uuid>> = reqs.iter().map(|r| r.cmd.account_manager_id).collect();
+    let rids: Vec<&str> = reqs.iter().map(|r| r.request_id.as_str()).collect();
+    let actors: Vec<&str> = reqs.iter().map(|r| r.actor.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO preregistrations (id, partner_id, full_name, email, mobile, email_norm, mobile_norm, status,
+             send_invitation, association_type, locale, tags, remarks, account_manager_id, request_id, search_text)
+         SELECT u.id, u.partner_id, u.full_name, u.email, u.mobile, u.email_norm, u.mobile_norm, 'queued',
+             u.send, u.kind, u.locale, t.tags, u.remarks, u.am, u.rid,
+             lower(concat_ws(' ', u.full_name, u.email, u.remarks, array_to_string(t.tags, ' '),
+                 (SELECT name FROM account_managers WHERE id = u.am)))
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                     $8::bool[], $9::text[], $10::text[], $11::jsonb[], $12::text[], $13::uuid[], $14::text[])
+              WITH ORDINALITY AS u(id, partner_id, full_name, email, mobile, email_norm, mobile_norm,
+                     send, kind, locale, tags_json, remarks, am, rid, n)
+         CROSS JOIN LATERAL (SELECT ARRAY(SELECT jsonb_array_elements_text(u.tags_json)) AS tags) t
+         ORDER BY u.n",
+    )
+    .bind(&ids)
+    .bind(&partners)
+    .bind(&names)
+    .bind(&emails)
+    .bind(&mobiles)
+    .bind(&email_norms)
+    .bind(&mobile_norms)
+    .bind(&send)
+    .bind(&kinds)
+    .bind(&locales)
+    .bind(&tags)
+    .bind(&remarks)
+    .bind(&managers)
+    .bind(&rids)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO preregistration_events (preregistration_id, actor, change, from_status, to_status)
+         SELECT id, actor, 'requested', NULL, 'queued'
+         FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS u(id, actor, n) ORDER BY n",
+    )
+    .bind(&ids)
+    .bind(&actors)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Every request of `leaders` failed with `e` (nothing was written).
+fn fail(leaders: Vec<Leader>, e: sqlx::Error) {
+    let mut original = Some(e);
+    let copy = original.as_ref().map(clone_err);
+    for l in leaders {
+        for follower in l.followers {
+            let _ = follower.reply.send(Answer::Database(
+                copy.as_ref().map_or(sqlx::Error::PoolClosed, clone_err),
+            ));
+        }
+        let e = original
+            .take()
+            .unwrap_or_else(|| copy.as_ref().map_or(sqlx::Error::PoolClosed, clone_err));
+        let _ = l.pending.reply.send(Answer::Database(e));
+    }
+}
+
+/// `sqlx::Error` is not `Clone`: keep what the API maps on (SQLSTATE and
+/// whether the pool was out of reach).
+fn clone_err(e: &sqlx::Error) -> sqlx::Error {
+    match e {
+        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
+        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
+        sqlx::Error::Io(io) => sqlx::Error::Io(std::io::Error::new(io.kind(), io.to_string())),
+        other => sqlx::Error::Protocol(format!(
+            "{other}{}",
+            crate::store::sqlstate(other)
+                .map(|s| format!(" (SQLSTATE {s})"))
+                .unwrap_or_default()
+        )),
+    }
+}

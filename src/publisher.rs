@@ -1,0 +1,193 @@
+//! A pipelined publisher: a batch of messages is sent on one confirm-mode
+//! channel without waiting in between, and the confirms are awaited together.
+//! Each message's fate is reported separately and says whether the broker may
+//! hold it, so a caller never answers "not done" for work that will happen.
+//!
+//! It uses its own channel on the process's shared connection: a confirm that
+//! never comes closes only this channel, not the connection the consumers use.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::future::join_all;
+use lapin::{
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    publisher_confirm::Confirmation,
+    types::FieldTable,
+    BasicProperties, Channel,
+};
+use tokio::sync::Mutex;
+
+use crate::{
+    mq::{Broker, CloudEvent},
+    stages::{self, Stage},
+};
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub exchange: String,
+    pub routing_key: String,
+    /// The encoded message, or why it could not be encoded (too large, …):
+    /// such a message is never sent and its fate is `NotTaken`.
+    pub body: Result<Vec<u8>, String>,
+    pub message_id: String,
+    /// Must reach a queue (jobs); events may have no listener.
+    pub mandatory: bool,
+}
+
+impl Outgoing {
+    /// One of our own jobs, on the internal exchange (upstream systems
+    /// publish to the commands exchange; we do not).
+    pub fn command(broker: &Broker, ev: &CloudEvent) -> Self {
+        Self {
+            exchange: broker.names.internal(),
+            routing_key: ev.ty.clone(),
+            body: ev.to_bytes().map_err(|e| e.to_string()),
+            message_id: ev.id.clone(),
+            mandatory: true,
+        }
+    }
+
+    /// An event on the events exchange.
+    pub fn event(broker: &Broker, ev: &CloudEvent) -> Self {
+        Self {
+            exchange: broker.names.events(),
+            routing_key: ev.ty.clone(),
+            body: ev.to_bytes().map_err(|e| e.to_string()),
+            message_id: ev.id.clone(),
+            mandatory: false,
+        }
+    }
+}
+
+/// What became of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// The broker confirmed it: it is durably queued.
+    Confirmed,
+    /// The broker certainly does not hold it (never sent, refused, or
+    /// unroutable).
+    NotTaken(String),
+    /// Sent, but no answer: the broker may or may not hold it.
+    Unknown(String),
+}
+
+impl Fate {
+    pub fn is_confirmed(&self) -> bool {
+        matches!(self, Fate::Confirmed)
+    }
+}
+
+pub struct Publisher {
+    broker: Arc<Broker>,
+    timeout: Duration,
+    channel: Mutex<Option<Channel>>,
+}
+
+impl Publisher {
+    pub fn new(broker: Arc<Broker>, timeout: Duration) -> Self {
+        Self {
+            broker,
+            timeout,
+            channel: Mutex::new(None),
+        }
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    async fn channel(&self) -> Result<Channel, String> {
+        let mut guard = self.channel.lock().await;
+        if let Some(ch) = guard.as_ref() {
+            if ch.status().connected() {
+                return Ok(ch.clone());
+            }
+        }
+        let (_, ch) = self.broker.channel().await.map_err(|e| e.to_string())?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        *guard = Some(ch.clone());
+        Ok(ch)
+    }
+
+    /// Drops this publisher's channel (after a confirm that never came), so
+    /// the next batch starts on a fresh one.
+    async fn discard(&self, ch: &Channel) {
+        let mut guard = self.channel.lock().await;
+        if guard.as_ref().is_some_and(|c| c.id() == ch.id()) {
+            guard.take();
+        }
+        drop(guard);
+        let _ = ch.close(200, "confirm timeout").await;
+    }
+
+    /// Publishes every message, then waits (up to the timeout) for all the
+    /// confirms together. One fate per message, in order.
+    pub async fn publish_all(&self, msgs: &[Outgoing]) -> Vec<Fate> {
+        if msgs.is_empty() {
+            return Vec::new();
+        }
+        let started = Instant::now();
+        let ch = match self.channel().await {
+            Ok(ch) => ch,
+            Err(e) => {
+                let why = format!("broker unavailable: {e}");
+                return msgs.iter().map(|_| Fate::NotTaken(why.clone())).collect();
+            }
+        };
+        let mut pending = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/cloudevents+json".into())
+                .with_message_id(m.message_id.as_str().into())
+                .with_headers(FieldTable::default());
+            let opts = BasicPublishOptions {
+                mandatory: m.mandatory,
+                ..Default::default()
+            };
+            let body = match &m.body {
+                Ok(b) => b,
+                Err(why) => {
+                    pending.push(Err(format!("message not sent: {why}")));
+                    continue;
+                }
+            };
+            pending.push(
+                ch.basic_publish(&m.exchange, &m.routing_key, opts, body, props)
+                    .await
+                    .map_err(|e| format!("broker unavailable: {e}")),
+            );
+        }
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let waits = pending.into_iter().map(|p| async move {
+            match p {
+                Err(why) => Fate::NotTaken(why),
+                Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
+                    Err(_) => Fate::Unknown("no confirm from the broker in time".into()),
+                    Ok(Err(e)) => Fate::Unknown(format!("channel failed before the confirm: {e}")),
+                    Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => {
+                        Fate::Confirmed
+                    }
+                    Ok(Ok(Confirmation::Ack(Some(_)))) => {
+                        Fate::NotTaken("message unroutable: no queue bound".into())
+                    }
+                    Ok(Ok(Confirmation::Nack(_))) => {
+                        Fate::NotTaken("the broker refused the message (nack)".into())
+                    }
+                },
+            }
+        });
+        let fates = join_all(waits).await;
+        stages::since(Stage::PublishConfirm, started);
+        if fates.iter().any(|f| matches!(f, Fate::Unknown(_))) {
+            self.discard(&ch).await;
+        }
+        fates
+    }
+}

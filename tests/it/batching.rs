@@ -1,0 +1,290 @@
+//! What batching can break: the intake's group commit (idempotency under
+//! concurrency, nothing left `queued` after a crash) and a burst of waiting
+//! deliveries taken at once by the registration workers (a poison message in
+//! the middle, the same customer twice, two workers at once). The worker
+//! decides deliveries one per transaction today; these guard the guarantees
+//! a batched decider must keep.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use prereg::mq::CloudEvent;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::common::*;
+
+/// An intake (and relay) with no registration consumer: accepted work waits
+/// in the queue until a worker is added, so the worker then takes it in
+/// batches.
+async fn intake_only() -> TestApp {
+    spawn_roles(|c| c.registration_batch = 64, vec![]).await
+}
+
+async fn dead_letters(app: &TestApp) -> Vec<Value> {
+    let (s, v) = app
+        .get("/v1/admin/dead-letters/registration", OPERATOR)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v["items"].as_array().cloned().unwrap_or_default()
+}
+
+async fn statuses(app: &TestApp, partner_ids: &[Uuid]) -> Vec<(String, Option<String>)> {
+    sqlx::query_as(
+        "SELECT status, reason_code FROM preregistrations WHERE partner_id = ANY($1) ORDER BY created_at, id",
+    )
+    .bind(partner_ids)
+    .fetch_all(app.db())
+    .await
+    .unwrap()
+}
+
+async fn none_queued(app: &TestApp) -> bool {
+    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM preregistrations WHERE status = 'queued'")
+        .fetch_one(app.db())
+        .await
+        .unwrap()
+        == 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poison_message_in_the_middle_of_a_batch_is_dead_lettered_alone() {
+    let mut app = intake_only().await;
+    let p = app.create_partner(json!({})).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            app.prereg(
+                &p,
+                &format!("before{i}@batch.example"),
+                &format!("+861390000000{i}"),
+            )
+            .await,
+        );
+    }
+    // In the middle: a command whose data fails validation, and one that is
+    // not even JSON.
+    let bad = CloudEvent::new(
+        "preregistration.requested",
+        json!({"id": Uuid::now_v7(), "partner_id": p.id, "full_name": "X", "email": "nope", "mobile": "1"}),
+    );
+    app.ctx.broker.publish_command(&bad).await.unwrap();
+    app.ctx
+        .broker
+        .publish_raw(
+            &app.ctx.broker.names.commands(),
+            "preregistration.requested",
+            b"{not json",
+            None,
+            Default::default(),
+            None,
+        )
+        .await
+        .unwrap();
+    for i in 0..5 {
+        ids.push(
+            app.prereg(
+                &p,
+                &format!("after{i}@batch.example"),
+                &format!("+861390000001{i}"),
+            )
+            .await,
+        );
+    }
+    // One worker takes the 12 waiting messages in one batch.
+    app.add_worker(|c| c.registration_batch = 64).await;
+    wait_until(Duration::from_secs(20), || none_queued(&app)).await;
+    for id in &ids {
+        assert_eq!(app.decided(&p, *id).await["status"], "preregistered");
+    }
+    wait_until(Duration::from_secs(10), || async {
+        dead_letters(&app).await.len() == 2
+    })
+    .await;
+    let reasons: Vec<String> = dead_letters(&app)
+        .await
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        reasons.contains(&"validation_failed".to_string()),
+        "{reasons:?}"
+    );
+    assert!(reasons.contains(&"unparseable".to_string()), "{reasons:?}");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_customer_twice_in_a_burst_gets_one_claim() {
+    let mut app = intake_only().await;
+    let a = app.create_partner(json!({"name": "A"})).await;
+    let b = app.create_partner(json!({"name": "B"})).await;
+    let first = app
+        .prereg(&a, "twice@batch.example", "+8613700000001")
+        .await;
+    let again = app
+        .prereg(&a, "TWICE@batch.example", "+8613700000001")
+        .await;
+    let other = app
+        .prereg(&b, "twice@batch.example", "+8613700000002")
+        .await;
+    app.add_worker(|c| c.registration_batch = 64).await;
+    // Exactly one of the partner's two requests holds the claim; the other
+    // names it.
+    let (v1, v2) = (app.decided(&a, first).await, app.decided(&a, again).await);
+    let (winner, loser, winner_id) = if v1["status"] == "preregistered" {
+        (&v1, &v2, first)
+    } else {
+        (&v2, &v1, again)
+    };
+    assert_eq!(winner["status"], "preregistered", "{v1} {v2}");
+    assert_eq!(loser["reason"]["code"], "already_preregistered", "{loser}");
+    assert_eq!(loser["existing_id"], winner_id.to_string());
+    let v = app.decided(&b, other).await;
+    assert_eq!(v["reason"]["code"], "preregistered_by_other_partner", "{v}");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_batches_give_each_customer_exactly_one_claim() {
+    let mut app = intake_only().await;
+    let mut partners = Vec::new();
+    for i in 0..4 {
+        partners.push(app.create_partner(json!({"name": format!("P{i}")})).await);
+    }
+    // 30 customers, each asked for by all four partners, interleaved.
+    for c in 0..30 {
+        let email = format!("c{c}@batch.example");
+        let mobile = format!("+86136{c:08}");
+        let sends = partners.iter().map(|p| app.prereg(p, &email, &mobile));
+        join_all(sends).await;
+    }
+    // Two workers start at once and split the 120 messages between their batches.
+    app.add_worker(|c| c.registration_batch = 16).await;
+    app.add_worker(|c| c.registration_batch = 16).await;
+    wait_until(Duration::from_secs(30), || none_queued(&app)).await;
+    let ids: Vec<Uuid> = partners.iter().map(|p| p.id).collect();
+    let all = statuses(&app, &ids).await;
+    assert_eq!(all.len(), 120);
+    let claims = all.iter().filter(|(s, _)| s == "preregistered").count();
+    assert_eq!(claims, 30, "one claim per customer: {all:?}");
+    let per_customer: Vec<i64> = sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE status = 'preregistered') FROM preregistrations GROUP BY email_norm",
+    )
+    .fetch_all(app.db())
+    .await
+    .unwrap();
+    assert!(per_customer.iter().all(|n| *n == 1), "{per_customer:?}");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_with_one_idempotency_key_have_one_effect_and_one_answer() {
+    let app = spawn_app().await;
+    let p = app.create_partner(json!({})).await;
+    let send = || async {
+        let resp = app
+            .http
+            .post(format!("{}/v1/preregistrations", app.addr))
+            .bearer_auth(&p.key)
+            .header("Idempotency-Key", "same-key-1")
+            .json(&json!({"full_name": "Li Si", "email": "idem@batch.example", "mobile": "+8613500000001"}))
+            .send()
+            .await
+            .unwrap();
+        (resp.status(), resp.text().await.unwrap())
+    };
+    let answers = join_all((0..4).map(|_| send())).await;
+    assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
+    assert_eq!(answers[0].0, StatusCode::ACCEPTED);
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM preregistrations WHERE email_norm = 'idem@batch.example'",
+    )
+    .fetch_one(app.db())
+    .await
+    .unwrap();
+    assert_eq!(rows, 1);
+
+    // Invitations: the defect seen in review (4 concurrent requests, 3
+    // different answers, several invitations).
+    let id: Uuid = serde_json::from_str::<Value>(&answers[0].1).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
+    let invite = || async {
+        let resp = app
+            .http
+            .post(format!("{}/v1/invitations", app.addr))
+            .bearer_auth(&p.key)
+            .header("Idempotency-Key", "invite-once")
+            .json(&json!({"preregistration_ids": [id]}))
+            .send()
+            .await
+            .unwrap();
+        (resp.status(), resp.text().await.unwrap())
+    };
+    let answers = join_all((0..4).map(|_| invite())).await;
+    assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
+    assert_eq!(answers[0].0, StatusCode::ACCEPTED);
+    let invitations: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM invitations WHERE preregistration_id = $1")
+            .bind(id)
+            .fetch_one(app.db())
+            .await
+            .unwrap();
+    assert_eq!(invitations, 1);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn work_left_behind_by_a_crashed_intake_is_published_by_the_relay() {
+    // What an intake killed after its batch committed (before or while
+    // publishing) leaves: rows `queued` with their jobs in the outbox, kept
+    // back for the grace period. The relay publishes them once it passes.
+    let app = spawn_with(|c| c.outbox_grace = Duration::from_millis(300)).await;
+    let p = app.create_partner(json!({})).await;
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let cmd = prereg::store::preregs::NewPrereg {
+            id: *id,
+            partner_id: p.id,
+            full_name: "Crash Survivor".into(),
+            email: format!("crash{i}@batch.example"),
+            mobile: format!("+861320000000{i}"),
+            send_invitation: false,
+            association_type: None,
+            locale: None,
+            tags: vec![],
+            remarks: None,
+            account_manager_id: None,
+        };
+        let mut tx = app.db().begin().await.unwrap();
+        prereg::store::preregs::insert_queued(&mut tx, &cmd, None)
+            .await
+            .unwrap();
+        let job = CloudEvent::job(
+            id.to_string(),
+            &prereg::jobs::PreregistrationRequested::from(&cmd),
+        )
+        .unwrap();
+        prereg::store::outbox::command_after(&mut tx, &job, Duration::from_millis(300))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    for id in &ids {
+        assert_eq!(app.decided(&p, *id).await["status"], "preregistered");
+    }
+    wait_until(Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
+            .fetch_one(app.db())
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
+    app.cleanup().await;
+}
