@@ -17,9 +17,11 @@ use sqlx::Row;
 
 use super::{auth::authenticate_token, AppState};
 use crate::{
-    mq::Queue,
+    mq::{
+        dead_letters::{self, DeadLetter},
+        Queue,
+    },
     store::keys::Role,
-    workers::runtime::{self, DeadLetter},
 };
 
 const COOKIE: &str = "prereg_operator";
@@ -200,7 +202,7 @@ async fn build(st: &AppState, key: &str, q: DashboardQuery) -> Result<Dashboard,
             .await?;
     let (mut queues, mut queue_error, mut dead_letters, mut dead_total) =
         (Vec::new(), None, Vec::new(), 0);
-    match crate::app::queue_stats(ctx).await {
+    match dead_letters::queue_stats(&ctx.broker).await {
         Ok(stats) => {
             for s in stats {
                 let name = Queue::parse(s["queue"].as_str().unwrap_or_default());
@@ -214,7 +216,7 @@ async fn build(st: &AppState, key: &str, q: DashboardQuery) -> Result<Dashboard,
                     dead,
                 });
                 if dead > 0 {
-                    let items = runtime::list_dead_letters(ctx, qn, 20)
+                    let items = dead_letters::list(&ctx.broker, qn, 20)
                         .await
                         .unwrap_or_default();
                     dead_letters.push(DeadQueue {
@@ -267,7 +269,7 @@ pub async fn replay(
     let Some(q) = Queue::parse(&queue) else {
         return (StatusCode::NOT_FOUND, "no such queue").into_response();
     };
-    match runtime::replay_dead_letters(&st.ctx, q, 10_000).await {
+    match dead_letters::replay(&st.ctx.broker, q, 10_000).await {
         Ok(n) => {
             if let Ok(mut conn) = st.ctx.db.acquire().await {
                 let _ = crate::store::audit(

@@ -4,6 +4,7 @@
 mod common;
 mod concurrency;
 mod dashboard;
+mod dead_letters;
 mod history;
 mod invitations;
 mod isolation;
