@@ -210,3 +210,29 @@ async fn oversized_messages_are_dead_lettered_and_forged_retry_counts_are_ignore
     let _ = ch.close(200, "done").await;
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_violation_is_dead_lettered_at_once_naming_the_constraint() {
+    let app = spawn_app().await;
+    // This test's own database gets a rule the job's write will break.
+    sqlx::query(
+        "ALTER TABLE accounts ADD CONSTRAINT accounts_test_no_forbidden CHECK (account_id <> 'forbidden')",
+    )
+    .execute(app.db())
+    .await
+    .unwrap();
+    let ev = CloudEvent::new(
+        "account.upserted",
+        json!({"account_id": "forbidden", "updated_at": "2026-01-01T00:00:00Z"}),
+    );
+    app.ctx.broker.publish_upstream(&ev).await.unwrap();
+    let dead = wait_dead(&app, Queue::Accounts, 1).await;
+    assert_eq!(dead[0].reason.as_deref(), Some("constraint_violation"));
+    assert_eq!(dead[0].retries, Some(0), "not retried");
+    assert!(dead[0]
+        .error
+        .as_deref()
+        .unwrap_or_default()
+        .contains("accounts_test_no_forbidden"));
+    app.cleanup().await;
+}
