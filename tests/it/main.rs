@@ -4,7 +4,9 @@
 mod common;
 mod concurrency;
 mod dashboard;
+mod dashboard_ops;
 mod dead_letters;
+mod first_hour;
 mod history;
 mod invitations;
 mod isolation;
