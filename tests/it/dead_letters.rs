@@ -162,6 +162,7 @@ async fn oversized_messages_are_dead_lettered_and_forged_retry_counts_are_ignore
         c.max_message_bytes = 4096;
         c.retry_delays = vec![Duration::from_secs(3)];
         c.max_attempts = 3;
+        c.smtp_url = crate::retries::NO_SMTP.into();
     })
     .await;
     let p = app.create_partner(json!({})).await;
@@ -179,17 +180,8 @@ async fn oversized_messages_are_dead_lettered_and_forged_retry_counts_are_ignore
     // 2. An upstream command claiming u32::MAX earlier attempts: the count
     // is not trusted (no overflow, no skipped schedule): it is retried like
     // any job and dead-lettered once its own retries are used up.
-    let upstream = app.upstream_key().await;
-    let (s, v) = app
-        .post(
-            "/v1/associations",
-            &upstream,
-            json!({"token": "nope", "account_id": "acct-unknown"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let attempt = v["id"].as_str().unwrap().to_string();
-    let forged = CloudEvent::new("association.requested", json!({"attempt_id": attempt}));
+    let invitation = crate::retries::failing_invitation(&app).await;
+    let forged = CloudEvent::new("invitation.requested", json!({"invitation_id": invitation}));
     let mut headers = FieldTable::default();
     headers.insert("x-retry-count".into(), AMQPValue::LongUInt(u32::MAX));
     let names = app.ctx.broker.names.clone();
@@ -206,7 +198,7 @@ async fn oversized_messages_are_dead_lettered_and_forged_retry_counts_are_ignore
         depth(&ch, &names.retry_queue(0)).await == 2
     })
     .await;
-    assert_eq!(depth(&ch, &names.dlq(Queue::Association)).await, 0);
+    assert_eq!(depth(&ch, &names.dlq(Queue::Email)).await, 0);
     let _ = ch.close(200, "done").await;
     app.cleanup().await;
 }
