@@ -3,9 +3,8 @@
 use clap::Subcommand;
 use prereg::{
     domain::workdays::{self, Calendar},
-    mq::Queue,
+    mq::{dead_letters, Queue},
     store::{self, keys::Role, partners::PartnerFields},
-    workers::runtime,
     Config, Ctx,
 };
 
@@ -89,11 +88,15 @@ pub enum DlqCommand {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
-    /// Send the dead letters of a queue back to it.
+    /// Send the dead letters of a queue back to it (or only the one whose
+    /// message id is `--id`), with a fresh retry count.
     Replay {
         queue: String,
         #[arg(long, default_value_t = 1000)]
         limit: usize,
+        /// Replay only the dead letter with this message id.
+        #[arg(long)]
+        id: Option<String>,
     },
 }
 
@@ -150,7 +153,7 @@ pub async fn run(cfg: Config, cmd: AdminCommand) -> anyhow::Result<()> {
         AdminCommand::Dlq {
             command: DlqCommand::List { queue: q, limit },
         } => {
-            let items = runtime::list_dead_letters(&ctx, queue(&q)?, limit).await?;
+            let items = dead_letters::list(&ctx.broker, queue(&q)?, limit).await?;
             if items.is_empty() {
                 println!("no dead letters in {q}");
             }
@@ -159,11 +162,25 @@ pub async fn run(cfg: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             }
         }
         AdminCommand::Dlq {
-            command: DlqCommand::Replay { queue: q, limit },
-        } => {
-            let n = runtime::replay_dead_letters(&ctx, queue(&q)?, limit).await?;
-            println!("replayed {n} message(s) to {q}");
-        }
+            command:
+                DlqCommand::Replay {
+                    queue: q,
+                    limit,
+                    id,
+                },
+        } => match id {
+            Some(id) => {
+                if dead_letters::replay_one(&ctx.broker, queue(&q)?, &id).await? {
+                    println!("replayed {id} to {q}");
+                } else {
+                    anyhow::bail!("no dead letter with message id {id} in {q}");
+                }
+            }
+            None => {
+                let n = dead_letters::replay(&ctx.broker, queue(&q)?, limit).await?;
+                println!("replayed {n} message(s) to {q}");
+            }
+        },
         AdminCommand::Calendar {
             command: CalendarCommand::Load { file, year },
         } => {

@@ -4,7 +4,6 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::http::StatusCode;
-use lapin::options::QueueDeclareOptions;
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -309,39 +308,5 @@ async fn monitor_queues(ctx: Arc<Ctx>, cancel: CancellationToken) {
 
 /// Depth and consumers of every work queue and its dead-letter queue.
 pub async fn queue_stats(ctx: &Ctx) -> anyhow::Result<Vec<Value>> {
-    let (_, ch) = ctx.broker.channel().await?;
-    let names = &ctx.broker.names;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        durable: true,
-        ..Default::default()
-    };
-    let mut out = Vec::new();
-    for q in Queue::ALL {
-        let work = ch
-            .queue_declare(&names.queue(q), passive, Default::default())
-            .await?;
-        let dlq = ch
-            .queue_declare(&names.dlq(q), passive, Default::default())
-            .await?;
-        metrics::gauge!("prereg_queue_depth", "queue" => q.short())
-            .set(work.message_count() as f64);
-        metrics::gauge!("prereg_dead_letters", "queue" => q.short())
-            .set(dlq.message_count() as f64);
-        metrics::gauge!("prereg_queue_consumers", "queue" => q.short())
-            .set(work.consumer_count() as f64);
-        if work.message_count() == 0 {
-            // Nothing waits: the oldest message is no age at all.
-            metrics::gauge!("prereg_queue_oldest_message_age_seconds", "queue" => q.short())
-                .set(0.0);
-        }
-        out.push(json!({
-            "queue": q.short(),
-            "messages": work.message_count(),
-            "consumers": work.consumer_count(),
-            "dead_letters": dlq.message_count(),
-        }));
-    }
-    let _ = ch.close(200, "stats").await;
-    Ok(out)
+    crate::mq::dead_letters::queue_stats(&ctx.broker).await
 }

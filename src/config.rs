@@ -67,6 +67,9 @@ pub struct Config {
     pub max_attempts: u32,
     pub retry_delays: Vec<Duration>,
     pub delivery_limit: u32,
+    /// `PREREG_MAX_MESSAGE_BYTES`: a consumed message larger than this is
+    /// dead-lettered (`too_large`) without being parsed.
+    pub max_message_bytes: usize,
     /// Expiry of a Redis lock; renewed every third of it while its job runs,
     /// so a crashed worker's locks free themselves within this.
     pub lock_ttl: Duration,
@@ -284,6 +287,7 @@ impl Config {
             max_attempts: num("PREREG_MAX_ATTEMPTS", "6")?.max(1) as u32,
             retry_delays,
             delivery_limit: num("PREREG_DELIVERY_LIMIT", "10")?.max(1) as u32,
+            max_message_bytes: num("PREREG_MAX_MESSAGE_BYTES", "262144")?.max(1024) as usize,
             lock_ttl: dur("PREREG_LOCK_TTL", "1s")?.max(Duration::from_millis(30)),
             lock_wait: dur("PREREG_LOCK_WAIT", "3s")?,
             db_max_connections: num("PREREG_DB_MAX_CONNECTIONS", "20")?.max(1) as u32,

@@ -64,10 +64,7 @@ pub async fn calendar_status(ctx: &Ctx) -> Result<CalendarStatus, sqlx::Error> {
 pub async fn refresh_gauges(ctx: &Ctx) {
     let work = async {
         let now = Utc::now();
-        for name in [
-            crate::workers::sweeps::NAME,
-            crate::workers::deadlines::NAME,
-        ] {
+        for name in [store::calendar::SWEEP_RUN, store::calendar::DEADLINES_RUN] {
             if let Some((at, _)) = store::calendar::last_run(&ctx.db, name).await? {
                 let age = (now - at).num_milliseconds().max(0) as f64 / 1000.0;
                 metrics::gauge!("prereg_sweep_last_success_age_seconds", "sweep" => name).set(age);
@@ -93,4 +90,37 @@ pub async fn refresh_gauges(ctx: &Ctx) {
         Ok(Err(e)) => tracing::debug!(error = %e, "time gauges not refreshed"),
         Err(_) => tracing::debug!("time gauges not refreshed: timeout"),
     }
+}
+
+/// After a calendar upload: open reviews whose deadline was computed through
+/// a year that was not loaded get their deadline computed again. Returns how
+/// many changed.
+pub async fn recompute_flagged(ctx: &Ctx) -> Result<u64, sqlx::Error> {
+    if !matches!(ctx.cfg.review_sla, ReviewSla::WorkingDays(_)) {
+        return Ok(0);
+    }
+    ctx.invalidate_calendar();
+    let rows = sqlx::query(
+        "SELECT id, opened_at FROM reviews WHERE state = 'open' AND calendar_missing AND opened_at IS NOT NULL",
+    )
+    .fetch_all(&ctx.db)
+    .await?;
+    let mut changed = 0;
+    for r in rows {
+        let id: uuid::Uuid = sqlx::Row::get(&r, "id");
+        let opened_at: chrono::DateTime<Utc> = sqlx::Row::get(&r, "opened_at");
+        let due = ctx.review_due(opened_at).await?;
+        let n = sqlx::query(
+            "UPDATE reviews SET due_at = $2, calendar_missing = $3
+             WHERE id = $1 AND state = 'open' AND calendar_missing",
+        )
+        .bind(id)
+        .bind(due.at)
+        .bind(due.calendar_missing)
+        .execute(&ctx.db)
+        .await?
+        .rows_affected();
+        changed += n;
+    }
+    Ok(changed)
 }

@@ -25,7 +25,6 @@ use uuid::Uuid;
 
 use super::{JobError, Outcome};
 use crate::{
-    config::ReviewSla,
     context::Ctx,
     jobs::{EmailRequested, NoticeKind},
     mq::CloudEvent,
@@ -33,7 +32,7 @@ use crate::{
 };
 
 /// The name of this job in `sweep_runs`.
-pub const NAME: &str = "deadlines";
+pub const NAME: &str = store::calendar::DEADLINES_RUN;
 const ACTOR: &str = "system:deadlines";
 
 pub use crate::jobs::DeadlineTick;
@@ -219,35 +218,4 @@ async fn remind_batch(ctx: &Ctx, batch: i64) -> Result<u64, sqlx::Error> {
     Ok(rows.len() as u64)
 }
 
-/// After a calendar upload: open reviews whose deadline was computed through
-/// a year that was not loaded get their deadline computed again. Returns how
-/// many changed.
-pub async fn recompute_flagged(ctx: &Ctx) -> Result<u64, sqlx::Error> {
-    if !matches!(ctx.cfg.review_sla, ReviewSla::WorkingDays(_)) {
-        return Ok(0);
-    }
-    ctx.invalidate_calendar();
-    let rows = sqlx::query(
-        "SELECT id, opened_at FROM reviews WHERE state = 'open' AND calendar_missing AND opened_at IS NOT NULL",
-    )
-    .fetch_all(&ctx.db)
-    .await?;
-    let mut changed = 0;
-    for r in rows {
-        let id: Uuid = r.get("id");
-        let opened_at: DateTime<Utc> = r.get("opened_at");
-        let due = ctx.review_due(opened_at).await?;
-        let n = sqlx::query(
-            "UPDATE reviews SET due_at = $2, calendar_missing = $3
-             WHERE id = $1 AND state = 'open' AND calendar_missing",
-        )
-        .bind(id)
-        .bind(due.at)
-        .bind(due.calendar_missing)
-        .execute(&ctx.db)
-        .await?
-        .rows_affected();
-        changed += n;
-    }
-    Ok(changed)
-}
+pub use crate::timekeeping::recompute_flagged;

@@ -26,19 +26,26 @@ use tracing::Instrument;
 use super::{dispatch, exhausted, Disposition, JobError, Outcome};
 use crate::{
     context::Ctx,
-    mq::{
-        broker::{header_str, header_u32},
-        topology::DELAY_TIER,
-        CloudEvent, Queue,
-    },
+    mq::{broker::header_u32, topology::DELAY_TIER, CloudEvent, Queue},
 };
 
-pub const H_RETRIES: &str = "x-retry-count";
-pub const H_REASON: &str = "x-prereg-reason";
-pub const H_ERROR: &str = "x-prereg-error";
-pub const H_QUEUE: &str = "x-prereg-queue";
-pub const H_FAILED_AT: &str = "x-prereg-failed-at";
-pub const H_REPLAY_RUN: &str = "x-prereg-replay-run";
+pub use crate::mq::dead_letters::{
+    DeadLetter, H_ERROR, H_FAILED_AT, H_QUEUE, H_REASON, H_REPLAY_RUN, H_RETRIES, H_ROUTING_KEY,
+};
+
+/// [`crate::mq::dead_letters::list`] of this process's broker.
+pub async fn list_dead_letters(
+    ctx: &Ctx,
+    q: Queue,
+    limit: usize,
+) -> anyhow::Result<Vec<DeadLetter>> {
+    crate::mq::dead_letters::list(&ctx.broker, q, limit).await
+}
+
+/// [`crate::mq::dead_letters::replay`] of this process's broker.
+pub async fn replay_dead_letters(ctx: &Ctx, q: Queue, limit: usize) -> anyhow::Result<usize> {
+    crate::mq::dead_letters::replay(&ctx.broker, q, limit).await
+}
 
 /// Consumes `queues` until `cancel` fires, then drains in-flight jobs.
 pub async fn run(ctx: Arc<Ctx>, queues: Vec<Queue>, cancel: CancellationToken) {
@@ -157,7 +164,24 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
     let _in_flight = InFlight::new(q);
     let started = Instant::now();
     let headers = delivery.properties.headers().clone();
-    let retries = header_u32(&headers, H_RETRIES).unwrap_or(0);
+    // The retry count is ours: a message straight from the shared commands
+    // exchange has never been retried, whatever its headers claim.
+    let retries = if delivery.exchange.as_str() == ctx.broker.names.commands() {
+        0
+    } else {
+        header_u32(&headers, H_RETRIES).unwrap_or(0)
+    };
+    if delivery.data.len() > ctx.cfg.max_message_bytes {
+        let reason = format!(
+            "message of {} bytes is larger than the maximum of {} bytes",
+            delivery.data.len(),
+            ctx.cfg.max_message_bytes
+        );
+        tracing::warn!(queue = q.short(), %reason, "oversized message");
+        dead_letter(ctx, q, &delivery, "too_large", &reason, retries).await;
+        record(q, "dead_lettered", started);
+        return;
+    }
     let ev = match CloudEvent::parse(&delivery.data) {
         Ok(ev) => ev,
         Err(reason) => {
@@ -305,10 +329,7 @@ async fn dead_letter(
     headers.insert(H_QUEUE.into(), s(q.short()));
     headers.insert(H_FAILED_AT.into(), s(&Utc::now().to_rfc3339()));
     headers.insert(H_RETRIES.into(), count_header(retries));
-    headers.insert(
-        "x-prereg-routing-key".into(),
-        s(delivery.routing_key.as_str()),
-    );
+    headers.insert(H_ROUTING_KEY.into(), s(delivery.routing_key.as_str()));
     let message_id = delivery
         .properties
         .message_id()
@@ -349,124 +370,4 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
-}
-
-/// A dead letter as operators see it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DeadLetter {
-    pub message_id: Option<String>,
-    pub reason: Option<String>,
-    pub error: Option<String>,
-    pub failed_at: Option<String>,
-    pub retries: Option<u32>,
-    pub routing_key: Option<String>,
-    pub body: String,
-}
-
-/// Reads up to `limit` dead letters of a queue without removing them.
-pub async fn list_dead_letters(
-    ctx: &Ctx,
-    q: Queue,
-    limit: usize,
-) -> anyhow::Result<Vec<DeadLetter>> {
-    let (_, ch) = ctx.broker.channel().await?;
-    let mut out = Vec::new();
-    while out.len() < limit {
-        let Some(msg) = ch
-            .basic_get(
-                &ctx.broker.names.dlq(q),
-                lapin::options::BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
-            break;
-        };
-        let h = msg.delivery.properties.headers().clone();
-        out.push(DeadLetter {
-            message_id: msg
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.to_string()),
-            reason: header_str(&h, H_REASON),
-            error: header_str(&h, H_ERROR),
-            failed_at: header_str(&h, H_FAILED_AT),
-            retries: header_u32(&h, H_RETRIES),
-            routing_key: header_str(&h, "x-prereg-routing-key"),
-            body: String::from_utf8_lossy(&msg.delivery.data).into_owned(),
-        });
-    }
-    // Closing the channel hands every unacknowledged message back, in order.
-    let _ = ch.close(200, "listed").await;
-    Ok(out)
-}
-
-/// Moves up to `limit` dead letters back to their work queue, with a fresh
-/// retry count. Returns how many were replayed.
-pub async fn replay_dead_letters(ctx: &Ctx, q: Queue, limit: usize) -> anyhow::Result<usize> {
-    let (_, ch) = ctx.broker.channel().await?;
-    let names = &ctx.broker.names;
-    // Only what was dead before: each message this run replays carries the
-    // run's id, so one that fails again and comes back is left in place.
-    // (Counting the queue first is not enough: messages a listing channel
-    // just handed back may not be counted yet.)
-    let run = uuid::Uuid::new_v4().to_string();
-    let mut n = 0;
-    while n < limit {
-        let Some(msg) = ch
-            .basic_get(
-                &names.dlq(q),
-                lapin::options::BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
-            break;
-        };
-        let mut headers = msg
-            .delivery
-            .properties
-            .headers()
-            .clone()
-            .unwrap_or_default();
-        if header_str(&Some(headers.clone()), H_REPLAY_RUN).as_deref() == Some(run.as_str()) {
-            msg.delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await?;
-            break;
-        }
-        headers.insert(
-            H_REPLAY_RUN.into(),
-            AMQPValue::LongString(run.clone().into()),
-        );
-        headers.insert(H_RETRIES.into(), AMQPValue::LongInt(0));
-        headers.insert(
-            "x-prereg-replayed-at".into(),
-            AMQPValue::LongString(Utc::now().to_rfc3339().into()),
-        );
-        let id = msg
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.to_string());
-        // The default exchange routes straight to the work queue by name.
-        ctx.broker
-            .publish_raw(
-                "",
-                &names.queue(q),
-                &msg.delivery.data,
-                id.as_deref(),
-                headers,
-                None,
-            )
-            .await?;
-        msg.delivery.ack(BasicAckOptions::default()).await?;
-        n += 1;
-    }
-    let _ = ch.close(200, "replayed").await;
-    Ok(n)
 }

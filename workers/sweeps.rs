@@ -29,7 +29,7 @@ use super::{JobError, Outcome};
 use crate::{context::Ctx, mq::CloudEvent, store};
 
 /// The name of this sweep in `sweep_runs`.
-pub const NAME: &str = "expiry";
+pub const NAME: &str = store::calendar::SWEEP_RUN;
 const ACTOR: &str = "system:sweep";
 /// Statuses of a claim that can expire (not `associated`).
 const EXPIRABLE: &str = "('preregistered', 'invited', 'association_failed')";

@@ -21,9 +21,8 @@ use crate::{
         validate::{self, FieldError, Fields},
         Status,
     },
-    mq::{CloudEvent, Queue},
+    mq::{dead_letters, CloudEvent, Queue},
     store::{self, keys::Role, partners::PartnerFields, preregs, reviews, TimelineEntry},
-    workers::runtime,
 };
 
 /// Reads partner fields; `creating` makes name and country required.
@@ -427,7 +426,7 @@ fn queue_param(name: &str) -> ApiResult<Queue> {
 }
 
 pub async fn queues(State(st): State<AppState>, _op: OperatorAuth) -> ApiResult<Json<Value>> {
-    let stats = crate::app::queue_stats(&st.ctx)
+    let stats = dead_letters::queue_stats(&st.ctx.broker)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
     Ok(Json(json!({"items": stats})))
@@ -445,7 +444,7 @@ pub async fn dead_letters(
     Query(q): Query<LimitQuery>,
 ) -> ApiResult<Json<Value>> {
     let queue = queue_param(&queue)?;
-    let items = runtime::list_dead_letters(&st.ctx, queue, q.limit.unwrap_or(50).clamp(1, 500))
+    let items = dead_letters::list(&st.ctx.broker, queue, q.limit.unwrap_or(50).clamp(1, 500))
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
     Ok(Json(json!({"queue": queue.short(), "items": items})))
@@ -456,18 +455,44 @@ pub async fn replay(
     OperatorAuth(op): OperatorAuth,
     Path(queue): Path<String>,
     Query(q): Query<LimitQuery>,
+    body: Bytes,
 ) -> ApiResult<Json<Value>> {
     let queue = queue_param(&queue)?;
-    let n = runtime::replay_dead_letters(&st.ctx, queue, q.limit.unwrap_or(1000).clamp(1, 100_000))
+    // An optional body `{"message_id": "…"}` replays that one dead letter.
+    let one = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let v = json_body(&body)?;
+        let mut f = Fields::new(&v);
+        let id = f.optional_str("message_id", 200);
+        f.finish().map_err(ApiError::validation)?;
+        id
+    };
+    let n = match &one {
+        Some(id) => {
+            let found = dead_letters::replay_one(&st.ctx.broker, queue, id)
+                .await
+                .map_err(|e| ApiError::unavailable(e.to_string()))?;
+            if !found {
+                return Err(ApiError::not_found("dead letter"));
+            }
+            1
+        }
+        None => dead_letters::replay(
+            &st.ctx.broker,
+            queue,
+            q.limit.unwrap_or(1000).clamp(1, 100_000),
+        )
         .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        .map_err(|e| ApiError::unavailable(e.to_string()))?,
+    };
     let mut conn = st.ctx.db.acquire().await?;
     store::audit(
         &mut conn,
         &op.label(),
         "dead_letters.replayed",
         Some(queue.short()),
-        Some(json!({"count": n})),
+        Some(json!({"count": n, "message_id": one})),
     )
     .await?;
     Ok(Json(json!({"queue": queue.short(), "replayed": n})))

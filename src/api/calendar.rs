@@ -148,7 +148,7 @@ pub async fn load_year(
     .await?;
     tx.commit().await?;
     ctx.invalidate_calendar();
-    let recomputed = crate::workers::deadlines::recompute_flagged(ctx).await?;
+    let recomputed = crate::timekeeping::recompute_flagged(ctx).await?;
     Ok((loaded_at, recomputed))
 }
 
@@ -221,7 +221,7 @@ pub async fn request_sweep(
         None,
     )
     .await?;
-    let last = store::calendar::last_run(&mut *conn, crate::workers::sweeps::NAME).await?;
+    let last = store::calendar::last_run(&mut *conn, store::calendar::SWEEP_RUN).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"id": id, "status": "queued",

@@ -40,9 +40,11 @@ use super::{auth::authenticate_token, AppState};
 use crate::{
     domain::mask,
     jobstats::{self, Series},
-    mq::Queue,
+    mq::{
+        dead_letters::{self, DeadLetter},
+        Queue,
+    },
     store::keys::{Principal, Role},
-    workers::runtime::{self, DeadLetter},
 };
 
 const COOKIE: &str = "prereg_session";
@@ -641,7 +643,7 @@ async fn build(st: &AppState, s: &Session, q: DashboardQuery) -> Result<Dashboar
                     failed_hour: failed_hour as u64,
                 });
                 if dead > 0 {
-                    let items = runtime::list_dead_letters(ctx, queue, 20)
+                    let items = dead_letters::list(&ctx.broker, queue, 20)
                         .await
                         .unwrap_or_default();
                     dead_letters.push(DeadQueue {
@@ -947,7 +949,7 @@ pub async fn replay(
     let Some(q) = Queue::parse(&queue) else {
         return (StatusCode::NOT_FOUND, "no such queue").into_response();
     };
-    match runtime::replay_dead_letters(&st.ctx, q, 10_000).await {
+    match dead_letters::replay(&st.ctx.broker, q, 10_000).await {
         Ok(n) => {
             if let Ok(mut conn) = st.ctx.db.acquire().await {
                 let _ = crate::store::audit(

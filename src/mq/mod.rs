@@ -1,6 +1,8 @@
-//! RabbitMQ: names and topology, CloudEvents envelope, a confirming publisher.
+//! RabbitMQ: names and topology, CloudEvents envelope, a confirming
+//! publisher, and dead-letter operations with queue statistics.
 
 pub mod broker;
+pub mod dead_letters;
 pub mod envelope;
 pub mod topology;
 

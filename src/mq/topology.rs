@@ -163,6 +163,12 @@ pub async fn declare(ch: &Channel, names: &Names, delivery_limit: u32) -> lapin:
     for q in Queue::ALL {
         let mut dlq_args = FieldTable::default();
         dlq_args.insert("x-queue-type".into(), str_arg("quorum"));
+        // Browsing hands messages back, which counts as a delivery: no
+        // browse may ever drop a dead letter (see `dead_letters`).
+        dlq_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(super::dead_letters::DLQ_DELIVERY_LIMIT),
+        );
         ch.queue_declare(&names.dlq(q), durable_queue(), dlq_args)
             .await?;
         ch.queue_bind(

@@ -8,7 +8,7 @@ use crate::domain::{normalize_email, normalize_mobile, AccountFacts};
 /// they were stored.
 pub async fn upsert<'e>(db: impl PgExecutor<'e>, f: &AccountFacts) -> Result<bool, sqlx::Error> {
     let updated_at = f.updated_at.unwrap_or_else(chrono::Utc::now);
-    let facts = serde_json::to_value(f).unwrap_or_default();
+    let facts = serde_json::to_value(f).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     let r = sqlx::query(
         "INSERT INTO accounts (account_id, email_norm, mobile_norm, facts, updated_at)
          VALUES ($1, $2, $3, $4, $5)

@@ -5,6 +5,11 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, PgExecutor, Row};
 
+/// The run names `sweep_runs` records: the expiry sweep and the review
+/// deadline check.
+pub const SWEEP_RUN: &str = "expiry";
+pub const DEADLINES_RUN: &str = "deadlines";
+
 use crate::domain::workdays::{CalendarEntry, DayKind};
 
 /// Replaces one year's overrides (the caller has validated them: every date

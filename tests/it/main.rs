@@ -6,6 +6,7 @@ mod common;
 mod concurrency;
 mod dashboard;
 mod dashboard_ops;
+mod dead_letters;
 mod faults_broker;
 mod faults_cluster;
 mod faults_locks;

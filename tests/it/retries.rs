@@ -27,6 +27,31 @@ pub async fn depth(ch: &Channel, queue: &str) -> u32 {
     .message_count()
 }
 
+/// A job that keeps failing: an invitation email while the SMTP server
+/// refuses connections (a transient failure, retried). Returns its id.
+pub async fn failing_invitation(app: &TestApp) -> String {
+    let p = app.create_partner(json!({})).await;
+    let id = app
+        .prereg(&p, "retry@customer.example", "+8613600000001")
+        .await;
+    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
+    let (s, v) = app
+        .post(
+            "/v1/invitations",
+            &p.key,
+            json!({"preregistration_ids": [id]}),
+        )
+        .await;
+    assert_eq!(s, reqwest::StatusCode::ACCEPTED, "{v}");
+    v["results"][0]["invitation_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// An SMTP address nothing listens on.
+pub const NO_SMTP: &str = "smtp://127.0.0.1:1";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_job_occupies_one_delay_slot_waits_each_delay_and_dead_letters_once() {
     let app = spawn_with(|c| {
@@ -35,42 +60,13 @@ async fn a_failing_job_occupies_one_delay_slot_waits_each_delay_and_dead_letters
             .map(|ms| Duration::from_millis(*ms))
             .collect();
         c.max_attempts = 4;
+        c.smtp_url = NO_SMTP.into();
     })
     .await;
     let names = app.ctx.broker.names.clone();
     let (_, ch) = app.ctx.broker.channel().await.unwrap();
-    let upstream = app.upstream_key().await;
-    // An association attempt through a live link for an account whose facts
-    // never arrive: the link checks pass, then the worker retries it
-    // (retryable "no facts yet") until retries run out.
-    let p = app.create_partner(json!({})).await;
-    let id = app
-        .prereg(&p, "retry@customer.example", "+8615800000001")
-        .await;
-    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
-    let (status, link) = app
-        .post(
-            &format!("/v1/preregistrations/{id}/offline-link"),
-            &p.key,
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, reqwest::StatusCode::CREATED, "{link}");
-    let token = link["url"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let (status, v) = app
-        .post(
-            "/v1/associations",
-            &upstream,
-            json!({"token": token, "account_id": "acct-never-known"}),
-        )
-        .await;
-    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{v}");
+    // The invitation's email job fails (SMTP down) until retries run out.
+    failing_invitation(&app).await;
 
     // Sample every delay queue until the dead letter appears.
     let tiers = DELAYS_MS.len();
@@ -96,7 +92,7 @@ async fn a_failing_job_occupies_one_delay_slot_waits_each_delay_and_dead_letters
             total <= 1,
             "one waiting job occupies {total} delay-queue slots (copies)"
         );
-        if depth(&ch, &names.dlq(Queue::Association)).await > 0 {
+        if depth(&ch, &names.dlq(Queue::Email)).await > 0 {
             break;
         }
         assert!(Instant::now() < deadline, "never dead-lettered");
@@ -127,12 +123,12 @@ async fn a_failing_job_occupies_one_delay_slot_waits_each_delay_and_dead_letters
     // Exactly one dead letter, out of retries, and nothing left waiting even
     // after the longest delay has passed again.
     tokio::time::sleep(Duration::from_millis(DELAYS_MS[tiers - 1] + 300)).await;
-    assert_eq!(depth(&ch, &names.dlq(Queue::Association)).await, 1);
+    assert_eq!(depth(&ch, &names.dlq(Queue::Email)).await, 1);
     for i in 0..tiers {
         assert_eq!(depth(&ch, &names.retry_queue(i)).await, 0);
     }
-    assert_eq!(depth(&ch, &names.queue(Queue::Association)).await, 0);
-    let dead = prereg::workers::runtime::list_dead_letters(&app.ctx, Queue::Association, 10)
+    assert_eq!(depth(&ch, &names.queue(Queue::Email)).await, 0);
+    let dead = prereg::workers::runtime::list_dead_letters(&app.ctx, Queue::Email, 10)
         .await
         .unwrap();
     assert_eq!(dead.len(), 1);

@@ -1,0 +1,214 @@
+//! Dead letters and queue statistics, for operators (API, dashboard, CLI).
+//!
+//! Browsing takes messages with `basic.get` and hands them back by closing
+//! the channel; on a quorum queue every hand-back counts as a delivery. The
+//! dead-letter queues are therefore declared with a delivery limit no browse
+//! can reach ([`DLQ_DELIVERY_LIMIT`], see `topology`), so looking at a dead
+//! letter never drops it (RabbitMQ 4 gives quorum queues a default limit of
+//! 20).
+
+use chrono::Utc;
+use lapin::{
+    options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+};
+use serde_json::{json, Value};
+
+use super::{
+    broker::{header_str, header_u32},
+    Broker, Queue,
+};
+
+pub const H_RETRIES: &str = "x-retry-count";
+pub const H_REASON: &str = "x-prereg-reason";
+pub const H_ERROR: &str = "x-prereg-error";
+pub const H_QUEUE: &str = "x-prereg-queue";
+pub const H_FAILED_AT: &str = "x-prereg-failed-at";
+pub const H_ROUTING_KEY: &str = "x-prereg-routing-key";
+pub const H_REPLAY_RUN: &str = "x-prereg-replay-run";
+pub const H_REPLAYED_AT: &str = "x-prereg-replayed-at";
+
+/// The delivery limit of the dead-letter queues: in effect none.
+pub const DLQ_DELIVERY_LIMIT: i32 = i32::MAX;
+
+/// A dead letter as operators see it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    pub message_id: Option<String>,
+    pub reason: Option<String>,
+    pub error: Option<String>,
+    pub failed_at: Option<String>,
+    pub retries: Option<u32>,
+    pub routing_key: Option<String>,
+    pub body: String,
+}
+
+fn view(d: &lapin::message::Delivery) -> DeadLetter {
+    let h = d.properties.headers().clone();
+    DeadLetter {
+        message_id: message_id(d),
+        reason: header_str(&h, H_REASON),
+        error: header_str(&h, H_ERROR),
+        failed_at: header_str(&h, H_FAILED_AT),
+        retries: header_u32(&h, H_RETRIES),
+        routing_key: header_str(&h, H_ROUTING_KEY),
+        body: String::from_utf8_lossy(&d.data).into_owned(),
+    }
+}
+
+fn message_id(d: &lapin::message::Delivery) -> Option<String> {
+    d.properties.message_id().as_ref().map(|s| s.to_string())
+}
+
+/// Reads up to `limit` dead letters of a queue without removing them.
+pub async fn list(broker: &Broker, q: Queue, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+    let (_, ch) = broker.channel().await?;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let Some(msg) = ch
+            .basic_get(&broker.names.dlq(q), BasicGetOptions { no_ack: false })
+            .await?
+        else {
+            break;
+        };
+        out.push(view(&msg.delivery));
+    }
+    // Closing the channel hands every unacknowledged message back.
+    let _ = ch.close(200, "listed").await;
+    Ok(out)
+}
+
+/// The headers of a replayed message: a fresh retry count.
+fn replay_headers(mut headers: FieldTable, run: &str) -> FieldTable {
+    headers.insert(H_REPLAY_RUN.into(), AMQPValue::LongString(run.into()));
+    headers.insert(H_RETRIES.into(), AMQPValue::LongInt(0));
+    headers.insert(
+        H_REPLAYED_AT.into(),
+        AMQPValue::LongString(Utc::now().to_rfc3339().into()),
+    );
+    headers
+}
+
+/// Sends a dead letter back to its work queue (through the internal
+/// exchange, which binds every work queue by its own name).
+async fn send_back(
+    broker: &Broker,
+    q: Queue,
+    d: &lapin::message::Delivery,
+    run: &str,
+) -> anyhow::Result<()> {
+    let headers = replay_headers(d.properties.headers().clone().unwrap_or_default(), run);
+    let id = message_id(d);
+    broker
+        .publish_raw(
+            &broker.names.internal(),
+            &broker.names.queue(q),
+            &d.data,
+            id.as_deref(),
+            headers,
+            None,
+        )
+        .await?;
+    Ok(())
+}
+
+/// Moves up to `limit` dead letters back to their work queue, with a fresh
+/// retry count. Returns how many were replayed.
+pub async fn replay(broker: &Broker, q: Queue, limit: usize) -> anyhow::Result<usize> {
+    let (_, ch) = broker.channel().await?;
+    // Only what was dead before: each message this run replays carries the
+    // run's id, so one that fails again and comes back is left in place.
+    let run = uuid::Uuid::new_v4().to_string();
+    let mut n = 0;
+    while n < limit {
+        let Some(msg) = ch
+            .basic_get(&broker.names.dlq(q), BasicGetOptions { no_ack: false })
+            .await?
+        else {
+            break;
+        };
+        let h = msg.delivery.properties.headers().clone();
+        if header_str(&h, H_REPLAY_RUN).as_deref() == Some(run.as_str()) {
+            msg.delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await?;
+            break;
+        }
+        send_back(broker, q, &msg.delivery, &run).await?;
+        msg.delivery.ack(BasicAckOptions::default()).await?;
+        n += 1;
+    }
+    let _ = ch.close(200, "replayed").await;
+    Ok(n)
+}
+
+/// Moves the one dead letter whose message id is `message_id` back to its
+/// work queue, with a fresh retry count; the others stay. Returns whether it
+/// was found.
+pub async fn replay_one(broker: &Broker, q: Queue, message_id: &str) -> anyhow::Result<bool> {
+    let (_, ch) = broker.channel().await?;
+    let run = uuid::Uuid::new_v4().to_string();
+    let mut found = false;
+    // Unacknowledged messages are not handed out twice on one channel, so
+    // this visits each dead letter once; closing the channel returns the rest.
+    while let Some(msg) = ch
+        .basic_get(&broker.names.dlq(q), BasicGetOptions { no_ack: false })
+        .await?
+    {
+        if message_id_matches(&msg.delivery, message_id) {
+            send_back(broker, q, &msg.delivery, &run).await?;
+            msg.delivery.ack(BasicAckOptions::default()).await?;
+            found = true;
+            break;
+        }
+    }
+    let _ = ch.close(200, "replayed one").await;
+    Ok(found)
+}
+
+fn message_id_matches(d: &lapin::message::Delivery, id: &str) -> bool {
+    message_id(d).as_deref() == Some(id)
+}
+
+/// Depth and consumers of every work queue and its dead-letter queue (and
+/// the queue gauges of `/metrics`).
+pub async fn queue_stats(broker: &Broker) -> anyhow::Result<Vec<Value>> {
+    let (_, ch) = broker.channel().await?;
+    let names = &broker.names;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        durable: true,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    for q in Queue::ALL {
+        let work = ch
+            .queue_declare(&names.queue(q), passive, Default::default())
+            .await?;
+        let dlq = ch
+            .queue_declare(&names.dlq(q), passive, Default::default())
+            .await?;
+        metrics::gauge!("prereg_queue_depth", "queue" => q.short())
+            .set(work.message_count() as f64);
+        metrics::gauge!("prereg_dead_letters", "queue" => q.short())
+            .set(dlq.message_count() as f64);
+        metrics::gauge!("prereg_queue_consumers", "queue" => q.short())
+            .set(work.consumer_count() as f64);
+        if work.message_count() == 0 {
+            // Nothing waits: the oldest message is no age at all.
+            metrics::gauge!("prereg_queue_oldest_message_age_seconds", "queue" => q.short())
+                .set(0.0);
+        }
+        out.push(json!({
+            "queue": q.short(),
+            "messages": work.message_count(),
+            "consumers": work.consumer_count(),
+            "dead_letters": dlq.message_count(),
+        }));
+    }
+    let _ = ch.close(200, "stats").await;
+    Ok(out)
+}

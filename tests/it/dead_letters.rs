@@ -1,0 +1,230 @@
+//! Dead letters: browsing never drops them, one is replayed by its message id
+//! with a fresh retry count, oversized messages and forged retry counts.
+
+use std::time::Duration;
+
+use lapin::types::{AMQPValue, FieldTable};
+use prereg::mq::{dead_letters, CloudEvent, Queue};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::{common::*, retries::depth};
+
+async fn wait_dead(app: &TestApp, q: Queue, n: usize) -> Vec<dead_letters::DeadLetter> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let all = dead_letters::list(&app.ctx.broker, q, 100).await.unwrap();
+        if all.len() >= n {
+            return all;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} dead letters expected in {q:?}, {} seen",
+            all.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn prereg_cmd(partner_id: Uuid, email: &str) -> (Uuid, CloudEvent) {
+    let id = Uuid::now_v7();
+    let ev = CloudEvent::new(
+        "preregistration.requested",
+        json!({"id": id, "partner_id": partner_id, "full_name": "Zhang San",
+               "email": email, "mobile": "+8613700000001"}),
+    );
+    (id, ev)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsing_leaves_dead_letters_and_one_is_replayed_by_id() {
+    let app = spawn_app().await;
+    let p = app
+        .create_partner(json!({"customer_development": false}))
+        .await;
+    let (a_id, a) = prereg_cmd(p.id, "a@customer.example");
+    let (b_id, b) = prereg_cmd(p.id, "b@customer.example");
+    app.ctx.broker.publish_upstream(&a).await.unwrap();
+    app.ctx.broker.publish_upstream(&b).await.unwrap();
+    wait_dead(&app, Queue::Registration, 2).await;
+
+    // Looking at them many times (more than RabbitMQ 4's default quorum
+    // delivery limit of 20) leaves every one in place.
+    for _ in 0..25 {
+        let (s, v) = app
+            .get("/v1/admin/dead-letters/registration", OPERATOR)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["items"].as_array().unwrap().len(), 2, "{v}");
+    }
+
+    // The partner may now develop customers: replay only `a`.
+    let (s, v) = app
+        .request(
+            Method::PATCH,
+            &format!("/v1/admin/partners/{}", p.id),
+            Some(OPERATOR),
+            Some(json!({"customer_development": true})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let path = "/v1/admin/dead-letters/registration/replay";
+    let (s, v) = app
+        .post(path, OPERATOR, json!({"message_id": "no-such-id"}))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, v) = app.post(path, OPERATOR, json!({"message_id": a.id})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["replayed"], 1);
+    wait_until(Duration::from_secs(10), || async {
+        prereg::store::preregs::get(app.db(), a_id)
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    assert_eq!(app.decided(&p, a_id).await["status"], "preregistered");
+    let left = dead_letters::list(&app.ctx.broker, Queue::Registration, 10)
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].message_id.as_deref(), Some(b.id.as_str()));
+    assert!(prereg::store::preregs::get(app.db(), b_id)
+        .await
+        .unwrap()
+        .is_none());
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_dead_letter_starts_its_retries_afresh() {
+    // No consumers: the replayed message stays in its work queue to be read.
+    let app = spawn_roles(|_| {}, vec![]).await;
+    let names = app.ctx.broker.names.clone();
+    let ev = CloudEvent::new(
+        "association.requested",
+        json!({"attempt_id": Uuid::now_v7()}),
+    );
+    let mut headers = FieldTable::default();
+    headers.insert("x-retry-count".into(), AMQPValue::LongInt(5));
+    headers.insert(
+        "x-prereg-reason".into(),
+        AMQPValue::LongString("retries_exhausted".into()),
+    );
+    app.ctx
+        .broker
+        .publish(&names.dlx(), Queue::Association.short(), &ev, headers)
+        .await
+        .unwrap();
+    let dead = wait_dead(&app, Queue::Association, 1).await;
+    assert_eq!(dead[0].retries, Some(5));
+    assert!(
+        !dead_letters::replay_one(&app.ctx.broker, Queue::Association, "other")
+            .await
+            .unwrap()
+    );
+    assert!(
+        dead_letters::replay_one(&app.ctx.broker, Queue::Association, &ev.id)
+            .await
+            .unwrap()
+    );
+    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let d = loop {
+        if let Some(m) = ch
+            .basic_get(
+                &names.queue(Queue::Association),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            break m.delivery;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never replayed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(
+        d.properties.message_id().as_ref().map(|s| s.as_str()),
+        Some(ev.id.as_str())
+    );
+    let h = d.properties.headers().clone();
+    assert_eq!(prereg::mq::broker::header_u32(&h, "x-retry-count"), Some(0));
+    assert_eq!(depth(&ch, &names.dlq(Queue::Association)).await, 0);
+    let _ = ch.close(200, "done").await;
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_dead_lettered_and_forged_retry_counts_are_ignored() {
+    let app = spawn_with(|c| {
+        c.max_message_bytes = 4096;
+        c.retry_delays = vec![Duration::from_secs(3)];
+        c.max_attempts = 3;
+        c.smtp_url = crate::retries::NO_SMTP.into();
+    })
+    .await;
+    let p = app.create_partner(json!({})).await;
+    // 1. Larger than the maximum: dead-lettered unparsed, nothing stored.
+    let (id, mut big) = prereg_cmd(p.id, "big@customer.example");
+    big.data["remarks"] = json!("x".repeat(8000));
+    app.ctx.broker.publish_upstream(&big).await.unwrap();
+    let dead = wait_dead(&app, Queue::Registration, 1).await;
+    assert_eq!(dead[0].reason.as_deref(), Some("too_large"));
+    assert!(prereg::store::preregs::get(app.db(), id)
+        .await
+        .unwrap()
+        .is_none());
+
+    // 2. An upstream command claiming u32::MAX earlier attempts: the count
+    // is not trusted (no overflow, no skipped schedule): it is retried like
+    // any job and dead-lettered once its own retries are used up.
+    let invitation = crate::retries::failing_invitation(&app).await;
+    let forged = CloudEvent::new("invitation.requested", json!({"invitation_id": invitation}));
+    let mut headers = FieldTable::default();
+    headers.insert("x-retry-count".into(), AMQPValue::LongUInt(u32::MAX));
+    let names = app.ctx.broker.names.clone();
+    app.ctx
+        .broker
+        .publish(&names.commands(), &forged.ty, &forged, headers)
+        .await
+        .unwrap();
+    // Both copies (the intake's job and the forged one) wait for their first
+    // retry; the forged one was neither dead-lettered at once nor crashed the
+    // worker with an overflow.
+    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    wait_until(Duration::from_secs(2), || async {
+        depth(&ch, &names.retry_queue(0)).await == 2
+    })
+    .await;
+    assert_eq!(depth(&ch, &names.dlq(Queue::Email)).await, 0);
+    let _ = ch.close(200, "done").await;
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_violation_is_dead_lettered_at_once_naming_the_constraint() {
+    let app = spawn_app().await;
+    // This test's own database gets a rule the job's write will break.
+    sqlx::query(
+        "ALTER TABLE accounts ADD CONSTRAINT accounts_test_no_forbidden CHECK (account_id <> 'forbidden')",
+    )
+    .execute(app.db())
+    .await
+    .unwrap();
+    let ev = CloudEvent::new(
+        "account.upserted",
+        json!({"account_id": "forbidden", "updated_at": "2026-01-01T00:00:00Z"}),
+    );
+    app.ctx.broker.publish_upstream(&ev).await.unwrap();
+    let dead = wait_dead(&app, Queue::Accounts, 1).await;
+    assert_eq!(dead[0].reason.as_deref(), Some("constraint_violation"));
+    assert_eq!(dead[0].retries, Some(0), "not retried");
+    assert!(dead[0]
+        .error
+        .as_deref()
+        .unwrap_or_default()
+        .contains("accounts_test_no_forbidden"));
+    app.cleanup().await;
+}
