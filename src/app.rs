@@ -83,9 +83,12 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
     let mut http_addr = None;
     let mut health_addr = None;
     if roles.intake {
-        let listener = tokio::net::TcpListener::bind(ctx.cfg.http_addr).await?;
-        http_addr = Some(listener.local_addr()?);
-        let app = crate::api::router(ctx.clone());
+        let listener =
+            crate::startup::bind(ctx.cfg.http_addr, "the HTTP API", "PREREG_HTTP_ADDR").await?;
+        let addr = listener.local_addr()?;
+        http_addr = Some(addr);
+        let app =
+            crate::api::router(ctx.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let c = cancel.clone();
         tasks.spawn(async move {
             let serve = axum::serve(listener, app)
@@ -94,11 +97,13 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
                 tracing::error!(error = %e, "http server failed");
             }
         });
-        tracing::info!(addr = ?http_addr, "intake listening");
+        tracing::info!(%addr, "intake listening on http://{addr} (API, dashboard at /admin, /metrics, /readyz)");
     }
     if roles.health_server {
-        let listener = tokio::net::TcpListener::bind(ctx.cfg.metrics_addr).await?;
-        health_addr = Some(listener.local_addr()?);
+        let listener = bind_metrics(&ctx.cfg).await?;
+        let addr = listener.local_addr()?;
+        health_addr = Some(addr);
+        tracing::info!(%addr, "health and metrics on http://{addr} (/healthz, /readyz, /metrics)");
         let app = crate::api::health_router(ctx.clone());
         let c = cancel.clone();
         tasks.spawn(async move {
@@ -109,6 +114,7 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
             }
         });
     }
+    tasks.spawn(probe_services(ctx.clone(), cancel.clone()));
     if !roles.workers.is_empty() {
         tasks.spawn(workers::runtime::run(
             ctx.clone(),
@@ -118,6 +124,10 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
     }
     if roles.scheduler {
         tasks.spawn(crate::scheduler::run(ctx.clone(), cancel.clone()));
+    }
+    if roles.intake {
+        // The dashboard's last hour of job rates and latencies.
+        tasks.spawn(crate::jobstats::run(cancel.clone()));
     }
     if roles.intake || roles.health_server {
         // Processes that serve /metrics also report the queues.
@@ -142,6 +152,92 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
         cancel,
         tasks,
     })
+}
+
+/// Binds `PREREG_METRICS_ADDR`. When it was left at its default and that port
+/// is taken (another worker or scheduler on this host), any free port is used
+/// instead and logged, so several processes run on one host with defaults.
+async fn bind_metrics(cfg: &crate::Config) -> anyhow::Result<tokio::net::TcpListener> {
+    match crate::startup::bind(
+        cfg.metrics_addr,
+        "health and metrics",
+        "PREREG_METRICS_ADDR",
+    )
+    .await
+    {
+        Ok(l) => Ok(l),
+        Err(e) if !cfg.metrics_addr_set => {
+            let mut any = cfg.metrics_addr;
+            any.set_port(0);
+            let l = tokio::net::TcpListener::bind(any).await?;
+            tracing::warn!(
+                default = %cfg.metrics_addr,
+                addr = %l.local_addr()?,
+                "the default metrics address is in use; using a free port instead (set PREREG_METRICS_ADDR to choose one): {e}"
+            );
+            Ok(l)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// At start: says at once, and in words a person can act on, when Postgres or
+/// RabbitMQ cannot be reached, then checks again with back-off until both
+/// answer (the roles themselves reconnect on their own).
+async fn probe_services(ctx: Arc<Ctx>, cancel: CancellationToken) {
+    let mut delay = std::time::Duration::from_secs(1);
+    let (mut pg_ok, mut amqp_ok) = (false, false);
+    loop {
+        if !pg_ok {
+            match sqlx::query("SELECT 1").execute(&ctx.db).await {
+                Ok(_) => {
+                    pg_ok = true;
+                    tracing::info!(database = %crate::startup::pg_where(&ctx.cfg.database_url), "PostgreSQL reachable");
+                }
+                Err(e) => {
+                    let text = crate::startup::one_line(&e.to_string());
+                    let hint = if text.contains("does not exist") {
+                        "run `prereg migrate` (it creates the database) or set PREREG_DATABASE_URL"
+                    } else {
+                        "start PostgreSQL or set PREREG_DATABASE_URL"
+                    };
+                    tracing::warn!(
+                        database = %crate::startup::pg_where(&ctx.cfg.database_url),
+                        retry_in = ?delay,
+                        "PostgreSQL unavailable: {text}; {hint}"
+                    );
+                }
+            }
+        }
+        if !amqp_ok {
+            match ctx.broker.ping().await {
+                Ok(()) => {
+                    amqp_ok = true;
+                    tracing::info!(broker = %amqp_where(&ctx.cfg.amqp_url), "RabbitMQ reachable");
+                }
+                Err(e) => tracing::warn!(
+                    broker = %amqp_where(&ctx.cfg.amqp_url),
+                    retry_in = ?delay,
+                    "RabbitMQ unreachable: {e}; start it or set PREREG_AMQP_URL (commands answer 503 meanwhile)"
+                ),
+            }
+        }
+        if pg_ok && amqp_ok {
+            return;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(60));
+    }
+}
+
+/// `host:port/vhost` of an AMQP URL, without credentials.
+pub fn amqp_where(url: &str) -> String {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
+    rest.split('?').next().unwrap_or(rest).to_string()
 }
 
 /// Checks Postgres, Redis and RabbitMQ; 503 when any is down.

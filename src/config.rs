@@ -29,7 +29,18 @@ pub struct Config {
     pub smtp_url: String,
     pub http_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// Whether `PREREG_METRICS_ADDR` was given (otherwise a taken default
+    /// port falls back to a free one).
+    pub metrics_addr_set: bool,
     pub public_url: String,
+    /// Dashboard sessions end after this long without a request
+    /// (`PREREG_DASHBOARD_IDLE`) and at the latest this long after sign-in
+    /// (`PREREG_DASHBOARD_LIFETIME`).
+    pub dashboard_idle: Duration,
+    pub dashboard_lifetime: Duration,
+    /// The provider's registration page that invitation links lead to
+    /// (`PREREG_SIGNUP_URL`); `/i/{token}` redirects there with `token=`.
+    pub signup_url: String,
     pub operator_token: Option<String>,
     pub provider_name: String,
     pub escalation_email: String,
@@ -228,9 +239,15 @@ impl Config {
             smtp_url: get("PREREG_SMTP_URL", "smtp://127.0.0.1:1025"),
             http_addr: addr("PREREG_HTTP_ADDR", "127.0.0.1:8080")?,
             metrics_addr: addr("PREREG_METRICS_ADDR", "127.0.0.1:9091")?,
+            metrics_addr_set: vars
+                .get("PREREG_METRICS_ADDR")
+                .is_some_and(|v| !v.trim().is_empty()),
             public_url: get("PREREG_PUBLIC_URL", "http://localhost:8080")
                 .trim_end_matches('/')
                 .to_string(),
+            dashboard_idle: dur("PREREG_DASHBOARD_IDLE", "30m")?,
+            dashboard_lifetime: dur("PREREG_DASHBOARD_LIFETIME", "12h")?,
+            signup_url: get("PREREG_SIGNUP_URL", "https://signup.example.com/register"),
             operator_token: vars
                 .get("PREREG_OPERATOR_TOKEN")
                 .filter(|v| !v.trim().is_empty())

@@ -1,6 +1,6 @@
 //! Structured logs (JSON in production) and the Prometheus recorder.
 
-use std::sync::OnceLock;
+use std::{io::IsTerminal, sync::OnceLock};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
@@ -8,7 +8,10 @@ use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 use crate::config::{Config, LogFormat};
 
 /// Installs the global subscriber once (later calls, e.g. in tests, are no-ops).
+/// Logs go to stderr (stdout stays for a command's output, e.g. `prereg admin
+/// dlq list | jq`), with colours only when stderr is a terminal.
 pub fn init(cfg: &Config) {
+    let ansi = std::io::stderr().is_terminal();
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=error"));
     let registry = tracing_subscriber::registry().with(filter);
@@ -16,12 +19,21 @@ pub fn init(cfg: &Config) {
         LogFormat::Json => registry
             .with(
                 fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(false)
                     .json()
                     .flatten_event(true)
                     .with_current_span(true),
             )
             .try_init(),
-        LogFormat::Text => registry.with(fmt::layer().compact()).try_init(),
+        LogFormat::Text => registry
+            .with(
+                fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(ansi)
+                    .compact(),
+            )
+            .try_init(),
     };
     let _ = result;
 }

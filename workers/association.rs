@@ -36,13 +36,8 @@ pub async fn handle(ctx: &Ctx, job: AssociationRequested) -> Result<Outcome, Job
         (_, Some(h)) => invitations::by_code_hash_for_update(&mut tx, h).await?,
         _ => None,
     };
-    let Some(account) = store::accounts::get(&mut *tx, &attempt.account_id).await? else {
-        // The account system may not have told us about the account yet.
-        return Err(JobError::Retryable(format!(
-            "no facts yet for account {}",
-            attempt.account_id
-        )));
-    };
+    // SPEC §3: the link checks come first, so an unknown, expired or used
+    // link is decided at once, whether or not the account's facts are known.
     let Some(inv) = inv else {
         return Ok(finish(tx, attempt.id, None, Some("link_not_found")).await?);
     };
@@ -54,14 +49,24 @@ pub async fn handle(ctx: &Ctx, job: AssociationRequested) -> Result<Outcome, Job
         p.status(),
         Status::Preregistered | Status::Invited | Status::AssociationFailed
     ) && p.expires_at.is_none_or(|e| e > now);
-    let link = match inv.status.as_str() {
-        "accepted" if by_code => LinkState::CodeUsed,
-        "accepted" => LinkState::Used,
-        "queued" | "sent" if inv.link_expires_at.is_some_and(|e| e <= now) || !claim_live => {
-            LinkState::Expired
+    let link = LinkState::of(
+        &inv.status,
+        inv.link_expires_at,
+        inv.activated_at.is_some(),
+        claim_live,
+        by_code,
+        now,
+    );
+    let Some(account) = store::accounts::get(&mut *tx, &attempt.account_id).await? else {
+        if let Some(code) = link.cause() {
+            let known = Some((inv.id, p.id, p.partner_id));
+            return Ok(finish(tx, attempt.id, known, Some(code)).await?);
         }
-        "queued" | "sent" if inv.activated_at.is_some() => LinkState::Valid,
-        _ => LinkState::Expired,
+        // The account system may not have told us about the account yet.
+        return Err(JobError::Retryable(format!(
+            "no facts yet for account {}",
+            attempt.account_id
+        )));
     };
     let waived: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM reviews WHERE preregistration_id = $1 AND state = 'approved')")
         .bind(p.id)

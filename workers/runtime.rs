@@ -137,7 +137,24 @@ async fn session(ctx: &Arc<Ctx>, q: Queue, cancel: &CancellationToken) -> anyhow
     result
 }
 
+/// Counts a job as in flight (delivered, not yet acknowledged) while alive.
+struct InFlight(Queue);
+
+impl InFlight {
+    fn new(q: Queue) -> Self {
+        metrics::gauge!("prereg_jobs_in_flight", "queue" => q.short()).increment(1.0);
+        InFlight(q)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("prereg_jobs_in_flight", "queue" => self.0.short()).decrement(1.0);
+    }
+}
+
 async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
+    let _in_flight = InFlight::new(q);
     let started = Instant::now();
     let headers = delivery.properties.headers().clone();
     let retries = header_u32(&headers, H_RETRIES).unwrap_or(0);

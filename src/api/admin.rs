@@ -325,8 +325,19 @@ pub async fn decide_review(
     }
     f.finish().map_err(ApiError::validation)?;
     let approve = decision == Some("approve");
-    let actor = op.label();
+    let review = apply_decision(&st, &op.label(), id, approve, note.as_deref()).await?;
+    Ok(Json(views::admin_review(&review)))
+}
 
+/// Decides an open or overdue review (the API and the dashboard's buttons).
+pub async fn apply_decision(
+    st: &AppState,
+    actor: &str,
+    id: uuid::Uuid,
+    approve: bool,
+    note: Option<&str>,
+) -> ApiResult<reviews::Review> {
+    let note = note.map(str::to_string);
     let mut tx = st.ctx.db.begin().await?;
     let review = reviews::get_for_update(&mut tx, id)
         .await?
@@ -384,12 +395,12 @@ pub async fn decide_review(
         preregs::apply(&mut tx, &change).await?;
         (Status::ReviewRejected, "rejected")
     };
-    reviews::decide(&mut tx, id, state, &actor, note.as_deref()).await?;
+    reviews::decide(&mut tx, id, state, actor, note.as_deref()).await?;
     store::record(
         &mut tx,
         TimelineEntry {
             preregistration_id: p.id,
-            actor: &actor,
+            actor,
             change: "review_decided",
             from_status: Some(p.status.as_str()),
             to_status: Some(to.as_str()),
@@ -406,10 +417,9 @@ pub async fn decide_review(
     .subject(p.id);
     store::outbox::event(&mut tx, &ev).await?;
     tx.commit().await?;
-    let review = reviews::get(&st.ctx.db, id)
+    reviews::get(&st.ctx.db, id)
         .await?
-        .ok_or_else(|| ApiError::not_found("review"))?;
-    Ok(Json(views::admin_review(&review)))
+        .ok_or_else(|| ApiError::not_found("review"))
 }
 
 fn queue_param(name: &str) -> ApiResult<Queue> {

@@ -64,6 +64,9 @@ fn record_view(r: &history::Record, reveal: bool, provider: &str) -> Value {
         "full_name": name,
         "email": email,
         "mobile": mobile,
+        "status": r.state,
+        // Deprecated spelling of `status` (the name of the filter and of a
+        // pre-registration's field); kept for a deprecation period.
         "state": r.state,
         "cause": cause,
         "method": r.last_method,

@@ -10,6 +10,7 @@ pub mod gate;
 pub mod health;
 pub mod history;
 pub mod invitations;
+pub mod link;
 #[cfg(test)]
 mod openapi_check;
 pub mod partner;
@@ -50,7 +51,10 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
     };
     health_routes()
         .route("/openapi.json", get(health::openapi))
+        .route("/i/{token}", get(link::open))
         .route("/admin", get(dashboard::dashboard))
+        .route("/admin/mail", get(dashboard::mail_list))
+        .route("/admin/mail/{id}", get(dashboard::mail_one))
         .route(
             "/admin/login",
             get(dashboard::login_form).post(dashboard::login),
@@ -59,6 +63,8 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
             "/admin/dead-letters/{queue}/replay",
             post(dashboard::replay),
         )
+        .route("/admin/logout", post(dashboard::logout))
+        .route("/admin/reviews/{id}/decision", post(dashboard::decide))
         // partner
         .route("/v1/partner", get(partner::profile))
         .route("/v1/partner/contact", put(partner::set_contact))

@@ -553,8 +553,14 @@ pub async fn batch_delete(
     body: Bytes,
 ) -> ApiResult<Response> {
     let v = json_body(&body)?;
-    validate::only_fields(&v, &["ids"]).map_err(ApiError::validation)?;
-    let ids = parse_id_list(&v, "ids")?;
+    validate::only_fields(&v, &["preregistration_ids", "ids"]).map_err(ApiError::validation)?;
+    // `preregistration_ids`, as in every batch; `ids` is the deprecated spelling.
+    let field = if v.get("preregistration_ids").is_none() && v.get("ids").is_some() {
+        "ids"
+    } else {
+        "preregistration_ids"
+    };
+    let ids = parse_id_list(&v, field)?;
     let mut results = Vec::with_capacity(ids.len());
     for id in ids {
         // One transaction per item: one item's failure leaves the others done.

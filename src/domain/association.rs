@@ -224,6 +224,42 @@ pub enum LinkState {
     Valid,
 }
 
+impl LinkState {
+    /// The state of an existing invitation's link: `status` and the link's
+    /// own expiry and activation, whether its claim is still live, and
+    /// whether the attempt came with the offline code rather than the link.
+    pub fn of(
+        status: &str,
+        link_expires_at: Option<DateTime<Utc>>,
+        activated: bool,
+        claim_live: bool,
+        by_code: bool,
+        now: DateTime<Utc>,
+    ) -> LinkState {
+        match status {
+            "accepted" if by_code => LinkState::CodeUsed,
+            "accepted" => LinkState::Used,
+            "queued" | "sent" if link_expires_at.is_some_and(|e| e <= now) || !claim_live => {
+                LinkState::Expired
+            }
+            "queued" | "sent" if activated => LinkState::Valid,
+            _ => LinkState::Expired,
+        }
+    }
+
+    /// The failure cause this state decides by itself (the first rows of the
+    /// failure-cause table), whatever the account's facts.
+    pub fn cause(self) -> Option<&'static str> {
+        match self {
+            LinkState::Valid => None,
+            LinkState::NotFound => Some("link_not_found"),
+            LinkState::Expired => Some("link_expired"),
+            LinkState::Used => Some("link_used"),
+            LinkState::CodeUsed => Some("code_used"),
+        }
+    }
+}
+
 /// What the association worker knows when deciding one attempt.
 #[derive(Debug, Clone)]
 pub struct AttemptInput<'a> {

@@ -1,5 +1,6 @@
 //! Email: templates (askama, compiled and checked at build time), rendering,
-//! and a pooled SMTP transport (lettre).
+//! and a pooled SMTP transport (lettre), or, on a laptop, lettre's file
+//! transport that catches every message as an `.eml` file in a directory.
 
 use askama::Template;
 use chrono::{DateTime, Utc};
@@ -7,7 +8,7 @@ use chrono_tz::Tz;
 use lettre::{
     message::{header::ContentType, Mailbox, MultiPart, SinglePart},
     transport::smtp::PoolConfig,
-    AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
+    AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
 };
 use thiserror::Error;
 
@@ -179,27 +180,50 @@ pub enum SendError {
 }
 
 /// Pooled SMTP transport; connects lazily, so processes start while the
-/// mail server is down.
+/// mail server is down. With a `file://` URL, messages are caught in a
+/// directory instead (development: `prereg dev`).
 pub struct Mailer {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    transport: Transport,
     from: Mailbox,
     timeout: std::time::Duration,
 }
 
+enum Transport {
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    File(AsyncFileTransport<Tokio1Executor>, std::path::PathBuf),
+}
+
 impl Mailer {
     /// `url`: `smtp://host:port` (plain), `smtp://...?tls=required`
-    /// (STARTTLS) or `smtps://host` (TLS), with `user:pass@` for AUTH.
+    /// (STARTTLS) or `smtps://host` (TLS), with `user:pass@` for AUTH; or
+    /// `file:///a/directory` to write each message to `<id>.eml` there.
     pub fn new(
         url: &str,
         from: &str,
         pool_size: u32,
         timeout: std::time::Duration,
     ) -> Result<Self, String> {
-        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
-            .map_err(|e| format!("PREREG_SMTP_URL: {e}"))?
-            .pool_config(PoolConfig::new().max_size(pool_size.max(1)))
-            .timeout(Some(timeout))
-            .build();
+        let transport = if let Some(dir) = url.strip_prefix("file://") {
+            if dir.is_empty() {
+                return Err("PREREG_SMTP_URL: file:// needs a directory".into());
+            }
+            let dir = std::path::PathBuf::from(dir);
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                format!(
+                    "PREREG_SMTP_URL: cannot create the mail directory {}: {e}",
+                    dir.display()
+                )
+            })?;
+            Transport::File(AsyncFileTransport::new(&dir), dir)
+        } else {
+            Transport::Smtp(
+                AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+                    .map_err(|e| format!("PREREG_SMTP_URL: {e}"))?
+                    .pool_config(PoolConfig::new().max_size(pool_size.max(1)))
+                    .timeout(Some(timeout))
+                    .build(),
+            )
+        };
         let from = from
             .parse::<Mailbox>()
             .map_err(|e| format!("PREREG_MAIL_FROM: {e}"))?;
@@ -208,6 +232,14 @@ impl Mailer {
             from,
             timeout,
         })
+    }
+
+    /// The directory messages are caught in (file transport), if any.
+    pub fn caught_dir(&self) -> Option<&std::path::Path> {
+        match &self.transport {
+            Transport::File(_, dir) => Some(dir),
+            Transport::Smtp(_) => None,
+        }
     }
 
     /// Sends and returns the server's reply to the message.
@@ -239,35 +271,45 @@ impl Mailer {
                     ),
             )
             .map_err(|e| SendError::Invalid(e.to_string()))?;
-        // The transport bounds the TCP connect only: a server that accepts
-        // and then says nothing would hold the job until its timeout, with
-        // the outcome unknown. Check first that it answers (greeting, EHLO,
-        // NOOP) within the SMTP timeout: if not, nothing was sent and the
-        // job is simply retried.
-        match tokio::time::timeout(self.timeout, self.transport.test_connection()).await {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => {
-                return Err(SendError::Transient(
-                    "mail server connection is not usable".into(),
-                ))
+        match &self.transport {
+            Transport::Smtp(t) => {
+                // The transport bounds the TCP connect only: a server that
+                // accepts and then says nothing would hold the job until its
+                // timeout, with the outcome unknown. Check first that it
+                // answers (greeting, EHLO, NOOP) within the SMTP timeout: if
+                // not, nothing was sent and the job is simply retried.
+                match tokio::time::timeout(self.timeout, t.test_connection()).await {
+                    Ok(Ok(true)) => {}
+                    Ok(Ok(false)) => {
+                        return Err(SendError::Transient(
+                            "mail server connection is not usable".into(),
+                        ))
+                    }
+                    Ok(Err(e)) if e.is_permanent() => {
+                        return Err(SendError::Permanent(e.to_string()))
+                    }
+                    Ok(Err(e)) => return Err(SendError::Transient(e.to_string())),
+                    Err(_) => {
+                        return Err(SendError::Transient(format!(
+                            "mail server did not answer within {:?}; nothing was sent",
+                            self.timeout
+                        )))
+                    }
+                }
+                match t.send(message).await {
+                    Ok(resp) => Ok(format!(
+                        "{} {}",
+                        resp.code(),
+                        resp.message().collect::<Vec<_>>().join(" ")
+                    )),
+                    Err(e) if e.is_permanent() => Err(SendError::Permanent(e.to_string())),
+                    Err(e) => Err(SendError::Transient(e.to_string())),
+                }
             }
-            Ok(Err(e)) if e.is_permanent() => return Err(SendError::Permanent(e.to_string())),
-            Ok(Err(e)) => return Err(SendError::Transient(e.to_string())),
-            Err(_) => {
-                return Err(SendError::Transient(format!(
-                    "mail server did not answer within {:?}; nothing was sent",
-                    self.timeout
-                )))
-            }
-        }
-        match self.transport.send(message).await {
-            Ok(resp) => Ok(format!(
-                "{} {}",
-                resp.code(),
-                resp.message().collect::<Vec<_>>().join(" ")
-            )),
-            Err(e) if e.is_permanent() => Err(SendError::Permanent(e.to_string())),
-            Err(e) => Err(SendError::Transient(e.to_string())),
+            Transport::File(t, _) => match t.send(message).await {
+                Ok(id) => Ok(format!("250 caught as {id}.eml")),
+                Err(e) => Err(SendError::Transient(format!("file transport: {e}"))),
+            },
         }
     }
 }

@@ -8,9 +8,9 @@ use serde_json::json;
 
 use crate::common::*;
 
-struct Driver {
+pub struct Driver {
     child: std::process::Child,
-    port: u16,
+    pub port: u16,
 }
 
 impl Drop for Driver {
@@ -27,7 +27,7 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-async fn chromedriver() -> Driver {
+pub async fn chromedriver() -> Driver {
     let port = free_port();
     let child = std::process::Command::new(std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into()))
         .arg(format!("--port={port}"))
@@ -135,6 +135,8 @@ async fn dashboard_shows_queues_dead_letters_and_replays_them() {
             .await?
             .click()
             .await?;
+        // "Replay every dead letter of registration?"
+        browser.accept_alert().await?;
         let flash = browser
             .wait()
             .at_most(Duration::from_secs(10))

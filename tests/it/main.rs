@@ -4,11 +4,13 @@
 mod common;
 mod concurrency;
 mod dashboard;
+mod dashboard_ops;
 mod faults_broker;
 mod faults_cluster;
 mod faults_locks;
 mod faults_outage;
 mod faults_slow;
+mod first_hour;
 mod history;
 mod invitations;
 mod isolation;

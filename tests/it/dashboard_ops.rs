@@ -1,0 +1,386 @@
+//! The operators' dashboard as a tool (issue 12 item 8) and its sessions
+//! (issue 10 item 3, SPEC §8): server-side sessions, sign-out, expiry,
+//! CSRF, sign-in limits; reviews decided, charts and queues shown, in
+//! headless Chromium with screenshots.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use fantoccini::{ClientBuilder, Locator};
+use prereg::mq::{CloudEvent, Queue};
+use reqwest::{redirect::Policy, StatusCode};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::common::*;
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Signs in over HTTP; returns the session cookie's `name=value` and the whole Set-Cookie.
+async fn sign_in(app: &TestApp, key: &str) -> (StatusCode, String, String) {
+    let resp = no_redirects()
+        .post(format!("{}/admin/login", app.addr))
+        .form(&[("key", key), ("tz", "Europe/Paris")])
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let set = resp
+        .headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let pair = set.split(';').next().unwrap_or_default().to_string();
+    (status, pair, set)
+}
+
+async fn get_admin(app: &TestApp, cookie: &str) -> (StatusCode, String) {
+    let resp = no_redirects()
+        .get(format!("{}/admin", app.addr))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    (resp.status(), resp.text().await.unwrap())
+}
+
+fn csrf_of(html: &str) -> String {
+    let at =
+        html.find(r#"name="csrf" value=""#).expect("a CSRF field") + r#"name="csrf" value=""#.len();
+    html[at..at + html[at..].find('"').unwrap()].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_sessions_are_server_side_expire_and_resist_forgery() {
+    let app = spawn_with(|c| {
+        c.dashboard_idle = Duration::from_secs(2);
+        c.dashboard_lifetime = Duration::from_secs(4);
+    })
+    .await;
+    // The cookie carries a random session id, never the key.
+    let (s, cookie, set) = sign_in(&app, OPERATOR).await;
+    assert_eq!(s, StatusCode::SEE_OTHER, "{set}");
+    assert!(cookie.starts_with("prereg_session="), "{set}");
+    assert!(!set.contains(OPERATOR), "{set}");
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/admin"] {
+        assert!(set.contains(attr), "{attr} missing: {set}");
+    }
+    assert!(!set.contains("Secure"), "http public URL: {set}");
+    let id = cookie.trim_start_matches("prereg_session=");
+    let stored: Vec<Vec<u8>> = sqlx::query_scalar("SELECT id_hash FROM dashboard_sessions")
+        .fetch_all(app.db())
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_ne!(stored[0], id.as_bytes(), "only a hash of the id is stored");
+    // The operator's browser time zone is used for times.
+    let (s, html) = get_admin(&app, &cookie).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(html.contains("times in Europe/Paris"), "{html}");
+    // A forged form (wrong CSRF token) changes nothing.
+    let csrf = csrf_of(&html);
+    let forged = no_redirects()
+        .post(format!("{}/admin/logout", app.addr))
+        .header("cookie", &cookie)
+        .form(&[("csrf", format!("{}x", &csrf[..csrf.len() - 1]))])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    assert_eq!(get_admin(&app, &cookie).await.0, StatusCode::OK);
+    // A made-up session id is no session.
+    assert_eq!(
+        get_admin(&app, "prereg_session=made-up").await.0,
+        StatusCode::SEE_OTHER
+    );
+
+    // Idle expiry: unused for longer than PREREG_DASHBOARD_IDLE.
+    let started = tokio::time::Instant::now();
+    wait_until(Duration::from_secs(10), || async {
+        get_admin(&app, &cookie).await.0 == StatusCode::SEE_OTHER
+    })
+    .await;
+    assert!(started.elapsed() >= Duration::from_secs(1));
+
+    // Absolute expiry: ends after PREREG_DASHBOARD_LIFETIME however busy.
+    let (_, busy, _) = sign_in(&app, OPERATOR).await;
+    let started = tokio::time::Instant::now();
+    loop {
+        let (s, _) = get_admin(&app, &busy).await;
+        if s == StatusCode::SEE_OTHER {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "ended before its lifetime: {:?}",
+        started.elapsed()
+    );
+
+    // Sign-out ends the session server-side: the old cookie no longer works.
+    let (_, cookie, _) = sign_in(&app, OPERATOR).await;
+    let (_, html) = get_admin(&app, &cookie).await;
+    let out = no_redirects()
+        .post(format!("{}/admin/logout", app.addr))
+        .header("cookie", &cookie)
+        .form(&[("csrf", csrf_of(&html))])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), StatusCode::SEE_OTHER);
+    assert!(out.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    assert_eq!(get_admin(&app, &cookie).await.0, StatusCode::SEE_OTHER);
+
+    // Sign-in is rate-limited per address: the 6th failure within a minute is refused.
+    for _ in 0..5 {
+        assert_eq!(sign_in(&app, "wrong-key").await.0, StatusCode::UNAUTHORIZED);
+    }
+    let resp = no_redirects()
+        .post(format!("{}/admin/login", app.addr))
+        .form(&[("key", OPERATOR)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(resp.headers().contains_key("retry-after"));
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_cookie_is_secure_behind_https() {
+    let app = spawn_with(|c| c.public_url = "https://partners.example".into()).await;
+    let (s, _, set) = sign_in(&app, OPERATOR).await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    assert!(set.contains("; Secure"), "{set}");
+    app.cleanup().await;
+}
+
+/// A customer rejected as `registered_over_7_days`, put under review.
+async fn open_review(app: &TestApp, upstream: &str, p: &Partner) -> (Uuid, Uuid) {
+    let (email, mobile) = ("review1@customer.example", "+8613200000001");
+    let registered = (Utc::now() - chrono::Duration::days(40)).to_rfc3339();
+    app.account(
+        upstream,
+        "rev-1",
+        json!({"email": email, "mobile": mobile, "registered_at": registered, "site": "intl", "country": "CN"}),
+    )
+    .await;
+    let id = app.prereg(p, email, mobile).await;
+    assert_eq!(
+        app.decided(p, id).await["reason"]["code"],
+        "registered_over_7_days"
+    );
+    let (s, v) = app
+        .post(
+            &format!("/v1/preregistrations/{id}/review"),
+            &p.key,
+            json!({"justification": "Migration planned"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let q = "SELECT id FROM reviews WHERE preregistration_id = $1 AND state = 'open'";
+    wait_until(Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, Uuid>(q)
+            .bind(id)
+            .fetch_optional(app.db())
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    let review: Uuid = sqlx::query_scalar(q)
+        .bind(id)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+    (id, review)
+}
+
+fn screenshot_dir() -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_watch_queues_and_decide_reviews_in_chromium() {
+    if std::env::var("PREREG_BROWSER_TESTS").as_deref() == Ok("0") {
+        eprintln!("PREREG_BROWSER_TESTS=0: browser test not run");
+        return;
+    }
+    let app = spawn_app().await;
+    let upstream = app.upstream_key().await;
+    let p = app.create_partner(json!({"name": "Acme Cloud"})).await;
+    let (claim, review) = open_review(&app, &upstream, &p).await;
+    // A claim that ends within 48 hours, and some work for the charts.
+    let soon = app
+        .prereg(&p, "soon@customer.example", "+8613200000002")
+        .await;
+    app.decided(&p, soon).await;
+    sqlx::query(
+        "UPDATE preregistrations SET expires_at = now() + interval '20 hours' WHERE id = $1",
+    )
+    .bind(soon)
+    .execute(app.db())
+    .await
+    .unwrap();
+    let bad = CloudEvent::new(
+        "preregistration.requested",
+        json!({"id": "not-a-uuid", "email": "leak@customer.example"}),
+    );
+    app.ctx.broker.publish_command(&bad).await.unwrap();
+    wait_until(Duration::from_secs(10), || async {
+        prereg::workers::runtime::list_dead_letters(&app.ctx, Queue::Registration, 5)
+            .await
+            .unwrap()
+            .len()
+            == 1
+    })
+    .await;
+    // The charts need two samples of this process's metrics.
+    wait_until(Duration::from_secs(20), || async {
+        let h = prereg::jobstats::history();
+        h.len() >= 2
+            && h.last()
+                .unwrap()
+                .jobs
+                .keys()
+                .any(|(q, _)| q == "registration")
+    })
+    .await;
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let driver = crate::dashboard::chromedriver().await;
+    let caps = json!({"goog:chromeOptions": {
+        "binary": std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()),
+        "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--window-size=1500,2600", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    }});
+    let browser = ClientBuilder::rustls()
+        .expect("tls")
+        .capabilities(caps.as_object().unwrap().clone())
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("a browser session");
+    let shots = screenshot_dir();
+    let run = async {
+        browser.goto(&format!("{}/admin", app.addr)).await?;
+        browser
+            .find(Locator::Id("key"))
+            .await?
+            .send_keys(OPERATOR)
+            .await?;
+        browser.find(Locator::Id("sign-in")).await?.click().await?;
+        browser
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Id("queues"))
+            .await?;
+        // The cookie is a session id, HttpOnly and SameSite=Strict.
+        let c = browser.get_named_cookie("prereg_session").await?;
+        assert_ne!(c.value(), OPERATOR);
+        assert_eq!(c.http_only(), Some(true));
+        assert_eq!(format!("{:?}", c.same_site()), "Some(Strict)");
+        std::fs::write(shots.join("dashboard.png"), browser.screenshot().await?).unwrap();
+
+        let queues = browser.find(Locator::Id("queues")).await?.text().await?;
+        for col in [
+            "ready",
+            "in flight",
+            "consumers",
+            "dead letters",
+            "oldest message",
+            "publish",
+            "deliver",
+            "ack",
+        ] {
+            assert!(queues.contains(col), "{col}: {queues}");
+        }
+        for q in Queue::ALL {
+            assert!(queues.contains(q.short()), "{queues}");
+        }
+        browser.find(Locator::Id("retries")).await?;
+        // Charts drawn on the server: the processed chart has a line for registration.
+        let chart = browser.find(Locator::Id("chart-processed")).await?;
+        assert!(chart.html(false).await?.contains("polyline"));
+        browser.find(Locator::Id("chart-latency")).await?;
+        // Claims expiring within 48 h, masked.
+        let claims = browser.find(Locator::Id("claims")).await?.text().await?;
+        assert!(claims.contains(&soon.to_string()), "{claims}");
+        assert!(!claims.contains("soon@customer.example"), "{claims}");
+        // Dead letters per message, body masked.
+        let dead = browser
+            .find(Locator::Css("table.dead"))
+            .await?
+            .html(false)
+            .await?;
+        assert!(dead.contains("invalid_payload"), "{dead}");
+        assert!(!dead.contains("leak@customer.example"), "{dead}");
+        // The open review, approved with a confirmation.
+        let row = browser
+            .find(Locator::Id(&format!("review-{review}")))
+            .await?
+            .text()
+            .await?;
+        assert!(row.contains("Acme Cloud"), "{row}");
+        browser
+            .find(Locator::Id(&format!("approve-{review}")))
+            .await?
+            .click()
+            .await?;
+        browser.accept_alert().await?;
+        let flash = browser
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Id("flash"))
+            .await?
+            .text()
+            .await?;
+        assert_eq!(flash, "Review approved.");
+        browser.find(Locator::Id("no-reviews")).await?;
+        std::fs::write(
+            shots.join("dashboard-after-approve.png"),
+            browser.screenshot().await?,
+        )
+        .unwrap();
+        // Sign out: back to the sign-in page, and the dashboard is closed.
+        browser.find(Locator::Id("sign-out")).await?.click().await?;
+        browser
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Id("sign-in"))
+            .await?;
+        browser.goto(&format!("{}/admin", app.addr)).await?;
+        assert!(browser
+            .current_url()
+            .await?
+            .path()
+            .ends_with("/admin/login"));
+        Ok::<_, fantoccini::error::CmdError>(())
+    };
+    let result = run.await;
+    let _ = browser.close().await;
+    result.expect("browser steps");
+    let (s, v) = app
+        .get(&format!("/v1/preregistrations/{claim}"), &p.key)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["status"], "preregistered", "{v}");
+    let decided_by: String = sqlx::query_scalar("SELECT decided_by FROM reviews WHERE id = $1")
+        .bind(review)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+    assert_eq!(decided_by, "operator:bootstrap");
+    app.cleanup().await;
+}

@@ -1,0 +1,226 @@
+//! The first hour (issue 12): links decided at once, the invitation link page.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+/// Posts an association attempt and waits at most `limit` for its outcome.
+async fn associate_within(app: &TestApp, upstream: &str, body: Value, limit: Duration) -> Value {
+    let (s, v) = app.post("/v1/associations", upstream, body).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let (_, v) = app.get(&format!("/v1/associations/{id}"), upstream).await;
+        if v["status"] != "queued" {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "association {id} not decided within {limit:?}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_link_is_link_not_found_at_once_without_account_facts() {
+    // Long retry delays: an attempt that waits for the account's facts would
+    // take minutes (and end `system_busy`); the link check must not wait.
+    let app = spawn_with(|c| {
+        c.retry_delays = vec![Duration::from_secs(120); 3];
+    })
+    .await;
+    let upstream = app.upstream_key().await;
+    for body in [
+        json!({"token": "no-such-token", "account_id": "acct-never-seen"}),
+        json!({"code": "NOSUCHCODE", "account_id": "acct-never-seen-2"}),
+    ] {
+        let a = associate_within(&app, &upstream, body, Duration::from_secs(10)).await;
+        assert_eq!(a["status"], "failed", "{a}");
+        assert_eq!(a["cause"]["code"], "link_not_found", "{a}");
+        assert_eq!(a["cause"]["message"], "The invitation link does not exist.");
+    }
+    app.cleanup().await;
+}
+
+/// A claimed pre-registration and a fresh offline link: (claim id, token).
+async fn offline_link(app: &TestApp, p: &Partner, n: u32) -> (uuid::Uuid, String) {
+    let id = app
+        .prereg(
+            p,
+            &format!("link{n}@customer.example"),
+            &format!("+8613900000{n:03}"),
+        )
+        .await;
+    assert_eq!(app.decided(p, id).await["status"], "preregistered");
+    let token = new_offline_token(app, p, id).await;
+    (id, token)
+}
+
+async fn new_offline_token(app: &TestApp, p: &Partner, id: uuid::Uuid) -> String {
+    let (s, v) = app
+        .post(
+            &format!("/v1/preregistrations/{id}/offline-link"),
+            &p.key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let url = v["url"].as_str().unwrap();
+    assert!(url.starts_with("https://partners.example/i/"), "{url}");
+    url.rsplit('/').next().unwrap().to_string()
+}
+
+/// Opens `/i/{token}` as a browser would (without following redirects).
+async fn open_link(app: &TestApp, token: &str, lang: Option<&str>) -> (StatusCode, String, String) {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut req = client.get(format!("{}/i/{token}", app.addr));
+    if let Some(l) = lang {
+        req = req.header("accept-language", l);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let location = resp
+        .headers()
+        .get("location")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    assert_eq!(
+        resp.headers().get("referrer-policy").unwrap(),
+        "no-referrer",
+        "the token must not leak to the next site"
+    );
+    (status, location, resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invitation_link_redirects_while_valid_and_explains_otherwise() {
+    let app = spawn_with(|c| {
+        c.public_url = "https://partners.example".into();
+        c.signup_url = "https://signup.example/register?src=invite".into();
+    })
+    .await;
+    let upstream = app.upstream_key().await;
+    let en = app.create_partner(json!({"locale": "en"})).await;
+    let zh = app
+        .create_partner(json!({"name": "Zhong Partner", "locale": "zh-CN"}))
+        .await;
+
+    // Valid: to the registration page, carrying the token.
+    let (id, token) = offline_link(&app, &en, 1).await;
+    let (s, location, _) = open_link(&app, &token, None).await;
+    assert_eq!(s, StatusCode::FOUND);
+    assert_eq!(
+        location,
+        format!("https://signup.example/register?src=invite&token={token}")
+    );
+
+    // Superseded by a newer link: the cause `link_expired`, in English.
+    let newer = new_offline_token(&app, &en, id).await;
+    let (s, _, html) = open_link(&app, &token, None).await;
+    assert_eq!(s, StatusCode::GONE);
+    assert!(html.contains(r#"lang="en""#), "{html}");
+    assert!(html.contains("The invitation link has expired."), "{html}");
+    assert!(html.contains("Send the invitation email again."), "{html}");
+
+    // Used: after a successful association.
+    app.account(
+        &upstream,
+        "acct-link-1",
+        json!({"email": "link1@customer.example"}),
+    )
+    .await;
+    let (s, v) = app
+        .post(
+            "/v1/associations",
+            &upstream,
+            json!({"token": newer, "account_id": "acct-link-1"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    wait_until(Duration::from_secs(10), || async {
+        open_link(&app, &newer, None).await.0 == StatusCode::GONE
+    })
+    .await;
+    let (_, _, html) = open_link(&app, &newer, None).await;
+    assert!(
+        html.contains("The invitation link has been used."),
+        "{html}"
+    );
+
+    // Expired with its claim, for a Chinese-speaking partner's invitation.
+    let (zid, ztoken) = offline_link(&app, &zh, 2).await;
+    assert_eq!(open_link(&app, &ztoken, None).await.0, StatusCode::FOUND);
+    sqlx::query(
+        "UPDATE preregistrations SET expires_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(zid)
+    .execute(app.db())
+    .await
+    .unwrap();
+    let (s, _, html) = open_link(&app, &ztoken, Some("en-GB")).await;
+    assert_eq!(s, StatusCode::GONE);
+    assert!(html.contains(r#"lang="zh-CN""#), "{html}");
+    assert!(html.contains("邀请链接已过期。"), "{html}");
+
+    // Unknown: the browser's language decides.
+    let (s, _, html) = open_link(&app, "no-such-token", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(
+        html.contains("The invitation link does not exist."),
+        "{html}"
+    );
+    let (_, _, html) = open_link(&app, "no-such-token", Some("zh-CN,zh;q=0.9")).await;
+    assert!(html.contains("邀请链接不存在。"), "{html}");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_ids_and_status_filter_have_one_name_and_old_spellings_still_work() {
+    let app = spawn_with(|c| c.public_url = "https://partners.example".into()).await;
+    let p = app.create_partner(json!({})).await;
+    // History: the record's field is `status`, like the filter (and `state`
+    // stays as the deprecated spelling).
+    let (invited, _) = offline_link(&app, &p, 7).await;
+    let (s, v) = app.get("/v1/history?status=invited", &p.key).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{v}");
+    assert_eq!(items[0]["preregistration_id"], invited.to_string());
+    assert_eq!(items[0]["status"], "invited");
+    assert_eq!(items[0]["state"], "invited");
+    // Batch delete: `preregistration_ids` as in every batch, `ids` still accepted.
+    let a = app
+        .prereg(&p, "batch1@customer.example", "+8613700000001")
+        .await;
+    let b = app
+        .prereg(&p, "batch2@customer.example", "+8613700000002")
+        .await;
+    app.decided(&p, a).await;
+    app.decided(&p, b).await;
+    for (field, id) in [("preregistration_ids", a), ("ids", b)] {
+        let (s, v) = app
+            .post(
+                "/v1/preregistrations/batch-delete",
+                &p.key,
+                json!({ field: [id] }),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{field}: {v}");
+        assert_eq!(v["results"][0]["preregistration_id"], id.to_string(), "{v}");
+        assert_ne!(v["results"][0]["status"], "error", "{field}: {v}");
+    }
+    let (s, v) = app
+        .post("/v1/preregistrations/batch-delete", &p.key, json!({}))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v.to_string().contains("preregistration_ids"), "{v}");
+    app.cleanup().await;
+}
