@@ -1,15 +1,18 @@
 //! prereg: the back end of a partner programme's customer development.
 //!
 //! The library every process shares: domain rules, Postgres store, RabbitMQ
-//! topology and publisher, Redis locks, configuration, telemetry, the intake's
+//! topology and publisher, the typed job contracts (`jobs`), Redis locks, configuration, telemetry, the intake's
 //! HTTP API and (from `workers/`) one module per job kind.
 
+pub mod admission;
 pub mod api;
 pub mod app;
 pub mod config;
 pub mod context;
 pub mod dev;
 pub mod domain;
+pub mod events;
+pub mod jobs;
 pub mod jobstats;
 pub mod links;
 pub mod locks;

@@ -10,11 +10,11 @@
 use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     context::Ctx,
+    jobs::{DeadlineTick, SweepRequested},
     mq::{CloudEvent, PublishError},
 };
 
@@ -31,19 +31,31 @@ pub fn slot_start(slot: i64, interval: Duration) -> DateTime<Utc> {
 }
 
 /// The two ticks of one slot. Identical whoever builds them.
-pub fn ticks(slot: i64, interval: Duration) -> [CloudEvent; 2] {
+pub fn ticks(slot: i64, interval: Duration) -> Result<[CloudEvent; 2], serde_json::Error> {
     let at = slot_start(slot, interval);
-    let data = json!({"scheduled_at": at, "slot": slot, "requested_by": "system:scheduler"});
-    let mut sweep = CloudEvent::with_id(format!("sweep:{slot}"), "sweep.requested", data.clone());
-    let mut deadline = CloudEvent::with_id(format!("deadline:{slot}"), "deadline.tick", data);
+    let by = Some("system:scheduler".to_string());
+    let sweep = SweepRequested {
+        scheduled_at: Some(at),
+        slot: Some(slot),
+        requested_by: by.clone(),
+    };
+    let deadline = DeadlineTick {
+        scheduled_at: Some(at),
+        slot: Some(slot),
+        requested_by: by,
+    };
+    let mut sweep = CloudEvent::job(format!("sweep:{slot}"), &sweep)?;
+    let mut deadline = CloudEvent::job(format!("deadline:{slot}"), &deadline)?;
     sweep.time = at;
     deadline.time = at;
-    [sweep, deadline]
+    Ok([sweep, deadline])
 }
 
 /// Publishes the ticks of `slot` (with publisher confirms).
 pub async fn publish_slot(ctx: &Ctx, slot: i64) -> Result<(), PublishError> {
-    for ev in ticks(slot, ctx.cfg.sweep_interval) {
+    let ticks =
+        ticks(slot, ctx.cfg.sweep_interval).map_err(|e| PublishError::Encode(e.to_string()))?;
+    for ev in ticks {
         ctx.broker.publish_command(&ev).await?;
     }
     Ok(())
@@ -99,12 +111,15 @@ mod tests {
         let slot = slot_of(at, i);
         assert_eq!(slot, 30_000_000);
         assert_eq!(slot_start(slot, i).timestamp(), 1_800_000_000);
-        let [a, b] = ticks(slot, i);
-        let [a2, b2] = ticks(slot, i);
+        let [a, b] = ticks(slot, i).unwrap();
+        let [a2, b2] = ticks(slot, i).unwrap();
         assert_eq!(a, a2);
         assert_eq!(b, b2);
         assert_eq!(a.id, "sweep:30000000");
         assert_eq!(b.ty, "deadline.tick");
-        assert_eq!(a.data["scheduled_at"], json!(slot_start(slot, i)));
+        assert_eq!(
+            a.data["scheduled_at"],
+            serde_json::json!(slot_start(slot, i))
+        );
     }
 }

@@ -2,7 +2,6 @@
 //! table, each cause only for the association model it names.
 
 use chrono::Utc;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -13,14 +12,12 @@ use crate::{
         association::{self, AssociationType, AttemptInput, Causes, LinkState},
         Status,
     },
+    jobs::{EmailRequested, NoticeKind},
     mq::CloudEvent,
     store::{self, invitations, outbox, preregs, TimelineEntry},
 };
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AssociationRequested {
-    pub attempt_id: Uuid,
-}
+pub use crate::jobs::AssociationRequested;
 
 const LINK_CAUSES: [&str; 4] = ["link_not_found", "link_expired", "link_used", "code_used"];
 
@@ -218,11 +215,15 @@ async fn finish(
     );
     outbox::event(&mut tx, &ev).await?;
     if known.is_some() {
-        let mail = CloudEvent::with_id(
+        let mail = super::outbox_job(
             format!("email:association_outcome:{attempt}"),
-            "email.requested",
-            json!({"kind": "association_outcome", "attempt_id": attempt}),
-        );
+            &EmailRequested {
+                kind: NoticeKind::AssociationOutcome,
+                attempt_id: Some(attempt),
+                review_id: None,
+                preregistration_id: None,
+            },
+        )?;
         outbox::command(&mut tx, &mail).await?;
     }
     tx.commit().await?;

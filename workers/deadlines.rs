@@ -18,24 +18,25 @@
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
 use sqlx::Row;
 use uuid::Uuid;
 
 use super::{JobError, Outcome};
-use crate::{config::ReviewSla, context::Ctx, mq::CloudEvent, store};
+use crate::{
+    config::ReviewSla,
+    context::Ctx,
+    jobs::{EmailRequested, NoticeKind},
+    mq::CloudEvent,
+    store,
+};
 
 /// The name of this job in `sweep_runs`.
 pub const NAME: &str = "deadlines";
 const ACTOR: &str = "system:deadlines";
 
-/// `deadline.tick`: every field optional.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct DeadlineTick {
-    #[serde(default)]
-    pub scheduled_at: Option<DateTime<Utc>>,
-}
+pub use crate::jobs::DeadlineTick;
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct DeadlineStats {
@@ -149,12 +150,15 @@ async fn overdue_batch(ctx: &Ctx, batch: i64) -> Result<u64, sqlx::Error> {
             .subject(prereg),
         );
         emails.push(
-            CloudEvent::with_id(
+            super::outbox_job(
                 format!("email:review_escalation:{id}"),
-                "email.requested",
-                json!({"kind": "review_escalation", "to": ctx.cfg.escalation_email, "review_id": id,
-                       "preregistration_id": prereg, "partner_id": partner, "due_at": due_at}),
-            )
+                &EmailRequested {
+                    kind: NoticeKind::ReviewEscalation,
+                    attempt_id: None,
+                    review_id: Some(id),
+                    preregistration_id: Some(prereg),
+                },
+            )?
             .subject(prereg),
         );
         tracing::warn!(review_id = %id, "review overdue; escalated");
@@ -193,22 +197,23 @@ async fn remind_batch(ctx: &Ctx, batch: i64) -> Result<u64, sqlx::Error> {
         tx.rollback().await?;
         return Ok(0);
     }
-    let emails: Vec<CloudEvent> = rows
+    let emails = rows
         .iter()
         .map(|r| {
             let id: Uuid = r.get("id");
             let prereg: Uuid = r.get("preregistration_id");
-            let partner: Uuid = r.get("partner_id");
-            let due_at: Option<DateTime<Utc>> = r.get("due_at");
-            CloudEvent::with_id(
+            Ok(super::outbox_job(
                 format!("email:review_reminder:{id}"),
-                "email.requested",
-                json!({"kind": "review_reminder", "to": ctx.cfg.reviewer_email, "review_id": id,
-                       "preregistration_id": prereg, "partner_id": partner, "due_at": due_at}),
-            )
-            .subject(prereg)
+                &EmailRequested {
+                    kind: NoticeKind::ReviewReminder,
+                    attempt_id: None,
+                    review_id: Some(id),
+                    preregistration_id: Some(prereg),
+                },
+            )?
+            .subject(prereg))
         })
-        .collect();
+        .collect::<Result<Vec<CloudEvent>, sqlx::Error>>()?;
     store::outbox::commands(&mut tx, &emails).await?;
     tx.commit().await?;
     Ok(rows.len() as u64)

@@ -9,7 +9,6 @@
 //! instead of risking a second email.
 
 use chrono::{Duration, Utc};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -24,10 +23,7 @@ use crate::{
     store::{self, invitations, outbox, preregs, TimelineEntry},
 };
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InvitationJob {
-    pub invitation_id: Uuid,
-}
+pub use crate::jobs::{EmailRequested, InvitationRequested, NoticeKind};
 
 fn lease(ctx: &Ctx) -> Duration {
     Duration::from_std(ctx.cfg.job_timeout).unwrap_or(Duration::seconds(30)) + Duration::seconds(5)
@@ -37,18 +33,7 @@ fn count(outcome: &'static str) {
     metrics::counter!("prereg_emails_total", "outcome" => outcome).increment(1);
 }
 
-pub fn invitation_event(
-    kind: &str,
-    inv: Uuid,
-    prereg: Uuid,
-    extra: serde_json::Value,
-) -> CloudEvent {
-    let mut data = json!({"invitation_id": inv, "preregistration_id": prereg});
-    if let (Some(d), Some(e)) = (data.as_object_mut(), extra.as_object()) {
-        d.extend(e.clone());
-    }
-    CloudEvent::with_id(format!("{kind}:{inv}"), kind, data).subject(prereg)
-}
+pub use crate::events::invitation_event;
 
 /// Marks a live invitation failed with the server's reply and publishes
 /// `invitation.failed`.
@@ -76,7 +61,7 @@ pub async fn fail_invitation(ctx: &Ctx, id: Uuid, reason: &str) -> Result<(), sq
     Ok(())
 }
 
-pub async fn handle_invitation(ctx: &Ctx, job: InvitationJob) -> Result<Outcome, JobError> {
+pub async fn handle_invitation(ctx: &Ctx, job: InvitationRequested) -> Result<Outcome, JobError> {
     let id = job.invitation_id;
     let now = Utc::now();
     // 1. Claim the delivery (short transaction).
@@ -273,21 +258,6 @@ pub fn render_invitation(
     .map_err(|e| JobError::fatal("template", e.to_string()))
 }
 
-/// `email.requested`: a notice for a partner, the reviewers or escalation.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EmailRequested {
-    /// `association_outcome`, `review_reminder`, `review_escalation`, `claim_expiry_reminder`.
-    pub kind: String,
-    #[serde(default)]
-    pub to: Option<String>,
-    #[serde(default)]
-    pub attempt_id: Option<Uuid>,
-    #[serde(default)]
-    pub review_id: Option<Uuid>,
-    #[serde(default)]
-    pub preregistration_id: Option<Uuid>,
-}
-
 pub async fn handle_notice(
     ctx: &Ctx,
     job: EmailRequested,
@@ -304,7 +274,7 @@ pub async fn handle_notice(
          RETURNING state",
     )
     .bind(&ev.id)
-    .bind(&job.kind)
+    .bind(job.kind.as_str())
     .fetch_optional(&ctx.db)
     .await?;
     if claimed.is_none() {
@@ -372,7 +342,9 @@ async fn mark_notice(
     Ok(())
 }
 
-/// The recipient and content of a notice, from the current state.
+/// The recipient and content of a notice, from the current state: the
+/// recipient comes from stored data (the partner's contact) or configuration
+/// (reviewers, escalation), never from the message.
 async fn build_notice(
     ctx: &Ctx,
     job: &EmailRequested,
@@ -386,8 +358,8 @@ async fn build_notice(
         mail::render_notice(locale, provider, subject, &paragraphs)
             .map_err(|e| JobError::fatal("template", e.to_string()))
     };
-    match job.kind.as_str() {
-        "association_outcome" => {
+    match job.kind {
+        NoticeKind::AssociationOutcome => {
             let id = job
                 .attempt_id
                 .ok_or_else(|| JobError::fatal("invalid_payload", "attempt_id is required"))?;
@@ -406,7 +378,7 @@ async fn build_notice(
             let Some(partner) = store::partners::get(&ctx.db, inv.partner_id).await? else {
                 return Ok(None);
             };
-            let Some(to) = job.to.clone().or(partner.contact_email.clone()) else {
+            let Some(to) = partner.contact_email.clone() else {
                 return Ok(None);
             };
             let zh = partner.locale == "zh-CN";
@@ -438,7 +410,8 @@ async fn build_notice(
             }
             Ok(Some((to, render(&partner.locale, subject, paragraphs)?)))
         }
-        "review_reminder" | "review_escalation" => {
+        NoticeKind::ReviewReminder | NoticeKind::ReviewEscalation => {
+            let escalation = job.kind == NoticeKind::ReviewEscalation;
             let id = job
                 .review_id
                 .ok_or_else(|| JobError::fatal("invalid_payload", "review_id is required"))?;
@@ -449,15 +422,13 @@ async fn build_notice(
                 .await?
                 .map(|p| p.name)
                 .unwrap_or_default();
-            let to = job.to.clone().unwrap_or_else(|| {
-                if job.kind == "review_escalation" {
-                    ctx.cfg.escalation_email.clone()
-                } else {
-                    ctx.cfg.reviewer_email.clone()
-                }
-            });
+            let to = if escalation {
+                ctx.cfg.escalation_email.clone()
+            } else {
+                ctx.cfg.reviewer_email.clone()
+            };
             let due = r.due_at.map(fmt).unwrap_or_default();
-            let (subject, lead) = if job.kind == "review_escalation" {
+            let (subject, lead) = if escalation {
                 (format!("OVERDUE: manual review {} for {partner}", r.id), format!("The manual review {} requested by {partner} was due at {due} and is still undecided.", r.id))
             } else {
                 (
@@ -479,7 +450,7 @@ async fn build_notice(
             ];
             Ok(Some((to, render("en", subject, paragraphs)?)))
         }
-        "claim_expiry_reminder" => {
+        NoticeKind::ClaimExpiryReminder => {
             let id = job.preregistration_id.ok_or_else(|| {
                 JobError::fatal("invalid_payload", "preregistration_id is required")
             })?;
@@ -489,7 +460,7 @@ async fn build_notice(
             let Some(partner) = store::partners::get(&ctx.db, p.partner_id).await? else {
                 return Ok(None);
             };
-            let Some(to) = job.to.clone().or(partner.contact_email.clone()) else {
+            let Some(to) = partner.contact_email.clone() else {
                 return Ok(None);
             };
             let when = p.expires_at.map(fmt).unwrap_or_default();
@@ -506,9 +477,5 @@ async fn build_notice(
                 )?,
             )))
         }
-        other => Err(JobError::fatal(
-            "invalid_payload",
-            format!("unknown email kind `{other}`"),
-        )),
     }
 }

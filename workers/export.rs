@@ -4,7 +4,6 @@
 
 use chrono::Utc;
 use futures::TryStreamExt;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -38,10 +37,7 @@ pub const HEADER: &[&str] = &[
     "account_id",
 ];
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ExportRequested {
-    pub export_id: Uuid,
-}
+pub use crate::jobs::ExportRequested;
 
 fn rfc3339(t: Option<chrono::DateTime<Utc>>) -> String {
     t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))

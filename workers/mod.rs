@@ -1,5 +1,9 @@
-//! One module per job kind, each a small `handle(ctx, payload)`; the shared
-//! runtime maps outcomes to ack, delayed retry or dead letter.
+//! One module per job kind, each a small `handle(ctx, job)` over its typed
+//! contract from [`crate::jobs`]; the shared runtime maps outcomes to ack,
+//! delayed retry or dead letter.
+//!
+//! This folder sits at the top of the repository (next to `src/`), as the
+//! project's layout requires; `src/lib.rs` mounts it with `#[path]`.
 
 pub mod accounts;
 pub mod association;
@@ -10,10 +14,16 @@ pub mod registration;
 pub mod runtime;
 pub mod sweeps;
 
-use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use crate::{context::Ctx, mq::CloudEvent};
+use crate::{
+    context::Ctx,
+    jobs::{
+        self, AccountUpserted, AssociationRequested, DeadlineTick, EmailRequested, ExportRequested,
+        InvitationRequested, Job, PreregistrationRequested, ReviewRequested, SweepRequested,
+    },
+    mq::{CloudEvent, Queue},
+};
 
 /// What a handler did with a job; either way the message is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +42,8 @@ impl Outcome {
     }
 }
 
+/// Why a job did not succeed. Errors from the database and the broker keep
+/// their source; [`JobError::disposition`] decides retry or dead letter.
 #[derive(Debug, Error)]
 pub enum JobError {
     /// Try again later (service down, lock busy, conflict).
@@ -40,66 +52,124 @@ pub enum JobError {
     /// Never going to work: dead-letter with this reason.
     #[error("fatal ({code}): {message}")]
     Fatal { code: &'static str, message: String },
+    /// A database error, classified by [`classify_db`].
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// The broker did not take a message (always worth a retry).
+    #[error("broker: {0}")]
+    Broker(#[from] crate::mq::PublishError),
 }
 
-impl JobError {
-    /// The same error with email addresses and phone numbers masked.
+/// What the runtime does with a failed job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    Retry(String),
+    DeadLetter { code: &'static str, message: String },
+}
+
+impl Disposition {
+    /// The same, with email addresses and phone numbers masked in the message.
     pub fn masked(self) -> Self {
         match self {
-            JobError::Retryable(m) => JobError::Retryable(crate::domain::mask::text(&m)),
-            JobError::Fatal { code, message } => JobError::Fatal {
+            Disposition::Retry(m) => Disposition::Retry(crate::domain::mask::text(&m)),
+            Disposition::DeadLetter { code, message } => Disposition::DeadLetter {
                 code,
                 message: crate::domain::mask::text(&message),
             },
         }
     }
+}
+
+impl JobError {
     pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
         JobError::Fatal {
             code,
             message: message.into(),
         }
     }
-}
 
-impl From<sqlx::Error> for JobError {
-    fn from(e: sqlx::Error) -> Self {
-        JobError::Retryable(format!("database: {e}"))
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            JobError::Retryable(m) => Disposition::Retry(m.clone()),
+            JobError::Fatal { code, message } => Disposition::DeadLetter {
+                code,
+                message: message.clone(),
+            },
+            JobError::Db(e) => classify_db(e),
+            JobError::Broker(e) => Disposition::Retry(format!("broker: {e}")),
+        }
     }
 }
 
-impl From<crate::mq::PublishError> for JobError {
-    fn from(e: crate::mq::PublishError) -> Self {
-        JobError::Retryable(format!("broker: {e}"))
+/// Database errors: a serialization failure, deadlock, lock or statement
+/// timeout, shutdown or lost connection is worth a retry; a constraint
+/// (`23…`) or data (`22…`) violation will fail the same way every time and is
+/// dead-lettered at once, naming the constraint. Anything else is retried
+/// (bounded by the retry schedule), as before this classification.
+pub fn classify_db(e: &sqlx::Error) -> Disposition {
+    if let sqlx::Error::Database(db) = e {
+        let state = db.code().map(|c| c.into_owned()).unwrap_or_default();
+        let constraint = db
+            .constraint()
+            .map(|c| format!(" (constraint {c})"))
+            .unwrap_or_default();
+        let message = format!("database: {}{constraint} [{state}]", db.message());
+        return match state.get(..2) {
+            Some("23") => Disposition::DeadLetter {
+                code: "constraint_violation",
+                message,
+            },
+            Some("22") => Disposition::DeadLetter {
+                code: "data_exception",
+                message,
+            },
+            _ => Disposition::Retry(message),
+        };
     }
+    Disposition::Retry(format!("database: {e}"))
+}
+
+/// The message for a job written to the outbox inside a transaction (an
+/// encoding failure fails the transaction, as any failed write does).
+pub fn outbox_job<J: Job>(id: impl Into<String>, job: &J) -> Result<CloudEvent, sqlx::Error> {
+    CloudEvent::job(id, job).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
 /// Reads a job's payload; one that does not fit is a poison message.
-pub fn payload<T: DeserializeOwned>(ev: &CloudEvent) -> Result<T, JobError> {
-    serde_json::from_value(ev.data.clone())
+pub fn payload<J: Job>(ev: &CloudEvent) -> Result<J, JobError> {
+    ev.decode::<J>()
         .map_err(|e| JobError::fatal("invalid_payload", format!("{}: {e}", ev.ty)))
 }
 
-/// Like [`payload`], for jobs whose fields are all optional: an absent
-/// (`null`) payload is the default one.
-pub fn payload_or_default<T: DeserializeOwned + Default>(ev: &CloudEvent) -> Result<T, JobError> {
-    if ev.data.is_null() {
-        return Ok(T::default());
+/// Routes a job to its handler by message type, only if that type is bound to
+/// the queue it arrived on (anything else is dead-lettered with its reason).
+pub async fn dispatch(ctx: &Ctx, q: Queue, ev: &CloudEvent) -> Result<Outcome, JobError> {
+    let Some(contract) = jobs::contract_of(&ev.ty) else {
+        return Err(JobError::fatal(
+            "unknown_type",
+            format!("no handler for message type `{}`", ev.ty),
+        ));
+    };
+    if contract.queue != q {
+        return Err(JobError::fatal(
+            "wrong_queue",
+            format!(
+                "message type `{}` is not bound to the {} queue",
+                ev.ty,
+                q.short()
+            ),
+        ));
     }
-    payload(ev)
-}
-
-/// Routes a job to its handler by message type.
-pub async fn dispatch(ctx: &Ctx, ev: &CloudEvent) -> Result<Outcome, JobError> {
     match ev.ty.as_str() {
-        "preregistration.requested" => registration::handle(ctx, payload(ev)?, ev).await,
-        "review.requested" => registration::handle_review(ctx, payload(ev)?).await,
-        "account.upserted" => accounts::handle(ctx, payload(ev)?).await,
-        "invitation.requested" => email::handle_invitation(ctx, payload(ev)?).await,
-        "email.requested" => email::handle_notice(ctx, payload(ev)?, ev).await,
-        "association.requested" => association::handle(ctx, payload(ev)?).await,
-        "export.requested" => export::handle(ctx, payload(ev)?).await,
-        "sweep.requested" => sweeps::handle(ctx, payload_or_default(ev)?).await,
-        "deadline.tick" => deadlines::handle(ctx, payload_or_default(ev)?).await,
+        PreregistrationRequested::TYPE => registration::handle(ctx, ev).await,
+        ReviewRequested::TYPE => registration::handle_review(ctx, payload(ev)?).await,
+        AccountUpserted::TYPE => accounts::handle(ctx, payload::<AccountUpserted>(ev)?.0).await,
+        InvitationRequested::TYPE => email::handle_invitation(ctx, payload(ev)?).await,
+        EmailRequested::TYPE => email::handle_notice(ctx, payload(ev)?, ev).await,
+        AssociationRequested::TYPE => association::handle(ctx, payload(ev)?).await,
+        ExportRequested::TYPE => export::handle(ctx, payload(ev)?).await,
+        SweepRequested::TYPE => sweeps::handle(ctx, payload(ev)?).await,
+        DeadlineTick::TYPE => deadlines::handle(ctx, payload(ev)?).await,
         other => Err(JobError::fatal(
             "unknown_type",
             format!("no handler for message type `{other}`"),
@@ -111,15 +181,15 @@ pub async fn dispatch(ctx: &Ctx, ev: &CloudEvent) -> Result<Outcome, JobError> {
 /// so the handler can record the final failure.
 pub async fn exhausted(ctx: &Ctx, ev: &CloudEvent, last_error: &str) {
     let result = match ev.ty.as_str() {
-        "invitation.requested" => match payload::<email::InvitationJob>(ev) {
+        InvitationRequested::TYPE => match ev.decode::<InvitationRequested>() {
             Ok(job) => email::fail_invitation(ctx, job.invitation_id, last_error).await,
             Err(_) => Ok(()),
         },
-        "association.requested" => match payload::<association::AssociationRequested>(ev) {
+        AssociationRequested::TYPE => match ev.decode::<AssociationRequested>() {
             Ok(job) => association::give_up(ctx, job).await,
             Err(_) => Ok(()),
         },
-        "export.requested" => match payload::<export::ExportRequested>(ev) {
+        ExportRequested::TYPE => match ev.decode::<ExportRequested>() {
             Ok(job) => export::give_up(ctx, job, last_error).await,
             Err(_) => Ok(()),
         },
@@ -127,5 +197,103 @@ pub async fn exhausted(ctx: &Ctx, ev: &CloudEvent, last_error: &str) {
     };
     if let Err(e) = result {
         tracing::error!(error = %e, "could not record the final failure");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct FakeDb {
+        code: &'static str,
+        constraint: Option<&'static str>,
+    }
+    impl std::fmt::Display for FakeDb {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "fake {}", self.code)
+        }
+    }
+    impl std::error::Error for FakeDb {}
+    impl sqlx::error::DatabaseError for FakeDb {
+        fn message(&self) -> &str {
+            "fake failure"
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.code.into())
+        }
+        fn constraint(&self) -> Option<&str> {
+            self.constraint
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+    fn db(code: &'static str, constraint: Option<&'static str>) -> JobError {
+        JobError::from(sqlx::Error::Database(Box::new(FakeDb { code, constraint })))
+    }
+
+    #[test]
+    fn transient_database_errors_are_retried() {
+        for code in ["40001", "40P01", "55P03", "57014", "57P01", "08006"] {
+            assert!(
+                matches!(db(code, None).disposition(), Disposition::Retry(_)),
+                "{code}"
+            );
+        }
+        for e in [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        ] {
+            assert!(matches!(
+                JobError::from(e).disposition(),
+                Disposition::Retry(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn constraint_and_data_violations_are_fatal_and_name_the_constraint() {
+        let d = db("23514", Some("preregistrations_status_check")).disposition();
+        let Disposition::DeadLetter { code, message } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(code, "constraint_violation");
+        assert!(
+            message.contains("preregistrations_status_check"),
+            "{message}"
+        );
+        for c in ["23505", "23503", "23502"] {
+            assert!(matches!(
+                db(c, Some("k")).disposition(),
+                Disposition::DeadLetter {
+                    code: "constraint_violation",
+                    ..
+                }
+            ));
+        }
+        assert!(matches!(
+            db("22P02", None).disposition(),
+            Disposition::DeadLetter {
+                code: "data_exception",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn the_source_error_is_kept() {
+        let e = db("23514", Some("c"));
+        assert!(std::error::Error::source(&e).is_some());
     }
 }

@@ -6,15 +6,16 @@
 //! claims are the final guarantee, so a Redis outage costs speed only.
 
 use chrono::Utc;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{JobError, Outcome};
 use crate::{
+    admission,
     context::Ctx,
     domain::{self, mask, Decision, EligibilityInput, Status},
+    jobs::{InvitationRequested, PreregistrationRequested},
     locks::LockError,
     mq::CloudEvent,
     store::{self, outbox, preregs, preregs::NewPrereg, TimelineEntry},
@@ -22,16 +23,8 @@ use crate::{
 
 const ACTOR: &str = "system:registration";
 
-pub async fn handle(ctx: &Ctx, cmd: NewPrereg, ev: &CloudEvent) -> Result<Outcome, JobError> {
-    // Commands may come straight from upstream systems: check them as the intake does.
-    let as_json = serde_json::to_value(&cmd).unwrap_or_default();
-    if let Err(errors) = domain::validate::prereg_request(&as_json) {
-        let fields: Vec<String> = errors
-            .iter()
-            .map(|e| format!("{}: {}", e.field, e.message))
-            .collect();
-        return Err(JobError::fatal("invalid_payload", fields.join("; ")));
-    }
+pub async fn handle(ctx: &Ctx, ev: &CloudEvent) -> Result<Outcome, JobError> {
+    let cmd: PreregistrationRequested = super::payload(ev)?;
     match preregs::get(&ctx.db, cmd.id).await? {
         Some(p) if p.partner_id != cmd.partner_id => {
             return Err(JobError::fatal(
@@ -42,21 +35,23 @@ pub async fn handle(ctx: &Ctx, cmd: NewPrereg, ev: &CloudEvent) -> Result<Outcom
         Some(p) if p.status() != Status::Queued => return Ok(Outcome::Skipped("already_decided")),
         Some(_) => {}
         None => {
-            let partner = store::partners::get(&ctx.db, cmd.partner_id).await?;
-            let Some(partner) = partner else {
-                return Err(JobError::fatal(
-                    "unknown_partner",
-                    format!("partner {} does not exist", cmd.partner_id),
-                ));
-            };
-            if !partner.customer_development {
-                return Err(JobError::fatal(
-                    "customer_development_disabled",
-                    "the partner may not pre-register customers",
-                ));
+            // Not stored by the intake: an upstream system's command. Check it
+            // exactly as the intake checks an HTTP request.
+            let mut body = ev.data.clone();
+            if let Some(o) = body.as_object_mut() {
+                o.remove("id");
+                o.remove("partner_id");
+            }
+            if let Err(refusal) = admission::check_prereg(&ctx.db, cmd.partner_id, &body).await? {
+                return Err(JobError::fatal(refusal.code(), refusal.message()));
             }
             let mut conn = ctx.db.acquire().await?;
-            preregs::insert_queued(&mut conn, &cmd, ev.correlationid.as_deref()).await?;
+            preregs::insert_queued(
+                &mut conn,
+                &NewPrereg::from(&cmd),
+                ev.correlationid.as_deref(),
+            )
+            .await?;
         }
     }
 
@@ -278,12 +273,8 @@ async fn queue_invitation(
         },
     )
     .await?;
-    let job = CloudEvent::with_id(
-        id.to_string(),
-        "invitation.requested",
-        json!({"invitation_id": id}),
-    )
-    .subject(p.id);
+    let job = super::outbox_job(id.to_string(), &InvitationRequested { invitation_id: id })?
+        .subject(p.id);
     outbox::command(conn, &job).await
 }
 
@@ -340,13 +331,7 @@ pub async fn expire_claim(
     Ok(true)
 }
 
-/// `review.requested`: the partner asks for a manual review of a rejection.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReviewRequested {
-    pub review_id: Uuid,
-    pub preregistration_id: Uuid,
-    pub partner_id: Uuid,
-}
+pub use crate::jobs::ReviewRequested;
 
 pub async fn handle_review(ctx: &Ctx, cmd: ReviewRequested) -> Result<Outcome, JobError> {
     let mut tx = ctx.db.begin().await?;

@@ -23,7 +23,7 @@ use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{dispatch, exhausted, JobError, Outcome};
+use super::{dispatch, exhausted, Disposition, JobError, Outcome};
 use crate::{
     context::Ctx,
     mq::{
@@ -175,7 +175,7 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
     let span = tracing::info_span!("job", queue = q.short(), job_id = %ev.id, job_type = %ev.ty,
         correlation_id = ev.correlationid.as_deref().unwrap_or(""), attempt = retries.saturating_add(1));
     async {
-        let result = match tokio::time::timeout(ctx.cfg.job_timeout, dispatch(ctx, &ev)).await {
+        let result = match tokio::time::timeout(ctx.cfg.job_timeout, dispatch(ctx, q, &ev)).await {
             Ok(r) => r,
             Err(_) => Err(JobError::Retryable(format!(
                 "timed out after {:?}",
@@ -183,7 +183,7 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
             ))),
         };
         // Parser errors and replies may quote personal data (SPEC §8).
-        let label = match result.map_err(JobError::masked) {
+        let label = match result.map_err(|e| e.disposition().masked()) {
             Ok(outcome) => {
                 if let Outcome::Skipped(why) = outcome {
                     tracing::debug!(why, "job skipped");
@@ -191,12 +191,12 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
                 ack(&delivery).await;
                 outcome.label()
             }
-            Err(JobError::Fatal { code, message }) => {
+            Err(Disposition::DeadLetter { code, message }) => {
                 tracing::warn!(code, %message, "job failed for good; dead-lettering");
                 dead_letter(ctx, q, &delivery, code, &message, retries).await;
                 "dead_lettered"
             }
-            Err(JobError::Retryable(message))
+            Err(Disposition::Retry(message))
                 if retries.saturating_add(1) >= ctx.cfg.max_attempts =>
             {
                 tracing::warn!(%message, "retries exhausted; dead-lettering");
@@ -204,7 +204,7 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
                 dead_letter(ctx, q, &delivery, "retries_exhausted", &message, retries).await;
                 "dead_lettered"
             }
-            Err(JobError::Retryable(message)) => {
+            Err(Disposition::Retry(message)) => {
                 tracing::info!(%message, "job will be retried");
                 retry_later(ctx, q, &delivery, retries.saturating_add(1)).await;
                 "retried"

@@ -20,7 +20,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::Row;
 use uuid::Uuid;
@@ -34,17 +34,8 @@ const ACTOR: &str = "system:sweep";
 /// Statuses of a claim that can expire (not `associated`).
 const EXPIRABLE: &str = "('preregistered', 'invited', 'association_failed')";
 
-/// `sweep.requested`: from the scheduler (with the slot it stands for), the
-/// operator API, or any upstream publisher (every field optional).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct SweepRequested {
-    /// The scheduler's time slot: a tick is skipped when a run that started
-    /// at or after it already succeeded (several schedulers, a backlog).
-    #[serde(default)]
-    pub scheduled_at: Option<DateTime<Utc>>,
-    #[serde(default)]
-    pub requested_by: Option<String>,
-}
+pub use crate::jobs::SweepRequested;
+use crate::jobs::{EmailRequested, NoticeKind};
 
 /// What one run did.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -156,10 +147,13 @@ pub async fn run_with_budget(ctx: &Ctx, budget: Duration) -> Result<SweepStats, 
     let stats_json = serde_json::to_value(&stats).unwrap_or(Value::Null);
     if stats.incomplete {
         // Hand the rest to a fresh job rather than hold this one past its timeout.
-        let next = CloudEvent::new(
-            "sweep.requested",
-            json!({"requested_by": "system:sweep-continuation"}),
-        );
+        let next = super::outbox_job(
+            uuid::Uuid::now_v7().to_string(),
+            &SweepRequested {
+                requested_by: Some("system:sweep-continuation".into()),
+                ..Default::default()
+            },
+        )?;
         let mut conn = ctx.db.acquire().await?;
         store::outbox::command(&mut conn, &next).await?;
     } else {
@@ -277,24 +271,25 @@ async fn remind_claims_batch(ctx: &Ctx, batch: i64) -> Result<u64, sqlx::Error> 
         tx.rollback().await?;
         return Ok(0);
     }
-    let emails: Vec<CloudEvent> = rows
+    // A partner without a contact email gets no reminder; the email worker
+    // reads the recipient from the partner row when it sends.
+    let emails = rows
         .iter()
-        .filter_map(|r| {
-            let to: Option<String> = r.get("contact_email");
+        .filter(|r| r.get::<Option<String>, _>("contact_email").is_some())
+        .map(|r| {
             let id: Uuid = r.get("id");
-            let partner_id: Uuid = r.get("partner_id");
-            let expires_at: Option<DateTime<Utc>> = r.get("expires_at");
-            to.map(|to| {
-                CloudEvent::with_id(
-                    format!("email:claim_expiry_reminder:{id}"),
-                    "email.requested",
-                    json!({"kind": "claim_expiry_reminder", "to": to, "preregistration_id": id,
-                           "partner_id": partner_id, "expires_at": expires_at}),
-                )
-                .subject(id)
-            })
+            Ok(super::outbox_job(
+                format!("email:claim_expiry_reminder:{id}"),
+                &EmailRequested {
+                    kind: NoticeKind::ClaimExpiryReminder,
+                    attempt_id: None,
+                    review_id: None,
+                    preregistration_id: Some(id),
+                },
+            )?
+            .subject(id))
         })
-        .collect();
+        .collect::<Result<Vec<CloudEvent>, sqlx::Error>>()?;
     store::outbox::commands(&mut tx, &emails).await?;
     tx.commit().await?;
     Ok(rows.len() as u64)

@@ -23,7 +23,6 @@ use crate::{
         validate::{FieldError, Fields},
         workdays::{CalendarEntry, DayKind, CN_2026_YEAR},
     },
-    mq::CloudEvent,
     store,
 };
 
@@ -204,11 +203,13 @@ pub async fn request_sweep(
     Extension(rid): Extension<RequestId>,
 ) -> ApiResult<Response> {
     let id = uuid::Uuid::now_v7();
-    let ev = CloudEvent::with_id(
+    let ev = super::command::job(
         id.to_string(),
-        "sweep.requested",
-        json!({"requested_by": op.label()}),
-    )
+        &crate::jobs::SweepRequested {
+            requested_by: Some(op.label()),
+            ..Default::default()
+        },
+    )?
     .correlation(Some(rid.0));
     st.ctx.broker.publish_command(&ev).await?;
     let mut conn = st.ctx.db.acquire().await?;

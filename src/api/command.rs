@@ -129,6 +129,15 @@ pub async fn accept(
     Ok(respond(&answer))
 }
 
+/// The message for one of our jobs; failing to encode it is an internal
+/// error (never a `null` payload).
+pub fn job<J: crate::jobs::Job>(id: impl Into<String>, job: &J) -> Result<CloudEvent, ApiError> {
+    CloudEvent::job(id, job).map_err(|e| {
+        tracing::error!(error = %e, job_type = J::TYPE, "could not encode a job");
+        ApiError::internal()
+    })
+}
+
 pub fn accepted(body: Value, location: Option<String>) -> Stored {
     Stored {
         status: 202,

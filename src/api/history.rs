@@ -25,9 +25,8 @@ use crate::{
         mask,
         validate::{self, FieldError},
     },
-    mq::CloudEvent,
+    jobs::ExportRequested,
     store::{self, history},
-    workers::export::ExportRequested,
 };
 
 #[derive(Debug, Deserialize)]
@@ -240,12 +239,8 @@ pub async fn create_export(
         .bind(auth.partner_id)
         .execute(&mut *tx)
         .await?;
-    let job = CloudEvent::with_id(
-        id.to_string(),
-        "export.requested",
-        serde_json::to_value(ExportRequested { export_id: id }).unwrap_or_default(),
-    )
-    .correlation(Some(rid.0));
+    let job =
+        command::job(id.to_string(), &ExportRequested { export_id: id })?.correlation(Some(rid.0));
     let answer = command::accepted(
         json!({"id": id, "status": "pending"}),
         Some(format!("/v1/exports/{id}")),

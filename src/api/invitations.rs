@@ -29,10 +29,11 @@ use crate::{
         validate::{self, FieldError, Fields},
         Status,
     },
+    events,
+    jobs::{AssociationRequested, InvitationRequested},
     links, mail,
     mq::CloudEvent,
     store::{self, invitations, preregs, TimelineEntry},
-    workers::email::InvitationJob,
 };
 
 pub fn view(i: &invitations::Invitation) -> Value {
@@ -145,14 +146,12 @@ async fn send_batch(
             },
         )
         .await?;
-        let job = CloudEvent::with_id(
+        let job = command::job(
             inv_id.to_string(),
-            "invitation.requested",
-            serde_json::to_value(InvitationJob {
+            &InvitationRequested {
                 invitation_id: inv_id,
-            })
-            .unwrap_or_default(),
-        )
+            },
+        )?
         .subject(id)
         .correlation(Some(rid.0.clone()));
         jobs.push((results.len(), inv_id, job));
@@ -426,12 +425,7 @@ pub async fn offline_link(
         },
     )
     .await?;
-    let ev = crate::workers::email::invitation_event(
-        "invitation.sent",
-        inv_id,
-        id,
-        json!({"method": "offline"}),
-    );
+    let ev = events::invitation_event("invitation.sent", inv_id, id, json!({"method": "offline"}));
     store::outbox::event(&mut tx, &ev).await?;
     tx.commit().await?;
     let url = links::link_url(&st.ctx.cfg.public_url, &token);
@@ -580,12 +574,8 @@ pub async fn submit_association(
         &submitter,
     )
     .await?;
-    let job = CloudEvent::with_id(
-        id.to_string(),
-        "association.requested",
-        json!({"attempt_id": id}),
-    )
-    .correlation(Some(rid.0.clone()));
+    let job = command::job(id.to_string(), &AssociationRequested { attempt_id: id })?
+        .correlation(Some(rid.0.clone()));
     let answer = command::accepted(
         json!({"id": id, "status": "queued"}),
         Some(format!("/v1/associations/{id}")),

@@ -21,13 +21,14 @@ use super::{
     json_body, parse_id, views, AppState, RequestId,
 };
 use crate::{
+    admission::{self, Refusal},
     domain::{
         validate::{self, Fields},
         Status,
     },
+    jobs::{PreregistrationRequested, ReviewRequested},
     mq::CloudEvent,
     store::{self, partners::Partner, preregs, reviews, TimelineEntry},
-    workers::registration::ReviewRequested,
 };
 
 async fn own_partner(st: &AppState, auth: &PartnerAuth) -> ApiResult<Partner> {
@@ -38,14 +39,19 @@ async fn own_partner(st: &AppState, auth: &PartnerAuth) -> ApiResult<Partner> {
 
 /// The caller's partner, which must have the customer-development permission.
 pub async fn developing_partner(st: &AppState, auth: &PartnerAuth) -> ApiResult<Partner> {
-    let p = own_partner(st, auth).await?;
-    if !p.customer_development {
-        return Err(ApiError::forbidden(
-            "customer_development_disabled",
-            "Your partner account does not have the customer-development permission. Contact your ecosystem manager.",
-        ));
+    admission::developing_partner(&st.ctx.db, auth.partner_id)
+        .await?
+        .map_err(refused)
+}
+
+/// A refusal of [`admission`], as the intake answers it.
+pub fn refused(r: Refusal) -> ApiError {
+    match r {
+        Refusal::UnknownPartner => ApiError::unauthorized(),
+        Refusal::Forbidden { code, message } => ApiError::forbidden(code, message),
+        Refusal::Unprocessable { code, message } => ApiError::unprocessable(code, message),
+        Refusal::Invalid(errors) => ApiError::validation(errors),
     }
-    Ok(p)
 }
 
 pub async fn profile(State(st): State<AppState>, auth: PartnerAuth) -> ApiResult<Json<Value>> {
@@ -114,31 +120,14 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
+    // The same checks, in the same order, as an upstream command's
+    // (`admission::check_prereg`), with the body parsed once the partner passed.
     let partner = developing_partner(&st, &auth).await?;
-    if partner.contact_email.is_none() && partner.contact_mobile.is_none() {
-        return Err(ApiError::unprocessable(
-            "partner_contact_missing",
-            "Set a contact email or mobile for your partner account first (PUT /v1/partner/contact).",
-        ));
-    }
+    admission::contact_present(&partner).map_err(refused)?;
     let v = json_body(&body)?;
-    let req = validate::prereg_http_request(&v).map_err(ApiError::validation)?;
-    if let Some(am) = req.account_manager_id {
-        let managers = store::partners::managers(&st.ctx.db, partner.id).await?;
-        if !managers.iter().any(|m| m.id == am) {
-            return Err(ApiError::validation(vec![validate::FieldError {
-                field: "account_manager_id".into(),
-                code: "invalid",
-                message: "account_manager_id is not one of your account managers".into(),
-            }]));
-        }
-    }
-    if req.send_invitation
-        && req.association_type.as_deref() == Some("referral")
-        && !partner.referral
-    {
-        return Err(referral_not_permitted());
-    }
+    let req = admission::prereg_fields(&st.ctx.db, &partner, &v)
+        .await?
+        .map_err(refused)?;
     let idem = Idem::from_headers(
         &headers,
         auth.principal.label(),
@@ -184,13 +173,9 @@ pub async fn create(
         },
     )
     .await?;
-    let job = CloudEvent::with_id(
-        id.to_string(),
-        "preregistration.requested",
-        serde_json::to_value(&cmd).unwrap_or_default(),
-    )
-    .subject(id)
-    .correlation(Some(rid.0.clone()));
+    let job = command::job(id.to_string(), &PreregistrationRequested::from(&cmd))?
+        .subject(id)
+        .correlation(Some(rid.0.clone()));
     let answer = command::accepted(
         json!({"id": id, "status": "queued"}),
         Some(format!("/v1/preregistrations/{id}")),
@@ -210,10 +195,7 @@ pub async fn create(
 }
 
 pub fn referral_not_permitted() -> ApiError {
-    ApiError::forbidden(
-        "referral_not_permitted",
-        "Your partner account does not have the referral permission; use the reseller association type or contact your ecosystem manager.",
-    )
+    refused(admission::referral_not_permitted())
 }
 
 #[derive(Debug, Deserialize)]
@@ -486,13 +468,9 @@ pub async fn request_review(
         preregistration_id: p.id,
         partner_id: p.partner_id,
     };
-    let job = CloudEvent::with_id(
-        review_id.to_string(),
-        "review.requested",
-        serde_json::to_value(&cmd).unwrap_or_default(),
-    )
-    .subject(p.id)
-    .correlation(Some(rid.0.clone()));
+    let job = command::job(review_id.to_string(), &cmd)?
+        .subject(p.id)
+        .correlation(Some(rid.0.clone()));
     let answer = command::accepted(
         json!({"id": review_id, "preregistration_id": p.id, "status": "queued"}),
         Some(format!("/v1/preregistrations/{}", p.id)),

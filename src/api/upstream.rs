@@ -18,7 +18,6 @@ use super::{
 };
 use crate::{
     domain::{validate, AccountFacts},
-    mq::CloudEvent,
     store,
 };
 
@@ -81,9 +80,7 @@ pub async fn put_account(
     })?;
     // Facts sent without a time are as of now.
     facts.updated_at.get_or_insert_with(Utc::now);
-    if let Err(crate::workers::JobError::Fatal { message, .. }) =
-        crate::workers::accounts::validate(&facts)
-    {
+    if let Err(message) = crate::domain::facts::check(&facts) {
         return Err(ApiError::unprocessable("validation_failed", message));
     }
     let path = format!("/v1/accounts/{account_id}");
@@ -92,10 +89,10 @@ pub async fn put_account(
     if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
         return Ok(r);
     }
-    let job = CloudEvent::new(
-        "account.upserted",
-        serde_json::to_value(&facts).unwrap_or_default(),
-    )
+    let job = command::job(
+        uuid::Uuid::now_v7().to_string(),
+        &crate::jobs::AccountUpserted(facts),
+    )?
     .subject(&account_id)
     .correlation(Some(rid.0));
     let answer = command::accepted(

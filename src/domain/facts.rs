@@ -38,3 +38,29 @@ pub struct AccountFacts {
     /// When the account system observed these facts; newer replaces older.
     pub updated_at: Option<DateTime<Utc>>,
 }
+
+/// The rules facts must meet, whoever sends them (the HTTP upstream API or an
+/// `account.upserted` command); the error lists every problem.
+pub fn check(f: &AccountFacts) -> Result<(), String> {
+    let mut problems = Vec::new();
+    if f.account_id.trim().is_empty() || f.account_id.len() > 128 {
+        problems.push("account_id must be 1 to 128 characters");
+    }
+    if f.updated_at.is_none() {
+        problems.push("updated_at is required (newer facts replace older ones)");
+    }
+    if f.site.as_deref().is_some_and(|s| s != "cn" && s != "intl") {
+        problems.push("site must be cn or intl");
+    }
+    if f.country
+        .as_deref()
+        .is_some_and(|c| !crate::domain::validate::is_country(c))
+    {
+        problems.push("country must be ISO 3166-1 alpha-2");
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}

@@ -25,6 +25,8 @@ pub enum PublishError {
     Nacked,
     #[error("no confirm from the broker within {0:?}")]
     Timeout(Duration),
+    #[error("message could not be encoded: {0}")]
+    Encode(String),
 }
 
 struct Live {
@@ -131,7 +133,17 @@ impl Broker {
             .await
     }
 
+    /// Publishes one of our own jobs (see [`crate::jobs`]) on the internal
+    /// exchange, which upstream publishers cannot write to.
     pub async fn publish_command(&self, ev: &CloudEvent) -> Result<(), PublishError> {
+        self.publish(&self.names.internal(), &ev.ty, ev, FieldTable::default())
+            .await
+    }
+
+    /// Publishes on the commands exchange shared with upstream systems, as an
+    /// upstream system does (tools and tests): only the commands of SPEC §6
+    /// are routable there.
+    pub async fn publish_upstream(&self, ev: &CloudEvent) -> Result<(), PublishError> {
         self.publish(&self.names.commands(), &ev.ty, ev, FieldTable::default())
             .await
     }
@@ -143,15 +155,11 @@ impl Broker {
         ev: &CloudEvent,
         headers: FieldTable,
     ) -> Result<(), PublishError> {
-        self.publish_raw(
-            exchange,
-            routing_key,
-            &ev.to_bytes(),
-            Some(&ev.id),
-            headers,
-            None,
-        )
-        .await
+        let body = ev
+            .to_bytes()
+            .map_err(|e| PublishError::Encode(e.to_string()))?;
+        self.publish_raw(exchange, routing_key, &body, Some(&ev.id), headers, None)
+            .await
     }
 
     /// Events fan out to whoever listens: having no listener is fine. Jobs

@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::jobs::Job;
+
 pub const SOURCE: &str = "urn:prereg";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -60,8 +62,24 @@ impl CloudEvent {
         self
     }
 
-    pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+    /// The message carrying one of our jobs (a deterministic `id` makes
+    /// republishing harmless). Failing to encode is an error, never a
+    /// `null` payload.
+    pub fn job<J: Job>(id: impl Into<String>, job: &J) -> Result<Self, serde_json::Error> {
+        Ok(Self::with_id(
+            id.into(),
+            J::TYPE,
+            serde_json::to_value(job)?,
+        ))
+    }
+
+    /// Reads this message's data as job `J`.
+    pub fn decode<J: Job>(&self) -> Result<J, serde_json::Error> {
+        crate::jobs::decode(&self.data)
+    }
+
+    pub fn to_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
     }
 
     /// Parses and checks the envelope; the error says why it is unusable.
@@ -85,7 +103,7 @@ mod tests {
     #[test]
     fn round_trip_and_rejects() {
         let ev = CloudEvent::new("preregistration.requested", serde_json::json!({"a": 1}));
-        let back = CloudEvent::parse(&ev.to_bytes()).unwrap();
+        let back = CloudEvent::parse(&ev.to_bytes().unwrap()).unwrap();
         assert_eq!(back, ev);
         assert!(CloudEvent::parse(b"{not json").is_err());
         assert!(CloudEvent::parse(br#"{"specversion":"0.3","id":"x","source":"s","type":"t","time":"2026-01-01T00:00:00Z","data":{}}"#).is_err());

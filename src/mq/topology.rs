@@ -1,15 +1,22 @@
 //! Exchange and queue names (all carrying `PREREG_AMQP_PREFIX`) and their
 //! idempotent declaration.
 //!
-//! - `{p}.commands` (topic): commands from the intake and upstream systems;
+//! - `{p}.commands` (topic): shared with upstream systems, which may publish
+//!   the commands of SPEC §6 on it; only those types are bound from it
+//!   ([`Contract::upstream`]), so anything else published there is unroutable;
+//! - `{p}.internal` (direct): our own processes' jobs (email delivery,
+//!   review deadlines, exports, retries, replays). Upstream publishers get no
+//!   write permission on it. Every job type is bound to its queue, and every
+//!   work queue also by its own full name (retries and replays go back to
+//!   one queue);
 //! - `{p}.events` (topic): what happened;
 //! - one durable quorum work queue per job kind, bound to its command keys,
 //!   with a delivery limit and `{p}.dlx` as dead-letter exchange;
 //! - `{p}.dlx` (direct) → one `{p}.{queue}.dlq` per work queue;
 //! - delayed retry without plugins (RabbitMQ 3.10+): `{p}.delay` (headers) →
 //!   `{p}.delay.{i}` quorum queues (replicated like the work queues) with a
-//!   fixed TTL that dead-letter (at least once) back through the default
-//!   exchange to the work queue named by the message's routing key. Each
+//!   fixed TTL that dead-letter (at least once) back through `{p}.internal`
+//!   to the work queue named by the message's routing key. Each
 //!   delay queue is bound on the header [`DELAY_TIER`] (`x-match: all`); the
 //!   header must not start with `x-`, which RabbitMQ leaves out of matching
 //!   (a binding on an `x-` header alone matches every message). The names
@@ -24,60 +31,11 @@ use lapin::{
     Channel, ExchangeKind,
 };
 
+use crate::jobs::Contract;
+pub use crate::jobs::Queue;
+
 /// The header that picks a retry's delay queue (its tier, `0`, `1`, …).
 pub const DELAY_TIER: &str = "prereg-delay-tier";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Queue {
-    Registration,
-    Accounts,
-    Email,
-    Association,
-    Sweeps,
-    Deadlines,
-    Export,
-}
-
-impl Queue {
-    pub const ALL: [Queue; 7] = [
-        Queue::Registration,
-        Queue::Accounts,
-        Queue::Email,
-        Queue::Association,
-        Queue::Sweeps,
-        Queue::Deadlines,
-        Queue::Export,
-    ];
-
-    pub fn short(self) -> &'static str {
-        match self {
-            Queue::Registration => "registration",
-            Queue::Accounts => "accounts",
-            Queue::Email => "email",
-            Queue::Association => "association",
-            Queue::Sweeps => "sweeps",
-            Queue::Deadlines => "deadlines",
-            Queue::Export => "export",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Queue> {
-        Queue::ALL.into_iter().find(|q| q.short() == s)
-    }
-
-    /// Command routing keys consumed by this queue.
-    pub fn bindings(self) -> &'static [&'static str] {
-        match self {
-            Queue::Registration => &["preregistration.requested", "review.requested"],
-            Queue::Accounts => &["account.upserted"],
-            Queue::Email => &["invitation.requested", "email.requested"],
-            Queue::Association => &["association.requested"],
-            Queue::Sweeps => &["sweep.requested"],
-            Queue::Deadlines => &["deadline.tick"],
-            Queue::Export => &["export.requested"],
-        }
-    }
-}
 
 /// Every broker name of one deployment.
 #[derive(Debug, Clone)]
@@ -95,6 +53,9 @@ impl Names {
     }
     pub fn commands(&self) -> String {
         format!("{}.commands", self.prefix)
+    }
+    pub fn internal(&self) -> String {
+        format!("{}.internal", self.prefix)
     }
     pub fn events(&self) -> String {
         format!("{}.events", self.prefix)
@@ -135,6 +96,7 @@ impl Names {
     pub fn all_exchange_names(&self) -> Vec<String> {
         vec![
             self.commands(),
+            self.internal(),
             self.events(),
             self.dlx(),
             self.retry_exchange(),
@@ -165,6 +127,13 @@ pub async fn declare(ch: &Channel, names: &Names, delivery_limit: u32) -> lapin:
     ch.exchange_declare(
         &names.commands(),
         ExchangeKind::Topic,
+        durable_exchange(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        &names.internal(),
+        ExchangeKind::Direct,
         durable_exchange(),
         FieldTable::default(),
     )
@@ -215,11 +184,11 @@ pub async fn declare(ch: &Channel, names: &Names, delivery_limit: u32) -> lapin:
         args.insert("x-dead-letter-routing-key".into(), str_arg(q.short()));
         ch.queue_declare(&names.queue(q), durable_queue(), args)
             .await?;
-        for key in q.bindings() {
+        for (exchange, key) in bindings(names, q) {
             ch.queue_bind(
                 &names.queue(q),
-                &names.commands(),
-                key,
+                &exchange,
+                &key,
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
@@ -228,8 +197,12 @@ pub async fn declare(ch: &Channel, names: &Names, delivery_limit: u32) -> lapin:
     }
 
     for (i, delay) in names.retry_delays.iter().enumerate() {
-        ch.queue_declare(&names.retry_queue(i), durable_queue(), delay_args(*delay))
-            .await?;
+        ch.queue_declare(
+            &names.retry_queue(i),
+            durable_queue(),
+            delay_args(names, *delay),
+        )
+        .await?;
         ch.queue_bind(
             &names.retry_queue(i),
             &names.retry_exchange(),
@@ -243,20 +216,34 @@ pub async fn declare(ch: &Channel, names: &Names, delivery_limit: u32) -> lapin:
 }
 
 /// A delay queue: quorum (replicated), a fixed TTL, and at-least-once
-/// dead-lettering back to the default exchange, which routes by the message's
+/// dead-lettering to the internal exchange, which routes by the message's
 /// own routing key (the full name of its work queue).
-fn delay_args(delay: Duration) -> FieldTable {
+fn delay_args(names: &Names, delay: Duration) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), str_arg("quorum"));
     args.insert(
         "x-message-ttl".into(),
         AMQPValue::LongInt(delay.as_millis().min(i32::MAX as u128) as i32),
     );
-    args.insert("x-dead-letter-exchange".into(), str_arg(""));
+    args.insert("x-dead-letter-exchange".into(), str_arg(&names.internal()));
     args.insert("x-dead-letter-strategy".into(), str_arg("at-least-once"));
     // At-least-once dead-lettering requires `reject-publish` overflow.
     args.insert("x-overflow".into(), str_arg("reject-publish"));
     args
+}
+
+/// The (exchange, routing key) pairs a work queue is bound with: its
+/// upstream commands from the shared exchange; every type it consumes, and
+/// its own name, from the internal one.
+pub fn bindings(names: &Names, q: Queue) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = q
+        .contracts()
+        .filter(|c: &&Contract| c.upstream)
+        .map(|c| (names.commands(), c.ty.to_string()))
+        .collect();
+    out.extend(q.contracts().map(|c| (names.internal(), c.ty.to_string())));
+    out.push((names.internal(), names.queue(q)));
+    out
 }
 
 /// The binding of delay queue `tier`: exactly the messages whose
@@ -283,8 +270,21 @@ mod tests {
             n.queue_by_full_name("t1.registration"),
             Some(Queue::Registration)
         );
+        assert_eq!(n.internal(), "t1.internal");
         assert_eq!(n.retry_tier(1), (0, Duration::from_secs(1)));
         assert_eq!(n.retry_tier(9), (1, Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn internal_jobs_are_not_bound_from_the_shared_commands_exchange() {
+        let n = Names::new("t", vec![]);
+        let email = bindings(&n, Queue::Email);
+        assert!(email.contains(&(n.commands(), "invitation.requested".into())));
+        assert!(!email.contains(&(n.commands(), "email.requested".into())));
+        assert!(email.contains(&(n.internal(), "email.requested".into())));
+        assert!(email.contains(&(n.internal(), "t.email".into())));
+        let deadlines = bindings(&n, Queue::Deadlines);
+        assert!(deadlines.iter().all(|(x, _)| *x == n.internal()));
     }
 
     #[test]
@@ -295,7 +295,7 @@ mod tests {
         let b = delay_binding(2);
         assert_eq!(b.inner().get(DELAY_TIER), Some(&str_arg("2")));
         assert_eq!(b.inner().get("x-match"), Some(&str_arg("all")));
-        let a = delay_args(Duration::from_millis(1500));
+        let a = delay_args(&Names::new("t", vec![]), Duration::from_millis(1500));
         assert_eq!(a.inner().get("x-queue-type"), Some(&str_arg("quorum")));
         assert_eq!(
             a.inner().get("x-message-ttl"),

@@ -82,8 +82,10 @@ pub async fn relay_once(pool: &PgPool, broker: &Broker, batch: i64) -> anyhow::R
         let exchange: &str = r.get("exchange");
         let message: serde_json::Value = r.get("message");
         let ev: CloudEvent = serde_json::from_value(message)?;
+        // Our own jobs travel on the internal exchange (not the commands
+        // exchange shared with upstream systems).
         let x = if exchange == "commands" {
-            broker.names.commands()
+            broker.names.internal()
         } else {
             broker.names.events()
         };

@@ -1,33 +1,63 @@
 //! Pre-registrations: the claims, their decisions and their listing.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sqlx::{FromRow, PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
 use crate::domain::{ExistingClaim, Status};
 
-/// What a `preregistration.requested` command carries (from the intake or
-/// straight from an upstream system).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// A new pre-registration row (not a wire format: the message is
+/// [`crate::jobs::PreregistrationRequested`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct NewPrereg {
     pub id: Uuid,
     pub partner_id: Uuid,
     pub full_name: String,
     pub email: String,
     pub mobile: String,
-    #[serde(default)]
     pub send_invitation: bool,
-    #[serde(default)]
     pub association_type: Option<String>,
-    #[serde(default)]
     pub locale: Option<String>,
-    #[serde(default)]
     pub tags: Vec<String>,
-    #[serde(default)]
     pub remarks: Option<String>,
-    #[serde(default)]
     pub account_manager_id: Option<Uuid>,
+}
+
+impl From<&crate::jobs::PreregistrationRequested> for NewPrereg {
+    fn from(j: &crate::jobs::PreregistrationRequested) -> Self {
+        NewPrereg {
+            id: j.id,
+            partner_id: j.partner_id,
+            full_name: j.full_name.clone(),
+            email: j.email.clone(),
+            mobile: j.mobile.clone(),
+            send_invitation: j.send_invitation,
+            association_type: j.association_type.clone(),
+            locale: j.locale.clone(),
+            tags: j.tags.clone(),
+            remarks: j.remarks.clone(),
+            account_manager_id: j.account_manager_id,
+        }
+    }
+}
+
+impl From<&NewPrereg> for crate::jobs::PreregistrationRequested {
+    fn from(p: &NewPrereg) -> Self {
+        crate::jobs::PreregistrationRequested {
+            id: p.id,
+            partner_id: p.partner_id,
+            full_name: p.full_name.clone(),
+            email: p.email.clone(),
+            mobile: p.mobile.clone(),
+            send_invitation: p.send_invitation,
+            association_type: p.association_type.clone(),
+            locale: p.locale.clone(),
+            tags: p.tags.clone(),
+            remarks: p.remarks.clone(),
+            account_manager_id: p.account_manager_id,
+        }
+    }
 }
 
 #[derive(Debug, Clone, FromRow)]

@@ -16,4 +16,5 @@ mod promises;
 mod retries;
 mod security;
 mod time;
+mod trust;
 mod wire;
