@@ -125,13 +125,34 @@ pub async fn run_relay(
     cancel: CancellationToken,
 ) {
     const BATCH: i64 = 500;
+    // While Postgres or RabbitMQ stays down, retry with back-off (2 s up to
+    // 5 s) and say so once per failure streak, not every round.
+    let mut failures: u32 = 0;
     loop {
         let wait = match relay_once(&pool, &broker, BATCH).await {
-            Ok(n) if n as i64 == BATCH => Duration::ZERO,
-            Ok(_) => interval,
+            Ok(n) => {
+                if failures > 0 {
+                    tracing::info!(failures, "outbox relay working again");
+                }
+                failures = 0;
+                if n as i64 == BATCH {
+                    Duration::ZERO
+                } else {
+                    interval
+                }
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "outbox relay failed; will retry");
-                interval.max(Duration::from_secs(1))
+                failures += 1;
+                let backoff = interval
+                    .max(Duration::from_secs(1))
+                    .saturating_mul(1 << failures.min(5))
+                    .min(Duration::from_secs(5));
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!(error = %e, failures, retry_in = ?backoff, "outbox relay failed; will retry");
+                } else {
+                    tracing::debug!(error = %e, failures, "outbox relay failed again");
+                }
+                backoff
             }
         };
         tokio::select! {
