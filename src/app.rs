@@ -133,6 +133,10 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
         // Processes that serve /metrics also report the queues.
         tasks.spawn(monitor_queues(ctx.clone(), cancel.clone()));
     }
+    // Every process keeps its dependency health current (the intake answers
+    // 503 at once while Postgres or RabbitMQ is known down; publishers fail
+    // fast; the probe brings them back).
+    tasks.spawn(crate::deps::run_probe(ctx.clone(), cancel.clone()));
     if roles.relay {
         tasks.spawn(store::outbox::run_relay(
             ctx.db.clone(),
@@ -239,11 +243,16 @@ pub fn amqp_where(url: &str) -> String {
 /// Checks Postgres, Redis and RabbitMQ; 503 when any is down.
 pub async fn readiness(ctx: &Ctx) -> (StatusCode, Value) {
     let timeout = std::time::Duration::from_secs(2);
-    let pg = tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&ctx.db)).await;
-    let pg = match pg {
-        Ok(Ok(_)) => json!({"ok": true}),
-        Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
-        Err(_) => json!({"ok": false, "error": "timeout"}),
+    // A known outage is reported at once (no pool wait).
+    let pg_down = ctx.health.down_reason(crate::deps::Dep::Postgres);
+    let pg = match &pg_down {
+        Some(reason) => json!({"ok": false, "error": reason}),
+        None => match tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&ctx.db)).await
+        {
+            Ok(Ok(_)) => json!({"ok": true}),
+            Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
+            Err(_) => json!({"ok": false, "error": "timeout"}),
+        },
     };
     let redis = match ctx.locks.ping().await {
         Ok(()) => json!({"ok": true}),
@@ -256,7 +265,9 @@ pub async fn readiness(ctx: &Ctx) -> (StatusCode, Value) {
     };
     let all = [&pg, &redis, &amqp].iter().all(|v| v["ok"] == json!(true));
     // A warning only: deadlines are still computed (weekends only).
-    let calendar =
+    let calendar = if pg_down.is_some() {
+        json!({"error": "database unavailable"})
+    } else {
         match tokio::time::timeout(timeout, crate::timekeeping::calendar_status(ctx)).await {
             Ok(Ok(c)) => {
                 metrics::gauge!("prereg_calendar_missing").set(if c.calendar_missing {
@@ -268,7 +279,8 @@ pub async fn readiness(ctx: &Ctx) -> (StatusCode, Value) {
             }
             Ok(Err(e)) => json!({"error": e.to_string()}),
             Err(_) => json!({"error": "timeout"}),
-        };
+        }
+    };
     let code = if all {
         StatusCode::OK
     } else {

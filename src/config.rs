@@ -67,9 +67,23 @@ pub struct Config {
     pub max_attempts: u32,
     pub retry_delays: Vec<Duration>,
     pub delivery_limit: u32,
+    /// Expiry of a Redis lock; renewed every third of it while its job runs,
+    /// so a crashed worker's locks free themselves within this.
     pub lock_ttl: Duration,
     pub lock_wait: Duration,
     pub db_max_connections: u32,
+    /// How long a request or job waits for a pooled Postgres connection.
+    pub db_acquire_timeout: Duration,
+    /// Postgres `statement_timeout` of every connection (`0s` = none): a
+    /// lock wait or slow statement fails and is retried instead of hanging.
+    pub db_statement_timeout: Duration,
+    /// How long a publish waits for the broker's confirm.
+    pub publish_timeout: Duration,
+    /// How often each process probes its dependencies (4 times as often
+    /// while one is down).
+    pub health_probe_interval: Duration,
+    /// `Retry-After` of a `503` answer.
+    pub retry_after: Duration,
     pub outbox_interval: Duration,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
@@ -259,9 +273,16 @@ impl Config {
             max_attempts: num("PREREG_MAX_ATTEMPTS", "6")?.max(1) as u32,
             retry_delays,
             delivery_limit: num("PREREG_DELIVERY_LIMIT", "10")?.max(1) as u32,
-            lock_ttl: dur("PREREG_LOCK_TTL", "10s")?,
+            lock_ttl: dur("PREREG_LOCK_TTL", "1s")?.max(Duration::from_millis(30)),
             lock_wait: dur("PREREG_LOCK_WAIT", "3s")?,
             db_max_connections: num("PREREG_DB_MAX_CONNECTIONS", "20")?.max(1) as u32,
+            db_acquire_timeout: dur("PREREG_DB_ACQUIRE_TIMEOUT", "5s")?
+                .max(Duration::from_millis(10)),
+            db_statement_timeout: dur("PREREG_DB_STATEMENT_TIMEOUT", "30s")?,
+            publish_timeout: dur("PREREG_PUBLISH_TIMEOUT", "5s")?.max(Duration::from_millis(10)),
+            health_probe_interval: dur("PREREG_HEALTH_PROBE_INTERVAL", "1s")?
+                .max(Duration::from_millis(20)),
+            retry_after: dur("PREREG_RETRY_AFTER", "2s")?.max(Duration::from_secs(1)),
             outbox_interval: dur("PREREG_OUTBOX_INTERVAL", "200ms")?,
             shutdown_grace: dur("PREREG_SHUTDOWN_GRACE", "25s")?,
             log_format,

@@ -11,6 +11,7 @@ use sqlx::{PgPool, Row};
 
 use crate::{
     config::{Config, ReviewSla},
+    deps::Health,
     domain::workdays::{Calendar, CalendarEntry, DayKind, Deadline},
     locks::Locks,
     mail::Mailer,
@@ -23,6 +24,9 @@ pub struct Ctx {
     pub broker: Arc<Broker>,
     pub locks: Locks,
     pub mailer: Mailer,
+    /// Which dependencies are known to be down (shared by every request and
+    /// job; kept current by the probe task).
+    pub health: Arc<Health>,
     calendar: RwLock<(Arc<Calendar>, Option<Instant>)>,
 }
 
@@ -35,9 +39,19 @@ impl Ctx {
         if !cfg.dev_mode {
             cfg.check_secrets()?;
         }
-        let db = crate::store::connect(&cfg.database_url, cfg.db_max_connections)?;
+        let db = crate::store::connect_with(
+            &cfg.database_url,
+            cfg.db_max_connections,
+            cfg.db_acquire_timeout,
+            cfg.db_statement_timeout,
+        )?;
+        let health = Arc::new(Health::new(cfg.retry_after.as_secs()));
         let names = Names::new(&cfg.amqp_prefix, cfg.retry_delays.clone());
-        let broker = Arc::new(Broker::new(&cfg.amqp_url, names, cfg.delivery_limit));
+        let broker = Arc::new(
+            Broker::new(&cfg.amqp_url, names, cfg.delivery_limit)
+                .with_health(health.clone())
+                .with_timeout(cfg.publish_timeout),
+        );
         let locks = Locks::new(
             &cfg.redis_url,
             &cfg.amqp_prefix,
@@ -57,6 +71,7 @@ impl Ctx {
             broker,
             locks,
             mailer,
+            health,
             calendar: RwLock::new((Arc::new(Calendar::cn_2026()), None)),
         }))
     }

@@ -9,6 +9,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod context;
+pub mod deps;
 pub mod dev;
 pub mod domain;
 pub mod events;

@@ -2,13 +2,24 @@
 //! (sorted) order, with expiry, released only by their owner. Redis being
 //! down costs speed, never correctness: callers fall back on Postgres
 //! constraints when `acquire` answers `Unavailable`.
+//!
+//! The expiry is short (`PREREG_LOCK_TTL`, 1 s) and a watchdog renews it
+//! every third of it while the guard lives, so a long job keeps its locks
+//! but a crashed worker's locks free themselves within the TTL.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use rand::Rng;
 use redis::aio::ConnectionManager;
 use thiserror::Error;
 use tokio::sync::Mutex;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 #[derive(Debug, Error)]
 pub enum LockError {
@@ -19,6 +30,16 @@ pub enum LockError {
 }
 
 const RELEASE: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+
+/// Extends every key still held by this owner; returns how many were.
+const RENEW: &str = r"local n = 0
+for i, k in ipairs(KEYS) do
+  if redis.call('get', k) == ARGV[1] then
+    redis.call('pexpire', k, ARGV[2])
+    n = n + 1
+  end
+end
+return n";
 
 pub struct Locks {
     client: Option<redis::Client>,
@@ -35,6 +56,70 @@ pub struct Locks {
 pub struct LockGuard {
     keys: Vec<String>,
     token: String,
+    /// Stops the watchdog when the guard is released or dropped.
+    renewal: Option<DropGuard>,
+    lost: Arc<AtomicBool>,
+}
+
+impl LockGuard {
+    /// Whether a renewal found a lock no longer ours (it expired first, e.g.
+    /// after a long pause). Postgres constraints still decide correctly.
+    pub fn lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Stops renewing: the locks expire after their TTL unless released (a
+    /// crashed owner, as tests simulate it).
+    pub fn stop_renewing(&mut self) {
+        self.renewal.take();
+    }
+}
+
+/// Renews `keys` every third of `ttl` until cancelled or a lock is lost.
+async fn watchdog(
+    mut conn: ConnectionManager,
+    keys: Vec<String>,
+    token: String,
+    ttl: Duration,
+    op_timeout: Duration,
+    stop: CancellationToken,
+    lost: Arc<AtomicBool>,
+) {
+    let every = (ttl / 3).max(Duration::from_millis(10));
+    let script = redis::Script::new(RENEW);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let mut inv = script.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        inv.arg(&token).arg(ttl.as_millis() as u64);
+        let call = inv.invoke_async::<i64>(&mut conn);
+        let result = tokio::time::timeout(op_timeout.min(every), call).await;
+        if stop.is_cancelled() {
+            // Released meanwhile (the release may have run between the keys).
+            return;
+        }
+        match result {
+            Ok(Ok(n)) if n as usize == keys.len() => {}
+            Ok(Ok(n)) => {
+                metrics::counter!("prereg_lock_lost_total").increment(1);
+                tracing::warn!(
+                    held = n,
+                    of = keys.len(),
+                    "lock expired before renewal; Postgres constraints still hold"
+                );
+                lost.store(true, Ordering::Relaxed);
+                return;
+            }
+            // Redis slow or down: try again; the lock may expire meanwhile.
+            Ok(Err(e)) => tracing::debug!(error = %e, "lock renewal failed"),
+            Err(_) => tracing::debug!("lock renewal timed out"),
+        }
+    }
 }
 
 impl Locks {
@@ -147,7 +232,25 @@ impl Locks {
                 }
             }
         }
-        Ok(LockGuard { keys: held, token })
+        let stop = CancellationToken::new();
+        let lost = Arc::new(AtomicBool::new(false));
+        if !held.is_empty() {
+            tokio::spawn(watchdog(
+                conn.clone(),
+                held.clone(),
+                token.clone(),
+                self.ttl,
+                self.op_timeout,
+                stop.clone(),
+                lost.clone(),
+            ));
+        }
+        Ok(LockGuard {
+            keys: held,
+            token,
+            renewal: Some(stop.drop_guard()),
+            lost,
+        })
     }
 
     async fn release_keys(&self, conn: &mut ConnectionManager, keys: &[String], token: &str) {
@@ -165,7 +268,8 @@ impl Locks {
     }
 
     /// Releases what the guard holds, only where this owner still holds it.
-    pub async fn release(&self, guard: LockGuard) {
+    pub async fn release(&self, mut guard: LockGuard) {
+        guard.renewal.take();
         if let Ok(mut conn) = self.connection().await {
             self.release_keys(&mut conn, &guard.keys, &guard.token)
                 .await;

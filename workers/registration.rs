@@ -35,6 +35,16 @@ pub async fn handle(ctx: &Ctx, ev: &CloudEvent) -> Result<Outcome, JobError> {
         Some(p) if p.status() != Status::Queued => return Ok(Outcome::Skipped("already_decided")),
         Some(_) => {}
         None => {
+            // The intake answered 503 and undid this request; its job got
+            // through anyway (a publish confirm that timed out).
+            let withdrawn: Option<(Uuid,)> =
+                sqlx::query_as("SELECT id FROM withdrawn_commands WHERE id = $1")
+                    .bind(cmd.id)
+                    .fetch_optional(&ctx.db)
+                    .await?;
+            if withdrawn.is_some() {
+                return Ok(Outcome::Skipped("withdrawn"));
+            }
             // Not stored by the intake: an upstream system's command. Check it
             // exactly as the intake checks an HTTP request.
             let mut body = ev.data.clone();

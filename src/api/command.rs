@@ -119,6 +119,12 @@ pub async fn accept(
         let mut tx = st.ctx.db.begin().await?;
         if let Some((sql, id)) = undo {
             sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+            // The message may still reach the broker (a confirm that timed
+            // out): its worker must not recreate what was undone.
+            sqlx::query("INSERT INTO withdrawn_commands (id) VALUES ($1) ON CONFLICT DO NOTHING")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
         }
         if let Some(i) = idem {
             idempotency::forget(&mut tx, &i.principal, &i.key).await?;

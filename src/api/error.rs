@@ -1,13 +1,13 @@
 //! One error type for the API: `{"error": {"code", "message", "details"}}`.
 
 use axum::{
-    http::StatusCode,
+    http::{header, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     Json,
 };
 use serde_json::{json, Value};
 
-use crate::domain::validate::FieldError;
+use crate::{deps::Dep, domain::validate::FieldError};
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -75,6 +75,11 @@ impl ApiError {
             message,
         )
     }
+    /// 503 naming the dependency that is down (`details.dependency`); the
+    /// answer carries `Retry-After`.
+    pub fn dependency_down(dep: Dep, message: impl Into<String>) -> Self {
+        Self::unavailable(message).details(json!({ "dependency": dep.name() }))
+    }
     pub fn internal() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -84,11 +89,32 @@ impl ApiError {
     }
 }
 
+/// `Retry-After` of a 503 when nothing else set it (the health gate sets the
+/// configured value).
+pub const DEFAULT_RETRY_AFTER_SECS: u64 = 2;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let dep = self
+            .details
+            .as_ref()
+            .and_then(|d| d.get("dependency"))
+            .and_then(Value::as_str)
+            .and_then(Dep::parse);
         let body =
             json!({"error": {"code": self.code, "message": self.message, "details": self.details}});
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(DEFAULT_RETRY_AFTER_SECS),
+            );
+        }
+        if let Some(dep) = dep {
+            // The health gate probes this dependency at once.
+            resp.extensions_mut().insert(dep);
+        }
+        resp
     }
 }
 
@@ -104,24 +130,30 @@ impl From<sqlx::Error> for ApiError {
             Some("23514" | "22P02" | "22001") => {
                 ApiError::unprocessable("invalid_value", "a value is not allowed")
             }
-            _ => match e {
-                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                    tracing::error!(error = %e, "database unavailable");
-                    ApiError::unavailable("the database is unavailable; try again")
-                }
-                _ => {
-                    tracing::error!(error = %e, "database error");
-                    ApiError::internal()
-                }
-            },
+            _ if crate::deps::db_unavailable(&e) => {
+                // Shut down, restarting, unreachable, out of connections, or a
+                // statement past statement_timeout: nothing was committed.
+                tracing::warn!(error = %e, "database unavailable");
+                ApiError::dependency_down(
+                    Dep::Postgres,
+                    "the database is unavailable; nothing was done, try again",
+                )
+            }
+            _ => {
+                tracing::error!(error = %e, "database error");
+                ApiError::internal()
+            }
         }
     }
 }
 
 impl From<crate::mq::PublishError> for ApiError {
     fn from(e: crate::mq::PublishError) -> Self {
-        tracing::error!(error = %e, "broker publish failed");
-        ApiError::unavailable("the message broker is unavailable; nothing was done, try again")
+        tracing::warn!(error = %e, "broker publish failed");
+        ApiError::dependency_down(
+            Dep::RabbitMq,
+            "the message broker is unavailable; nothing was done, try again",
+        )
     }
 }
 

@@ -6,6 +6,7 @@ pub mod calendar;
 pub mod command;
 pub mod dashboard;
 pub mod error;
+pub mod gate;
 pub mod health;
 pub mod history;
 pub mod invitations;
@@ -129,6 +130,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/admin/dead-letters/{queue}", get(admin::dead_letters))
         .route("/v1/admin/dead-letters/{queue}/replay", post(admin::replay))
         .fallback(|| async { error::ApiError::not_found("route") })
+        .layer(middleware::from_fn_with_state(state.clone(), gate::gate))
         .layer(middleware::from_fn(wire))
         .layer(middleware::from_fn(observe))
         .layer(CatchPanicLayer::custom(|_| {

@@ -185,6 +185,7 @@ pub enum SendError {
 pub struct Mailer {
     transport: Transport,
     from: Mailbox,
+    timeout: std::time::Duration,
 }
 
 enum Transport {
@@ -226,7 +227,11 @@ impl Mailer {
         let from = from
             .parse::<Mailbox>()
             .map_err(|e| format!("PREREG_MAIL_FROM: {e}"))?;
-        Ok(Self { transport, from })
+        Ok(Self {
+            transport,
+            from,
+            timeout,
+        })
     }
 
     /// The directory messages are caught in (file transport), if any.
@@ -267,15 +272,40 @@ impl Mailer {
             )
             .map_err(|e| SendError::Invalid(e.to_string()))?;
         match &self.transport {
-            Transport::Smtp(t) => match t.send(message).await {
-                Ok(resp) => Ok(format!(
-                    "{} {}",
-                    resp.code(),
-                    resp.message().collect::<Vec<_>>().join(" ")
-                )),
-                Err(e) if e.is_permanent() => Err(SendError::Permanent(e.to_string())),
-                Err(e) => Err(SendError::Transient(e.to_string())),
-            },
+            Transport::Smtp(t) => {
+                // The transport bounds the TCP connect only: a server that
+                // accepts and then says nothing would hold the job until its
+                // timeout, with the outcome unknown. Check first that it
+                // answers (greeting, EHLO, NOOP) within the SMTP timeout: if
+                // not, nothing was sent and the job is simply retried.
+                match tokio::time::timeout(self.timeout, t.test_connection()).await {
+                    Ok(Ok(true)) => {}
+                    Ok(Ok(false)) => {
+                        return Err(SendError::Transient(
+                            "mail server connection is not usable".into(),
+                        ))
+                    }
+                    Ok(Err(e)) if e.is_permanent() => {
+                        return Err(SendError::Permanent(e.to_string()))
+                    }
+                    Ok(Err(e)) => return Err(SendError::Transient(e.to_string())),
+                    Err(_) => {
+                        return Err(SendError::Transient(format!(
+                            "mail server did not answer within {:?}; nothing was sent",
+                            self.timeout
+                        )))
+                    }
+                }
+                match t.send(message).await {
+                    Ok(resp) => Ok(format!(
+                        "{} {}",
+                        resp.code(),
+                        resp.message().collect::<Vec<_>>().join(" ")
+                    )),
+                    Err(e) if e.is_permanent() => Err(SendError::Permanent(e.to_string())),
+                    Err(e) => Err(SendError::Transient(e.to_string())),
+                }
+            }
             Transport::File(t, _) => match t.send(message).await {
                 Ok(id) => Ok(format!("250 caught as {id}.eml")),
                 Err(e) => Err(SendError::Transient(format!("file transport: {e}"))),

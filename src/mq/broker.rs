@@ -1,6 +1,12 @@
 //! One AMQP connection per process, (re)established on demand, and a publisher
 //! that waits for the broker's confirm and treats an unroutable message
 //! (`mandatory`) as an error.
+//!
+//! `PREREG_AMQP_URL` may list several nodes of a cluster, comma-separated:
+//! a connection goes to the first that answers, starting after the node
+//! that failed last. While the broker is known to be down (or blocked by a
+//! memory or disk alarm) publishing fails at once; the process's health
+//! probe reconnects.
 
 use std::{sync::Arc, time::Duration};
 
@@ -14,6 +20,7 @@ use thiserror::Error;
 use tokio::sync::Mutex;
 
 use super::{envelope::CloudEvent, topology, Names};
+use crate::deps::{Dep, Health};
 
 #[derive(Debug, Error)]
 pub enum PublishError {
@@ -25,6 +32,8 @@ pub enum PublishError {
     Nacked,
     #[error("no confirm from the broker within {0:?}")]
     Timeout(Duration),
+    #[error("broker blocks publishers (memory or disk alarm)")]
+    Blocked,
     #[error("message could not be encoded: {0}")]
     Encode(String),
 }
@@ -36,35 +45,94 @@ struct Live {
 }
 
 pub struct Broker {
-    url: String,
+    urls: Vec<String>,
+    /// Index in `urls` of the node to try first.
+    next_url: std::sync::atomic::AtomicUsize,
     pub names: Names,
     delivery_limit: u32,
     timeout: Duration,
+    health: Arc<Health>,
     live: Mutex<Option<Live>>,
     generation: std::sync::atomic::AtomicU64,
+}
+
+/// The nodes of `PREREG_AMQP_URL`: one URL, or several separated by commas.
+pub fn split_urls(url: &str) -> Vec<String> {
+    let urls: Vec<String> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect();
+    if urls.is_empty() {
+        vec![url.to_string()]
+    } else {
+        urls
+    }
 }
 
 impl Broker {
     pub fn new(url: &str, names: Names, delivery_limit: u32) -> Self {
         Self {
-            url: url.to_string(),
+            urls: split_urls(url),
+            next_url: Default::default(),
             names,
             delivery_limit,
             timeout: Duration::from_secs(5),
+            health: Arc::new(Health::default()),
             live: Mutex::new(None),
             generation: Default::default(),
         }
     }
 
+    /// Shares the process's dependency health.
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = health;
+        self
+    }
+
+    /// How long a connect or a publish confirm may take.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Connects to the first node that answers, starting with `next_url`.
+    async fn connect_any(&self) -> Result<Connection, PublishError> {
+        use std::sync::atomic::Ordering;
+        let n = self.urls.len();
+        let start = self.next_url.load(Ordering::Relaxed) % n;
+        let mut last = PublishError::Unavailable("no broker address".into());
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let props = ConnectionProperties::default()
+                .with_executor(tokio_executor_trait::Tokio::current())
+                .with_reactor(tokio_reactor_trait::Tokio)
+                .with_connection_name("prereg".into());
+            match tokio::time::timeout(self.timeout, Connection::connect(&self.urls[idx], props))
+                .await
+            {
+                Ok(Ok(conn)) => {
+                    if n > 1 {
+                        tracing::info!(node = idx, "connected to RabbitMQ node");
+                    }
+                    self.next_url.store(idx, Ordering::Relaxed);
+                    return Ok(conn);
+                }
+                Ok(Err(e)) => last = PublishError::Unavailable(e.to_string()),
+                Err(_) => last = PublishError::Timeout(self.timeout),
+            }
+            if n > 1 {
+                tracing::warn!(node = idx, error = %last, "RabbitMQ node unreachable; trying the next");
+            }
+        }
+        // Next time, start after the node that failed first.
+        self.next_url.store((start + 1) % n, Ordering::Relaxed);
+        Err(last)
+    }
+
     async fn open(&self) -> Result<Live, PublishError> {
-        let props = ConnectionProperties::default()
-            .with_executor(tokio_executor_trait::Tokio::current())
-            .with_reactor(tokio_reactor_trait::Tokio)
-            .with_connection_name("prereg".into());
-        let conn = tokio::time::timeout(self.timeout, Connection::connect(&self.url, props))
-            .await
-            .map_err(|_| PublishError::Timeout(self.timeout))?
-            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+        let conn = self.connect_any().await?;
         let publish = conn.create_channel().await.map_err(unavailable)?;
         topology::declare(&publish, &self.names, self.delivery_limit)
             .await
@@ -86,28 +154,67 @@ impl Broker {
     }
 
     /// The live connection and publishing channel, reconnecting when needed.
-    async fn live(&self) -> Result<(u64, Arc<Connection>, Channel), PublishError> {
+    /// While the broker is known to be down this fails at once (unless
+    /// `force`, which the health probe uses to find it back).
+    async fn live_inner(
+        &self,
+        force: bool,
+    ) -> Result<(u64, Arc<Connection>, Channel), PublishError> {
+        if !force {
+            if let Some(reason) = self.health.down_reason(Dep::RabbitMq) {
+                return Err(PublishError::Unavailable(format!("known down: {reason}")));
+            }
+        }
         let mut guard = self.live.lock().await;
         if let Some(l) = guard.as_ref() {
             if l.conn.status().connected() && l.publish.status().connected() {
                 return Ok((l.generation, l.conn.clone(), l.publish.clone()));
             }
             tracing::warn!("RabbitMQ connection lost; reconnecting");
+            *guard = None;
         }
-        let l = self.open().await?;
-        let out = (l.generation, l.conn.clone(), l.publish.clone());
-        *guard = Some(l);
-        Ok(out)
+        match self.open().await {
+            Ok(l) => {
+                let out = (l.generation, l.conn.clone(), l.publish.clone());
+                *guard = Some(l);
+                Ok(out)
+            }
+            Err(e) => {
+                self.health.mark_down(Dep::RabbitMq, e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    async fn live(&self) -> Result<(u64, Arc<Connection>, Channel), PublishError> {
+        self.live_inner(false).await
     }
 
     /// Drops the connection of `generation` so the next call reconnects.
     pub async fn reset(&self, generation: u64) {
-        let mut guard = self.live.lock().await;
-        if guard.as_ref().is_some_and(|l| l.generation == generation) {
-            if let Some(l) = guard.take() {
-                let _ = l.conn.close(320, "reset").await;
+        let taken = {
+            let mut guard = self.live.lock().await;
+            if guard.as_ref().is_some_and(|l| l.generation == generation) {
+                guard.take()
+            } else {
+                None
             }
+        };
+        if let Some(l) = taken {
+            // A connection blocked by an alarm cannot send its close: do not
+            // wait for it.
+            let _ = tokio::time::timeout(Duration::from_secs(1), l.conn.close(320, "reset")).await;
         }
+    }
+
+    /// The health probe: reconnects if needed; a connection blocked by a
+    /// resource alarm counts as unavailable.
+    pub async fn probe(&self) -> Result<(), PublishError> {
+        let (_, conn, _) = self.live_inner(true).await?;
+        if conn.status().blocked() {
+            return Err(PublishError::Blocked);
+        }
+        Ok(())
     }
 
     /// A fresh channel on the shared connection (for a consumer), with its
@@ -178,7 +285,14 @@ impl Broker {
         headers: FieldTable,
         expiration_ms: Option<u64>,
     ) -> Result<(), PublishError> {
-        let (generation, _, ch) = self.live().await?;
+        let (generation, conn, ch) = self.live().await?;
+        if conn.status().blocked() {
+            // A memory or disk alarm: the broker reads nothing from this
+            // connection until it clears. Fail now rather than wait.
+            self.health
+                .mark_down(Dep::RabbitMq, PublishError::Blocked.to_string());
+            return Err(PublishError::Blocked);
+        }
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/cloudevents+json".into())
@@ -209,11 +323,17 @@ impl Broker {
             }
             Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
         };
-        if matches!(
-            result,
-            Err(PublishError::Unavailable(_) | PublishError::Timeout(_))
-        ) {
-            self.reset(generation).await;
+        match &result {
+            Err(e @ PublishError::Timeout(_)) if conn.status().blocked() => {
+                // Keep the connection: its blocked state tells the probe
+                // when the alarm clears.
+                self.health.mark_down(Dep::RabbitMq, e.to_string());
+            }
+            Err(e @ (PublishError::Unavailable(_) | PublishError::Timeout(_))) => {
+                self.health.mark_down(Dep::RabbitMq, e.to_string());
+                self.reset(generation).await;
+            }
+            _ => {}
         }
         result
     }
@@ -234,14 +354,17 @@ impl Broker {
     /// operators): every channel on it dies; publishers and consumers
     /// reconnect on their own.
     pub async fn drop_connection(&self) {
-        if let Some(l) = self.live.lock().await.take() {
-            let _ = l.conn.close(320, "dropped").await;
+        let taken = self.live.lock().await.take();
+        if let Some(l) = taken {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), l.conn.close(320, "dropped")).await;
         }
     }
 
     pub async fn close(&self) {
-        if let Some(l) = self.live.lock().await.take() {
-            let _ = l.conn.close(200, "shutdown").await;
+        let taken = self.live.lock().await.take();
+        if let Some(l) = taken {
+            let _ = tokio::time::timeout(self.timeout, l.conn.close(200, "shutdown")).await;
         }
     }
 }

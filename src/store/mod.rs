@@ -22,12 +22,32 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// A lazily connecting pool: the process starts even while Postgres is down
 /// and reconnects on its own.
 pub fn connect(url: &str, max: u32) -> Result<PgPool, sqlx::Error> {
-    PgPoolOptions::new()
+    connect_with(url, max, Duration::from_secs(5), Duration::ZERO)
+}
+
+/// Like [`connect`], with the pool's acquire timeout and the connections'
+/// `statement_timeout` (zero: none). The timeout travels as a startup
+/// parameter, so it costs no round trip; a transaction may still lift it
+/// with `SET LOCAL statement_timeout`.
+pub fn connect_with(
+    url: &str,
+    max: u32,
+    acquire_timeout: Duration,
+    statement_timeout: Duration,
+) -> Result<PgPool, sqlx::Error> {
+    let mut opts: sqlx::postgres::PgConnectOptions = url.parse()?;
+    if !statement_timeout.is_zero() {
+        opts = opts.options([(
+            "statement_timeout",
+            format!("{}ms", statement_timeout.as_millis()),
+        )]);
+    }
+    Ok(PgPoolOptions::new()
         .max_connections(max)
         .min_connections(1)
-        .acquire_timeout(Duration::from_secs(5))
+        .acquire_timeout(acquire_timeout)
         .test_before_acquire(true)
-        .connect_lazy(url)
+        .connect_lazy_with(opts))
 }
 
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {

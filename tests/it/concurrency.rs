@@ -129,12 +129,14 @@ async fn redis_locks_are_exclusive_ordered_and_owner_released() {
         Duration::from_millis(200),
         Duration::from_millis(50),
     );
-    let _forgotten = short.acquire(&keys).await.expect("taken");
+    let mut forgotten = short.acquire(&keys).await.expect("taken");
+    // As if its owner crashed: nobody renews it any more.
+    forgotten.stop_renewing();
     assert!(matches!(b.acquire(&keys).await, Err(LockError::Busy)));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let g3 = b.acquire(&keys).await.expect("expired");
     // A late release by the old owner does not free the new owner's lock.
-    short.release(_forgotten).await;
+    short.release(forgotten).await;
     assert!(matches!(a.acquire(&keys).await, Err(LockError::Busy)));
     b.release(g3).await;
 }

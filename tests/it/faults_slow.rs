@@ -1,0 +1,196 @@
+//! Slow dependencies: a Postgres lock wait is bounded by `statement_timeout`
+//! (503 at the intake, a delayed retry in the worker); an SMTP server that
+//! answers 421 or accepts and then stalls gets the retry schedule and the
+//! customer one email.
+
+use std::time::{Duration, Instant};
+
+use prereg_devtools::smtp_sink::{SmtpSink, Stage};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use crate::common::{spawn_with, wait_until, Partner, TestApp};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn statement_timeout_bounds_a_lock_wait_and_the_job_is_retried() {
+    let app = spawn_with(|c| {
+        c.db_statement_timeout = Duration::from_millis(400);
+        c.retry_delays = vec![Duration::from_millis(300), Duration::from_millis(600)];
+        c.max_attempts = 12;
+    })
+    .await;
+    let p = app.create_partner(json!({})).await;
+    // Someone holds the partner row (a long transaction, a stuck migration).
+    let mut blocker = app.db().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM partners WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(p.id)
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+
+    // The intake: an update of that row answers 503 + Retry-After after
+    // about the statement timeout, not whenever the lock goes.
+    let started = Instant::now();
+    let resp = app
+        .http
+        .put(format!("{}/v1/partner/contact", app.addr))
+        .bearer_auth(&p.key)
+        .json(&json!({"contact_email": "new@partner.example"}))
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(resp.headers().get("retry-after").is_some());
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "service_unavailable", "{body}");
+    assert!(took < Duration::from_secs(3), "bounded wait: {took:?}");
+
+    // The worker: its decision waits on the same row; each attempt gives up
+    // after the statement timeout and is retried later.
+    let id = app
+        .prereg(&p, "slow@customer.example", "+8613600000001")
+        .await;
+    let mut longest = 0.0f64;
+    let watch_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < watch_until {
+        let age: f64 = sqlx::query_scalar(
+            "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - query_start)), 0)::float8
+               FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+        longest = longest.max(age);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, v) = app.get(&format!("/v1/preregistrations/{id}"), &p.key).await;
+    assert_eq!(v["status"], "queued", "still waiting while the row is held");
+    assert!(
+        longest > 0.1 && longest < 1.0,
+        "lock waits are cut at the statement timeout (longest {longest:.2} s)"
+    );
+    blocker.rollback().await.unwrap();
+    let v = app.decided(&p, id).await;
+    assert_eq!(v["status"], "preregistered", "{v}");
+    app.cleanup().await;
+}
+
+async fn mail_app(smtp_url: String) -> TestApp {
+    spawn_with(move |c| {
+        c.smtp_url = smtp_url;
+        c.smtp_timeout = Duration::from_millis(800);
+        c.job_timeout = Duration::from_secs(6);
+        c.retry_delays = vec![Duration::from_millis(200), Duration::from_millis(400)];
+        c.max_attempts = 6;
+    })
+    .await
+}
+
+/// Claims a customer and invites them; returns the invitation id.
+async fn invite_one(app: &TestApp, p: &Partner, n: u32) -> String {
+    let id = app
+        .prereg(
+            p,
+            &format!("mailfault{n}@customer.example"),
+            &format!("+8615100000{n:03}"),
+        )
+        .await;
+    assert_eq!(app.decided(p, id).await["status"], "preregistered");
+    let (s, v) = app
+        .post(
+            "/v1/invitations",
+            &p.key,
+            json!({"preregistration_ids": [id]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    v["results"][0]["invitation_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn sent(app: &TestApp, p: &Partner, inv: &str) -> Value {
+    let mut last = Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let (_, v) = app
+            .request(
+                Method::GET,
+                &format!("/v1/invitations/{inv}"),
+                Some(&p.key),
+                None,
+            )
+            .await;
+        if v["status"] == "sent" {
+            return v;
+        }
+        last = v;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("invitation {inv} never sent: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_421_is_retried_and_the_customer_gets_one_email() {
+    let sink = SmtpSink::start().await.unwrap();
+    sink.script(Stage::Mail, 421, "4.7.0 too busy, closing");
+    sink.script(Stage::Mail, 421, "4.7.0 too busy, closing");
+    let app = mail_app(sink.url()).await;
+    let p = app.create_partner(json!({})).await;
+    let inv = invite_one(&app, &p, 1).await;
+    let v = sent(&app, &p, &inv).await;
+    assert_eq!(v["attempts"], 3, "two 421s, then sent: {v}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.count(), 1, "one email");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_that_accepts_then_stalls_is_retried_and_the_customer_gets_one_email() {
+    let sink = SmtpSink::start().await.unwrap();
+    // A relay that accepts connections and says nothing, until it recovers
+    // and passes connections to the sink.
+    let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stalled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sink_addr = sink.addr();
+    let (h, s) = (healthy.clone(), stalled.clone());
+    let relay_task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut conn, _)) = relay.accept().await {
+            if h.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(sink_addr).await {
+                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                    }
+                });
+            } else {
+                s.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(conn);
+            }
+        }
+    });
+    let app = mail_app(format!("smtp://{relay_addr}")).await;
+    let p = app.create_partner(json!({})).await;
+    let inv = invite_one(&app, &p, 2).await;
+    wait_until(Duration::from_secs(20), || async {
+        stalled.load(std::sync::atomic::Ordering::SeqCst) >= 2
+    })
+    .await;
+    let (_, v) = app.get(&format!("/v1/invitations/{inv}"), &p.key).await;
+    assert_eq!(
+        v["status"], "queued",
+        "not sent while the server stalls: {v}"
+    );
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    let v = sent(&app, &p, &inv).await;
+    assert!(v["attempts"].as_i64().unwrap_or(0) >= 2, "{v}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.count(), 1, "one email");
+    relay_task.abort();
+    app.cleanup().await;
+}
