@@ -12,22 +12,30 @@ use prereg::{
 pub enum AdminCommand {
     /// Create a partner and print its API key (shown once).
     CreatePartner {
+        /// The partner's name, as shown to its customers in invitations.
         #[arg(long)]
         name: String,
         /// ISO 3166-1 alpha-2, e.g. CN.
         #[arg(long)]
         country: String,
+        /// Contact email for notices (a contact email or mobile is needed
+        /// before the partner may pre-register customers).
         #[arg(long)]
         contact_email: Option<String>,
+        /// Contact mobile in E.164, e.g. +8613800000000.
         #[arg(long)]
         contact_mobile: Option<String>,
+        /// Allow referral invitations (reseller only otherwise).
         #[arg(long)]
         referral: bool,
+        /// Prepaid billing (postpaid otherwise); prepaid partners cannot
+        /// associate customers in the reseller model.
         #[arg(long)]
         prepaid: bool,
     },
     /// Issue an upstream key and print it (shown once).
     UpstreamKey {
+        /// Who or what the key is for, e.g. "account system".
         #[arg(long)]
         label: Option<String>,
     },
@@ -56,6 +64,7 @@ pub enum CalendarCommand {
     /// lines after a header, `#` comments allowed (the format of
     /// calendar-cn-2026.tsv).
     Load {
+        /// The TSV file to load.
         file: std::path::PathBuf,
         /// The year being loaded; needed when the file has no entries,
         /// otherwise taken from them (every date must be in that year).
@@ -63,7 +72,10 @@ pub enum CalendarCommand {
         year: Option<i32>,
     },
     /// Print one year as TSV.
-    Show { year: i32 },
+    Show {
+        /// The year, e.g. 2027.
+        year: i32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -77,21 +89,28 @@ pub enum OperatorKeyCommand {
     /// List operator keys (id, label, created, revoked); never the keys.
     List,
     /// Revoke an operator key by its id (it stops working within seconds).
-    Revoke { key_id: uuid::Uuid },
+    Revoke {
+        /// The key's id, as `list` shows it.
+        key_id: uuid::Uuid,
+    },
 }
 
 #[derive(Subcommand)]
 pub enum DlqCommand {
     /// Show the dead letters of a queue (they stay in place).
     List {
+        /// registration, accounts, email, association, sweeps, deadlines or export.
         queue: String,
+        /// At most this many messages.
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
     /// Send the dead letters of a queue back to it (or only the one whose
     /// message id is `--id`), with a fresh retry count.
     Replay {
+        /// registration, accounts, email, association, sweeps, deadlines or export.
         queue: String,
+        /// At most this many messages.
         #[arg(long, default_value_t = 1000)]
         limit: usize,
         /// Replay only the dead letter with this message id.

@@ -244,7 +244,7 @@ pub fn svg_chart(
     series: &[Series],
     now: DateTime<Utc>,
 ) -> String {
-    let (w, h, left, right, top, bottom) = (560.0, 180.0, 48.0, 8.0, 22.0, 22.0);
+    let (w, h, left, right, top, bottom) = (560.0, 190.0, 48.0, 8.0, 36.0, 22.0);
     let span = KEEP.as_secs_f64();
     let max = series
         .iter()
@@ -279,7 +279,7 @@ pub fn svg_chart(
             h - 6.0
         ));
     }
-    let mut legend_x = left + 200.0;
+    let mut legend_x = left;
     for (i, s) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         if s.points.len() > 1 {
@@ -294,7 +294,7 @@ pub fn svg_chart(
             ));
         }
         out.push_str(&format!(
-            r##"<rect x="{legend_x:.0}" y="6" width="8" height="8" fill="{color}"/><text x="{:.0}" y="14" font-size="10">{}</text>"##,
+            r##"<rect x="{legend_x:.0}" y="20" width="8" height="8" fill="{color}"/><text x="{:.0}" y="28" font-size="10">{}</text>"##,
             legend_x + 11.0,
             s.name
         ));

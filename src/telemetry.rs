@@ -13,7 +13,11 @@ use crate::config::{Config, LogFormat};
 pub fn init(cfg: &Config) {
     let ansi = std::io::stderr().is_terminal();
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=error"));
+        // lapin logs every connection close at ERROR (so `prereg admin dlq
+        // replay` printed errors on success); our own broker code reports
+        // what failed, where and which variable to change.
+        // `RUST_LOG=info,lapin=debug` shows lapin's view when needed.
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=off"));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match cfg.log_format {
         LogFormat::Json => registry

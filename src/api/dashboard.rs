@@ -566,6 +566,8 @@ async fn build(st: &AppState, s: &Session, q: DashboardQuery) -> Result<Dashboar
         .rev()
         .find(|x| last.is_some_and(|l| (l.at - x.at).num_seconds() >= 60))
         .or(hist.first());
+    let runs_workers =
+        last.is_some_and(|l| l.gauges.keys().any(|(m, _)| m == "prereg_jobs_in_flight"));
     let (mut queues, mut retries, mut queue_error, mut dead_total) =
         (Vec::new(), Vec::new(), None, 0);
     let mut dead_letters = Vec::new();
@@ -624,9 +626,12 @@ async fn build(st: &AppState, s: &Session, q: DashboardQuery) -> Result<Dashboar
                 queues.push(QueueRow {
                     name,
                     ready,
-                    in_flight: gauge("prereg_jobs_in_flight")
-                        .map(|v| format!("{v:.0}"))
-                        .unwrap_or_else(|| "—".into()),
+                    in_flight: match gauge("prereg_jobs_in_flight") {
+                        Some(v) => format!("{v:.0}"),
+                        // This process consumes but has not taken a job of this queue yet.
+                        None if runs_workers => "0".into(),
+                        None => "—".into(),
+                    },
                     consumers,
                     dead,
                     oldest: if ready == 0 {

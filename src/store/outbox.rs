@@ -236,11 +236,19 @@ pub async fn run_relay(
         }
     };
     let mut idle = false;
+    // While Postgres or RabbitMQ stays down, retry with back-off (2 s up to
+    // 5 s) and say so once per failure streak, not every round.
+    let mut failures: u32 = 0;
     loop {
         if cancel.is_cancelled() {
             break;
         }
-        let wait = match relay_once(&pool, &publisher, BATCH, lease).await {
+        let result = relay_once(&pool, &publisher, BATCH, lease).await;
+        if result.is_ok() && failures > 0 {
+            tracing::info!(failures, "outbox relay working again");
+            failures = 0;
+        }
+        let wait = match result {
             Ok(n) if n > 0 => {
                 if idle {
                     idle = set_idle(&pool, false).await.map_or(idle, |_| false);
@@ -257,8 +265,17 @@ pub async fn run_relay(
             }
             Ok(_) => next_due(&pool).await.unwrap_or(idle_cap).min(idle_cap),
             Err(e) => {
-                tracing::warn!(error = %e, "outbox relay failed; will retry");
-                interval.max(Duration::from_secs(1))
+                failures += 1;
+                let backoff = interval
+                    .max(Duration::from_secs(1))
+                    .saturating_mul(1 << failures.min(5))
+                    .min(Duration::from_secs(5));
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!(error = %e, failures, retry_in = ?backoff, "outbox relay failed; will retry");
+                } else {
+                    tracing::debug!(error = %e, failures, "outbox relay failed again");
+                }
+                backoff
             }
         };
         if wait.is_zero() {
