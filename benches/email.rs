@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use futures::{stream, StreamExt};
 use prereg::{
     app::{self, Roles},
-    mail::sink::SmtpSink,
     mq::{CloudEvent, Queue},
     Config, Ctx,
 };
+use prereg_devtools::smtp_sink::SmtpSink;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;

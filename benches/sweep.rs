@@ -63,6 +63,18 @@ async fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let stats = sweeps::run(&ctx).await?;
     let full = t.elapsed();
+    // Counted in the database, not taken from the sweep's own figure: the
+    // report must show what was written.
+    let timeline_written: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM preregistration_events WHERE to_status = 'expired'",
+    )
+    .fetch_one(&ctx.db)
+    .await?;
+    let outbox_written: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE routing_key = 'preregistration.expired'",
+    )
+    .fetch_one(&ctx.db)
+    .await?;
     anyhow::ensure!(
         stats.claims_expired == due as u64,
         "expired {} of {due}",
@@ -107,8 +119,8 @@ async fn main() -> anyhow::Result<()> {
         ms(full),
         stats.batches,
         stats.claims_expired,
-        stats.claims_expired,
-        stats.claims_expired
+        timeline_written,
+        outbox_written
     );
     println!(
         "| one sweep, none due (20 runs) | median **{:.2} ms**, min {:.2} ms, max {:.2} ms |",

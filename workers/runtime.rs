@@ -28,6 +28,7 @@ use crate::{
     context::Ctx,
     mq::{
         broker::{header_str, header_u32},
+        topology::DELAY_TIER,
         CloudEvent, Queue,
     },
 };
@@ -155,7 +156,7 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
     let waited = (Utc::now() - ev.time).num_milliseconds().max(0) as f64 / 1000.0;
     metrics::gauge!("prereg_queue_oldest_message_age_seconds", "queue" => q.short()).set(waited);
     let span = tracing::info_span!("job", queue = q.short(), job_id = %ev.id, job_type = %ev.ty,
-        correlation_id = ev.correlationid.as_deref().unwrap_or(""), attempt = retries + 1);
+        correlation_id = ev.correlationid.as_deref().unwrap_or(""), attempt = retries.saturating_add(1));
     async {
         let result = match tokio::time::timeout(ctx.cfg.job_timeout, dispatch(ctx, &ev)).await {
             Ok(r) => r,
@@ -178,7 +179,9 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
                 dead_letter(ctx, q, &delivery, code, &message, retries).await;
                 "dead_lettered"
             }
-            Err(JobError::Retryable(message)) if retries + 1 >= ctx.cfg.max_attempts => {
+            Err(JobError::Retryable(message))
+                if retries.saturating_add(1) >= ctx.cfg.max_attempts =>
+            {
                 tracing::warn!(%message, "retries exhausted; dead-lettering");
                 exhausted(ctx, &ev, &message).await;
                 dead_letter(ctx, q, &delivery, "retries_exhausted", &message, retries).await;
@@ -186,7 +189,7 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
             }
             Err(JobError::Retryable(message)) => {
                 tracing::info!(%message, "job will be retried");
-                retry_later(ctx, q, &delivery, retries + 1).await;
+                retry_later(ctx, q, &delivery, retries.saturating_add(1)).await;
                 "retried"
             }
         };
@@ -233,9 +236,9 @@ async fn retry_later(ctx: &Ctx, q: Queue, delivery: &Delivery, retry: u32) {
     let ms = delay.as_millis() as u64;
     let jittered = rand::thread_rng().gen_range((ms * 4 / 5).max(1)..=ms.max(1));
     let mut headers = copy_headers(delivery);
-    headers.insert(H_RETRIES.into(), AMQPValue::LongInt(retry as i32));
+    headers.insert(H_RETRIES.into(), count_header(retry));
     headers.insert(
-        "x-retry-tier".into(),
+        DELAY_TIER.into(),
         AMQPValue::LongString(tier.to_string().into()),
     );
     let message_id = delivery
@@ -281,7 +284,7 @@ async fn dead_letter(
     );
     headers.insert(H_QUEUE.into(), s(q.short()));
     headers.insert(H_FAILED_AT.into(), s(&Utc::now().to_rfc3339()));
-    headers.insert(H_RETRIES.into(), AMQPValue::LongInt(retries as i32));
+    headers.insert(H_RETRIES.into(), count_header(retries));
     headers.insert(
         "x-prereg-routing-key".into(),
         s(delivery.routing_key.as_str()),
@@ -310,6 +313,11 @@ async fn dead_letter(
             requeue(delivery).await;
         }
     }
+}
+
+/// A retry count as a header value (a forged huge count stays in range).
+fn count_header(n: u32) -> AMQPValue {
+    AMQPValue::LongInt(i32::try_from(n).unwrap_or(i32::MAX))
 }
 
 fn truncate(s: &str, max: usize) -> String {

@@ -1,8 +1,6 @@
 //! Email: templates (askama, compiled and checked at build time), rendering,
 //! and a pooled SMTP transport (lettre).
 
-pub mod sink;
-
 use askama::Template;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;

@@ -6,9 +6,15 @@
 //! - one durable quorum work queue per job kind, bound to its command keys,
 //!   with a delivery limit and `{p}.dlx` as dead-letter exchange;
 //! - `{p}.dlx` (direct) → one `{p}.{queue}.dlq` per work queue;
-//! - delayed retry without plugins (RabbitMQ 3.10): `{p}.retry` (headers) →
-//!   `{p}.retry.{i}` classic queues with a fixed TTL that dead-letter back
-//!   through the default exchange to the work queue named by the routing key.
+//! - delayed retry without plugins (RabbitMQ 3.10+): `{p}.delay` (headers) →
+//!   `{p}.delay.{i}` quorum queues (replicated like the work queues) with a
+//!   fixed TTL that dead-letter (at least once) back through the default
+//!   exchange to the work queue named by the message's routing key. Each
+//!   delay queue is bound on the header [`DELAY_TIER`] (`x-match: all`); the
+//!   header must not start with `x-`, which RabbitMQ leaves out of matching
+//!   (a binding on an `x-` header alone matches every message). The names
+//!   differ from the classic `{p}.retry.{i}` queues of earlier versions, so
+//!   declaring never conflicts with queues an older deployment left behind.
 
 use std::time::Duration;
 
@@ -17,6 +23,9 @@ use lapin::{
     types::{AMQPValue, FieldTable},
     Channel, ExchangeKind,
 };
+
+/// The header that picks a retry's delay queue (its tier, `0`, `1`, …).
+pub const DELAY_TIER: &str = "prereg-delay-tier";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Queue {
@@ -94,7 +103,7 @@ impl Names {
         format!("{}.dlx", self.prefix)
     }
     pub fn retry_exchange(&self) -> String {
-        format!("{}.retry", self.prefix)
+        format!("{}.delay", self.prefix)
     }
     pub fn queue(&self, q: Queue) -> String {
         format!("{}.{}", self.prefix, q.short())
@@ -103,7 +112,7 @@ impl Names {
         format!("{}.{}.dlq", self.prefix, q.short())
     }
     pub fn retry_queue(&self, tier: usize) -> String {
-        format!("{}.retry.{tier}", self.prefix)
+        format!("{}.delay.{tier}", self.prefix)
     }
     /// The retry tier for the n-th retry (1-based) and its delay.
     pub fn retry_tier(&self, retry: u32) -> (usize, Duration) {
@@ -219,29 +228,44 @@ pub async fn declare(ch: &Channel, names: &Names, delivery_limit: u32) -> lapin:
     }
 
     for (i, delay) in names.retry_delays.iter().enumerate() {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongInt(delay.as_millis().min(i32::MAX as u128) as i32),
-        );
-        // Empty dead-letter exchange = the default exchange, which routes by
-        // the message's own routing key: the full name of its work queue.
-        args.insert("x-dead-letter-exchange".into(), str_arg(""));
-        ch.queue_declare(&names.retry_queue(i), durable_queue(), args)
+        ch.queue_declare(&names.retry_queue(i), durable_queue(), delay_args(*delay))
             .await?;
-        let mut bind = FieldTable::default();
-        bind.insert("x-match".into(), str_arg("all"));
-        bind.insert("x-retry-tier".into(), str_arg(&i.to_string()));
         ch.queue_bind(
             &names.retry_queue(i),
             &names.retry_exchange(),
             "",
             QueueBindOptions::default(),
-            bind,
+            delay_binding(i),
         )
         .await?;
     }
     Ok(())
+}
+
+/// A delay queue: quorum (replicated), a fixed TTL, and at-least-once
+/// dead-lettering back to the default exchange, which routes by the message's
+/// own routing key (the full name of its work queue).
+fn delay_args(delay: Duration) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), str_arg("quorum"));
+    args.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongInt(delay.as_millis().min(i32::MAX as u128) as i32),
+    );
+    args.insert("x-dead-letter-exchange".into(), str_arg(""));
+    args.insert("x-dead-letter-strategy".into(), str_arg("at-least-once"));
+    // At-least-once dead-lettering requires `reject-publish` overflow.
+    args.insert("x-overflow".into(), str_arg("reject-publish"));
+    args
+}
+
+/// The binding of delay queue `tier`: exactly the messages whose
+/// [`DELAY_TIER`] header names it.
+fn delay_binding(tier: usize) -> FieldTable {
+    let mut bind = FieldTable::default();
+    bind.insert("x-match".into(), str_arg("all"));
+    bind.insert(DELAY_TIER.into(), str_arg(&tier.to_string()));
+    bind
 }
 
 #[cfg(test)]
@@ -261,5 +285,21 @@ mod tests {
         );
         assert_eq!(n.retry_tier(1), (0, Duration::from_secs(1)));
         assert_eq!(n.retry_tier(9), (1, Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn delay_bindings_match_on_a_header_rabbitmq_does_not_ignore() {
+        // RabbitMQ skips headers starting with `x-` when matching: a binding
+        // on such a header alone would match every message.
+        assert!(!DELAY_TIER.starts_with("x-"));
+        let b = delay_binding(2);
+        assert_eq!(b.inner().get(DELAY_TIER), Some(&str_arg("2")));
+        assert_eq!(b.inner().get("x-match"), Some(&str_arg("all")));
+        let a = delay_args(Duration::from_millis(1500));
+        assert_eq!(a.inner().get("x-queue-type"), Some(&str_arg("quorum")));
+        assert_eq!(
+            a.inner().get("x-message-ttl"),
+            Some(&AMQPValue::LongInt(1500))
+        );
     }
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use prereg::mail::sink::SmtpSink;
+use prereg_devtools::smtp_sink::SmtpSink;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;

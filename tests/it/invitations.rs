@@ -5,10 +5,10 @@ use std::time::Duration;
 use prereg::{
     domain::association::Causes,
     links,
-    mail::sink::{SmtpSink, Stage},
     mq::{CloudEvent, Queue},
     workers::runtime,
 };
+use prereg_devtools::smtp_sink::{SmtpSink, Stage};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::Row;
@@ -23,7 +23,7 @@ struct Mail {
     html: String,
 }
 
-fn parse(m: &prereg::mail::sink::ReceivedMail) -> Mail {
+fn parse(m: &prereg_devtools::smtp_sink::ReceivedMail) -> Mail {
     let parsed = mailparse::parse_mail(m.data.as_bytes()).expect("a MIME message");
     let subject = parsed
         .headers

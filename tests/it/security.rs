@@ -4,11 +4,8 @@
 
 use std::time::Duration;
 
-use prereg::{
-    mail::sink::{SmtpSink, Stage},
-    mq::Queue,
-    workers::runtime,
-};
+use prereg::{mq::Queue, workers::runtime};
+use prereg_devtools::smtp_sink::{SmtpSink, Stage};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use uuid::Uuid;

@@ -1,0 +1,122 @@
+//! Delayed retries: each retry lands in exactly one delay queue, waits that
+//! tier's delay, comes back once, and a job out of retries is dead-lettered
+//! exactly once.
+
+use std::time::{Duration, Instant};
+
+use lapin::{options::QueueDeclareOptions, types::FieldTable, Channel};
+use prereg::mq::Queue;
+use serde_json::json;
+
+use crate::common::*;
+
+const DELAYS_MS: [u64; 3] = [400, 800, 1200];
+
+/// How many messages a queue holds now (passive declare: changes nothing).
+pub async fn depth(ch: &Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue,
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue exists")
+    .message_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_job_occupies_one_delay_slot_waits_each_delay_and_dead_letters_once() {
+    let app = spawn_with(|c| {
+        c.retry_delays = DELAYS_MS
+            .iter()
+            .map(|ms| Duration::from_millis(*ms))
+            .collect();
+        c.max_attempts = 4;
+    })
+    .await;
+    let names = app.ctx.broker.names.clone();
+    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    let upstream = app.upstream_key().await;
+    // An association attempt for an account whose facts never arrive: the
+    // worker retries it (retryable "no facts yet") until retries run out.
+    let (status, v) = app
+        .post(
+            "/v1/associations",
+            &upstream,
+            json!({"token": "no-such-link", "account_id": "acct-never-known"}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{v}");
+
+    // Sample every delay queue until the dead letter appears.
+    let tiers = DELAYS_MS.len();
+    let mut entered: Vec<Option<Instant>> = vec![None; tiers];
+    let mut left: Vec<Option<Instant>> = vec![None; tiers];
+    let mut max_total = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut total = 0;
+        for (i, (entered, left)) in entered.iter_mut().zip(left.iter_mut()).enumerate() {
+            let n = depth(&ch, &names.retry_queue(i)).await;
+            total += n;
+            let now = Instant::now();
+            if n > 0 && entered.is_none() {
+                *entered = Some(now);
+            }
+            if n == 0 && entered.is_some() && left.is_none() {
+                *left = Some(now);
+            }
+        }
+        max_total = max_total.max(total);
+        assert!(
+            total <= 1,
+            "one waiting job occupies {total} delay-queue slots (copies)"
+        );
+        if depth(&ch, &names.dlq(Queue::Association)).await > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(max_total, 1, "the retry was never seen waiting");
+
+    // Each retry went to its own tier, once, and waited that tier's delay
+    // (the runtime jitters down to 80 %; sampling adds a little).
+    for (i, ms) in DELAYS_MS.iter().enumerate() {
+        let (Some(a), Some(b)) = (entered[i], left[i]) else {
+            panic!("retry {} never waited in delay queue {i}", i + 1);
+        };
+        let waited = b - a;
+        let lo = Duration::from_millis(ms * 4 / 5).saturating_sub(Duration::from_millis(60));
+        let hi = Duration::from_millis(ms + 300);
+        assert!(
+            waited >= lo && waited <= hi,
+            "retry {} waited {waited:?}, configured {ms} ms",
+            i + 1
+        );
+    }
+    // Retries happen in order: the n-th retry starts after the (n-1)-th ended.
+    for i in 1..tiers {
+        assert!(entered[i].unwrap() >= left[i - 1].unwrap());
+    }
+
+    // Exactly one dead letter, out of retries, and nothing left waiting even
+    // after the longest delay has passed again.
+    tokio::time::sleep(Duration::from_millis(DELAYS_MS[tiers - 1] + 300)).await;
+    assert_eq!(depth(&ch, &names.dlq(Queue::Association)).await, 1);
+    for i in 0..tiers {
+        assert_eq!(depth(&ch, &names.retry_queue(i)).await, 0);
+    }
+    assert_eq!(depth(&ch, &names.queue(Queue::Association)).await, 0);
+    let dead = prereg::workers::runtime::list_dead_letters(&app.ctx, Queue::Association, 10)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason.as_deref(), Some("retries_exhausted"));
+    assert_eq!(dead[0].retries, Some(3));
+    let _ = ch.close(200, "done").await;
+    app.cleanup().await;
+}
