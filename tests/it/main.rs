@@ -4,6 +4,7 @@
 mod common;
 mod concurrency;
 mod dashboard;
+mod guessing;
 mod history;
 mod invitations;
 mod isolation;
@@ -11,6 +12,7 @@ mod lifecycle;
 mod messaging;
 mod pipeline;
 mod retries;
+mod secrets;
 mod security;
 mod time;
 mod wire;
