@@ -232,7 +232,10 @@ async fn decide(ctx: &Ctx, id: Uuid) -> Result<Outcome, Failure> {
         },
     )
     .await?;
-    outbox::event(&mut tx, &event.subject(id)).await?;
+    // The decision event carries the request id of the HTTP call (or the
+    // upstream command) that asked for it.
+    let event = event.subject(id).correlation(p.request_id.clone());
+    outbox::event(&mut tx, &event).await?;
     tx.commit().await?;
     metrics::counter!("prereg_decisions_total", "status" => change.0.as_str(), "reason" => change.1.map(|r| r.code()).unwrap_or("")).increment(1);
     Ok(Outcome::Done)

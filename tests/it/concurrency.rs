@@ -163,6 +163,11 @@ async fn sigterm_mid_load_loses_nothing() {
             .env("PREREG_AMQP_URL", &app.cfg.amqp_url)
             .env("PREREG_REDIS_URL", &app.cfg.redis_url)
             .env("PREREG_AMQP_PREFIX", &app.cfg.amqp_prefix)
+            .env(
+                "PREREG_OPERATOR_TOKEN",
+                app.cfg.operator_token.as_deref().unwrap_or_default(),
+            )
+            .env("PREREG_LINK_SECRET", &app.cfg.link_secret)
             .env("PREREG_RETRY_DELAYS", "100ms,200ms,400ms")
             .env("PREREG_METRICS_ADDR", "127.0.0.1:0")
             .env("PREREG_WORKER_CONCURRENCY", "4")

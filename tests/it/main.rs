@@ -11,6 +11,7 @@ mod isolation;
 mod lifecycle;
 mod messaging;
 mod pipeline;
+mod promises;
 mod retries;
 mod secrets;
 mod security;

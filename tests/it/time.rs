@@ -1005,6 +1005,11 @@ async fn admin_cli_loads_a_calendar_file() {
             .args(args)
             .env("PREREG_DATABASE_URL", &app.cfg.database_url)
             .env("PREREG_AMQP_PREFIX", &app.cfg.amqp_prefix)
+            .env(
+                "PREREG_OPERATOR_TOKEN",
+                app.cfg.operator_token.as_deref().unwrap_or_default(),
+            )
+            .env("PREREG_LINK_SECRET", &app.cfg.link_secret)
             .env("RUST_LOG", "error")
             .output()
             .expect("run prereg")

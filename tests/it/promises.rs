@@ -1,0 +1,435 @@
+//! Behaviours the README and docs/ promise that had no test of their own:
+//! notices actually delivered through the email worker to a real SMTP
+//! server, a retry that waits its delay, a claim that lapses without a
+//! sweep, the quota under concurrency, partner administration and the
+//! request id carried from HTTP to the published event.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::join_all;
+use lapin::{
+    options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use prereg::{
+    app::{self, Roles},
+    config::ReviewSla,
+    mq::CloudEvent,
+    Ctx,
+};
+use prereg_devtools::smtp_sink::{ReceivedMail, SmtpSink, Stage};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::common::*;
+
+async fn app_with_sink(sink: &SmtpSink, tweak: impl FnOnce(&mut prereg::Config)) -> TestApp {
+    let url = sink.url();
+    spawn_with(move |c| {
+        c.smtp_url = url;
+        c.public_url = "https://partners.example".into();
+        tweak(c);
+    })
+    .await
+}
+
+fn subject(m: &ReceivedMail) -> String {
+    m.data
+        .lines()
+        .find_map(|l| l.strip_prefix("Subject: "))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Mails to `to` among everything the sink accepted so far.
+async fn mails_to(sink: &SmtpSink, to: &str) -> Vec<ReceivedMail> {
+    sink.wait_for(usize::MAX, Duration::ZERO)
+        .await
+        .into_iter()
+        .filter(|m| m.to.iter().any(|t| t == to))
+        .collect()
+}
+
+async fn wait_mails_to(sink: &SmtpSink, to: &str, n: usize, limit: Duration) -> Vec<ReceivedMail> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let got = mails_to(sink, to).await;
+        if got.len() >= n {
+            return got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {n} mails to {to} within {limit:?}",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_smtp_failure_is_retried_after_its_delay_and_sent_once() {
+    let sink = SmtpSink::start().await.unwrap();
+    sink.script(Stage::Data, 451, "4.3.0 try again later");
+    // A first delay long enough to tell "waited" from "retried at once";
+    // jitter takes at most a fifth off it.
+    let app = app_with_sink(&sink, |c| {
+        c.retry_delays = vec![Duration::from_millis(1500), Duration::from_secs(3)];
+    })
+    .await;
+    let p = app.create_partner(json!({})).await;
+    let id = app
+        .prereg(&p, "delay@customer.example", "+8615900000001")
+        .await;
+    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
+    let (s, v) = app
+        .post(
+            "/v1/invitations",
+            &p.key,
+            json!({"preregistration_ids": [id]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let inv = v["results"][0]["invitation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let sent = loop {
+        let v = app.get(&format!("/v1/invitations/{inv}"), &p.key).await.1;
+        if v["status"] == "sent" {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never sent: {v}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(sent["attempts"], 2, "{sent}");
+    let t = |k: &str| serde_json::from_value::<DateTime<Utc>>(sent[k].clone()).unwrap();
+    let waited = (t("sent_at") - t("created_at")).to_std().unwrap();
+    assert!(
+        waited >= Duration::from_millis(1200),
+        "the retry came after {waited:?}, before its 1.5 s delay (less jitter)"
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "the first retry took the second tier's delay: {waited:?}"
+    );
+    assert_eq!(sink.wait_for(2, Duration::from_millis(500)).await.len(), 1);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_expiry_reminder_email_reaches_the_partner_once() {
+    let sink = SmtpSink::start().await.unwrap();
+    let app = app_with_sink(&sink, |c| {
+        c.claim_validity = Duration::from_secs(3600);
+        c.claim_reminder_before = Duration::from_secs(7200);
+    })
+    .await;
+    let p = app
+        .create_partner(json!({"contact_email": "claims@partner.example"}))
+        .await;
+    let id = app
+        .prereg(&p, "remind-me@customer.example", "+8615900000002")
+        .await;
+    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
+    for _ in 0..3 {
+        let (s, v) = app.post("/v1/admin/sweeps", OPERATOR, json!({})).await;
+        assert!(s.is_success(), "{s} {v}");
+    }
+    let mails = wait_mails_to(&sink, "claims@partner.example", 1, Duration::from_secs(15)).await;
+    assert!(
+        subject(&mails[0]).contains("expires soon"),
+        "{}",
+        mails[0].data
+    );
+    // Three sweeps, one reminder: no second one turns up.
+    tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            if mails_to(&sink, "claims@partner.example").await.len() > 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect_err("a second reminder was sent");
+    // The customer is never the recipient of a partner notice.
+    assert!(mails_to(&sink, "remind-me@customer.example")
+        .await
+        .is_empty());
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_reminder_and_escalation_emails_are_delivered_once_each() {
+    let sink = SmtpSink::start().await.unwrap();
+    let app = app_with_sink(&sink, |c| {
+        c.review_sla = ReviewSla::Plain(Duration::from_secs(3));
+        c.review_reminder_before = Duration::from_secs(2);
+        c.sweep_interval = Duration::from_millis(200);
+        c.escalation_email = "escalate@provider.example".into();
+        c.reviewer_email = "reviewers@provider.example".into();
+    })
+    .await;
+    // Two schedulers: ticks from both must not double the notices.
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let ctx = Ctx::new(app.cfg.clone()).expect("ctx");
+        nodes.push(
+            app::start(
+                ctx,
+                Roles {
+                    scheduler: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("scheduler"),
+        );
+    }
+    let upstream = app.upstream_key().await;
+    let p = app.create_partner(json!({})).await;
+    let email = "review-mail@customer.example";
+    let mobile = "+8615900000003";
+    let registered = (Utc::now() - chrono::Duration::days(40)).to_rfc3339();
+    app.account(
+        &upstream,
+        "rev-mail",
+        json!({"email": email, "mobile": mobile, "registered_at": registered, "site": "intl", "country": "CN"}),
+    )
+    .await;
+    let id = app.prereg(&p, email, mobile).await;
+    assert_eq!(
+        app.decided(&p, id).await["reason"]["code"],
+        "registered_over_7_days"
+    );
+    let (s, v) = app
+        .post(
+            &format!("/v1/preregistrations/{id}/review"),
+            &p.key,
+            json!({"justification": "Migration planned"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+
+    let reminder = wait_mails_to(
+        &sink,
+        "reviewers@provider.example",
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert!(
+        subject(&reminder[0]).starts_with("Reminder: manual review"),
+        "{}",
+        reminder[0].data
+    );
+    let escalation = wait_mails_to(
+        &sink,
+        "escalate@provider.example",
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert!(
+        subject(&escalation[0]).starts_with("OVERDUE"),
+        "{}",
+        escalation[0].data
+    );
+    // Several more ticks from both schedulers pass: still one of each.
+    let escalated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reviews WHERE preregistration_id = $1 AND escalated_at IS NOT NULL",
+    )
+    .bind(id)
+    .fetch_one(app.db())
+    .await
+    .unwrap();
+    assert_eq!(escalated, 1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(mails_to(&sink, "reviewers@provider.example").await.len(), 1);
+    assert_eq!(mails_to(&sink, "escalate@provider.example").await.len(), 1);
+    for n in nodes {
+        n.shutdown().await;
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_expires_a_lapsed_claim_itself_without_a_sweep() {
+    // No scheduler runs in this app: only the registration worker can
+    // notice that the first claim has lapsed.
+    let app = spawn_with(|c| c.claim_validity = Duration::from_secs(1)).await;
+    let a = app.create_partner(json!({})).await;
+    let b = app.create_partner(json!({"name": "Second Co"})).await;
+    let first = app
+        .prereg(&a, "lapse@customer.example", "+8615900000004")
+        .await;
+    let claim = app.decided(&a, first).await;
+    assert_eq!(claim["status"], "preregistered");
+    let expires: DateTime<Utc> = serde_json::from_value(claim["expires_at"].clone()).unwrap();
+    while Utc::now() <= expires {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = app
+        .prereg(&b, "lapse@customer.example", "+8615900000004")
+        .await;
+    assert_eq!(app.decided(&b, second).await["status"], "preregistered");
+    let (_, old) = app
+        .get(&format!("/v1/preregistrations/{first}"), &a.key)
+        .await;
+    assert_eq!(old["status"], "expired", "{old}");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quota_holds_under_concurrent_requests() {
+    let app = spawn_with(|c| c.partner_quota = 3).await;
+    let p = app.create_partner(json!({})).await;
+    let ids = join_all((0..12).map(|i| {
+        let app = &app;
+        let p = &p;
+        async move {
+            app.prereg(
+                p,
+                &format!("quota{i}@customer.example"),
+                &format!("+86159100000{i:02}"),
+            )
+            .await
+        }
+    }))
+    .await;
+    let mut granted = 0;
+    let mut over = 0;
+    for id in ids {
+        let v = app.decided(&p, id).await;
+        match v["status"].as_str().unwrap() {
+            "preregistered" => granted += 1,
+            "rejected" => {
+                assert_eq!(v["reason"]["code"], "quota_exceeded", "{v}");
+                over += 1;
+            }
+            other => panic!("unexpected status {other}: {v}"),
+        }
+    }
+    assert_eq!((granted, over), (3, 9));
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_patch_partners_and_partners_set_their_contact() {
+    let app = spawn_app().await;
+    let p = app.create_partner(json!({})).await;
+    // The partner changes its contact; the profile shows it.
+    let (s, v) = app
+        .request(
+            Method::PUT,
+            "/v1/partner/contact",
+            Some(&p.key),
+            Some(json!({"contact_email": "new-ops@partner.example", "contact_mobile": "+8613700000009"})),
+        )
+        .await;
+    assert!(s.is_success(), "{s} {v}");
+    let (_, me) = app.get("/v1/partner", &p.key).await;
+    assert_eq!(me["contact_email"], "new-ops@partner.example", "{me}");
+    let (s, v) = app
+        .request(
+            Method::PUT,
+            "/v1/partner/contact",
+            Some(&p.key),
+            Some(json!({"contact_email": "not an address"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    // The operator withdraws customer development: the partner is told why.
+    let (s, v) = app
+        .request(
+            Method::PATCH,
+            &format!("/v1/admin/partners/{}", p.id),
+            Some(OPERATOR),
+            Some(json!({"customer_development": false})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, shown) = app
+        .get(&format!("/v1/admin/partners/{}", p.id), OPERATOR)
+        .await;
+    assert_eq!(shown["customer_development"], false, "{shown}");
+    let (s, v) = app
+        .post(
+            "/v1/preregistrations",
+            &p.key,
+            json!({"full_name": "Li Si", "email": "patched@customer.example", "mobile": "+8613700000010"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(v["error"]["code"], "customer_development_disabled");
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_id_travels_from_http_to_the_published_event() {
+    let app = spawn_app().await;
+    // A queue of the test's own receives a copy of the decision events.
+    let (_, ch) = app.ctx.broker.channel().await.expect("channel");
+    let names = &app.ctx.broker.names;
+    let capture = format!("{}.capture-rid", names.prefix);
+    ch.queue_declare(
+        &capture,
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        &capture,
+        &names.events(),
+        "preregistration.*",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let p = app.create_partner(json!({})).await;
+    let rid = format!("req-{}", Uuid::new_v4().simple());
+    let resp = app
+        .http
+        .post(format!("{}/v1/preregistrations", app.addr))
+        .bearer_auth(&p.key)
+        .header("x-request-id", &rid)
+        .json(&json!({"full_name": "Wang Wu", "email": "rid@customer.example", "mobile": "+8613700000011"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(resp.headers()["x-request-id"], rid.as_str());
+    let id: Uuid = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    app.decided(&p, id).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let event = loop {
+        if let Some(m) = ch
+            .basic_get(&capture, BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let ev = CloudEvent::parse(&m.delivery.data).unwrap();
+            if ev.subject.as_deref() == Some(id.to_string().as_str()) {
+                break ev;
+            }
+            continue;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no event for {id}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(event.ty, "preregistration.accepted");
+    assert_eq!(event.correlationid.as_deref(), Some(rid.as_str()));
+    app.cleanup().await;
+}
