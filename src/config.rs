@@ -344,16 +344,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         let unit_len = rest.chars().take_while(|c| c.is_ascii_alphabetic()).count();
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
+        let too_large = || format!("`{s}`: duration too large");
+        let secs = |factor: u64| value.checked_mul(factor).map(Duration::from_secs);
         let step = match unit {
-            "ms" => Duration::from_millis(value),
-            "s" => Duration::from_secs(value),
-            "m" => Duration::from_secs(value * 60),
-            "h" => Duration::from_secs(value * 3600),
-            "d" => Duration::from_secs(value * 86_400),
+            "ms" => Some(Duration::from_millis(value)),
+            "s" => secs(1),
+            "m" => secs(60),
+            "h" => secs(3600),
+            "d" => secs(86_400),
             "" => return Err(format!("`{s}`: missing unit (ms, s, m, h, d)")),
             other => return Err(format!("`{s}`: unknown unit `{other}` (ms, s, m, h, d)")),
-        };
-        total += step;
+        }
+        .ok_or_else(too_large)?;
+        total = total.checked_add(step).ok_or_else(too_large)?;
     }
     Ok(total)
 }

@@ -21,6 +21,13 @@ use crate::{
     store,
 };
 
+/// What a path segment keeps unencoded: RFC 3986 unreserved characters.
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// An account id from the path: at most 128 characters, no control characters.
 fn account_param(account_id: &str) -> ApiResult<()> {
     if account_id.chars().count() > 128 {
@@ -95,9 +102,14 @@ pub async fn put_account(
     )?
     .subject(&account_id)
     .correlation(Some(rid.0));
+    // The Location is a URI: the account id is percent-encoded in it.
+    let location = format!(
+        "/v1/accounts/{}",
+        percent_encoding::utf8_percent_encode(&account_id, PATH_SEGMENT)
+    );
     let answer = command::accepted(
         json!({"id": job.id, "account_id": account_id, "status": "queued"}),
-        Some(path),
+        Some(location),
     );
     command::accept(&st, tx, idem.as_ref(), answer, &job, None).await
 }

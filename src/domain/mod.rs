@@ -4,6 +4,8 @@ pub mod association;
 pub mod eligibility;
 pub mod facts;
 pub mod mask;
+#[cfg(test)]
+mod props;
 pub mod status;
 pub mod validate;
 pub mod workdays;
