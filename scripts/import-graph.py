@@ -49,6 +49,8 @@ for m, f in mods.items():
     cut = src.find("#[cfg(test)]\nmod tests")
     if cut >= 0:
         src = src[:cut]
+    # Comments (doc links included) are not dependencies.
+    src = re.sub(r"//[^\n]*", "", src)
     here = m.split("::") if m else []
     is_dir_mod = f.endswith("mod.rs")
     def base(kind):

@@ -1,14 +1,14 @@
 //! Building and running the processes: the same code serves the binaries and
 //! the tests.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::http::StatusCode;
-use serde_json::{json, Value};
+use serde_json::Value;
+use sqlx::{Connection, PgConnection};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::{context::Ctx, mq::Queue, store, workers};
+use crate::{context::Ctx, deps::Dep, mq::Queue, store, workers};
 
 /// What a process runs.
 #[derive(Debug, Clone, Default)]
@@ -135,7 +135,7 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
     // Every process keeps its dependency health current (the intake answers
     // 503 at once while Postgres or RabbitMQ is known down; publishers fail
     // fast; the probe brings them back).
-    tasks.spawn(crate::deps::run_probe(ctx.clone(), cancel.clone()));
+    tasks.spawn(run_probe(ctx.clone(), cancel.clone()));
     if roles.relay {
         tasks.spawn(store::outbox::run_relay(
             ctx.db.clone(),
@@ -240,59 +240,6 @@ pub fn amqp_where(url: &str) -> String {
     rest.split('?').next().unwrap_or(rest).to_string()
 }
 
-/// Checks Postgres, Redis and RabbitMQ; 503 when any is down.
-pub async fn readiness(ctx: &Ctx) -> (StatusCode, Value) {
-    let timeout = std::time::Duration::from_secs(2);
-    // A known outage is reported at once (no pool wait).
-    let pg_down = ctx.health.down_reason(crate::deps::Dep::Postgres);
-    let pg = match &pg_down {
-        Some(reason) => json!({"ok": false, "error": reason}),
-        None => match tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&ctx.db)).await
-        {
-            Ok(Ok(_)) => json!({"ok": true}),
-            Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
-            Err(_) => json!({"ok": false, "error": "timeout"}),
-        },
-    };
-    let redis = match ctx.locks.ping().await {
-        Ok(()) => json!({"ok": true}),
-        Err(e) => json!({"ok": false, "error": e.to_string()}),
-    };
-    let amqp = match tokio::time::timeout(timeout, ctx.broker.ping()).await {
-        Ok(Ok(())) => json!({"ok": true}),
-        Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
-        Err(_) => json!({"ok": false, "error": "timeout"}),
-    };
-    let all = [&pg, &redis, &amqp].iter().all(|v| v["ok"] == json!(true));
-    // A warning only: deadlines are still computed (weekends only).
-    let calendar = if pg_down.is_some() {
-        json!({"error": "database unavailable"})
-    } else {
-        match tokio::time::timeout(timeout, crate::timekeeping::calendar_status(ctx)).await {
-            Ok(Ok(c)) => {
-                metrics::gauge!("prereg_calendar_missing").set(if c.calendar_missing {
-                    1.0
-                } else {
-                    0.0
-                });
-                json!(c)
-            }
-            Ok(Err(e)) => json!({"error": e.to_string()}),
-            Err(_) => json!({"error": "timeout"}),
-        }
-    };
-    let code = if all {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        code,
-        json!({"status": if all { "ready" } else { "not_ready" }, "checks": {"postgres": pg, "redis": redis, "rabbitmq": amqp},
-               "details": {"calendar": calendar}}),
-    )
-}
-
 /// Refreshes the queue gauges every 15 s.
 async fn monitor_queues(ctx: Arc<Ctx>, cancel: CancellationToken) {
     loop {
@@ -309,4 +256,67 @@ async fn monitor_queues(ctx: Arc<Ctx>, cancel: CancellationToken) {
 /// Depth and consumers of every work queue and its dead-letter queue.
 pub async fn queue_stats(ctx: &Ctx) -> anyhow::Result<Vec<Value>> {
     crate::mq::dead_letters::queue_stats(&ctx.broker).await
+}
+
+/// Probes Postgres (one dedicated connection, not the pool, so a busy pool
+/// is not mistaken for an outage), RabbitMQ and Redis until cancelled.
+async fn run_probe(ctx: Arc<Ctx>, cancel: CancellationToken) {
+    let interval = ctx.cfg.health_probe_interval;
+    // A refused or reset connection fails at once; only a server that hangs
+    // needs the timeout, which must not mistake a busy machine for an outage.
+    let timeout = ctx.cfg.db_acquire_timeout.min(Duration::from_secs(3));
+    let mut pg: Option<PgConnection> = None;
+    loop {
+        // Postgres.
+        let ok = match pg.as_mut() {
+            Some(c) => matches!(
+                tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&mut *c)).await,
+                Ok(Ok(_))
+            ),
+            None => false,
+        };
+        if ok {
+            ctx.health.mark_up(Dep::Postgres);
+        } else {
+            pg = None;
+            match tokio::time::timeout(timeout, PgConnection::connect(&ctx.cfg.database_url)).await
+            {
+                Ok(Ok(c)) => {
+                    pg = Some(c);
+                    ctx.health.mark_up(Dep::Postgres);
+                }
+                Ok(Err(e)) => ctx.health.mark_down(Dep::Postgres, e.to_string()),
+                Err(_) => ctx.health.mark_down(Dep::Postgres, "connect timed out"),
+            }
+        }
+        // RabbitMQ (the process's own connection; blocked by an alarm counts
+        // as down).
+        // Each connect attempt is bounded by the broker's own timeout.
+        match tokio::time::timeout(ctx.cfg.publish_timeout * 4, ctx.broker.probe()).await {
+            Ok(Ok(())) => ctx.health.mark_up(Dep::RabbitMq),
+            Ok(Err(e)) => ctx.health.mark_down(Dep::RabbitMq, e.to_string()),
+            Err(_) => ctx.health.mark_down(Dep::RabbitMq, "probe timed out"),
+        }
+        // Redis.
+        match ctx.locks.ping().await {
+            Ok(()) => ctx.health.mark_up(Dep::Redis),
+            Err(e) => ctx.health.mark_down(Dep::Redis, e.to_string()),
+        }
+        let wait = if ctx.health.any_down() {
+            interval / 4
+        } else {
+            interval
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = ctx.health.woken() => {
+                // Coalesce a burst of wake-ups.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    if let Some(c) = pg {
+        let _ = c.close().await;
+    }
 }

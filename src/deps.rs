@@ -9,13 +9,11 @@
 //! brings it back without a restart.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
-use sqlx::{Connection, PgConnection};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 /// A dependency whose outage means "try again".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -133,71 +131,13 @@ impl Health {
         self.wake.notify_one();
     }
 
-    fn any_down(&self) -> bool {
-        Dep::ALL.into_iter().any(|d| self.is_down(d))
+    /// Resolves when an outage is recorded (the probe looks again at once).
+    pub fn woken(&self) -> tokio::sync::futures::Notified<'_> {
+        self.wake.notified()
     }
-}
 
-/// Probes Postgres (one dedicated connection, not the pool, so a busy pool
-/// is not mistaken for an outage), RabbitMQ and Redis until cancelled.
-pub async fn run_probe(ctx: Arc<crate::Ctx>, cancel: CancellationToken) {
-    let interval = ctx.cfg.health_probe_interval;
-    // A refused or reset connection fails at once; only a server that hangs
-    // needs the timeout, which must not mistake a busy machine for an outage.
-    let timeout = ctx.cfg.db_acquire_timeout.min(Duration::from_secs(3));
-    let mut pg: Option<PgConnection> = None;
-    loop {
-        // Postgres.
-        let ok = match pg.as_mut() {
-            Some(c) => matches!(
-                tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&mut *c)).await,
-                Ok(Ok(_))
-            ),
-            None => false,
-        };
-        if ok {
-            ctx.health.mark_up(Dep::Postgres);
-        } else {
-            pg = None;
-            match tokio::time::timeout(timeout, PgConnection::connect(&ctx.cfg.database_url)).await
-            {
-                Ok(Ok(c)) => {
-                    pg = Some(c);
-                    ctx.health.mark_up(Dep::Postgres);
-                }
-                Ok(Err(e)) => ctx.health.mark_down(Dep::Postgres, e.to_string()),
-                Err(_) => ctx.health.mark_down(Dep::Postgres, "connect timed out"),
-            }
-        }
-        // RabbitMQ (the process's own connection; blocked by an alarm counts
-        // as down).
-        // Each connect attempt is bounded by the broker's own timeout.
-        match tokio::time::timeout(ctx.cfg.publish_timeout * 4, ctx.broker.probe()).await {
-            Ok(Ok(())) => ctx.health.mark_up(Dep::RabbitMq),
-            Ok(Err(e)) => ctx.health.mark_down(Dep::RabbitMq, e.to_string()),
-            Err(_) => ctx.health.mark_down(Dep::RabbitMq, "probe timed out"),
-        }
-        // Redis.
-        match ctx.locks.ping().await {
-            Ok(()) => ctx.health.mark_up(Dep::Redis),
-            Err(e) => ctx.health.mark_down(Dep::Redis, e.to_string()),
-        }
-        let wait = if ctx.health.any_down() {
-            interval / 4
-        } else {
-            interval
-        };
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = ctx.health.wake.notified() => {
-                // Coalesce a burst of wake-ups.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
-    if let Some(c) = pg {
-        let _ = c.close().await;
+    pub fn any_down(&self) -> bool {
+        Dep::ALL.into_iter().any(|d| self.is_down(d))
     }
 }
 
@@ -206,7 +146,7 @@ pub async fn run_probe(ctx: Arc<crate::Ctx>, cancel: CancellationToken) {
 /// closed (administrator shutdown, crash recovery), the pool timed out, or
 /// a statement ran past `statement_timeout` / `lock_timeout`.
 pub fn db_unavailable(e: &sqlx::Error) -> bool {
-    let state = crate::store::sqlstate(e);
+    let state = sqlstate(e);
     match state.as_deref() {
         // 08: connection exception; 57P0x: admin shutdown, crash shutdown,
         // cannot connect now; 53300: too many connections; 57014: statement
@@ -228,7 +168,7 @@ pub fn db_unavailable(e: &sqlx::Error) -> bool {
 /// Whether a database error says the server itself is gone (not merely
 /// slow or busy): the health state marks Postgres down on these.
 pub fn db_outage(e: &sqlx::Error) -> bool {
-    let state = crate::store::sqlstate(e);
+    let state = sqlstate(e);
     match state.as_deref() {
         Some(s) if s.starts_with("08") => true,
         Some("57P01" | "57P02" | "57P03") => true,
@@ -237,6 +177,13 @@ pub fn db_outage(e: &sqlx::Error) -> bool {
             sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed
         ),
     }
+}
+
+/// The SQLSTATE of a database error, if it is one.
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.into_owned())
 }
 
 #[cfg(test)]

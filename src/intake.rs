@@ -498,12 +498,9 @@ impl Flusher {
             if !refused.is_empty() {
                 // Only rows the relay has not taken meanwhile (it never does
                 // within the grace period, but if it did, the work happens).
-                gone = sqlx::query_scalar::<_, i64>(
-                    "DELETE FROM outbox WHERE id = ANY($1) AND attempts = 0 RETURNING id",
-                )
-                .bind(&refused)
-                .fetch_all(&mut *tx)
-                .await?;
+                // `withdraw` also records the pre-registrations, so that a
+                // copy of a job held back by an alarm is skipped later.
+                gone = crate::store::outbox::withdraw(&mut tx, &refused).await?;
                 let ids: Vec<Uuid> = leaders
                     .iter()
                     .zip(written)

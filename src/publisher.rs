@@ -21,6 +21,7 @@ use lapin::{
 use tokio::sync::Mutex;
 
 use crate::{
+    deps::Dep,
     mq::{Broker, CloudEvent},
     stages::{self, Stage},
 };
@@ -123,7 +124,13 @@ impl Publisher {
             guard.take();
         }
         drop(guard);
-        let _ = ch.close(200, "confirm timeout").await;
+        // A connection blocked by an alarm cannot send its close: do not
+        // wait for it.
+        let ch = ch.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(1), ch.close(200, "confirm timeout"))
+                .await;
+        });
     }
 
     /// Publishes every message, then waits (up to the timeout) for all the
@@ -133,6 +140,13 @@ impl Publisher {
             return Vec::new();
         }
         let started = Instant::now();
+        // While the broker is known to be down (or blocked by an alarm),
+        // nothing is sent: the caller answers at once.
+        if let Some(reason) = self.broker.health().down_reason(Dep::RabbitMq) {
+            let why = format!("broker unavailable: known down: {reason}");
+            return msgs.iter().map(|_| Fate::NotTaken(why.clone())).collect();
+        }
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let ch = match self.channel().await {
             Ok(ch) => ch,
             Err(e) => {
@@ -158,13 +172,20 @@ impl Publisher {
                     continue;
                 }
             };
+            // A connection blocked by an alarm may not even take the frame:
+            // the send is bounded by the same deadline as the confirm.
             pending.push(
-                ch.basic_publish(&m.exchange, &m.routing_key, opts, body, props)
-                    .await
-                    .map_err(|e| format!("broker unavailable: {e}")),
+                match tokio::time::timeout_at(
+                    deadline,
+                    ch.basic_publish(&m.exchange, &m.routing_key, opts, body, props),
+                )
+                .await
+                {
+                    Ok(r) => r.map_err(|e| format!("broker unavailable: {e}")),
+                    Err(_) => Err("the broker took nothing in time (blocked?)".into()),
+                },
             );
         }
-        let deadline = tokio::time::Instant::now() + self.timeout;
         let waits = pending.into_iter().map(|p| async move {
             match p {
                 Err(why) => Fate::NotTaken(why),
@@ -185,7 +206,28 @@ impl Publisher {
         });
         let fates = join_all(waits).await;
         stages::since(Stage::PublishConfirm, started);
+        let mut fates = fates;
+        if fates.iter().any(|f| matches!(f, Fate::Unknown(_))) && self.broker.blocked().await {
+            // Blocked by a memory or disk alarm: the broker holds the frames
+            // back and has taken nothing yet. The caller withdraws the job
+            // (and records it, so that a copy released after the alarm is
+            // skipped) and answers 503 within the publish timeout.
+            for f in fates.iter_mut() {
+                if matches!(f, Fate::Unknown(_)) {
+                    *f = Fate::NotTaken("the broker is blocked by a resource alarm".into());
+                }
+            }
+            self.broker
+                .health()
+                .mark_down(Dep::RabbitMq, "blocked by a resource alarm");
+            self.discard(&ch).await;
+        }
         if fates.iter().any(|f| matches!(f, Fate::Unknown(_))) {
+            // The health probe looks again at once; until it finds the
+            // broker answering, publishers fail fast.
+            self.broker
+                .health()
+                .mark_down(Dep::RabbitMq, "no confirm from the broker in time");
             self.discard(&ch).await;
         }
         fates

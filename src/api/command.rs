@@ -276,7 +276,8 @@ pub async fn accept(
     }
     .await;
     match undone {
-        Ok(()) => Err(ApiError::unavailable(
+        Ok(()) => Err(ApiError::dependency_down(
+            crate::deps::Dep::RabbitMq,
             "the message broker is unavailable; nothing was done, try again",
         )),
         // The withdrawal rolled back: the job stays in the outbox and runs.
@@ -311,7 +312,8 @@ pub fn intake_response(answer: Answer) -> Result<Response, ApiError> {
         Answer::KeyMismatch => Err(mismatch()),
         Answer::Unavailable(why) => {
             tracing::warn!(reason = %why, "pre-registration not accepted: broker");
-            Err(ApiError::unavailable(
+            Err(ApiError::dependency_down(
+                crate::deps::Dep::RabbitMq,
                 "the message broker is unavailable; nothing was done, try again",
             ))
         }

@@ -19,7 +19,7 @@ use super::{
     error::{ApiError, ApiResult},
     json_body, parse_id,
     partner::{developing_partner, parse_id_list, referral_not_permitted},
-    AppState, RequestId,
+    views, AppState, RequestId,
 };
 use crate::{
     domain::{
@@ -34,23 +34,6 @@ use crate::{
     mq::CloudEvent,
     store::{self, invitations, preregs, TimelineEntry},
 };
-
-pub fn view(i: &invitations::Invitation) -> Value {
-    json!({
-        "id": i.id,
-        "preregistration_id": i.preregistration_id,
-        "association_type": i.association_type,
-        "method": i.method,
-        "locale": i.locale,
-        "status": i.status,
-        "created_at": i.created_at,
-        "sent_at": i.sent_at,
-        "link_expires_at": i.link_expires_at,
-        "failure": i.failure.as_deref().map(mask::text),
-        "attempts": i.attempts,
-        "used_at": i.used_at,
-    })
-}
 
 fn invitable(s: Status) -> bool {
     matches!(
@@ -213,7 +196,8 @@ async fn send_batch(
         return Ok(command::respond(&answer));
     }
     if all_failed {
-        return Err(ApiError::unavailable(
+        return Err(ApiError::dependency_down(
+            crate::deps::Dep::RabbitMq,
             "the message broker is unavailable; nothing was done, try again",
         ));
     }
@@ -283,7 +267,7 @@ pub async fn get_one(
 ) -> ApiResult<Json<Value>> {
     let id = parse_id(&id)?;
     match invitations::get(&st.ctx.db, id).await? {
-        Some(i) if i.partner_id == auth.partner_id => Ok(Json(view(&i))),
+        Some(i) if i.partner_id == auth.partner_id => Ok(Json(views::invitation(&i))),
         _ => Err(ApiError::not_found("invitation")),
     }
 }

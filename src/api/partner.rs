@@ -369,7 +369,7 @@ pub async fn get_one(
     let invitations: Vec<Value> = store::invitations::for_prereg(&st.ctx.db, p.id)
         .await?
         .iter()
-        .map(super::invitations::view)
+        .map(super::views::invitation)
         .collect();
     Ok(Json(views::prereg(
         &p,

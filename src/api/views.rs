@@ -5,6 +5,7 @@ use serde_json::{json, Value};
 use crate::{
     domain::mask,
     store::{
+        invitations::Invitation,
         partners::{AccountManager, Partner},
         preregs::Prereg,
         reviews::Review,
@@ -95,5 +96,22 @@ pub fn partner(p: &Partner, managers: &[AccountManager]) -> Value {
         "account_managers": managers,
         "created_at": p.created_at,
         "updated_at": p.updated_at,
+    })
+}
+
+pub fn invitation(i: &Invitation) -> Value {
+    json!({
+        "id": i.id,
+        "preregistration_id": i.preregistration_id,
+        "association_type": i.association_type,
+        "method": i.method,
+        "locale": i.locale,
+        "status": i.status,
+        "created_at": i.created_at,
+        "sent_at": i.sent_at,
+        "link_expires_at": i.link_expires_at,
+        "failure": i.failure.as_deref().map(mask::text),
+        "attempts": i.attempts,
+        "used_at": i.used_at,
     })
 }

@@ -153,6 +153,13 @@ impl Broker {
         })
     }
 
+    /// The process's dependency health, shared with other publishers (the
+    /// intake's batch publisher) so that they fail fast while the broker is
+    /// known to be down and report what they see.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
     /// The live connection and publishing channel, reconnecting when needed.
     /// While the broker is known to be down this fails at once (unless
     /// `force`, which the health probe uses to find it back).
@@ -205,6 +212,13 @@ impl Broker {
             // wait for it.
             let _ = tokio::time::timeout(Duration::from_secs(1), l.conn.close(320, "reset")).await;
         }
+    }
+
+    /// Whether the live connection is blocked by a resource alarm: what it
+    /// was given is held back by the broker, not taken.
+    pub async fn blocked(&self) -> bool {
+        let guard = self.live.lock().await;
+        guard.as_ref().is_some_and(|l| l.conn.status().blocked())
     }
 
     /// The health probe: reconnects if needed; a connection blocked by a

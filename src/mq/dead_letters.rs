@@ -3,7 +3,7 @@
 //! Browsing takes messages with `basic.get` and hands them back by closing
 //! the channel; on a quorum queue every hand-back counts as a delivery. The
 //! dead-letter queues are therefore declared with a delivery limit no browse
-//! can reach ([`DLQ_DELIVERY_LIMIT`], see `topology`), so looking at a dead
+//! can reach (`topology::DLQ_DELIVERY_LIMIT`), so looking at a dead
 //! letter never drops it (RabbitMQ 4 gives quorum queues a default limit of
 //! 20).
 
@@ -27,9 +27,6 @@ pub const H_FAILED_AT: &str = "x-prereg-failed-at";
 pub const H_ROUTING_KEY: &str = "x-prereg-routing-key";
 pub const H_REPLAY_RUN: &str = "x-prereg-replay-run";
 pub const H_REPLAYED_AT: &str = "x-prereg-replayed-at";
-
-/// The delivery limit of the dead-letter queues: in effect none.
-pub const DLQ_DELIVERY_LIMIT: i32 = i32::MAX;
 
 /// A dead letter as operators see it.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -104,6 +104,11 @@ impl Names {
     }
 }
 
+/// The delivery limit of the dead-letter queues: in effect none, so that
+/// browsing them (each hand-back counts as a delivery on a quorum queue)
+/// never drops a dead letter.
+pub const DLQ_DELIVERY_LIMIT: i32 = i32::MAX;
+
 fn durable_exchange() -> ExchangeDeclareOptions {
     ExchangeDeclareOptions {
         durable: true,
@@ -167,7 +172,7 @@ pub async fn declare(ch: &Channel, names: &Names, delivery_limit: u32) -> lapin:
         // browse may ever drop a dead letter (see `dead_letters`).
         dlq_args.insert(
             "x-delivery-limit".into(),
-            AMQPValue::LongInt(super::dead_letters::DLQ_DELIVERY_LIMIT),
+            AMQPValue::LongInt(DLQ_DELIVERY_LIMIT),
         );
         ch.queue_declare(&names.dlq(q), durable_queue(), dlq_args)
             .await?;

@@ -99,7 +99,17 @@ pub async fn delete(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
 /// Deletes rows the relay never took (their job is withdrawn). Returns the
 /// ids deleted.
 pub async fn withdraw(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar("DELETE FROM outbox WHERE id = ANY($1) AND attempts = 0 RETURNING id")
+    // A withdrawn pre-registration is recorded: should a copy of its job
+    // still reach the broker (held back by an alarm, then released), the
+    // worker skips it instead of recreating what was undone.
+    sqlx::query_scalar(
+        "WITH gone AS (DELETE FROM outbox WHERE id = ANY($1) AND attempts = 0 RETURNING id, routing_key, message),
+              recorded AS (INSERT INTO withdrawn_commands (id)
+                           SELECT (message->'data'->>'id')::uuid FROM gone
+                           WHERE routing_key = 'preregistration.requested'
+                           ON CONFLICT DO NOTHING)
+         SELECT id FROM gone",
+    )
         .bind(ids)
         .fetch_all(conn)
         .await
