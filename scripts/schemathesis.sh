@@ -35,6 +35,14 @@ die() { log "ERROR: $*"; exit 1; }
 # ---------------------------------------------------------------- the tool
 if [ ! -x "$VENV/bin/schemathesis" ] || ! "$VENV/bin/schemathesis" --version 2>/dev/null | grep -q "$VERSION"; then
   log "creating $VENV with schemathesis $VERSION"
+  # A plain Debian machine may lack Python or its venv module: install
+  # them when running as root (as .ci/run does for the services).
+  if ! { command -v python3 >/dev/null 2>&1 && python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' >/dev/null 2>&1; }; then
+    [ "$(id -u)" -eq 0 ] || die "python3 with venv missing (Debian: apt-get install python3-venv)"
+    log "installing python3-venv"
+    apt-get update -q </dev/null >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3 python3-venv </dev/null >/dev/null
+  fi
   python3 -m venv "$VENV" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
   "$VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$VERSION"
 fi
