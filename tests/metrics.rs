@@ -63,15 +63,7 @@ fn value(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
 }
 
 async fn scrape(app: &TestApp) -> Vec<Sample> {
-    let text = app
-        .http
-        .get(format!("{}/metrics", app.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     parse(&text)
 }
 

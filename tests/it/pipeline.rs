@@ -468,15 +468,7 @@ async fn health_and_readiness() {
         .prereg(&p, "metrics@customer.example", "+8613900009999")
         .await;
     app.decided(&p, id).await;
-    let text = app
-        .http
-        .get(format!("{}/metrics", app.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     for name in [
         "prereg_jobs_total{queue=\"registration\",outcome=\"done\"}",
         "prereg_job_duration_seconds_bucket",

@@ -222,15 +222,7 @@ async fn invented_http_methods_do_not_become_metric_labels() {
             .unwrap();
         assert!(resp.status().is_client_error());
     }
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(!metrics.contains(&method), "raw method became a label");
     assert!(
         metrics
@@ -242,15 +234,7 @@ async fn invented_http_methods_do_not_become_metric_labels() {
     let _ = app
         .get(&format!("/v1/preregistrations/{}", Uuid::new_v4()), "nope")
         .await;
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(metrics.contains("route=\"/v1/preregistrations/{id}\""));
     app.cleanup().await;
 }

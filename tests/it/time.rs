@@ -320,15 +320,7 @@ async fn a_claim_expires_and_another_partner_can_then_claim_the_customer() {
             .await
             .unwrap();
     assert!(Utc::now() - last_run < chrono::Duration::seconds(5));
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("prereg_sweep_last_success_age_seconds{sweep=\"expiry\"}"),
         "{metrics}"
