@@ -14,6 +14,7 @@ pub mod link;
 #[cfg(test)]
 mod openapi_check;
 pub mod partner;
+pub mod serve;
 pub mod upstream;
 pub mod views;
 
@@ -27,7 +28,7 @@ use axum::{
     routing::{get, post, put},
     Router,
 };
-use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::{catch_panic::CatchPanicLayer, timeout::TimeoutLayer};
 use tracing::Instrument;
 
 use crate::context::Ctx;
@@ -130,6 +131,12 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/admin/dead-letters/{queue}", get(admin::dead_letters))
         .route("/v1/admin/dead-letters/{queue}/replay", post(admin::replay))
         .fallback(|| async { error::ApiError::not_found("route") })
+        // Reading the body and answering; `wire` turns the bare 408 into the
+        // one error shape. The head has its own limit (`serve`).
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            state.ctx.cfg.http_request_timeout,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), gate::gate))
         .layer(middleware::from_fn(wire))
         .layer(middleware::from_fn(observe))
@@ -264,6 +271,11 @@ async fn wire(req: Request, next: Next) -> Response {
             "this method is not allowed on this path",
         ),
         StatusCode::NOT_FOUND => error::ApiError::not_found("route"),
+        StatusCode::REQUEST_TIMEOUT => error::ApiError::new(
+            status,
+            "request_timeout",
+            "the request body did not arrive in time; nothing was done, send it again",
+        ),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => error::ApiError::new(
             status,
             "unsupported_media_type",
