@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use axum::{extract::ConnectInfo, Router};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto::Builder, graceful::GracefulShutdown},
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
     service::TowerToHyperService,
 };
 use tokio::net::TcpListener;
@@ -32,16 +33,12 @@ pub async fn serve(
     header_timeout: Duration,
     cancel: CancellationToken,
 ) {
-    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only, as with axum's defaults; hyper's head timer starts as
+    // soon as a connection (or a keep-alive pause) waits for a request.
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(header_timeout))
-        .keep_alive_timeout(header_timeout);
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -58,7 +55,6 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let head_limit = header_timeout;
         let svc = router
             .clone()
             .map_request(move |mut req: hyper::Request<Incoming>| {
@@ -68,19 +64,8 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            // Telling HTTP/1 from HTTP/2 waits for the first bytes with no
-            // limit of its own; hyper's head timer starts only after that.
-            let mut first = [0u8; 1];
-            if !matches!(
-                tokio::time::timeout(head_limit, stream.peek(&mut first)).await,
-                Ok(Ok(1..))
-            ) {
-                return;
-            }
-            let conn = builder.serve_connection_with_upgrades(
-                TokioIo::new(stream),
-                TowerToHyperService::new(svc),
-            );
+            let conn =
+                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, %peer, "HTTP connection ended with an error");
             }
