@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod asyncapi;
 pub mod app;
 pub mod config;
 pub mod context;
