@@ -264,7 +264,7 @@ pub fn catalog() -> Vec<Entry> {
             email: "ada@customer.example".into(),
             mobile: "+8613800000000".into(),
             send_invitation: true,
-            association_type: Some("customer_development".into()),
+            association_type: None,
             locale: Some("en".into()),
             tags: vec!["spring-campaign".into()],
             remarks: None,

@@ -308,15 +308,15 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
         dead_letter_ids(&app, Queue::Registration).await.len() == 2
     })
     .await;
-    // The charts need two samples of this process's metrics.
-    wait_until(Duration::from_secs(20), || async {
+    // The processed chart draws a line once this process's metrics have
+    // two points of registration work (a sample every 5 s).
+    wait_until(Duration::from_secs(30), || async {
         let h = prereg::jobstats::history();
-        h.len() >= 2
-            && h.last()
-                .unwrap()
-                .jobs
-                .keys()
-                .any(|(q, _)| q == "registration")
+        let window = (60 / prereg::jobstats::EVERY.as_secs().max(1)) as usize;
+        let points = prereg::jobstats::points(&h, window, |a, b| {
+            Some(prereg::jobstats::rates(a, b, "registration").0)
+        });
+        points.len() > 1 && points.iter().any(|p| p.1 > 0.0)
     })
     .await;
 
@@ -495,7 +495,7 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
             .fetch_one(app.db())
             .await
             .unwrap();
-    assert_eq!((state.as_str(), decided_by.as_str()), ("decided", "operator:bootstrap"));
+    assert_eq!((state.as_str(), decided_by.as_str()), ("approved", "operator:bootstrap"));
     // The replayed dead letter left the queue and was processed; the
     // discarded one is gone for good; both actions are audited.
     assert!(dead_letter_ids(&app, Queue::Registration).await.is_empty());
