@@ -675,7 +675,11 @@ mod tests {
         let doc = doc();
         let types = described(&doc);
         for c in jobs::CONTRACTS {
-            assert!(types.contains(c.ty), "job {} missing from the document", c.ty);
+            assert!(
+                types.contains(c.ty),
+                "job {} missing from the document",
+                c.ty
+            );
             let (chan, exch) = if c.upstream {
                 (format!("commands.{}", c.ty), "prereg.commands")
             } else {
@@ -699,8 +703,7 @@ mod tests {
                 let p = e.path();
                 if p.is_dir() {
                     dirs.push(p);
-                } else if p.extension().is_some_and(|x| x == "rs") && !p.ends_with("asyncapi.rs")
-                {
+                } else if p.extension().is_some_and(|x| x == "rs") && !p.ends_with("asyncapi.rs") {
                     files.push(p);
                 }
             }
@@ -726,7 +729,9 @@ mod tests {
                 // `"review.decided:{id}"` (an id) counts as `review.decided`.
                 let ty = lit.split(':').next().unwrap_or("");
                 let well_formed = NS.iter().any(|n| ty.starts_with(n))
-                    && ty.chars().all(|c| c.is_ascii_lowercase() || c == '.' || c == '_')
+                    && ty
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c == '.' || c == '_')
                     && ty.matches('.').count() == 1;
                 let mut before = start.saturating_sub(200);
                 while !src.is_char_boundary(before) {
@@ -751,7 +756,10 @@ mod tests {
         let doc = doc();
         let types = described(&doc);
         for ty in &in_code {
-            assert!(types.contains(ty), "event {ty} is published but not in the document");
+            assert!(
+                types.contains(ty),
+                "event {ty} is published but not in the document"
+            );
             assert_eq!(
                 doc["channels"][format!("events.{ty}")]["bindings"]["amqp"]["exchange"]["name"],
                 "prereg.events"
@@ -762,7 +770,10 @@ mod tests {
             .filter(|e| e.route == Route::Event)
             .map(|e| e.ty.to_string())
             .collect();
-        assert_eq!(documented_events, in_code, "documented events vs the code's");
+        assert_eq!(
+            documented_events, in_code,
+            "documented events vs the code's"
+        );
     }
 
     /// Checks a real payload against its generated schema: every field is
@@ -822,7 +833,10 @@ mod tests {
             .iter()
             .map(|v| v.as_str().unwrap())
             .collect();
-        assert!(req.contains("email") && req.contains("partner_id"), "{req:?}");
+        assert!(
+            req.contains("email") && req.contains("partner_id"),
+            "{req:?}"
+        );
         assert!(!req.contains("tags") && !req.contains("locale"), "{req:?}");
         let acc = &doc["components"]["schemas"]["AccountUpserted"];
         assert_eq!(acc["properties"]["account_id"]["type"], "string");

@@ -6,8 +6,8 @@
 
 pub mod admission;
 pub mod api;
-pub mod asyncapi;
 pub mod app;
+pub mod asyncapi;
 pub mod config;
 pub mod context;
 pub mod deps;

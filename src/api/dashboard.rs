@@ -961,16 +961,16 @@ pub struct DeadLetterForm {
 }
 
 /// Records an operator's dead-letter action in the audit log.
-async fn audit_dead_letters(
-    st: &AppState,
-    s: &Session,
-    action: &str,
-    q: Queue,
-    details: Value,
-) {
+async fn audit_dead_letters(st: &AppState, s: &Session, action: &str, q: Queue, details: Value) {
     if let Ok(mut conn) = st.ctx.db.acquire().await {
-        let _ = crate::store::audit(&mut conn, &s.actor(), action, Some(q.short()), Some(details))
-            .await;
+        let _ = crate::store::audit(
+            &mut conn,
+            &s.actor(),
+            action,
+            Some(q.short()),
+            Some(details),
+        )
+        .await;
     }
 }
 

@@ -218,6 +218,7 @@ async fn dead_letter_directly(app: &TestApp, q: Queue, ev: &CloudEvent) {
     h.insert(H_QUEUE.into(), s(q.short()));
     h.insert(H_FAILED_AT.into(), s(&Utc::now().to_rfc3339()));
     h.insert(H_RETRIES.into(), AMQPValue::LongInt(5));
+    h.insert(prereg::mq::dead_letters::H_ROUTING_KEY.into(), s(&ev.ty));
     let b = &app.ctx.broker;
     b.publish_raw(
         &b.names.dlx(),
@@ -400,7 +401,12 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
             .await?
             .text()
             .await?;
-        for shown in ["x-prereg-reason", "retries_exhausted", "x-prereg-failed-at", "r***@customer.example"] {
+        for shown in [
+            "x-prereg-reason",
+            "retries_exhausted",
+            "x-prereg-failed-at",
+            "r***@customer.example",
+        ] {
             assert!(opened.contains(shown), "{shown}: {opened}");
         }
         std::fs::write(
@@ -415,7 +421,10 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
         .unwrap();
         // Replay that one (after a confirmation); the other stays.
         browser
-            .find(Locator::Css(&format!("{} button.replay-one", row(&good.id))))
+            .find(Locator::Css(&format!(
+                "{} button.replay-one",
+                row(&good.id)
+            )))
             .await?
             .click()
             .await?;
@@ -432,14 +441,20 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
         browser.find(Locator::Css(&row(&bad.id))).await?;
         // Discard the poison message: dismissing the confirmation keeps it.
         browser
-            .find(Locator::Css(&format!("{} button.discard-one", row(&bad.id))))
+            .find(Locator::Css(&format!(
+                "{} button.discard-one",
+                row(&bad.id)
+            )))
             .await?
             .click()
             .await?;
         browser.dismiss_alert().await?;
         browser.find(Locator::Css(&row(&bad.id))).await?;
         browser
-            .find(Locator::Css(&format!("{} button.discard-one", row(&bad.id))))
+            .find(Locator::Css(&format!(
+                "{} button.discard-one",
+                row(&bad.id)
+            )))
             .await?
             .click()
             .await?;
@@ -495,7 +510,10 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
             .fetch_one(app.db())
             .await
             .unwrap();
-    assert_eq!((state.as_str(), decided_by.as_str()), ("approved", "operator:bootstrap"));
+    assert_eq!(
+        (state.as_str(), decided_by.as_str()),
+        ("approved", "operator:bootstrap")
+    );
     // The replayed dead letter left the queue and was processed; the
     // discarded one is gone for good; both actions are audited.
     assert!(dead_letter_ids(&app, Queue::Registration).await.is_empty());

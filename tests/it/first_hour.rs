@@ -259,10 +259,11 @@ async fn asyncapi_document_is_served_and_its_example_command_works() {
     }
     // The example of `preregistration.requested`, sent as an upstream system
     // would (for a real partner, with a fresh id), is decided.
-    let p = app.create_partner(json!({"name": "From the document"})).await;
-    let mut example = doc["components"]["messages"]["PreregistrationRequested"]["examples"][0]
-        ["payload"]
-        .clone();
+    let p = app
+        .create_partner(json!({"name": "From the document"}))
+        .await;
+    let mut example =
+        doc["components"]["messages"]["PreregistrationRequested"]["examples"][0]["payload"].clone();
     let id = uuid::Uuid::now_v7();
     example["id"] = json!(format!("doc-example-{id}"));
     example["data"]["id"] = json!(id);
