@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod api;
 pub mod app;
+pub mod asyncapi;
 pub mod config;
 pub mod context;
 pub mod deps;

@@ -410,6 +410,7 @@ struct DeadRow {
     retries: u32,
     routing_key: String,
     body: String,
+    headers: Vec<(String, String)>,
 }
 
 struct DeadQueue {
@@ -880,6 +881,19 @@ fn dead_row(d: DeadLetter, tz: Tz) -> DeadRow {
         retries: d.retries.unwrap_or(0),
         routing_key: d.routing_key.unwrap_or_default(),
         body: mask_body(&d.body),
+        headers: d
+            .headers
+            .into_iter()
+            .map(|(k, v)| {
+                // Times in the operator's zone; error texts may quote a
+                // payload, so they are masked like bodies.
+                let v = match DateTime::parse_from_rfc3339(&v) {
+                    Ok(t) => ts(t.with_timezone(&Utc), tz),
+                    Err(_) => mask::text(&v),
+                };
+                (k, v)
+            })
+            .collect(),
     }
 }
 
@@ -938,12 +952,43 @@ pub async fn decide(
     }
 }
 
-/// `POST /admin/dead-letters/{queue}/replay`: replay every dead letter of a queue.
+#[derive(Deserialize)]
+pub struct DeadLetterForm {
+    csrf: String,
+    /// One dead letter's message id; absent or empty: every dead letter.
+    #[serde(default)]
+    message_id: String,
+}
+
+/// Records an operator's dead-letter action in the audit log.
+async fn audit_dead_letters(st: &AppState, s: &Session, action: &str, q: Queue, details: Value) {
+    if let Ok(mut conn) = st.ctx.db.acquire().await {
+        let _ = crate::store::audit(
+            &mut conn,
+            &s.actor(),
+            action,
+            Some(q.short()),
+            Some(details),
+        )
+        .await;
+    }
+}
+
+fn dead_letter_failed(what: &str, e: anyhow::Error) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{what} failed (RabbitMQ): {e}"),
+    )
+        .into_response()
+}
+
+/// `POST /admin/dead-letters/{queue}/replay`: replay one dead letter of a
+/// queue (`message_id`), or every one.
 pub async fn replay(
     State(st): State<AppState>,
     headers: HeaderMap,
     Path(queue): Path<String>,
-    Form(f): Form<CsrfForm>,
+    Form(f): Form<DeadLetterForm>,
 ) -> Response {
     let Some(s) = session(&st, &headers).await else {
         return to_login();
@@ -954,29 +999,99 @@ pub async fn replay(
     let Some(q) = Queue::parse(&queue) else {
         return (StatusCode::NOT_FOUND, "no such queue").into_response();
     };
-    match dead_letters::replay(&st.ctx.broker, q, 10_000).await {
-        Ok(n) => {
-            if let Ok(mut conn) = st.ctx.db.acquire().await {
-                let _ = crate::store::audit(
-                    &mut conn,
-                    &s.actor(),
+    let one = f.message_id.trim();
+    if !one.is_empty() {
+        return match dead_letters::replay_one(&st.ctx.broker, q, one).await {
+            Ok(true) => {
+                audit_dead_letters(
+                    &st,
+                    &s,
                     "dead_letters.replayed",
-                    Some(q.short()),
-                    Some(serde_json::json!({"count": n})),
+                    q,
+                    serde_json::json!({"count": 1, "message_id": one}),
                 )
                 .await;
+                Redirect::to(&format!(
+                    "/admin?done=Replayed+one+message+of+{}.#dlq",
+                    q.short()
+                ))
+                .into_response()
             }
+            Ok(false) => gone(q),
+            Err(e) => dead_letter_failed("replay", e),
+        };
+    }
+    match dead_letters::replay(&st.ctx.broker, q, 10_000).await {
+        Ok(n) => {
+            audit_dead_letters(
+                &st,
+                &s,
+                "dead_letters.replayed",
+                q,
+                serde_json::json!({"count": n}),
+            )
+            .await;
             Redirect::to(&format!(
                 "/admin?done=Replayed+{n}+message(s)+of+{}.",
                 q.short()
             ))
             .into_response()
         }
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("replay failed: {e}"),
+        Err(e) => dead_letter_failed("replay", e),
+    }
+}
+
+/// The dead letter was no longer there (replayed or discarded meanwhile).
+fn gone(q: Queue) -> Response {
+    Redirect::to(&format!(
+        "/admin?done=That+message+is+no+longer+among+the+dead+letters+of+{}.#dlq",
+        q.short()
+    ))
+    .into_response()
+}
+
+/// `POST /admin/dead-letters/{queue}/discard`: delete one dead letter for good.
+pub async fn discard(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(queue): Path<String>,
+    Form(f): Form<DeadLetterForm>,
+) -> Response {
+    let Some(s) = session(&st, &headers).await else {
+        return to_login();
+    };
+    if !s.csrf_ok(&f.csrf) {
+        return stale_form();
+    }
+    let Some(q) = Queue::parse(&queue) else {
+        return (StatusCode::NOT_FOUND, "no such queue").into_response();
+    };
+    let one = f.message_id.trim();
+    if one.is_empty() {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "message_id: which dead letter to discard",
         )
-            .into_response(),
+            .into_response();
+    }
+    match dead_letters::discard_one(&st.ctx.broker, q, one).await {
+        Ok(true) => {
+            audit_dead_letters(
+                &st,
+                &s,
+                "dead_letters.discarded",
+                q,
+                serde_json::json!({"count": 1, "message_id": one}),
+            )
+            .await;
+            Redirect::to(&format!(
+                "/admin?done=Discarded+one+message+of+{}.#dlq",
+                q.short()
+            ))
+            .into_response()
+        }
+        Ok(false) => gone(q),
+        Err(e) => dead_letter_failed("discard", e),
     }
 }
 
@@ -1073,9 +1188,16 @@ pub async fn mail_one(
 }
 
 async fn mail_page(st: AppState, headers: HeaderMap, id: Option<String>) -> Response {
-    if session(&st, &headers).await.is_none() {
+    let Some(s) = session(&st, &headers).await else {
         return to_login();
-    }
+    };
+    // One timestamp format, in the operator's zone, as on the dashboard.
+    let local = |mut m: CaughtMail| {
+        if let Ok(t) = DateTime::parse_from_rfc3339(&m.at) {
+            m.at = ts(t.with_timezone(&Utc), s.tz);
+        }
+        m
+    };
     let Some(dir) = st.ctx.mailer.caught_dir() else {
         return (
             StatusCode::NOT_FOUND,
@@ -1085,7 +1207,7 @@ async fn mail_page(st: AppState, headers: HeaderMap, id: Option<String>) -> Resp
     };
     let open = match id {
         Some(id) => match read_caught(dir, &id, true) {
-            Some(m) => Some(m),
+            Some(m) => Some(local(m)),
             None => return (StatusCode::NOT_FOUND, "no such caught message").into_response(),
         },
         None => None,
@@ -1094,7 +1216,7 @@ async fn mail_page(st: AppState, headers: HeaderMap, id: Option<String>) -> Resp
         StatusCode::OK,
         &MailPage {
             dir: dir.display().to_string(),
-            items: caught_mail(dir, 200),
+            items: caught_mail(dir, 200).into_iter().map(local).collect(),
             open,
         },
     )

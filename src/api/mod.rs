@@ -52,6 +52,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
     };
     health_routes()
         .route("/openapi.json", get(health::openapi))
+        .route("/asyncapi.json", get(crate::asyncapi::serve))
         .route("/i/{token}", get(link::open))
         .route("/admin", get(dashboard::dashboard))
         .route("/admin/mail", get(dashboard::mail_list))
@@ -63,6 +64,10 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route(
             "/admin/dead-letters/{queue}/replay",
             post(dashboard::replay),
+        )
+        .route(
+            "/admin/dead-letters/{queue}/discard",
+            post(dashboard::discard),
         )
         .route("/admin/logout", post(dashboard::logout))
         .route("/admin/reviews/{id}/decision", post(dashboard::decide))
