@@ -457,10 +457,7 @@ pub async fn request_review(
         idem.as_ref(),
         answer,
         &job,
-        Some((
-            "DELETE FROM reviews WHERE id = $1 AND state = 'queued'",
-            review_id,
-        )),
+        Some(crate::store::undo::Undo::Review(review_id)),
     )
     .await
 }

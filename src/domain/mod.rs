@@ -3,6 +3,7 @@
 pub mod association;
 pub mod eligibility;
 pub mod facts;
+pub mod invitation;
 pub mod mask;
 #[cfg(test)]
 mod props;

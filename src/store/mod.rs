@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod calendar;
+pub mod deliveries;
 pub mod history;
 pub mod idempotency;
 pub mod invitations;
@@ -10,6 +11,8 @@ pub mod outbox;
 pub mod partners;
 pub mod preregs;
 pub mod reviews;
+pub mod sets;
+pub mod undo;
 
 use std::time::Duration;
 
@@ -122,5 +125,20 @@ pub async fn audit(
         .bind(details)
         .execute(conn)
         .await?;
+    Ok(())
+}
+
+/// The transaction's commit does not wait for the WAL flush: for work whose
+/// loss in a crash only means doing it again with the same ids.
+pub async fn relaxed_commit(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Postgres answers a trivial query (health checks).
+pub async fn ping<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1").execute(db).await?;
     Ok(())
 }
