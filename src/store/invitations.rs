@@ -301,6 +301,33 @@ pub async fn decide_attempt(
     Ok(())
 }
 
+/// What the landing page of a link needs to know.
+#[derive(Debug, Clone, FromRow)]
+pub struct LinkRow {
+    pub status: String,
+    pub locale: String,
+    pub link_expires_at: Option<DateTime<Utc>>,
+    pub activated: bool,
+    /// The claim can still be associated (expirable and not past its expiry).
+    pub claim_live: bool,
+}
+
+pub async fn link_by_token_hash<'e>(
+    db: impl PgExecutor<'e>,
+    token_hash: &[u8],
+) -> Result<Option<LinkRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT i.status, i.locale, i.link_expires_at, i.activated_at IS NOT NULL AS activated,
+                (p.status IN {} AND (p.expires_at IS NULL OR p.expires_at > now())) AS claim_live
+           FROM invitations i JOIN preregistrations p ON p.id = i.preregistration_id
+          WHERE i.token_hash = $1",
+        super::sets::expirable()
+    ))
+    .bind(token_hash)
+    .fetch_optional(db)
+    .await
+}
+
 /// An invitation and its pre-registration.
 #[derive(Debug, Clone, Copy, FromRow)]
 pub struct LinkRef {

@@ -2,9 +2,11 @@
 
 pub mod accounts;
 pub mod calendar;
+pub mod dashboard;
 pub mod deliveries;
 pub mod history;
 pub mod idempotency;
+pub mod intake;
 pub mod invitations;
 pub mod keys;
 pub mod outbox;

@@ -50,6 +50,17 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Partner
         .await
 }
 
+/// The oldest partner of this name.
+pub async fn first_named<'e>(
+    db: impl PgExecutor<'e>,
+    name: &str,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM partners WHERE name = $1 ORDER BY created_at LIMIT 1")
+        .bind(name)
+        .fetch_optional(db)
+        .await
+}
+
 pub async fn get_for_update(
     conn: &mut PgConnection,
     id: Uuid,
