@@ -13,7 +13,10 @@ use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::AccountFacts;
+use crate::domain::{
+    values::{AssociationTypeName, Email, Locale, Mobile},
+    AccountFacts,
+};
 
 /// The work queues, one per job kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -124,14 +127,14 @@ pub struct PreregistrationRequested {
     pub id: Uuid,
     pub partner_id: Uuid,
     pub full_name: String,
-    pub email: String,
-    pub mobile: String,
+    pub email: Email,
+    pub mobile: Mobile,
     #[serde(default)]
     pub send_invitation: bool,
     #[serde(default)]
-    pub association_type: Option<String>,
+    pub association_type: Option<AssociationTypeName>,
     #[serde(default)]
-    pub locale: Option<String>,
+    pub locale: Option<Locale>,
     #[serde(default)]
     pub tags: Vec<String>,
     #[serde(default)]

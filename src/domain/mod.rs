@@ -9,6 +9,7 @@ pub mod mask;
 mod props;
 pub mod status;
 pub mod validate;
+pub mod values;
 pub mod workdays;
 
 pub use eligibility::{decide, Decision, EligibilityInput, ExistingClaim, Reason};
