@@ -85,18 +85,4 @@ pub async fn refresh_gauges(ctx: &Ctx) {
     }
 }
 
-/// After a calendar upload: open reviews whose deadline was computed through
-/// a year that was not loaded get their deadline computed again. Returns how
-/// many changed.
-pub async fn recompute_flagged(ctx: &Ctx) -> Result<u64, sqlx::Error> {
-    if !matches!(ctx.cfg.review_sla, ReviewSla::WorkingDays(_)) {
-        return Ok(0);
-    }
-    ctx.invalidate_calendar();
-    let mut changed = 0;
-    for (id, opened_at) in store::reviews::open_calendar_missing(&ctx.db).await? {
-        let due = ctx.review_due(opened_at).await?;
-        changed += store::reviews::redate(&ctx.db, id, due.at, due.calendar_missing).await?;
-    }
-    Ok(changed)
-}
+pub use crate::flows::calendar::recompute_flagged;

@@ -6,6 +6,7 @@
 //! itself is in `src/store/`, the rules in `src/domain/`.
 
 pub mod association;
+pub mod calendar;
 pub mod claims;
 pub mod deadlines;
 pub mod exports;
