@@ -290,7 +290,10 @@ impl Flusher {
                 locations: answers.iter().map(|a| a.location.as_deref()).collect(),
             };
             let mine: std::collections::HashSet<(String, String)> =
-                intake::claim_keys(&mut tx, &claims).await?.into_iter().collect();
+                intake::claim_keys(&mut tx, &claims)
+                    .await?
+                    .into_iter()
+                    .collect();
             let taken: Vec<&(usize, &IdemKey)> = keyed
                 .iter()
                 .filter(|(_, k)| !mine.contains(&(k.principal.clone(), k.key.clone())))

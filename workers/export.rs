@@ -9,8 +9,8 @@ use uuid::Uuid;
 use super::{JobError, Outcome};
 use crate::{
     context::Ctx,
-    flows,
     domain::mask,
+    flows,
     store::history::{self, csv_row, Record},
 };
 

@@ -730,26 +730,24 @@ async fn build(st: &AppState, s: &Session, q: DashboardQuery) -> Result<Dashboar
     let stale_after = chrono::Duration::from_std(ctx.cfg.sweep_interval * 3)
         .unwrap_or(chrono::Duration::minutes(3));
     let sweeps: Vec<SweepRow> = store::dashboard::sweep_runs(db)
-            .await?
-            .into_iter()
-            .map(|(name, t, stats)| {
-                SweepRow {
-                    name,
-                    last: ts(t, tz),
-                    ago: age((now - t).num_seconds() as f64),
-                    stale: now - t > stale_after,
-                    stats: stats
-                        .and_then(|v| v.as_object().cloned())
-                        .map(|m| {
-                            m.iter()
-                                .map(|(k, v)| format!("{k} {v}"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        })
-                        .unwrap_or_default(),
-                }
-            })
-            .collect();
+        .await?
+        .into_iter()
+        .map(|(name, t, stats)| SweepRow {
+            name,
+            last: ts(t, tz),
+            ago: age((now - t).num_seconds() as f64),
+            stale: now - t > stale_after,
+            stats: stats
+                .and_then(|v| v.as_object().cloned())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default(),
+        })
+        .collect();
     let newest = sweeps.iter().map(|s| s.last.clone()).max();
     let (last_sweep, sweep_stale) = match sweeps.iter().min_by_key(|s| s.stale) {
         Some(s) => (newest.unwrap_or_default(), s.stale),

@@ -13,9 +13,10 @@ pub fn link_expires_at(
     validity: std::time::Duration,
     claim_expires: Option<DateTime<Utc>>,
 ) -> DateTime<Utc> {
-    let validity =
-        Duration::from_std(validity).unwrap_or(Duration::days(DEFAULT_VALIDITY_DAYS));
-    let own = now.checked_add_signed(validity).unwrap_or(DateTime::<Utc>::MAX_UTC);
+    let validity = Duration::from_std(validity).unwrap_or(Duration::days(DEFAULT_VALIDITY_DAYS));
+    let own = now
+        .checked_add_signed(validity)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
     claim_expires.map_or(own, |c| own.min(c))
 }
 
@@ -35,7 +36,10 @@ mod tests {
         let soon = t0() + Duration::days(2);
         assert_eq!(link_expires_at(t0(), week, Some(soon)), soon);
         let late = t0() + Duration::days(30);
-        assert_eq!(link_expires_at(t0(), week, Some(late)), t0() + Duration::days(7));
+        assert_eq!(
+            link_expires_at(t0(), week, Some(late)),
+            t0() + Duration::days(7)
+        );
     }
 
     proptest! {

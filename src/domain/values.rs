@@ -135,7 +135,10 @@ mod tests {
     #[test]
     fn the_wire_format_is_the_plain_string() {
         let e = Email::parse("Zhang.San@Example.com").unwrap();
-        assert_eq!(serde_json::to_string(&e).unwrap(), "\"Zhang.San@Example.com\"");
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            "\"Zhang.San@Example.com\""
+        );
         let back: Email = serde_json::from_str("\"Zhang.San@Example.com\"").unwrap();
         assert_eq!(back, e);
         assert_eq!(e.normalized(), "zhang.san@example.com");

@@ -4,12 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use crate::{
-    config::ReviewSla,
-    context::Ctx,
-    domain::workdays::CalendarEntry,
-    store,
-};
+use crate::{config::ReviewSla, context::Ctx, domain::workdays::CalendarEntry, store};
 
 /// Stores a year (replacing what it had, audited) and recomputes the
 /// deadlines of open reviews that were computed without a calendar.

@@ -35,7 +35,6 @@ use crate::{
 pub const NAME: &str = store::calendar::DEADLINES_RUN;
 const ACTOR: &str = "system:deadlines";
 
-
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct DeadlineStats {
     pub overdue: u64,

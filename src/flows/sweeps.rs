@@ -149,9 +149,8 @@ async fn expire_claims_batch(ctx: &Ctx, batch: i64) -> Result<Vec<Uuid>, sqlx::E
     // A commit lost in a crash only means the next sweep expires those claims
     // again, with the same event ids: no need to wait for the WAL flush.
     store::relaxed_commit(&mut tx).await?;
-    let ids =
-        store::preregs::expire_due_claims(&mut tx, batch, ACTOR, crate::mq::envelope::SOURCE)
-            .await?;
+    let ids = store::preregs::expire_due_claims(&mut tx, batch, ACTOR, crate::mq::envelope::SOURCE)
+        .await?;
     tx.commit().await?;
     Ok(ids)
 }

@@ -64,7 +64,10 @@ pub async fn delete_expired_sessions<'e>(db: impl PgExecutor<'e>) -> Result<(), 
     Ok(())
 }
 
-pub async fn delete_session<'e>(db: impl PgExecutor<'e>, id_hash: &[u8]) -> Result<(), sqlx::Error> {
+pub async fn delete_session<'e>(
+    db: impl PgExecutor<'e>,
+    id_hash: &[u8],
+) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM dashboard_sessions WHERE id_hash = $1")
         .bind(id_hash)
         .execute(db)
@@ -84,7 +87,9 @@ pub struct ReviewLine {
 }
 
 /// Undecided reviews, soonest due first (at most 100).
-pub async fn undecided_reviews<'e>(db: impl PgExecutor<'e>) -> Result<Vec<ReviewLine>, sqlx::Error> {
+pub async fn undecided_reviews<'e>(
+    db: impl PgExecutor<'e>,
+) -> Result<Vec<ReviewLine>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT r.id, r.state, r.requested_at, r.due_at, r.calendar_missing, p.name AS partner
            FROM reviews r JOIN partners p ON p.id = r.partner_id

@@ -98,7 +98,6 @@ const COLUMNS: &str = "id, partner_id, full_name, email, mobile, email_norm, mob
     manual_review_eligible, existing_id, send_invitation, association_type, locale, tags, remarks, account_manager_id,
     request_id, created_at, decided_at, preregistered_at, expires_at, updated_at";
 
-
 /// Inserts the `queued` row unless it exists. Returns whether it was inserted.
 pub async fn insert_queued(
     conn: &mut PgConnection,

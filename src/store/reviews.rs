@@ -274,7 +274,10 @@ pub async fn redate<'e>(
 
 /// An operator approved a review of the pre-registration (which waives the
 /// registration-time limit at association).
-pub async fn approved_for<'e>(db: impl PgExecutor<'e>, prereg_id: Uuid) -> Result<bool, sqlx::Error> {
+pub async fn approved_for<'e>(
+    db: impl PgExecutor<'e>,
+    prereg_id: Uuid,
+) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM reviews WHERE preregistration_id = $1 AND state = 'approved')",
     )

@@ -28,7 +28,10 @@ impl Undo {
                 id,
             ),
             Undo::Review(id) => ("DELETE FROM reviews WHERE id = $1 AND state = 'queued'", id),
-            Undo::Export(id) => ("DELETE FROM exports WHERE id = $1 AND status = 'pending'", id),
+            Undo::Export(id) => (
+                "DELETE FROM exports WHERE id = $1 AND status = 'pending'",
+                id,
+            ),
         }
     }
 
