@@ -378,9 +378,8 @@ pub async fn offline_link(
         &rid.0,
     )
     .await?;
-    let token = &offline.token;
+    let url = links::link_url(&st.ctx.cfg.public_url, &offline.token);
     let (inv_id, code) = (offline.invitation_id, offline.code);
-    let url = links::link_url(&st.ctx.cfg.public_url, &token);
     let body = json!({
         "invitation_id": inv_id,
         "preregistration_id": id,

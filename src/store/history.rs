@@ -198,52 +198,6 @@ pub fn csv_row(out: &mut String, fields: &[&str]) {
     out.push_str("\r\n");
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn csv_escaping() {
-        let mut s = String::new();
-        csv_row(
-            &mut s,
-            &[
-                "a",
-                "b,c",
-                "say \"hi\"",
-                "line\nbreak",
-                "=SUM(A1)",
-                "+86*******0000",
-                "+cmd",
-                "-x",
-            ],
-        );
-        assert_eq!(
-            s,
-            "a,\"b,c\",\"say \"\"hi\"\"\",\"line\nbreak\",'=SUM(A1),'+86*******0000,'+cmd,'-x\r\n"
-        );
-    }
-
-    #[test]
-    fn formula_guard_covers_issue_10_item_6() {
-        for (input, want) in [
-            ("-1+cmd|' /C calc'!A0", "'-1+cmd|' /C calc'!A0"),
-            (
-                "+1+HYPERLINK(\"http://x\")",
-                "\"'+1+HYPERLINK(\"\"http://x\"\")\"",
-            ),
-            ("\t=1+1", "'\t=1+1"),
-            ("\r=1+1", "\"'\r=1+1\""),
-            ("@SUM(1)", "'@SUM(1)"),
-            ("plain", "plain"),
-        ] {
-            let mut s = String::new();
-            csv_field(&mut s, input);
-            assert_eq!(s, want, "{input:?}");
-        }
-    }
-}
-
 /// Serialises export requests of one partner (until the transaction ends),
 /// so two requests cannot both pass the limit.
 pub async fn lock_partner_exports(
@@ -364,4 +318,50 @@ pub async fn fail_export<'e, E: PgExecutor<'e> + Copy>(
         .execute(db)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_escaping() {
+        let mut s = String::new();
+        csv_row(
+            &mut s,
+            &[
+                "a",
+                "b,c",
+                "say \"hi\"",
+                "line\nbreak",
+                "=SUM(A1)",
+                "+86*******0000",
+                "+cmd",
+                "-x",
+            ],
+        );
+        assert_eq!(
+            s,
+            "a,\"b,c\",\"say \"\"hi\"\"\",\"line\nbreak\",'=SUM(A1),'+86*******0000,'+cmd,'-x\r\n"
+        );
+    }
+
+    #[test]
+    fn formula_guard_covers_issue_10_item_6() {
+        for (input, want) in [
+            ("-1+cmd|' /C calc'!A0", "'-1+cmd|' /C calc'!A0"),
+            (
+                "+1+HYPERLINK(\"http://x\")",
+                "\"'+1+HYPERLINK(\"\"http://x\"\")\"",
+            ),
+            ("\t=1+1", "'\t=1+1"),
+            ("\r=1+1", "\"'\r=1+1\""),
+            ("@SUM(1)", "'@SUM(1)"),
+            ("plain", "plain"),
+        ] {
+            let mut s = String::new();
+            csv_field(&mut s, input);
+            assert_eq!(s, want, "{input:?}");
+        }
+    }
 }
