@@ -217,7 +217,7 @@ pub async fn run(cfg: Config, cmd: AdminCommand) -> anyhow::Result<()> {
                     "the file spans several years ({years:?}): load one year per file"
                 ),
             };
-            if !prereg::api::calendar::YEARS.contains(&year) {
+            if !prereg::domain::workdays::YEARS.contains(&year) {
                 anyhow::bail!("year {year} is out of range");
             }
             // Same checks as the API: every date in the year, none twice.

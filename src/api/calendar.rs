@@ -26,8 +26,7 @@ use crate::{
     store,
 };
 
-/// Years an operator may load.
-pub const YEARS: std::ops::RangeInclusive<i32> = 2000..=2100;
+pub use crate::domain::workdays::YEARS;
 
 fn year_param(s: &str) -> ApiResult<i32> {
     let year: i32 = s
