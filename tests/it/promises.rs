@@ -193,26 +193,9 @@ async fn review_reminder_and_escalation_emails_are_delivered_once_each() {
     let p = app.create_partner(json!({})).await;
     let email = "review-mail@customer.example";
     let mobile = "+8615900000003";
-    let registered = (Utc::now() - chrono::Duration::days(40)).to_rfc3339();
-    app.account(
-        &upstream,
-        "rev-mail",
-        json!({"email": email, "mobile": mobile, "registered_at": registered, "site": "intl", "country": "CN"}),
-    )
-    .await;
-    let id = app.prereg(&p, email, mobile).await;
-    assert_eq!(
-        app.decided(&p, id).await["reason"]["code"],
-        "registered_over_7_days"
-    );
-    let (s, v) = app
-        .post(
-            &format!("/v1/preregistrations/{id}/review"),
-            &p.key,
-            json!({"justification": "Migration planned"}),
-        )
+    let id = app
+        .review_requested(&upstream, &p, "rev-mail", email, mobile)
         .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
 
     let reminder = wait_mails_to(
         &sink,
