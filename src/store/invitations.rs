@@ -29,6 +29,11 @@ pub struct Invitation {
 const COLUMNS: &str = "id, preregistration_id, partner_id, association_type, method, locale, status, nonce, code_hash,
     link_expires_at, created_at, activated_at, sending_since, sent_at, attempts, failure, used_at";
 
+/// `SELECT` of every column of `invitations` rows matching `condition`.
+fn select(condition: &str) -> String {
+    format!("SELECT {COLUMNS} FROM invitations WHERE {condition}")
+}
+
 pub struct NewInvitation<'a> {
     pub id: Uuid,
     pub preregistration_id: Uuid,
@@ -68,46 +73,28 @@ pub async fn insert(conn: &mut PgConnection, n: &NewInvitation<'_>) -> Result<()
 }
 
 pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Invitation>, sqlx::Error> {
-    sqlx::query_as::<_, Invitation>(&format!("SELECT {COLUMNS} FROM invitations WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    super::row_by(db, select("id = $1"), id).await
 }
 
 pub async fn get_for_update(
     conn: &mut PgConnection,
     id: Uuid,
 ) -> Result<Option<Invitation>, sqlx::Error> {
-    sqlx::query_as::<_, Invitation>(&format!(
-        "SELECT {COLUMNS} FROM invitations WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
-    .fetch_optional(conn)
-    .await
+    super::row_by(conn, select("id = $1 FOR UPDATE"), id).await
 }
 
 pub async fn by_token_hash_for_update(
     conn: &mut PgConnection,
     hash: &[u8],
 ) -> Result<Option<Invitation>, sqlx::Error> {
-    sqlx::query_as::<_, Invitation>(&format!(
-        "SELECT {COLUMNS} FROM invitations WHERE token_hash = $1 FOR UPDATE"
-    ))
-    .bind(hash)
-    .fetch_optional(conn)
-    .await
+    super::row_by(conn, select("token_hash = $1 FOR UPDATE"), hash).await
 }
 
 pub async fn by_code_hash_for_update(
     conn: &mut PgConnection,
     hash: &[u8],
 ) -> Result<Option<Invitation>, sqlx::Error> {
-    sqlx::query_as::<_, Invitation>(&format!(
-        "SELECT {COLUMNS} FROM invitations WHERE code_hash = $1 FOR UPDATE"
-    ))
-    .bind(hash)
-    .fetch_optional(conn)
-    .await
+    super::row_by(conn, select("code_hash = $1 FOR UPDATE"), hash).await
 }
 
 /// Every invitation of a pre-registration, newest first.
@@ -115,11 +102,11 @@ pub async fn for_prereg<'e>(
     db: impl PgExecutor<'e>,
     prereg_id: Uuid,
 ) -> Result<Vec<Invitation>, sqlx::Error> {
-    sqlx::query_as::<_, Invitation>(&format!(
-        "SELECT {COLUMNS} FROM invitations WHERE preregistration_id = $1 ORDER BY created_at DESC, id DESC"
-    ))
-    .bind(prereg_id)
-    .fetch_all(db)
+    super::rows_by(
+        db,
+        select("preregistration_id = $1 ORDER BY created_at DESC, id DESC"),
+        prereg_id,
+    )
     .await
 }
 
@@ -262,11 +249,11 @@ pub async fn get_attempt<'e>(
     db: impl PgExecutor<'e>,
     id: Uuid,
 ) -> Result<Option<Attempt>, sqlx::Error> {
-    sqlx::query_as::<_, Attempt>(&format!(
-        "SELECT {ATTEMPT_COLUMNS} FROM association_attempts WHERE id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(db)
+    super::row_by(
+        db,
+        format!("SELECT {ATTEMPT_COLUMNS} FROM association_attempts WHERE id = $1"),
+        id,
+    )
     .await
 }
 
@@ -274,11 +261,11 @@ pub async fn get_attempt_for_update(
     conn: &mut PgConnection,
     id: Uuid,
 ) -> Result<Option<Attempt>, sqlx::Error> {
-    sqlx::query_as::<_, Attempt>(&format!(
-        "SELECT {ATTEMPT_COLUMNS} FROM association_attempts WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
-    .fetch_optional(conn)
+    super::row_by(
+        conn,
+        format!("SELECT {ATTEMPT_COLUMNS} FROM association_attempts WHERE id = $1 FOR UPDATE"),
+        id,
+    )
     .await
 }
 

@@ -144,3 +144,32 @@ pub async fn ping<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<(), sqlx::Error> 
     sqlx::query("SELECT 1").execute(db).await?;
     Ok(())
 }
+
+/// The row `sql` (a statement with one parameter, `$1 = key`) returns, if any.
+pub(crate) async fn row_by<'e, T, K>(
+    db: impl sqlx::PgExecutor<'e>,
+    sql: String,
+    key: K,
+) -> Result<Option<T>, sqlx::Error>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    K: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+{
+    sqlx::query_as::<_, T>(&sql)
+        .bind(key)
+        .fetch_optional(db)
+        .await
+}
+
+/// The rows `sql` (a statement with one parameter, `$1 = key`) returns.
+pub(crate) async fn rows_by<'e, T, K>(
+    db: impl sqlx::PgExecutor<'e>,
+    sql: String,
+    key: K,
+) -> Result<Vec<T>, sqlx::Error>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    K: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+{
+    sqlx::query_as::<_, T>(&sql).bind(key).fetch_all(db).await
+}

@@ -43,11 +43,13 @@ pub struct PartnerFields {
 
 const COLUMNS: &str = "id, name, country, contact_email, contact_mobile, billing_mode, customer_development, referral, locale, created_at, updated_at";
 
+/// `SELECT` of every column of `partners` rows matching `condition`.
+fn select(condition: &str) -> String {
+    format!("SELECT {COLUMNS} FROM partners WHERE {condition}")
+}
+
 pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Partner>, sqlx::Error> {
-    sqlx::query_as::<_, Partner>(&format!("SELECT {COLUMNS} FROM partners WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    super::row_by(db, select("id = $1"), id).await
 }
 
 /// The oldest partner of this name.
@@ -65,12 +67,7 @@ pub async fn get_for_update(
     conn: &mut PgConnection,
     id: Uuid,
 ) -> Result<Option<Partner>, sqlx::Error> {
-    sqlx::query_as::<_, Partner>(&format!(
-        "SELECT {COLUMNS} FROM partners WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
-    .fetch_optional(conn)
-    .await
+    super::row_by(conn, select("id = $1 FOR UPDATE"), id).await
 }
 
 pub async fn managers<'e>(

@@ -98,6 +98,11 @@ const COLUMNS: &str = "id, partner_id, full_name, email, mobile, email_norm, mob
     manual_review_eligible, existing_id, send_invitation, association_type, locale, tags, remarks, account_manager_id,
     request_id, created_at, decided_at, preregistered_at, expires_at, updated_at";
 
+/// `SELECT` of every column of `preregistrations` rows matching `condition`.
+fn select(condition: &str) -> String {
+    format!("SELECT {COLUMNS} FROM preregistrations WHERE {condition}")
+}
+
 /// Inserts the `queued` row unless it exists. Returns whether it was inserted.
 pub async fn insert_queued(
     conn: &mut PgConnection,
@@ -132,24 +137,14 @@ pub async fn insert_queued(
 }
 
 pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Prereg>, sqlx::Error> {
-    sqlx::query_as::<_, Prereg>(&format!(
-        "SELECT {COLUMNS} FROM preregistrations WHERE id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(db)
-    .await
+    super::row_by(db, select("id = $1"), id).await
 }
 
 pub async fn get_for_update(
     conn: &mut PgConnection,
     id: Uuid,
 ) -> Result<Option<Prereg>, sqlx::Error> {
-    sqlx::query_as::<_, Prereg>(&format!(
-        "SELECT {COLUMNS} FROM preregistrations WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
-    .fetch_optional(conn)
-    .await
+    super::row_by(conn, select("id = $1 FOR UPDATE"), id).await
 }
 
 /// Claims held on a customer identified by its normalised email or mobile.

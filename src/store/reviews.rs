@@ -30,6 +30,11 @@ pub struct Review {
 const COLUMNS: &str = "id, preregistration_id, partner_id, state, justification, expected_new_spend, contact_record,
     requested_at, opened_at, due_at, calendar_missing, reminder_sent_at, overdue_at, escalated_at, decided_at, decided_by, note, refusal_code";
 
+/// `SELECT` of every column of `reviews` rows matching `condition`.
+fn select(condition: &str) -> String {
+    format!("SELECT {COLUMNS} FROM reviews WHERE {condition}")
+}
+
 pub struct NewReview<'a> {
     pub id: Uuid,
     pub preregistration_id: Uuid,
@@ -58,22 +63,14 @@ pub async fn insert_queued(conn: &mut PgConnection, r: &NewReview<'_>) -> Result
 }
 
 pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Review>, sqlx::Error> {
-    sqlx::query_as::<_, Review>(&format!("SELECT {COLUMNS} FROM reviews WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    super::row_by(db, select("id = $1"), id).await
 }
 
 pub async fn get_for_update(
     conn: &mut PgConnection,
     id: Uuid,
 ) -> Result<Option<Review>, sqlx::Error> {
-    sqlx::query_as::<_, Review>(&format!(
-        "SELECT {COLUMNS} FROM reviews WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
-    .fetch_optional(conn)
-    .await
+    super::row_by(conn, select("id = $1 FOR UPDATE"), id).await
 }
 
 /// The latest review of a pre-registration.
@@ -81,11 +78,11 @@ pub async fn latest_for<'e>(
     db: impl PgExecutor<'e>,
     prereg_id: Uuid,
 ) -> Result<Option<Review>, sqlx::Error> {
-    sqlx::query_as::<_, Review>(&format!(
-        "SELECT {COLUMNS} FROM reviews WHERE preregistration_id = $1 ORDER BY requested_at DESC, id DESC LIMIT 1"
-    ))
-    .bind(prereg_id)
-    .fetch_optional(db)
+    super::row_by(
+        db,
+        select("preregistration_id = $1 ORDER BY requested_at DESC, id DESC LIMIT 1"),
+        prereg_id,
+    )
     .await
 }
 
@@ -143,11 +140,13 @@ pub async fn list<'e>(
         "decided" => format!("state IN {}", super::sets::reviews_decided()),
         _ => format!("state IN {}", super::sets::reviews_undecided()),
     };
-    sqlx::query_as::<_, Review>(&format!(
-        "SELECT {COLUMNS} FROM reviews WHERE {cond} ORDER BY due_at NULLS LAST, requested_at LIMIT $1"
-    ))
-    .bind(limit)
-    .fetch_all(db)
+    super::rows_by(
+        db,
+        select(&format!(
+            "{cond} ORDER BY due_at NULLS LAST, requested_at LIMIT $1"
+        )),
+        limit,
+    )
     .await
 }
 
