@@ -74,6 +74,16 @@ impl Idem {
         }))
     }
 
+    /// The key of a partner's `POST` to `path`.
+    pub fn post(
+        headers: &HeaderMap,
+        principal: &crate::store::keys::Principal,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Option<Idem>, ApiError> {
+        Idem::from_headers(headers, principal.label(), "POST", path, body)
+    }
+
     /// The key as the intake's batcher takes it.
     pub fn to_key(&self) -> IdemKey {
         IdemKey {

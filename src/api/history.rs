@@ -199,13 +199,7 @@ pub async fn create_export(
         let v = super::json_body(&body)?;
         validate::only_fields(&v, &[]).map_err(ApiError::validation)?;
     }
-    let idem = Idem::from_headers(
-        &headers,
-        auth.principal.label(),
-        "POST",
-        "/v1/exports",
-        &body,
-    )?;
+    let idem = Idem::post(&headers, &auth.principal, "/v1/exports", &body)?;
     let mut tx = st.ctx.db.begin().await?;
     if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
         return Ok(r);

@@ -213,13 +213,7 @@ pub async fn invite(
         .into_iter()
         .map(|id| (id, Some((kind.to_string(), locale.clone()))))
         .collect();
-    let idem = Idem::from_headers(
-        &headers,
-        auth.principal.label(),
-        "POST",
-        "/v1/invitations",
-        &body,
-    )?;
+    let idem = Idem::post(&headers, &auth.principal, "/v1/invitations", &body)?;
     send_batch(&st, &auth, &rid, items, idem).await
 }
 
@@ -234,13 +228,7 @@ pub async fn resend(
     validate::only_fields(&v, &["preregistration_ids"]).map_err(ApiError::validation)?;
     let ids = parse_id_list(&v, "preregistration_ids")?;
     let items = ids.into_iter().map(|id| (id, None)).collect();
-    let idem = Idem::from_headers(
-        &headers,
-        auth.principal.label(),
-        "POST",
-        "/v1/invitations/resend",
-        &body,
-    )?;
+    let idem = Idem::post(&headers, &auth.principal, "/v1/invitations/resend", &body)?;
     send_batch(&st, &auth, &rid, items, idem).await
 }
 

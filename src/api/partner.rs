@@ -135,13 +135,7 @@ pub async fn create(
         .await?
         .map_err(refused)?;
     crate::stages::since(crate::stages::Stage::Validation, validation_started);
-    let idem = Idem::from_headers(
-        &headers,
-        auth.principal.label(),
-        "POST",
-        "/v1/preregistrations",
-        &body,
-    )?;
+    let idem = Idem::post(&headers, &auth.principal, "/v1/preregistrations", &body)?;
     // Group commit: this request joins the intake's next batch (one
     // transaction and one round of confirms for many requests).
     let cmd = preregs::NewPrereg {
@@ -411,7 +405,7 @@ pub async fn request_review(
         ));
     }
     let path = format!("/v1/preregistrations/{}/review", p.id);
-    let idem = Idem::from_headers(&headers, auth.principal.label(), "POST", &path, &body)?;
+    let idem = Idem::post(&headers, &auth.principal, &path, &body)?;
     let mut tx = st.ctx.db.begin().await?;
     if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
         return Ok(r);
