@@ -240,6 +240,18 @@ impl TestApp {
         id
     }
 
+    /// Invites the customer of claim `id` by email (asserting the 202) and
+    /// returns the invitation's id.
+    pub async fn invite(&self, p: &Partner, id: Uuid) -> String {
+        let body = json!({"preregistration_ids": [id]});
+        let (s, v) = self.post("/v1/invitations", &p.key, body).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        v["results"][0]["invitation_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     /// Submits a pre-registration and returns its id (asserting the 202).
     pub async fn prereg(&self, p: &Partner, email: &str, mobile: &str) -> Uuid {
         let (status, v) = self

@@ -83,18 +83,7 @@ async fn a_transient_smtp_failure_is_retried_after_its_delay_and_sent_once() {
         .prereg(&p, "delay@customer.example", "+8615900000001")
         .await;
     assert_eq!(app.decided(&p, id).await["status"], "preregistered");
-    let (s, v) = app
-        .post(
-            "/v1/invitations",
-            &p.key,
-            json!({"preregistration_ids": [id]}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let inv = v["results"][0]["invitation_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let inv = app.invite(&p, id).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let sent = loop {
         let v = app.get(&format!("/v1/invitations/{inv}"), &p.key).await.1;

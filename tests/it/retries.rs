@@ -35,18 +35,7 @@ pub async fn failing_invitation(app: &TestApp) -> String {
         .prereg(&p, "retry@customer.example", "+8613600000001")
         .await;
     assert_eq!(app.decided(&p, id).await["status"], "preregistered");
-    let (s, v) = app
-        .post(
-            "/v1/invitations",
-            &p.key,
-            json!({"preregistration_ids": [id]}),
-        )
-        .await;
-    assert_eq!(s, reqwest::StatusCode::ACCEPTED, "{v}");
-    v["results"][0]["invitation_id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    app.invite(&p, id).await
 }
 
 /// An SMTP address nothing listens on.
