@@ -252,6 +252,14 @@ impl TestApp {
             .to_string()
     }
 
+    /// Submits a pre-registration, waits until it is granted (asserting
+    /// `preregistered`) and returns its id.
+    pub async fn claimed(&self, p: &Partner, email: &str, mobile: &str) -> Uuid {
+        let id = self.prereg(p, email, mobile).await;
+        assert_eq!(self.decided(p, id).await["status"], "preregistered");
+        id
+    }
+
     /// Submits a pre-registration and returns its id (asserting the 202).
     pub async fn prereg(&self, p: &Partner, email: &str, mobile: &str) -> Uuid {
         let (status, v) = self

@@ -80,9 +80,8 @@ async fn a_transient_smtp_failure_is_retried_after_its_delay_and_sent_once() {
     .await;
     let p = app.create_partner(json!({})).await;
     let id = app
-        .prereg(&p, "delay@customer.example", "+8615900000001")
+        .claimed(&p, "delay@customer.example", "+8615900000001")
         .await;
-    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
     let inv = app.invite(&p, id).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let sent = loop {
@@ -119,10 +118,8 @@ async fn the_claim_expiry_reminder_email_reaches_the_partner_once() {
     let p = app
         .create_partner(json!({"contact_email": "claims@partner.example"}))
         .await;
-    let id = app
-        .prereg(&p, "remind-me@customer.example", "+8615900000002")
+    app.claimed(&p, "remind-me@customer.example", "+8615900000002")
         .await;
-    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
     for _ in 0..3 {
         let (s, v) = app.post("/v1/admin/sweeps", OPERATOR, json!({})).await;
         assert!(s.is_success(), "{s} {v}");
@@ -244,10 +241,8 @@ async fn registration_expires_a_lapsed_claim_itself_without_a_sweep() {
     while Utc::now() <= expires {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let second = app
-        .prereg(&b, "lapse@customer.example", "+8615900000004")
+    app.claimed(&b, "lapse@customer.example", "+8615900000004")
         .await;
-    assert_eq!(app.decided(&b, second).await["status"], "preregistered");
     let (_, old) = app
         .get(&format!("/v1/preregistrations/{first}"), &a.key)
         .await;

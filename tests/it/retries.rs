@@ -32,9 +32,8 @@ pub async fn depth(ch: &Channel, queue: &str) -> u32 {
 pub async fn failing_invitation(app: &TestApp) -> String {
     let p = app.create_partner(json!({})).await;
     let id = app
-        .prereg(&p, "retry@customer.example", "+8613600000001")
+        .claimed(&p, "retry@customer.example", "+8613600000001")
         .await;
-    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
     app.invite(&p, id).await
 }
 
