@@ -104,6 +104,18 @@ fn cookie_attrs(st: &AppState) -> &'static str {
     }
 }
 
+/// The session of a form post whose CSRF token matches; otherwise the
+/// answer to give (to the login page, or "stale form").
+async fn form_session(st: &AppState, headers: &HeaderMap, csrf: &str) -> Result<Session, Response> {
+    let Some(s) = session(st, headers).await else {
+        return Err(to_login());
+    };
+    if !s.csrf_ok(csrf) {
+        return Err(stale_form());
+    }
+    Ok(s)
+}
+
 /// The live session of this request, touched (idle expiry moves on).
 async fn session(st: &AppState, headers: &HeaderMap) -> Option<Session> {
     let id = cookie(headers)?;
@@ -298,12 +310,10 @@ pub async fn logout(
     headers: HeaderMap,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    let Some(s) = session(&st, &headers).await else {
-        return to_login();
+    let s = match form_session(&st, &headers, &f.csrf).await {
+        Ok(s) => s,
+        Err(answer) => return answer,
     };
-    if !s.csrf_ok(&f.csrf) {
-        return stale_form();
-    }
     let _ = store::dashboard::delete_session(&st.ctx.db, &s.id_hash).await;
     let clear = format!("{COOKIE}=; {}; Max-Age=0", cookie_attrs(&st));
     ([(header::SET_COOKIE, clear)], Redirect::to("/admin/login")).into_response()
@@ -861,12 +871,10 @@ pub async fn decide(
     Path(id): Path<String>,
     Form(f): Form<DecisionForm>,
 ) -> Response {
-    let Some(s) = session(&st, &headers).await else {
-        return to_login();
+    let s = match form_session(&st, &headers, &f.csrf).await {
+        Ok(s) => s,
+        Err(answer) => return answer,
     };
-    if !s.csrf_ok(&f.csrf) {
-        return stale_form();
-    }
     let Ok(id) = Uuid::parse_str(&id) else {
         return (StatusCode::NOT_FOUND, "no such review").into_response();
     };
@@ -906,12 +914,10 @@ pub async fn replay(
     Path(queue): Path<String>,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    let Some(s) = session(&st, &headers).await else {
-        return to_login();
+    let s = match form_session(&st, &headers, &f.csrf).await {
+        Ok(s) => s,
+        Err(answer) => return answer,
     };
-    if !s.csrf_ok(&f.csrf) {
-        return stale_form();
-    }
     let Some(q) = Queue::parse(&queue) else {
         return (StatusCode::NOT_FOUND, "no such queue").into_response();
     };
