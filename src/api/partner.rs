@@ -27,8 +27,7 @@ use crate::{
         Status,
     },
     jobs::ReviewRequested,
-    mq::CloudEvent,
-    store::{self, partners::Partner, preregs, reviews, TimelineEntry},
+    store::{self, partners::Partner, preregs, reviews},
 };
 
 async fn own_partner(st: &AppState, auth: &PartnerAuth) -> ApiResult<Partner> {
@@ -463,42 +462,7 @@ async fn delete_in(
     id: Uuid,
     actor: &str,
 ) -> Result<Value, ApiError> {
-    let p = match preregs::get_for_update(conn, id).await? {
-        Some(p) if p.partner_id == partner_id => p,
-        _ => return Err(ApiError::not_found("pre-registration")),
-    };
-    let status = p.status();
-    if status == Status::Deleted {
-        return Ok(json!({"preregistration_id": id, "status": "deleted"}));
-    }
-    if !status.deletable() {
-        return Err(ApiError::conflict(
-            "cannot_delete",
-            format!("a pre-registration that is {status} cannot be deleted"),
-        ));
-    }
-    preregs::set_status(conn, id, Status::Deleted).await?;
-    store::invitations::end_all(conn, id, "expired").await?;
-    store::record(
-        conn,
-        TimelineEntry {
-            preregistration_id: id,
-            actor,
-            change: "deleted",
-            from_status: Some(status.as_str()),
-            to_status: Some("deleted"),
-            reason: None,
-            details: None,
-        },
-    )
-    .await?;
-    let ev = CloudEvent::with_id(
-        format!("preregistration.deleted:{id}"),
-        "preregistration.deleted",
-        json!({"preregistration_id": id, "partner_id": partner_id, "status": "deleted", "previous_status": status}),
-    )
-    .subject(id);
-    store::outbox::event(conn, &ev).await?;
+    crate::flows::claims::delete(conn, partner_id, id, actor).await?;
     Ok(json!({"preregistration_id": id, "status": "deleted"}))
 }
 

@@ -8,6 +8,7 @@ use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::FlowError;
 use crate::{
     domain::{Reason, Status},
     mq::CloudEvent,
@@ -39,6 +40,55 @@ pub async fn grant(
     )
     .await?;
     Ok(expires_at)
+}
+
+/// The partner deletes its pre-registration (anything but a review in
+/// progress or an association): `deleted`, its live links end, with the
+/// timeline entry and `preregistration.deleted`. Deleting a deleted one
+/// changes nothing. Runs in the caller's transaction.
+pub async fn delete(
+    conn: &mut PgConnection,
+    partner_id: Uuid,
+    id: Uuid,
+    actor: &str,
+) -> Result<(), FlowError> {
+    let p = match preregs::get_for_update(conn, id).await? {
+        Some(p) if p.partner_id == partner_id => p,
+        _ => return Err(FlowError::NotFound("pre-registration")),
+    };
+    let status = p.status();
+    if status == Status::Deleted {
+        return Ok(());
+    }
+    if !status.deletable() {
+        return Err(FlowError::Conflict(
+            "cannot_delete",
+            format!("a pre-registration that is {status} cannot be deleted"),
+        ));
+    }
+    preregs::set_status(conn, id, Status::Deleted).await?;
+    store::invitations::end_all(conn, id, "expired").await?;
+    store::record(
+        conn,
+        TimelineEntry {
+            preregistration_id: id,
+            actor,
+            change: "deleted",
+            from_status: Some(status.as_str()),
+            to_status: Some("deleted"),
+            reason: None,
+            details: None,
+        },
+    )
+    .await?;
+    let ev = CloudEvent::with_id(
+        format!("preregistration.deleted:{id}"),
+        "preregistration.deleted",
+        json!({"preregistration_id": id, "partner_id": partner_id, "status": "deleted", "previous_status": status}),
+    )
+    .subject(id);
+    store::outbox::event(conn, &ev).await?;
+    Ok(())
 }
 
 /// Rejects a pre-registration for an eligibility reason.
