@@ -184,7 +184,7 @@ async fn probe_services(ctx: Arc<Ctx>, cancel: CancellationToken) {
     let (mut pg_ok, mut amqp_ok) = (false, false);
     loop {
         if !pg_ok {
-            match sqlx::query("SELECT 1").execute(&ctx.db).await {
+            match crate::store::ping(&ctx.db).await {
                 Ok(_) => {
                     pg_ok = true;
                     tracing::info!(database = %crate::startup::pg_where(&ctx.cfg.database_url), "PostgreSQL reachable");
@@ -265,7 +265,7 @@ async fn run_probe(ctx: Arc<Ctx>, cancel: CancellationToken) {
         // Postgres.
         let ok = match pg.as_mut() {
             Some(c) => matches!(
-                tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&mut *c)).await,
+                tokio::time::timeout(timeout, crate::store::ping(&mut *c)).await,
                 Ok(Ok(_))
             ),
             None => false,

@@ -90,11 +90,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<DevSession> {
 /// upstream key: keys are shown once, so each run issues new ones.
 async fn demo_partner(ctx: &Arc<Ctx>) -> anyhow::Result<(uuid::Uuid, String, String)> {
     let mut tx = ctx.db.begin().await?;
-    let existing: Option<uuid::Uuid> =
-        sqlx::query_scalar("SELECT id FROM partners WHERE name = $1 ORDER BY created_at LIMIT 1")
-            .bind(DEMO_PARTNER)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let existing = store::partners::first_named(&mut *tx, DEMO_PARTNER).await?;
     let id = match existing {
         Some(id) => id,
         None => {

@@ -14,7 +14,10 @@ use schemars::JsonSchema;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::AccountFacts;
+use crate::domain::{
+    values::{AssociationTypeName, Email, Locale, Mobile},
+    AccountFacts,
+};
 
 /// The work queues, one per job kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -127,15 +130,15 @@ pub struct PreregistrationRequested {
     pub full_name: String,
     // Strings on the wire, whatever type carries them in Rust.
     #[schemars(with = "String")]
-    pub email: String,
+    pub email: Email,
     #[schemars(with = "String")]
-    pub mobile: String,
+    pub mobile: Mobile,
     #[serde(default)]
     pub send_invitation: bool,
     #[serde(default)]
-    pub association_type: Option<String>,
+    pub association_type: Option<AssociationTypeName>,
     #[serde(default)]
-    pub locale: Option<String>,
+    pub locale: Option<Locale>,
     #[serde(default)]
     pub tags: Vec<String>,
     #[serde(default)]

@@ -32,7 +32,6 @@ use rand::RngCore;
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use sqlx::Row;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
@@ -44,7 +43,10 @@ use crate::{
         dead_letters::{self, DeadLetter},
         Queue,
     },
-    store::keys::{Principal, Role},
+    store::{
+        self,
+        keys::{Principal, Role},
+    },
 };
 
 const COOKIE: &str = "prereg_session";
@@ -102,31 +104,34 @@ fn cookie_attrs(st: &AppState) -> &'static str {
     }
 }
 
+/// The session of a form post whose CSRF token matches; otherwise the
+/// answer to give (to the login page, or "stale form").
+async fn form_session(st: &AppState, headers: &HeaderMap, csrf: &str) -> Result<Session, Response> {
+    let Some(s) = session(st, headers).await else {
+        return Err(to_login());
+    };
+    if !s.csrf_ok(csrf) {
+        return Err(stale_form());
+    }
+    Ok(s)
+}
+
 /// The live session of this request, touched (idle expiry moves on).
 async fn session(st: &AppState, headers: &HeaderMap) -> Option<Session> {
     let id = cookie(headers)?;
     let idle = st.ctx.cfg.dashboard_idle.as_secs_f64();
-    let row = sqlx::query(
-        "UPDATE dashboard_sessions s SET last_seen_at = now()
-          WHERE id_hash = $1 AND expires_at > now()
-            AND last_seen_at > now() - make_interval(secs => $2)
-            AND (key_id IS NULL OR EXISTS (SELECT 1 FROM api_keys k
-                                            WHERE k.id = s.key_id AND k.revoked_at IS NULL))
-        RETURNING key_id, csrf, tz",
-    )
-    .bind(Sha256::digest(id.as_bytes()).to_vec())
-    .bind(idle)
-    .fetch_optional(&st.ctx.db)
-    .await
-    .ok()??;
+    let id_hash = Sha256::digest(id.as_bytes()).to_vec();
+    let row = store::dashboard::touch_session(&st.ctx.db, &id_hash, idle)
+        .await
+        .ok()??;
     let tz = row
-        .get::<Option<String>, _>("tz")
+        .tz
         .and_then(|t| t.parse::<Tz>().ok())
         .unwrap_or(st.ctx.cfg.timezone);
     Some(Session {
-        id_hash: Sha256::digest(id.as_bytes()).to_vec(),
-        key_id: row.get("key_id"),
-        csrf: row.get("csrf"),
+        id_hash,
+        key_id: row.key_id,
+        csrf: row.csrf,
         tz,
     })
 }
@@ -258,16 +263,14 @@ pub async fn login(State(st): State<AppState>, req: Request) -> Response {
     let id = random_token();
     let tz = f.tz.trim().parse::<Tz>().ok().map(|t| t.name().to_string());
     let lifetime = st.ctx.cfg.dashboard_lifetime;
-    let created = sqlx::query(
-        "INSERT INTO dashboard_sessions (id_hash, key_id, csrf, expires_at, tz)
-         VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5)",
+    let created = store::dashboard::create_session(
+        &st.ctx.db,
+        &Sha256::digest(id.as_bytes()),
+        principal.key_id,
+        &random_token(),
+        lifetime.as_secs_f64(),
+        tz.as_deref(),
     )
-    .bind(Sha256::digest(id.as_bytes()).to_vec())
-    .bind(principal.key_id)
-    .bind(random_token())
-    .bind(lifetime.as_secs_f64())
-    .bind(tz)
-    .execute(&st.ctx.db)
     .await;
     if let Err(e) = created {
         tracing::error!(error = %e, "cannot store the dashboard session");
@@ -278,9 +281,7 @@ pub async fn login(State(st): State<AppState>, req: Request) -> Response {
             .into_response();
     }
     // Sessions past their absolute expiry are of no use to anyone.
-    let _ = sqlx::query("DELETE FROM dashboard_sessions WHERE expires_at < now()")
-        .execute(&st.ctx.db)
-        .await;
+    let _ = store::dashboard::delete_expired_sessions(&st.ctx.db).await;
     if let Ok(mut conn) = st.ctx.db.acquire().await {
         let _ = crate::store::audit(
             &mut conn,
@@ -309,16 +310,11 @@ pub async fn logout(
     headers: HeaderMap,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    let Some(s) = session(&st, &headers).await else {
-        return to_login();
+    let s = match form_session(&st, &headers, &f.csrf).await {
+        Ok(s) => s,
+        Err(answer) => return answer,
     };
-    if !s.csrf_ok(&f.csrf) {
-        return stale_form();
-    }
-    let _ = sqlx::query("DELETE FROM dashboard_sessions WHERE id_hash = $1")
-        .bind(&s.id_hash)
-        .execute(&st.ctx.db)
-        .await;
+    let _ = store::dashboard::delete_session(&st.ctx.db, &s.id_hash).await;
     let clear = format!("{COOKIE}=; {}; Max-Age=0", cookie_attrs(&st));
     ([(header::SET_COOKIE, clear)], Redirect::to("/admin/login")).into_response()
 }
@@ -704,87 +700,65 @@ async fn build(st: &AppState, s: &Session, q: DashboardQuery) -> Result<Dashboar
     let chart_latency = jobstats::svg_chart("chart-latency", "Job latency", "ms", &latency, now);
 
     // Reviews: open and overdue, soonest due first.
-    let reviews: Vec<ReviewRow> = sqlx::query(
-        "SELECT r.id, r.state, r.requested_at, r.due_at, r.calendar_missing, p.name AS partner
-           FROM reviews r JOIN partners p ON p.id = r.partner_id
-          WHERE r.state IN ('open', 'overdue')
-          ORDER BY r.due_at NULLS LAST, r.requested_at LIMIT 100",
-    )
-    .fetch_all(db)
-    .await?
-    .into_iter()
-    .map(|r| {
-        let state: String = r.get("state");
-        let due: Option<DateTime<Utc>> = r.get("due_at");
-        ReviewRow {
-            id: r.get("id"),
-            partner: r.get("partner"),
-            overdue: state == "overdue" || due.is_some_and(|d| d <= now),
-            state,
-            requested: ts(r.get("requested_at"), tz),
-            due: ts_opt(due, tz),
-            calendar_missing: r.get("calendar_missing"),
-        }
-    })
-    .collect();
+    let reviews: Vec<ReviewRow> = store::dashboard::undecided_reviews(db)
+        .await?
+        .into_iter()
+        .map(|r| {
+            let due = r.due_at;
+            ReviewRow {
+                id: r.id,
+                partner: r.partner,
+                overdue: r.state == "overdue" || due.is_some_and(|d| d <= now),
+                state: r.state,
+                requested: ts(r.requested_at, tz),
+                due: ts_opt(due, tz),
+                calendar_missing: r.calendar_missing,
+            }
+        })
+        .collect();
     let overdue_reviews = reviews.iter().filter(|r| r.overdue).count();
 
     // Claims whose validity ends within 48 hours.
-    let claim_sql = "FROM preregistrations c JOIN partners p ON p.id = c.partner_id
-          WHERE c.status IN ('preregistered', 'invited', 'association_failed')
-            AND c.expires_at > now() AND c.expires_at <= now() + interval '48 hours'";
-    let claims_total: i64 = sqlx::query_scalar(&format!("SELECT count(*) {claim_sql}"))
-        .fetch_one(db)
-        .await?;
-    let claims: Vec<ClaimRow> = sqlx::query(&format!(
-        "SELECT c.id, c.full_name, c.email, c.status, c.expires_at, p.name AS partner {claim_sql}
-          ORDER BY c.expires_at LIMIT 50"
-    ))
-    .fetch_all(db)
-    .await?
-    .into_iter()
-    .map(|r| {
-        let exp: DateTime<Utc> = r.get("expires_at");
-        ClaimRow {
-            id: r.get("id"),
-            partner: r.get("partner"),
-            name: mask::name(r.get::<&str, _>("full_name")),
-            email: mask::email(r.get::<&str, _>("email")),
-            status: r.get("status"),
-            expires: ts(exp, tz),
-            left: age((exp - now).num_seconds() as f64),
-        }
-    })
-    .collect();
+    let claims_total = store::dashboard::expiring_claims_count(db).await?;
+    let claims: Vec<ClaimRow> = store::dashboard::expiring_claims(db)
+        .await?
+        .into_iter()
+        .map(|r| {
+            let exp = r.expires_at;
+            ClaimRow {
+                id: r.id,
+                partner: r.partner,
+                name: mask::name(&r.full_name),
+                email: mask::email(&r.email),
+                status: r.status,
+                expires: ts(exp, tz),
+                left: age((exp - now).num_seconds() as f64),
+            }
+        })
+        .collect();
 
     // Sweeps.
     let stale_after = chrono::Duration::from_std(ctx.cfg.sweep_interval * 3)
         .unwrap_or(chrono::Duration::minutes(3));
-    let sweeps: Vec<SweepRow> =
-        sqlx::query("SELECT name, last_success_at, last_stats FROM sweep_runs ORDER BY name")
-            .fetch_all(db)
-            .await?
-            .into_iter()
-            .map(|r| {
-                let t: DateTime<Utc> = r.get("last_success_at");
-                let stats: Option<Value> = r.get("last_stats");
-                SweepRow {
-                    name: r.get("name"),
-                    last: ts(t, tz),
-                    ago: age((now - t).num_seconds() as f64),
-                    stale: now - t > stale_after,
-                    stats: stats
-                        .and_then(|v| v.as_object().cloned())
-                        .map(|m| {
-                            m.iter()
-                                .map(|(k, v)| format!("{k} {v}"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        })
-                        .unwrap_or_default(),
-                }
-            })
-            .collect();
+    let sweeps: Vec<SweepRow> = store::dashboard::sweep_runs(db)
+        .await?
+        .into_iter()
+        .map(|(name, t, stats)| SweepRow {
+            name,
+            last: ts(t, tz),
+            ago: age((now - t).num_seconds() as f64),
+            stale: now - t > stale_after,
+            stats: stats
+                .and_then(|v| v.as_object().cloned())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default(),
+        })
+        .collect();
     let newest = sweeps.iter().map(|s| s.last.clone()).max();
     let (last_sweep, sweep_stale) = match sweeps.iter().min_by_key(|s| s.stale) {
         Some(s) => (newest.unwrap_or_default(), s.stale),
@@ -815,10 +789,7 @@ async fn build(st: &AppState, s: &Session, q: DashboardQuery) -> Result<Dashboar
         ));
     }
 
-    let emails: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, count(*) FROM invitations GROUP BY status ORDER BY status")
-            .fetch_all(db)
-            .await?;
+    let emails = store::dashboard::invitations_by_status(db).await?;
     let flash = q.done.map(|d| match d.as_str() {
         "approved" => "Review approved.".to_string(),
         "rejected" => "Review rejected.".to_string(),
@@ -914,12 +885,10 @@ pub async fn decide(
     Path(id): Path<String>,
     Form(f): Form<DecisionForm>,
 ) -> Response {
-    let Some(s) = session(&st, &headers).await else {
-        return to_login();
+    let s = match form_session(&st, &headers, &f.csrf).await {
+        Ok(s) => s,
+        Err(answer) => return answer,
     };
-    if !s.csrf_ok(&f.csrf) {
-        return stale_form();
-    }
     let Ok(id) = Uuid::parse_str(&id) else {
         return (StatusCode::NOT_FOUND, "no such review").into_response();
     };
@@ -990,12 +959,10 @@ pub async fn replay(
     Path(queue): Path<String>,
     Form(f): Form<DeadLetterForm>,
 ) -> Response {
-    let Some(s) = session(&st, &headers).await else {
-        return to_login();
+    let s = match form_session(&st, &headers, &f.csrf).await {
+        Ok(s) => s,
+        Err(answer) => return answer,
     };
-    if !s.csrf_ok(&f.csrf) {
-        return stale_form();
-    }
     let Some(q) = Queue::parse(&queue) else {
         return (StatusCode::NOT_FOUND, "no such queue").into_response();
     };

@@ -45,8 +45,7 @@ pub async fn readiness(ctx: &Ctx) -> (StatusCode, Value) {
     let pg_down = ctx.health.down_reason(crate::deps::Dep::Postgres);
     let pg = match &pg_down {
         Some(reason) => json!({"ok": false, "error": reason}),
-        None => match tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&ctx.db)).await
-        {
+        None => match tokio::time::timeout(timeout, crate::store::ping(&ctx.db)).await {
             Ok(Ok(_)) => json!({"ok": true}),
             Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
             Err(_) => json!({"ok": false, "error": "timeout"}),

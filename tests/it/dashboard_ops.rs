@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
+
 use fantoccini::{ClientBuilder, Locator};
 use prereg::mq::{CloudEvent, Queue};
 use reqwest::{redirect::Policy, StatusCode};
@@ -168,26 +169,9 @@ async fn session_cookie_is_secure_behind_https() {
 /// A customer rejected as `registered_over_7_days`, put under review.
 async fn open_review(app: &TestApp, upstream: &str, p: &Partner) -> (Uuid, Uuid) {
     let (email, mobile) = ("review1@customer.example", "+8613200000001");
-    let registered = (Utc::now() - chrono::Duration::days(40)).to_rfc3339();
-    app.account(
-        upstream,
-        "rev-1",
-        json!({"email": email, "mobile": mobile, "registered_at": registered, "site": "intl", "country": "CN"}),
-    )
-    .await;
-    let id = app.prereg(p, email, mobile).await;
-    assert_eq!(
-        app.decided(p, id).await["reason"]["code"],
-        "registered_over_7_days"
-    );
-    let (s, v) = app
-        .post(
-            &format!("/v1/preregistrations/{id}/review"),
-            &p.key,
-            json!({"justification": "Migration planned"}),
-        )
+    let id = app
+        .review_requested(upstream, p, "rev-1", email, mobile)
         .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let q = "SELECT id FROM reviews WHERE preregistration_id = $1 AND state = 'open'";
     wait_until(Duration::from_secs(10), || async {
         sqlx::query_scalar::<_, Uuid>(q)
