@@ -279,7 +279,13 @@ async fn asyncapi_document_is_served_and_its_example_command_works() {
             == 1
     })
     .await;
+    // The example asks for an invitation: the claim is granted and the
+    // invitation may already be on its way.
     let v = app.decided(&p, id).await;
-    assert_eq!(v["status"], "preregistered", "{v}");
+    assert!(
+        v["status"] == "preregistered" || v["status"] == "invited",
+        "{v}"
+    );
+    assert!(v["expires_at"].is_string(), "a claim was granted: {v}");
     app.cleanup().await;
 }
