@@ -639,18 +639,6 @@ pub fn document(prefix: &str) -> Value {
     })
 }
 
-/// `GET /asyncapi.json` (unauthenticated, like `/openapi.json`).
-pub async fn serve(
-    axum::extract::State(st): axum::extract::State<crate::api::AppState>,
-) -> axum::response::Response {
-    use axum::{http::header, response::IntoResponse};
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        axum::Json(document(&st.ctx.cfg.amqp_prefix)),
-    )
-        .into_response()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,6 +38,16 @@ pub async fn openapi() -> Response {
         .into_response()
 }
 
+/// `GET /asyncapi.json` (unauthenticated, like `/openapi.json`): the
+/// messages of this deployment, with its exchange prefix.
+pub async fn asyncapi(State(st): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Json(crate::asyncapi::document(&st.ctx.cfg.amqp_prefix)),
+    )
+        .into_response()
+}
+
 /// Checks Postgres, Redis and RabbitMQ; 503 when any is down.
 pub async fn readiness(ctx: &Ctx) -> (StatusCode, Value) {
     let timeout = std::time::Duration::from_secs(2);

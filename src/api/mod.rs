@@ -52,7 +52,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
     };
     health_routes()
         .route("/openapi.json", get(health::openapi))
-        .route("/asyncapi.json", get(crate::asyncapi::serve))
+        .route("/asyncapi.json", get(health::asyncapi))
         .route("/i/{token}", get(link::open))
         .route("/admin", get(dashboard::dashboard))
         .route("/admin/mail", get(dashboard::mail_list))
