@@ -152,6 +152,7 @@ impl DevSession {
             "\nprereg dev is running (development mode: never use it in production)\n\
              \n  API            {base}  (invitation links use {public_url})\
              \n  API document   {base}/openapi.json\
+             \n  messages       {base}/asyncapi.json (AsyncAPI: commands you may publish, events)\
              \n  dashboard      {base}/admin\
              \n  readiness      {base}/readyz\
              \n  metrics        {base}/metrics\
