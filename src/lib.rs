@@ -13,6 +13,7 @@ pub mod deps;
 pub mod dev;
 pub mod domain;
 pub mod events;
+pub mod flows;
 pub mod intake;
 pub mod jobs;
 pub mod jobstats;

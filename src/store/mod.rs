@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod calendar;
+pub mod decisions;
 pub mod history;
 pub mod idempotency;
 pub mod invitations;
