@@ -75,6 +75,13 @@ pub async fn lock_rows(
 
 /// Locks the partners of a batch in id order (the quota is counted under
 /// this lock) and returns them by id.
+///
+/// `FOR NO KEY UPDATE`, not `FOR UPDATE`: it serialises deciders (and
+/// reviews, which take `FOR UPDATE`) on a partner's quota just the same, but
+/// does not conflict with the `KEY SHARE` lock that the intake's inserts
+/// take on the partner through the foreign key. With `FOR UPDATE` a batch
+/// holding many partners stalled the intake, and the intake's batches
+/// (holding `KEY SHARE` on many partners) deadlocked with it.
 pub async fn lock_partners(
     conn: &mut PgConnection,
     ids: &[Uuid],
@@ -85,7 +92,7 @@ pub async fn lock_partners(
     let rows = sqlx::query_as::<_, Partner>(
         "SELECT id, name, country, contact_email, contact_mobile, billing_mode, customer_development, referral, locale,
                 created_at, updated_at
-         FROM partners WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+         FROM partners WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
     )
     .bind(&sorted)
     .fetch_all(conn)

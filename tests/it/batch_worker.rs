@@ -434,3 +434,49 @@ async fn batch_locks_are_taken_per_job_all_or_none_and_released_together() {
     theirs.release(held).await;
     assert!(lock_keys(&mut rc, &prefix).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_holding_its_partners_does_not_stall_the_intake_of_those_partners() {
+    let mut app = intake_only().await;
+    // The batch's write stops for a while on one customer, with the batch's
+    // partner locks held.
+    sqlx::raw_sql(
+        "CREATE FUNCTION slow_down() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.status <> 'queued' AND NEW.email_norm = 'slow@batch.example' THEN
+             PERFORM pg_sleep(4);
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER slow_down BEFORE UPDATE ON preregistrations
+           FOR EACH ROW EXECUTE FUNCTION slow_down();",
+    )
+    .execute(app.db())
+    .await
+    .unwrap();
+    let p = app.create_partner(json!({})).await;
+    let slow = app.prereg(&p, "slow@batch.example", "+8613780000001").await;
+    app.add_worker(|_| {}).await;
+    wait_until(Duration::from_secs(20), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'",
+        )
+        .fetch_one(app.db())
+        .await
+        .unwrap()
+            == 1
+    })
+    .await;
+    // The intake inserts a row of the same partner (its foreign key takes a
+    // KEY SHARE lock on the partner): it must not wait for the batch.
+    let started = std::time::Instant::now();
+    let fast = app.prereg(&p, "fast@batch.example", "+8613780000002").await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "the intake waited {took:?} for the worker's batch"
+    );
+    assert_eq!(app.decided(&p, slow).await["status"], "preregistered");
+    assert_eq!(app.decided(&p, fast).await["status"], "preregistered");
+    app.cleanup().await;
+}
