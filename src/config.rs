@@ -306,7 +306,7 @@ impl Config {
             outbox_grace: dur("PREREG_OUTBOX_GRACE", "15s")?,
             intake_batch_size: num("PREREG_INTAKE_BATCH_SIZE", "128")?.clamp(1, 1000) as usize,
             intake_batch_linger: dur("PREREG_INTAKE_BATCH_LINGER", "1ms")?,
-            registration_batch: num("PREREG_REGISTRATION_BATCH", "64")?.clamp(1, 500) as usize,
+            registration_batch: num("PREREG_REGISTRATION_BATCH", "128")?.clamp(1, 500) as usize,
             registration_linger: dur("PREREG_REGISTRATION_LINGER", "3ms")?,
             shutdown_grace: dur("PREREG_SHUTDOWN_GRACE", "25s")?,
             log_format,
