@@ -101,8 +101,12 @@ pub struct Config {
     /// Intake group commit: how long the first command of a batch waits for
     /// others to join.
     pub intake_batch_linger: Duration,
-    /// Registration worker: most deliveries decided in one transaction.
+    /// Registration worker: most deliveries decided in one transaction
+    /// (the queue's prefetch is at least twice this).
     pub registration_batch: usize,
+    /// Registration worker: how long a batch waits for more deliveries
+    /// after its first one arrived.
+    pub registration_linger: Duration,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     pub smtp_pool_size: u32,
@@ -310,7 +314,8 @@ impl Config {
             outbox_grace: dur("PREREG_OUTBOX_GRACE", "15s")?,
             intake_batch_size: num("PREREG_INTAKE_BATCH_SIZE", "128")?.clamp(1, 1000) as usize,
             intake_batch_linger: dur("PREREG_INTAKE_BATCH_LINGER", "1ms")?,
-            registration_batch: num("PREREG_REGISTRATION_BATCH", "32")?.clamp(1, 500) as usize,
+            registration_batch: num("PREREG_REGISTRATION_BATCH", "128")?.clamp(1, 500) as usize,
+            registration_linger: dur("PREREG_REGISTRATION_LINGER", "3ms")?,
             shutdown_grace: dur("PREREG_SHUTDOWN_GRACE", "25s")?,
             log_format,
             smtp_pool_size: num("PREREG_SMTP_POOL_SIZE", "8")?.clamp(1, 256) as u32,

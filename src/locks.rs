@@ -29,7 +29,49 @@ pub enum LockError {
     Busy,
 }
 
-const RELEASE: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+/// Deletes every key still held by this owner (one round trip for a whole
+/// batch); returns how many were.
+const RELEASE: &str = r"local n = 0
+for i, k in ipairs(KEYS) do
+  if redis.call('get', k) == ARGV[1] then
+    redis.call('del', k)
+    n = n + 1
+  end
+end
+return n";
+
+/// Takes the locks of a batch in one round trip, group by group: a group (the
+/// keys of one job) is taken whole when each of its keys is free or already
+/// this owner's (a customer twice in one batch), or not at all. Nothing is
+/// ever waited for while holding, so two batches cannot deadlock.
+/// ARGV: token, ttl (ms), number of groups, then per group its size followed
+/// by the 1-based indexes of its keys in KEYS. Returns 1 or 0 per group.
+const ACQUIRE_GROUPS: &str = r"local token = ARGV[1]
+local ttl = ARGV[2]
+local groups = tonumber(ARGV[3])
+local out = {}
+local pos = 4
+for g = 1, groups do
+  local n = tonumber(ARGV[pos])
+  pos = pos + 1
+  local free = true
+  for j = 0, n - 1 do
+    local v = redis.call('get', KEYS[tonumber(ARGV[pos + j])])
+    if v and v ~= token then
+      free = false
+    end
+  end
+  if free then
+    for j = 0, n - 1 do
+      redis.call('set', KEYS[tonumber(ARGV[pos + j])], token, 'PX', ttl)
+    end
+    out[g] = 1
+  else
+    out[g] = 0
+  end
+  pos = pos + n
+end
+return out";
 
 /// Extends every key still held by this owner; returns how many were.
 const RENEW: &str = r"local n = 0
@@ -232,11 +274,92 @@ impl Locks {
                 }
             }
         }
+        Ok(self.guard(conn, held, token))
+    }
+
+    /// Takes the locks of a batch in one round trip: `groups[i]` are the
+    /// names one job needs, taken all or none (see [`ACQUIRE_GROUPS`]).
+    /// Returns one guard over every key taken (renewed by one watchdog,
+    /// released in one round trip) and, per group, whether it was taken. A
+    /// group not taken is held by another owner right now; the caller tries
+    /// it again later (never while waiting with the others held).
+    pub async fn try_acquire_groups(
+        &self,
+        groups: &[Vec<String>],
+    ) -> Result<(LockGuard, Vec<bool>), LockError> {
+        let mut keys: Vec<String> = Vec::new();
+        let mut index: std::collections::HashMap<String, usize> = Default::default();
+        let mut layout: Vec<Vec<usize>> = Vec::with_capacity(groups.len());
+        for names in groups {
+            let mut g: Vec<usize> = names
+                .iter()
+                .map(|n| {
+                    let k = self.key(n);
+                    *index.entry(k.clone()).or_insert_with(|| {
+                        keys.push(k);
+                        keys.len()
+                    })
+                })
+                .collect();
+            g.sort_unstable();
+            g.dedup();
+            layout.push(g);
+        }
+        let token = format!("{:032x}", rand::thread_rng().gen::<u128>());
+        let mut conn = self.connection().await?;
+        let script = redis::Script::new(ACQUIRE_GROUPS);
+        let mut inv = script.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        inv.arg(&token)
+            .arg(self.ttl.as_millis() as u64)
+            .arg(layout.len());
+        for g in &layout {
+            inv.arg(g.len());
+            for i in g {
+                inv.arg(*i);
+            }
+        }
+        let call = inv.invoke_async::<Vec<i64>>(&mut conn);
+        let taken = match tokio::time::timeout(self.op_timeout, call).await {
+            Ok(Ok(t)) if t.len() == layout.len() => t,
+            Ok(Ok(t)) => {
+                self.release_keys(&mut conn, &keys, &token).await;
+                return Err(LockError::Unavailable(format!(
+                    "lock script answered {} groups of {}",
+                    t.len(),
+                    layout.len()
+                )));
+            }
+            Ok(Err(e)) => {
+                // It may have run: free whatever it took.
+                self.release_keys(&mut conn, &keys, &token).await;
+                return Err(LockError::Unavailable(e.to_string()));
+            }
+            Err(_) => {
+                self.release_keys(&mut conn, &keys, &token).await;
+                return Err(LockError::Unavailable("redis timed out".into()));
+            }
+        };
+        let ok: Vec<bool> = taken.iter().map(|t| *t == 1).collect();
+        let mut held: Vec<String> = layout
+            .iter()
+            .zip(&ok)
+            .filter(|(_, ok)| **ok)
+            .flat_map(|(g, _)| g.iter().map(|i| keys[*i - 1].clone()))
+            .collect();
+        held.sort();
+        held.dedup();
+        Ok((self.guard(conn, held, token), ok))
+    }
+
+    fn guard(&self, conn: ConnectionManager, held: Vec<String>, token: String) -> LockGuard {
         let stop = CancellationToken::new();
         let lost = Arc::new(AtomicBool::new(false));
         if !held.is_empty() {
             tokio::spawn(watchdog(
-                conn.clone(),
+                conn,
                 held.clone(),
                 token.clone(),
                 self.ttl,
@@ -245,25 +368,30 @@ impl Locks {
                 lost.clone(),
             ));
         }
-        Ok(LockGuard {
+        LockGuard {
             keys: held,
             token,
             renewal: Some(stop.drop_guard()),
             lost,
-        })
+        }
     }
 
+    /// Releases `keys` where `token` still holds them, in one round trip.
     async fn release_keys(&self, conn: &mut ConnectionManager, keys: &[String], token: &str) {
+        if keys.is_empty() {
+            return;
+        }
         let script = redis::Script::new(RELEASE);
-        for key in keys.iter().rev() {
-            let mut inv = script.key(key);
-            inv.arg(token);
-            let call = inv.invoke_async::<i64>(conn);
-            match tokio::time::timeout(self.op_timeout, call).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "lock release failed; it will expire"),
-                Err(_) => tracing::warn!("lock release timed out; it will expire"),
-            }
+        let mut inv = script.prepare_invoke();
+        for key in keys {
+            inv.key(key);
+        }
+        inv.arg(token);
+        let call = inv.invoke_async::<i64>(conn);
+        match tokio::time::timeout(self.op_timeout, call).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "lock release failed; it will expire"),
+            Err(_) => tracing::warn!("lock release timed out; it will expire"),
         }
     }
 

@@ -5,6 +5,7 @@
 //! drain of in-flight work on shutdown.
 
 use std::{
+    collections::VecDeque,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -26,6 +27,7 @@ use tracing::Instrument;
 use super::{dispatch, exhausted, Disposition, JobError, Outcome};
 use crate::{
     context::Ctx,
+    jobs::{Job, PreregistrationRequested},
     mq::{broker::header_u32, topology::DELAY_TIER, CloudEvent, Queue},
 };
 
@@ -84,8 +86,15 @@ async fn consume_forever(ctx: Arc<Ctx>, q: Queue, cancel: CancellationToken) {
 async fn session(ctx: &Arc<Ctx>, q: Queue, cancel: &CancellationToken) -> anyhow::Result<()> {
     let (generation, ch) = ctx.broker.channel().await?;
     let concurrency = ctx.cfg.worker_concurrency;
+    let batch = batch_size(ctx, q);
+    // A batched consumer holds one batch while the next one arrives.
+    let prefetch = if batch > 1 {
+        concurrency.max(2 * batch)
+    } else {
+        concurrency
+    };
     ch.basic_qos(
-        concurrency.min(u16::MAX as usize) as u16,
+        prefetch.min(u16::MAX as usize) as u16,
         BasicQosOptions::default(),
     )
     .await?;
@@ -98,6 +107,18 @@ async fn session(ctx: &Arc<Ctx>, q: Queue, cancel: &CancellationToken) -> anyhow
             FieldTable::default(),
         )
         .await?;
+    if batch > 1 {
+        tracing::info!(queue = q.short(), batch, prefetch, "consuming in batches");
+        let result = batches(ctx, q, &mut consumer, cancel, batch).await;
+        // Stop taking work; what was prefetched but not decided goes back
+        // to the queue when the channel closes.
+        let _ = ch.basic_cancel(&tag, BasicCancelOptions::default()).await;
+        let _ = ch.close(200, "consumer done").await;
+        if result.is_err() {
+            ctx.broker.reset(generation).await;
+        }
+        return result;
+    }
     tracing::info!(queue = q.short(), concurrency, "consuming");
     let sem = Arc::new(Semaphore::new(concurrency));
     let mut tasks: JoinSet<()> = JoinSet::new();
@@ -160,17 +181,26 @@ impl Drop for InFlight {
     }
 }
 
-async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
-    let _in_flight = InFlight::new(q);
-    let started = Instant::now();
-    let headers = delivery.properties.headers().clone();
-    // The retry count is ours: a message straight from the shared commands
-    // exchange has never been retried, whatever its headers claim.
-    let retries = if delivery.exchange.as_str() == ctx.broker.names.commands() {
+/// The retry count of a delivery. It is ours: a message straight from the
+/// shared commands exchange has never been retried, whatever its headers
+/// claim.
+fn retries_of(ctx: &Ctx, delivery: &Delivery) -> u32 {
+    if delivery.exchange.as_str() == ctx.broker.names.commands() {
         0
     } else {
-        header_u32(&headers, H_RETRIES).unwrap_or(0)
-    };
+        header_u32(delivery.properties.headers(), H_RETRIES).unwrap_or(0)
+    }
+}
+
+/// Checks the size and parses the envelope; a delivery that fails either
+/// is dead-lettered here (and `None` returned).
+async fn prepare(
+    ctx: &Ctx,
+    q: Queue,
+    delivery: &Delivery,
+    retries: u32,
+    started: Instant,
+) -> Option<CloudEvent> {
     if delivery.data.len() > ctx.cfg.max_message_bytes {
         let reason = format!(
             "message of {} bytes is larger than the maximum of {} bytes",
@@ -178,26 +208,39 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
             ctx.cfg.max_message_bytes
         );
         tracing::warn!(queue = q.short(), %reason, "oversized message");
-        dead_letter(ctx, q, &delivery, "too_large", &reason, retries).await;
+        dead_letter(ctx, q, delivery, "too_large", &reason, retries).await;
         record(q, "dead_lettered", started);
-        return;
+        return None;
     }
     let ev = match CloudEvent::parse(&delivery.data) {
         Ok(ev) => ev,
         Err(reason) => {
             let reason = crate::domain::mask::text(&reason);
             tracing::warn!(queue = q.short(), %reason, "poison message");
-            dead_letter(ctx, q, &delivery, "unparseable", &reason, retries).await;
+            dead_letter(ctx, q, delivery, "unparseable", &reason, retries).await;
             record(q, "dead_lettered", started);
-            return;
+            return None;
         }
     };
     // In a FIFO queue the message taken now was the oldest waiting: its age
     // is the queue's oldest-message age at this moment.
     let waited = (Utc::now() - ev.time).num_milliseconds().max(0) as f64 / 1000.0;
     metrics::gauge!("prereg_queue_oldest_message_age_seconds", "queue" => q.short()).set(waited);
-    let span = tracing::info_span!("job", queue = q.short(), job_id = %ev.id, job_type = %ev.ty,
-        correlation_id = ev.correlationid.as_deref().unwrap_or(""), attempt = retries.saturating_add(1));
+    Some(ev)
+}
+
+fn job_span(q: Queue, ev: &CloudEvent, retries: u32) -> tracing::Span {
+    tracing::info_span!("job", queue = q.short(), job_id = %ev.id, job_type = %ev.ty,
+        correlation_id = ev.correlationid.as_deref().unwrap_or(""), attempt = retries.saturating_add(1))
+}
+
+async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
+    let _in_flight = InFlight::new(q);
+    let started = Instant::now();
+    let retries = retries_of(ctx, &delivery);
+    let Some(ev) = prepare(ctx, q, &delivery, retries, started).await else {
+        return;
+    };
     async {
         let result = match tokio::time::timeout(ctx.cfg.job_timeout, dispatch(ctx, q, &ev)).await {
             Ok(r) => r,
@@ -206,8 +249,7 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
                 ctx.cfg.job_timeout
             ))),
         };
-        // Parser errors and replies may quote personal data (SPEC §8).
-        let label = match result.map_err(|e| e.disposition().masked()) {
+        let label = match result {
             Ok(outcome) => {
                 if let Outcome::Skipped(why) = outcome {
                     tracing::debug!(why, "job skipped");
@@ -215,29 +257,242 @@ async fn process(ctx: &Ctx, q: Queue, delivery: Delivery) {
                 ack(&delivery).await;
                 outcome.label()
             }
-            Err(Disposition::DeadLetter { code, message }) => {
-                tracing::warn!(code, %message, "job failed for good; dead-lettering");
-                dead_letter(ctx, q, &delivery, code, &message, retries).await;
-                "dead_lettered"
-            }
-            Err(Disposition::Retry(message))
-                if retries.saturating_add(1) >= ctx.cfg.max_attempts =>
-            {
-                tracing::warn!(%message, "retries exhausted; dead-lettering");
-                exhausted(ctx, &ev, &message).await;
-                dead_letter(ctx, q, &delivery, "retries_exhausted", &message, retries).await;
-                "dead_lettered"
-            }
-            Err(Disposition::Retry(message)) => {
-                tracing::info!(%message, "job will be retried");
-                retry_later(ctx, q, &delivery, retries.saturating_add(1)).await;
-                "retried"
-            }
+            Err(e) => settle_failure(ctx, q, &delivery, &ev, retries, e).await,
         };
         record(q, label, started);
     }
-    .instrument(span)
+    .instrument(job_span(q, &ev, retries))
     .await;
+}
+
+/// Retries a failed job later or dead-letters it (the delivery is settled
+/// either way). Returns the outcome label.
+async fn settle_failure(
+    ctx: &Ctx,
+    q: Queue,
+    delivery: &Delivery,
+    ev: &CloudEvent,
+    retries: u32,
+    e: JobError,
+) -> &'static str {
+    // Parser errors and replies may quote personal data (SPEC §8).
+    match e.disposition().masked() {
+        Disposition::DeadLetter { code, message } => {
+            tracing::warn!(code, %message, "job failed for good; dead-lettering");
+            dead_letter(ctx, q, delivery, code, &message, retries).await;
+            "dead_lettered"
+        }
+        Disposition::Retry(message) if retries.saturating_add(1) >= ctx.cfg.max_attempts => {
+            tracing::warn!(%message, "retries exhausted; dead-lettering");
+            exhausted(ctx, ev, &message).await;
+            dead_letter(ctx, q, delivery, "retries_exhausted", &message, retries).await;
+            "dead_lettered"
+        }
+        Disposition::Retry(message) => {
+            tracing::info!(%message, "job will be retried");
+            retry_later(ctx, q, delivery, retries.saturating_add(1)).await;
+            "retried"
+        }
+    }
+}
+
+/// Most deliveries of queue `q` decided together (1: one at a time).
+fn batch_size(ctx: &Ctx, q: Queue) -> usize {
+    match q {
+        Queue::Registration => ctx.cfg.registration_batch.max(1),
+        _ => 1,
+    }
+}
+
+/// A delivery received and not yet settled.
+struct Held {
+    delivery: Delivery,
+    received: Instant,
+    _in_flight: InFlight,
+    /// When its customer's lock was first found held by another worker.
+    busy_since: Option<Instant>,
+    /// Its envelope, once parsed.
+    ev: Option<CloudEvent>,
+}
+
+impl Held {
+    fn new(q: Queue, delivery: Delivery) -> Self {
+        Held {
+            delivery,
+            received: Instant::now(),
+            _in_flight: InFlight::new(q),
+            busy_since: None,
+            ev: None,
+        }
+    }
+
+    fn tag(&self) -> u64 {
+        self.delivery.delivery_tag
+    }
+}
+
+/// The batched consumer: takes up to `batch` deliveries (waiting at most
+/// `PREREG_REGISTRATION_LINGER` after the first for more), decides them together, then
+/// settles them. One batch at a time per channel, so every delivery tag
+/// below the batch's is settled when it is acknowledged with `multiple`.
+/// `Ok` when cancelled (the batch in hand is finished first).
+async fn batches(
+    ctx: &Ctx,
+    q: Queue,
+    consumer: &mut lapin::Consumer,
+    cancel: &CancellationToken,
+    batch: usize,
+) -> anyhow::Result<()> {
+    let mut held: VecDeque<Held> = VecDeque::new();
+    loop {
+        if held.is_empty() {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                next = consumer.next() => match next {
+                    None => return Err(anyhow::anyhow!("consumer stream ended")),
+                    Some(Err(e)) => return Err(e.into()),
+                    Some(Ok(d)) => held.push_back(Held::new(q, d)),
+                }
+            }
+        }
+        let linger = tokio::time::Instant::now() + ctx.cfg.registration_linger;
+        while held.len() < batch {
+            match tokio::time::timeout_at(linger, consumer.next()).await {
+                Err(_) => break,
+                Ok(None) => return Err(anyhow::anyhow!("consumer stream ended")),
+                Ok(Some(Err(e))) => return Err(e.into()),
+                Ok(Some(Ok(d))) => held.push_back(Held::new(q, d)),
+            }
+        }
+        let take = held.len().min(batch);
+        let current: Vec<Held> = held.drain(..take).collect();
+        let decided = run_batch(ctx, q, current, &mut held).await;
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        if decided == 0 && !held.is_empty() {
+            // Every job waits for a lock another worker holds: pause a little.
+            let pause = rand::thread_rng().gen_range(2..15);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+    }
+}
+
+/// Decides one batch and settles it: failures one by one (retry or dead
+/// letter), then the successes with one `multiple` acknowledgement. Jobs
+/// whose customer lock is busy go back to the front of `held`, in order.
+/// Returns how many deliveries were settled.
+async fn run_batch(ctx: &Ctx, q: Queue, current: Vec<Held>, held: &mut VecDeque<Held>) -> usize {
+    let mut jobs: Vec<Held> = Vec::with_capacity(current.len());
+    let mut settled = 0;
+    for mut h in current {
+        let retries = retries_of(ctx, &h.delivery);
+        if h.ev.is_none() {
+            match prepare(ctx, q, &h.delivery, retries, h.received).await {
+                Some(ev) => h.ev = Some(ev),
+                None => {
+                    settled += 1;
+                    continue;
+                }
+            }
+        }
+        let is_prereg = h.ev.as_ref().map(|ev| ev.ty.as_str())
+            == Some(PreregistrationRequested::TYPE)
+            && PreregistrationRequested::QUEUE == q;
+        if is_prereg {
+            jobs.push(h);
+        } else {
+            // Another job type on this queue (or one not bound to it): the
+            // one-at-a-time path settles it now, before the batch's ack.
+            let Held { delivery, .. } = h;
+            process(ctx, q, delivery).await;
+            settled += 1;
+        }
+    }
+    if jobs.is_empty() {
+        return settled;
+    }
+    let evs: Vec<&CloudEvent> = jobs.iter().filter_map(|h| h.ev.as_ref()).collect();
+    let span = tracing::info_span!("batch", queue = q.short(), size = evs.len());
+    let steps = match tokio::time::timeout(
+        ctx.cfg.job_timeout,
+        super::registration::handle_batch(ctx, &evs).instrument(span),
+    )
+    .await
+    {
+        Ok(steps) => steps,
+        Err(_) => evs
+            .iter()
+            .map(|_| {
+                super::registration::Step::Settled(Err(JobError::Retryable(format!(
+                    "timed out after {:?}",
+                    ctx.cfg.job_timeout
+                ))))
+            })
+            .collect(),
+    };
+    let mut done: Vec<(Held, &'static str)> = Vec::new();
+    let mut busy: Vec<Held> = Vec::new();
+    for (mut h, step) in jobs.into_iter().zip(steps) {
+        let retries = retries_of(ctx, &h.delivery);
+        let result = match step {
+            super::registration::Step::Busy => {
+                let since = *h.busy_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < ctx.cfg.lock_wait {
+                    busy.push(h);
+                    continue;
+                }
+                Err(JobError::Retryable("customer lock busy".into()))
+            }
+            super::registration::Step::Settled(r) => r,
+        };
+        match result {
+            Ok(outcome) => {
+                if let Outcome::Skipped(why) = outcome {
+                    tracing::debug!(why, "job skipped");
+                }
+                done.push((h, outcome.label()));
+            }
+            Err(e) => {
+                let Some(ev) = h.ev.as_ref() else { continue };
+                let label = settle_failure(ctx, q, &h.delivery, ev, retries, e)
+                    .instrument(job_span(q, ev, retries))
+                    .await;
+                record(q, label, h.received);
+                settled += 1;
+            }
+        }
+    }
+    for h in busy.into_iter().rev() {
+        held.push_front(h);
+    }
+    // Every unsettled delivery is now either a success of this batch or
+    // still held: a `multiple` ack up to the greatest success below the
+    // lowest held tag covers exactly this batch's successes there.
+    let floor = held.iter().map(Held::tag).min().unwrap_or(u64::MAX);
+    let upto = done
+        .iter()
+        .map(|(h, _)| h.tag())
+        .filter(|t| *t < floor)
+        .max();
+    let started = Instant::now();
+    if let Some(upto) = upto {
+        if let Some((h, _)) = done.iter().find(|(h, _)| h.tag() == upto) {
+            if let Err(e) = h.delivery.ack(BasicAckOptions { multiple: true }).await {
+                tracing::warn!(error = %e, "ack failed; messages will be redelivered");
+            }
+        }
+    }
+    for (h, _) in done.iter().filter(|(h, _)| h.tag() > floor) {
+        if let Err(e) = h.delivery.ack(BasicAckOptions::default()).await {
+            tracing::warn!(error = %e, "ack failed; message will be redelivered");
+        }
+    }
+    crate::stages::since(crate::stages::Stage::Ack, started);
+    for (h, label) in &done {
+        record(q, label, h.received);
+    }
+    settled + done.len()
 }
 
 fn record(q: Queue, outcome: &'static str, started: Instant) {

@@ -12,6 +12,7 @@ pub mod deadlines;
 mod error;
 pub mod exports;
 pub mod invitations;
+pub mod registration;
 pub mod reviews;
 pub mod runs;
 pub mod sweeps;

@@ -3,6 +3,7 @@
 pub mod accounts;
 pub mod calendar;
 pub mod dashboard;
+pub mod decisions;
 pub mod deliveries;
 pub mod history;
 pub mod idempotency;

@@ -94,7 +94,7 @@ impl Prereg {
     }
 }
 
-const COLUMNS: &str = "id, partner_id, full_name, email, mobile, email_norm, mobile_norm, status, reason_code, reason_message,
+pub(crate) const COLUMNS: &str = "id, partner_id, full_name, email, mobile, email_norm, mobile_norm, status, reason_code, reason_message,
     manual_review_eligible, existing_id, send_invitation, association_type, locale, tags, remarks, account_manager_id,
     request_id, created_at, decided_at, preregistered_at, expires_at, updated_at";
 

@@ -1,6 +1,7 @@
 //! Integration tests against the real Postgres, RabbitMQ and Redis.
 //! One binary for every test module (faster to link, shared harness).
 
+mod batch_worker;
 mod batching;
 mod common;
 mod concurrency;
