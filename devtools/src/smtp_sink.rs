@@ -1,5 +1,8 @@
 //! A small, real SMTP server used as an email sink by the tests and by the
 //! local benchmark: an RFC 5321 subset over plain TCP (no TLS, no AUTH).
+//! Besides scripted replies ([`SmtpSink::script`]), it can take a message
+//! and then withhold the reply, drop the connection or answer late
+//! ([`SmtpSink::after_data`]): the outcomes a client cannot know.
 //!
 //! It speaks enough ESMTP for a real client (lettre, with or without its
 //! connection pool): `EHLO`/`HELO`, `MAIL`, `RCPT`, `DATA` (with
@@ -62,6 +65,22 @@ pub enum Stage {
     Data,
 }
 
+/// What the sink does right after it has taken a message (read its
+/// terminating `.` and counted it as accepted), instead of answering `250`
+/// at once: the failures whose outcome the client cannot know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterData {
+    /// Never answer: the connection stays open and silent until the client
+    /// closes it or the sink shuts down (a server that took the message and
+    /// hung).
+    Stall,
+    /// Close the connection without answering (a server or network that
+    /// failed right after taking the message).
+    Drop,
+    /// Answer `250` only after this long.
+    Delay(Duration),
+}
+
 /// A running SMTP sink. Stops accepting (and closes idle connections) on
 /// [`SmtpSink::shutdown`] or when dropped.
 pub struct SmtpSink {
@@ -74,6 +93,8 @@ struct Shared {
     /// Scripted replies, in the order they were queued; each stage takes the
     /// first entry of its own kind.
     script: Mutex<VecDeque<(Stage, u16, String)>>,
+    /// What to do after the next accepted messages, in order.
+    after_data: Mutex<VecDeque<AfterData>>,
     received: Mutex<Vec<ReceivedMail>>,
     count: AtomicUsize,
     keep: AtomicBool,
@@ -116,6 +137,7 @@ impl SmtpSink {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             script: Mutex::new(VecDeque::new()),
+            after_data: Mutex::new(VecDeque::new()),
             received: Mutex::new(Vec::new()),
             count: AtomicUsize::new(0),
             keep: AtomicBool::new(true),
@@ -157,6 +179,15 @@ impl SmtpSink {
         );
         let text = text.replace(['\r', '\n'], " ");
         lock(&self.shared.script).push_back((stage, code, text));
+    }
+
+    /// Queues what the sink does after the next accepted message (entries
+    /// are consumed in order, across connections): the message is stored
+    /// and counted (the server has it), then the reply is withheld, the
+    /// connection dropped, or the `250` delayed. A message refused by a
+    /// scripted [`Stage::Data`] reply does not consume an entry.
+    pub fn after_data(&self, action: AfterData) {
+        lock(&self.shared.after_data).push_back(action);
     }
 
     /// The messages accepted so far (empty while `keep_messages(false)`).
@@ -530,6 +561,36 @@ async fn serve(
                     }
                     None => {
                         let n = shared.accept(mail);
+                        let after = lock(&shared.after_data).pop_front();
+                        match after {
+                            None => {}
+                            Some(AfterData::Drop) => {
+                                debug!("smtp sink: dropping the connection after taking a message");
+                                return Ok(());
+                            }
+                            Some(AfterData::Stall) => {
+                                debug!("smtp sink: stalling after taking a message");
+                                // Read (and ignore) whatever comes until the
+                                // client gives up or the sink stops.
+                                loop {
+                                    let read = tokio::select! {
+                                        biased;
+                                        () = stopped(&mut stop) => return Ok(()),
+                                        read = read_line(&mut r, &mut line, MAX_COMMAND_LINE) => read,
+                                    };
+                                    if matches!(read, Ok(Line::Eof) | Err(_)) {
+                                        return Ok(());
+                                    }
+                                }
+                            }
+                            Some(AfterData::Delay(d)) => {
+                                tokio::select! {
+                                    biased;
+                                    () = stopped(&mut stop) => return Ok(()),
+                                    () = tokio::time::sleep(d) => {}
+                                }
+                            }
+                        }
                         reply(&mut w, 250, &format!("2.0.0 queued as {n}")).await?;
                     }
                 }
@@ -1020,5 +1081,59 @@ mod tests {
         assert_eq!(strip_keyword("FRé:", "FROM:"), None);
         assert_eq!(declared_size(" BODY=8BITMIME size=42"), Some(42));
         assert_eq!(declared_size(" SIZE=x"), None);
+    }
+
+    /// Sends one message up to its terminating dot on a raw connection.
+    async fn raw_message(sink: &SmtpSink) -> Raw {
+        let mut c = Raw::connect(sink).await;
+        c.send("EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n")
+            .await;
+        for _ in 0..4 {
+            c.reply().await;
+        }
+        c.send("Subject: s\r\n\r\nbody\r\n.\r\n").await;
+        c
+    }
+
+    #[tokio::test]
+    async fn after_data_actions_take_the_message_then_drop_stall_or_delay_the_reply() {
+        let sink = SmtpSink::start().await.expect("start");
+        sink.after_data(AfterData::Drop);
+        sink.after_data(AfterData::Stall);
+        sink.after_data(AfterData::Delay(Duration::from_millis(300)));
+        // Drop: the message is taken, then the connection closes unanswered.
+        let mut c = raw_message(&sink).await;
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, c.r.read_to_end(&mut rest))
+            .await
+            .expect("closed in time")
+            .expect("eof");
+        assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+        assert_eq!(sink.count(), 1);
+        // Stall: taken, and no answer comes.
+        let mut c = raw_message(&sink).await;
+        sink.wait_for(2, WAIT).await;
+        assert_eq!(sink.count(), 2);
+        let mut line = String::new();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(400), c.r.read_line(&mut line))
+                .await
+                .is_err(),
+            "a stalled sink answered: {line:?}"
+        );
+        drop(c);
+        // Delay: the 250 comes, late.
+        let started = tokio::time::Instant::now();
+        let mut c = raw_message(&sink).await;
+        assert_eq!(c.reply().await, "250 2.0.0 queued as 3");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        // The queue is used up: the next message is answered at once.
+        c.send("MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n").await;
+        for _ in 0..3 {
+            c.reply().await;
+        }
+        c.send("x\r\n.\r\n").await;
+        assert_eq!(c.reply().await, "250 2.0.0 queued as 4");
+        assert_eq!(sink.received().len(), 4);
     }
 }
