@@ -841,3 +841,45 @@ async fn send_invitation_at_preregistration_and_deleting_kills_the_link() {
     assert_eq!(a["cause"]["code"], "link_expired");
     app.cleanup().await;
 }
+
+/// The server takes the message and the connection drops before its reply,
+/// or the reply never comes (the job times out mid-exchange): the outcome is
+/// unknown, so the worker must not send again: `delivery_unknown`, at once
+/// for the dropped connection, after the lease for the time-out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_after_the_server_took_the_message_sends_no_second_email() {
+    for action in [AfterData::Drop, AfterData::Stall] {
+        let sink = SmtpSink::start().await.unwrap();
+        sink.after_data(action);
+        let app = mail_app(&sink, |c| {
+            // A stalled reply ends with the job's time-out; its retries
+            // then outlast the lease (job timeout + 5 s).
+            c.smtp_timeout = Duration::from_millis(800);
+            c.job_timeout = Duration::from_secs(1);
+            c.retry_delays = vec![Duration::from_millis(500), Duration::from_secs(1)];
+            c.max_attempts = 12;
+        })
+        .await;
+        let p = app.create_partner(json!({})).await;
+        let id = claimed(&app, &p, 10).await;
+        let v = invite(&app, &p, &[id], json!({})).await;
+        let inv = v["results"][0]["invitation_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let failed = invitation_state(&app, &p, &inv, "failed").await;
+        assert!(
+            failed["failure"]
+                .as_str()
+                .unwrap()
+                .contains("delivery outcome unknown"),
+            "{action:?}: {failed}"
+        );
+        assert_eq!(
+            sink.wait_for(2, Duration::from_secs(1)).await.len(),
+            1,
+            "{action:?}: one email"
+        );
+        app.cleanup().await;
+    }
+}
