@@ -137,3 +137,67 @@ async fn a_failing_job_occupies_one_delay_slot_waits_each_delay_and_dead_letters
     let _ = ch.close(200, "done").await;
     app.cleanup().await;
 }
+
+/// A job that outlives `PREREG_JOB_TIMEOUT` is abandoned and retried
+/// through a delay queue, then succeeds: an account update whose row the
+/// test holds locked (the statement timeout is far longer than the job's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_timeout_is_retried_later_and_then_succeeds() {
+    let app = spawn_with(|c| {
+        c.job_timeout = Duration::from_millis(700);
+        c.db_statement_timeout = Duration::from_secs(20);
+        c.retry_delays = vec![Duration::from_millis(400), Duration::from_millis(800)];
+        c.max_attempts = 20;
+    })
+    .await;
+    let names = app.ctx.broker.names.clone();
+    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    let upstream = app.upstream_key().await;
+    app.account(&upstream, "acct-slow", json!({"email": "v1@customer.example"}))
+        .await;
+    let mut blocker = app.db().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM accounts WHERE account_id = 'acct-slow' FOR UPDATE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let (s, v) = app
+        .request(
+            reqwest::Method::PUT,
+            "/v1/accounts/acct-slow",
+            Some(&upstream),
+            Some(json!({"email": "v2@customer.example"})),
+        )
+        .await;
+    assert_eq!(s, reqwest::StatusCode::ACCEPTED, "{v}");
+    // The update waits on the row past the job timeout: a retry is scheduled.
+    let started = Instant::now();
+    let mut retried = false;
+    while !retried {
+        for i in 0..names.retry_delays.len() {
+            retried |= depth(&ch, &names.retry_queue(i)).await > 0;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the blocked job was never retried"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "retried after {:?}, before its time-out",
+        started.elapsed()
+    );
+    let (_, now) = app.get("/v1/accounts/acct-slow", &upstream).await;
+    assert_eq!(now["email"], "v1@customer.example", "{now}");
+    blocker.rollback().await.unwrap();
+    wait_until(Duration::from_secs(10), || async {
+        app.get("/v1/accounts/acct-slow", &upstream).await.1["email"] == "v2@customer.example"
+    })
+    .await;
+    assert!(prereg::workers::runtime::list_dead_letters(&app.ctx, Queue::Accounts, 5)
+        .await
+        .unwrap()
+        .is_empty());
+    let _ = ch.close(200, "done").await;
+    app.cleanup().await;
+}
