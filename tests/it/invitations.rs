@@ -883,3 +883,36 @@ async fn a_connection_lost_after_the_server_took_the_message_sends_no_second_ema
         app.cleanup().await;
     }
 }
+
+/// The per-partner send rate lives in Redis. With Redis unreachable the
+/// emails still go out (the rate is not enforced, nothing fails or waits
+/// for it): five invitations at a rate of one per second arrive together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_the_partner_email_rate_is_skipped_and_nothing_fails() {
+    let sink = SmtpSink::start().await.unwrap();
+    let app = mail_app(&sink, |c| {
+        c.partner_email_rate = 1;
+        c.redis_url = "redis://127.0.0.1:1".into();
+    })
+    .await;
+    assert!(app.ctx.locks.ping().await.is_err(), "Redis is unreachable");
+    let p = app.create_partner(json!({})).await;
+    let mut ids = Vec::new();
+    for n in 20..25 {
+        ids.push(claimed(&app, &p, n).await);
+    }
+    let started = tokio::time::Instant::now();
+    let v = invite(&app, &p, &ids, json!({})).await;
+    assert_eq!(sink.wait_for(5, Duration::from_secs(15)).await.len(), 5);
+    let took = started.elapsed();
+    // At one per second, five would need at least four seconds.
+    assert!(
+        took < Duration::from_millis(3000),
+        "five emails took {took:?}: the rate was applied without Redis"
+    );
+    for r in v["results"].as_array().unwrap() {
+        let sent = invitation_state(&app, &p, r["invitation_id"].as_str().unwrap(), "sent").await;
+        assert_eq!(sent["attempts"], 1, "{sent}");
+    }
+    app.cleanup().await;
+}
