@@ -289,7 +289,10 @@ async fn a_held_customer_lock_holds_that_decision_back_until_released() {
         let (_, v) = app
             .get(&format!("/v1/preregistrations/{held}"), &p.key)
             .await;
-        assert_eq!(v["status"], "queued", "decided while its lock was held: {v}");
+        assert_eq!(
+            v["status"], "queued",
+            "decided while its lock was held: {v}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     holder.release(guard).await;

@@ -267,9 +267,12 @@ async fn the_admin_dlq_cli_lists_and_replays_one_then_all() {
     let mut want = vec![a.id.as_str(), b.id.as_str()];
     want.sort();
     assert_eq!(ids, want);
-    assert!(listed
-        .iter()
-        .all(|d| d["reason"] == "customer_development_disabled"), "{stdout}");
+    assert!(
+        listed
+            .iter()
+            .all(|d| d["reason"] == "customer_development_disabled"),
+        "{stdout}"
+    );
     // Listing took nothing away.
     wait_dead(&app, Queue::Registration, 2).await;
 
@@ -283,12 +286,25 @@ async fn the_admin_dlq_cli_lists_and_replays_one_then_all() {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    let (ok, _, stderr) = run(&["admin", "dlq", "replay", "registration", "--id", "no-such-id"]);
+    let (ok, _, stderr) = run(&[
+        "admin",
+        "dlq",
+        "replay",
+        "registration",
+        "--id",
+        "no-such-id",
+    ]);
     assert!(!ok);
-    assert!(stderr.contains("no dead letter with message id no-such-id"), "{stderr}");
+    assert!(
+        stderr.contains("no dead letter with message id no-such-id"),
+        "{stderr}"
+    );
     let (ok, stdout, stderr) = run(&["admin", "dlq", "replay", "registration", "--id", &a.id]);
     assert!(ok, "{stderr}");
-    assert!(stdout.contains(&format!("replayed {} to registration", a.id)), "{stdout}");
+    assert!(
+        stdout.contains(&format!("replayed {} to registration", a.id)),
+        "{stdout}"
+    );
     wait_until(Duration::from_secs(10), || async {
         prereg::store::preregs::get(app.db(), a_id)
             .await
@@ -306,7 +322,10 @@ async fn the_admin_dlq_cli_lists_and_replays_one_then_all() {
     // The rest.
     let (ok, stdout, stderr) = run(&["admin", "dlq", "replay", "registration"]);
     assert!(ok, "{stderr}");
-    assert!(stdout.contains("replayed 1 message(s) to registration"), "{stdout}");
+    assert!(
+        stdout.contains("replayed 1 message(s) to registration"),
+        "{stdout}"
+    );
     wait_until(Duration::from_secs(10), || async {
         prereg::store::preregs::get(app.db(), b_id)
             .await
@@ -318,7 +337,10 @@ async fn the_admin_dlq_cli_lists_and_replays_one_then_all() {
     assert_ne!(app.decided(&p, b_id).await["status"], "queued");
     let (ok, stdout, _) = run(&["admin", "dlq", "list", "registration"]);
     assert!(ok);
-    assert!(stdout.contains("no dead letters in registration"), "{stdout}");
+    assert!(
+        stdout.contains("no dead letters in registration"),
+        "{stdout}"
+    );
     let (ok, _, stderr) = run(&["admin", "dlq", "list", "nowhere"]);
     assert!(!ok);
     assert!(stderr.contains("unknown queue `nowhere`"), "{stderr}");

@@ -221,7 +221,10 @@ async fn smtp_451_then_250_sends_once_after_a_retry() {
         .to_string();
     // The refused attempt: the sink has counted nothing, the SMTP exchange
     // happened (one connection).
-    wait_until(Duration::from_secs(10), || async { sink.connections() >= 1 }).await;
+    wait_until(Duration::from_secs(10), || async {
+        sink.connections() >= 1
+    })
+    .await;
     let refused_at = tokio::time::Instant::now();
     let sent = invitation_state(&app, &p, &inv, "sent").await;
     let waited = refused_at.elapsed();
@@ -444,7 +447,8 @@ async fn a_worker_killed_mid_smtp_leaves_delivery_unknown_and_no_second_email() 
     .await;
     let p = app.create_partner(json!({})).await;
     let id = claimed(&app, &p, 9).await;
-    let mut child = crate::private::ChildProc::spawn(&mut app.binary(&["worker", "--only", "email"]));
+    let mut child =
+        crate::private::ChildProc::spawn(&mut app.binary(&["worker", "--only", "email"]));
     let v = invite(&app, &p, &[id], json!({})).await;
     let inv = v["results"][0]["invitation_id"]
         .as_str()

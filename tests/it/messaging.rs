@@ -225,10 +225,12 @@ async fn replayed_dead_letters_are_processed_once_fixed() {
             .count();
         assert_eq!(accepted, 1, "accepted events for {id}: {events:?}");
     }
-    assert!(runtime::list_dead_letters(&app.ctx, Queue::Registration, 20)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(
+        runtime::list_dead_letters(&app.ctx, Queue::Registration, 20)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // A second replay finds nothing to send back.
     let (_, v) = app
         .post(
@@ -283,7 +285,10 @@ async fn consumers_reconnect_after_the_broker_is_killed_and_restarted() {
             break v["id"].as_str().unwrap().parse::<Uuid>().unwrap();
         }
         assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE, "{v}");
-        assert!(tokio::time::Instant::now() < deadline, "never accepted again");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never accepted again"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(app.decided(&p, second).await["status"], "preregistered");

@@ -458,7 +458,9 @@ async fn a_worker_serves_health_readiness_and_its_own_metrics() {
         }
     };
     wait_until(Duration::from_secs(30), || async {
-        get("/healthz").await.is_some_and(|(s, _)| s == StatusCode::OK)
+        get("/healthz")
+            .await
+            .is_some_and(|(s, _)| s == StatusCode::OK)
     })
     .await;
     let (s, body) = get("/readyz").await.unwrap();
@@ -490,7 +492,10 @@ async fn a_worker_serves_health_readiness_and_its_own_metrics() {
         text = t;
     }
     assert_eq!(jobs(&text), 1.0, "{text}");
-    assert!(!text.contains("health@customer.example"), "no personal data in metrics");
+    assert!(
+        !text.contains("health@customer.example"),
+        "no personal data in metrics"
+    );
     child.kill();
 
     // Redis unreachable: live, not ready.

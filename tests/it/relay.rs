@@ -135,10 +135,12 @@ async fn rows_a_crashed_relay_left_leased_are_published_once_after_their_lease()
     // What a relay killed between leasing and publishing leaves: 30 rows
     // leased (attempted once, due again in 1.5 s); 30 more are due now.
     write_events(&bare.ctx, 0..30).await;
-    sqlx::query("UPDATE outbox SET attempts = 1, publish_after = now() + interval '1500 milliseconds'")
-        .execute(&bare.ctx.db)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE outbox SET attempts = 1, publish_after = now() + interval '1500 milliseconds'",
+    )
+    .execute(&bare.ctx.db)
+    .await
+    .unwrap();
     write_events(&bare.ctx, 30..60).await;
     let leased_until = tokio::time::Instant::now() + Duration::from_millis(1400);
     // A relay starts (a new process).
@@ -157,7 +159,9 @@ async fn rows_a_crashed_relay_left_leased_are_published_once_after_their_lease()
         "too slow to tell the due rows from the leased ones"
     );
     assert!(
-        first.keys().all(|id| id["relay-".len()..].parse::<usize>().unwrap() >= 30),
+        first
+            .keys()
+            .all(|id| id["relay-".len()..].parse::<usize>().unwrap() >= 30),
         "a leased row was published inside its lease: {first:?}"
     );
     // After the lease, the left-over rows go out too, each once.
@@ -273,9 +277,14 @@ async fn a_batch_with_one_refused_message_publishes_the_rest_and_keeps_that_row(
     assert_eq!(outbox_rows(&bare.ctx).await, 1);
     // Not due yet: the next round leaves it alone; once due it is tried again.
     assert_eq!(
-        outbox::relay_once(&bare.ctx.db, &bare.ctx.publisher, 100, Duration::from_secs(30))
-            .await
-            .unwrap(),
+        outbox::relay_once(
+            &bare.ctx.db,
+            &bare.ctx.publisher,
+            100,
+            Duration::from_secs(30)
+        )
+        .await
+        .unwrap(),
         0
     );
     let _ = ch.close(200, "done").await;

@@ -153,8 +153,12 @@ async fn a_job_past_its_timeout_is_retried_later_and_then_succeeds() {
     let names = app.ctx.broker.names.clone();
     let (_, ch) = app.ctx.broker.channel().await.unwrap();
     let upstream = app.upstream_key().await;
-    app.account(&upstream, "acct-slow", json!({"email": "v1@customer.example"}))
-        .await;
+    app.account(
+        &upstream,
+        "acct-slow",
+        json!({"email": "v1@customer.example"}),
+    )
+    .await;
     let mut blocker = app.db().begin().await.unwrap();
     sqlx::query("SELECT 1 FROM accounts WHERE account_id = 'acct-slow' FOR UPDATE")
         .execute(&mut *blocker)
@@ -194,10 +198,12 @@ async fn a_job_past_its_timeout_is_retried_later_and_then_succeeds() {
         app.get("/v1/accounts/acct-slow", &upstream).await.1["email"] == "v2@customer.example"
     })
     .await;
-    assert!(prereg::workers::runtime::list_dead_letters(&app.ctx, Queue::Accounts, 5)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(
+        prereg::workers::runtime::list_dead_letters(&app.ctx, Queue::Accounts, 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let _ = ch.close(200, "done").await;
     app.cleanup().await;
 }

@@ -18,10 +18,10 @@ use prereg::{
     workers::{deadlines, sweeps},
     Ctx,
 };
+use prereg_devtools::smtp_sink::SmtpSink;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, Row};
-use prereg_devtools::smtp_sink::SmtpSink;
 use uuid::Uuid;
 
 use crate::common::*;
@@ -556,7 +556,10 @@ async fn two_sweeps_at_once_expire_each_claim_exactly_once() {
     .fetch_one(&one.db)
     .await
     .unwrap();
-    assert_eq!(reminded, 20, "the reminders name the claims that were marked");
+    assert_eq!(
+        reminded, 20,
+        "the reminders name the claims that were marked"
+    );
     let marked: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM preregistrations WHERE expiry_reminder_sent_at IS NOT NULL",
     )
@@ -836,7 +839,10 @@ async fn concurrent_deadline_runs_escalate_once() {
             .filter(|m| m.to == ["escalate@provider.example"])
             .collect::<Vec<_>>()
     };
-    wait_until(Duration::from_secs(15), || async { escalations().len() >= 4 }).await;
+    wait_until(Duration::from_secs(15), || async {
+        escalations().len() >= 4
+    })
+    .await;
     for r in &reviews {
         let about = escalations()
             .iter()
@@ -903,7 +909,10 @@ async fn an_invitation_link_expires_by_time_and_the_sweep_marks_it_once() {
         json!({"email": "linktime@customer.example"}),
     )
     .await;
-    wait_until(Duration::from_secs(10), || async { Utc::now() > link_expires }).await;
+    wait_until(Duration::from_secs(10), || async {
+        Utc::now() > link_expires
+    })
+    .await;
     // The association decides by the time: no sweep has run.
     let nonce: Vec<u8> = sqlx::query_scalar("SELECT nonce FROM invitations WHERE id = $1")
         .bind(inv)
@@ -945,7 +954,11 @@ async fn an_invitation_link_expires_by_time_and_the_sweep_marks_it_once() {
     assert_eq!(row_status, "sent", "decided by time, not by a swept status");
     // The sweep marks the link, and only the link.
     let stats = sweeps::run(&app.ctx).await.unwrap();
-    assert_eq!((stats.links_expired, stats.claims_expired), (1, 0), "{stats:?}");
+    assert_eq!(
+        (stats.links_expired, stats.claims_expired),
+        (1, 0),
+        "{stats:?}"
+    );
     let (_, v) = app.get(&format!("/v1/invitations/{inv}"), &p.key).await;
     assert_eq!(v["status"], "expired", "{v}");
     let (_, pr) = app.get(&format!("/v1/preregistrations/{id}"), &p.key).await;
@@ -965,7 +978,10 @@ async fn an_invitation_link_expires_by_time_and_the_sweep_marks_it_once() {
         if !got.is_empty() {
             break got;
         }
-        assert!(tokio::time::Instant::now() < deadline, "no invitation.expired event");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no invitation.expired event"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     assert_eq!(events.len(), 1, "{events:?}");
