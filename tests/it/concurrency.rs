@@ -299,3 +299,69 @@ async fn a_held_customer_lock_holds_that_decision_back_until_released() {
     assert_eq!(app.decided(&p, held).await["status"], "preregistered");
     app.cleanup().await;
 }
+
+/// Redis is killed and started again on its port (a private instance): the
+/// workers decide without it meanwhile (Postgres still guards), and once it
+/// is back they take the locks again — a lock the test holds on the
+/// restarted Redis holds that customer back until released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_take_redis_locks_again_after_redis_restarts() {
+    let Some(mut redis) = crate::private::PrivateRedis::start() else {
+        return;
+    };
+    let url = redis.url();
+    let app = spawn_with(move |c| {
+        c.redis_url = url;
+        c.lock_wait = Duration::from_millis(200);
+        c.retry_delays = vec![Duration::from_millis(300); 3];
+        c.max_attempts = 100;
+    })
+    .await;
+    let p = app.create_partner(json!({})).await;
+    let before = app
+        .prereg(&p, "r-before@customer.example", "+8613300000081")
+        .await;
+    assert_eq!(app.decided(&p, before).await["status"], "preregistered");
+    redis.kill();
+    let during = app
+        .prereg(&p, "r-during@customer.example", "+8613300000082")
+        .await;
+    assert_eq!(app.decided(&p, during).await["status"], "preregistered");
+    redis.start_again();
+    // The app's lock client finds Redis again by itself.
+    wait_until(Duration::from_secs(15), || async {
+        app.ctx.locks.ping().await.is_ok()
+    })
+    .await;
+    let holder = Locks::new(
+        &redis.url(),
+        &app.cfg.amqp_prefix,
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+    );
+    let guard = holder
+        .acquire(&["email:r-after@customer.example".to_string()])
+        .await
+        .expect("the test takes the customer's lock on the restarted Redis");
+    let held = app
+        .prereg(&p, "r-after@customer.example", "+8613300000083")
+        .await;
+    let free = app
+        .prereg(&p, "r-free@customer.example", "+8613300000084")
+        .await;
+    assert_eq!(app.decided(&p, free).await["status"], "preregistered");
+    let window = tokio::time::Instant::now() + Duration::from_millis(2000);
+    while tokio::time::Instant::now() < window {
+        let (_, v) = app
+            .get(&format!("/v1/preregistrations/{held}"), &p.key)
+            .await;
+        assert_eq!(
+            v["status"], "queued",
+            "decided while its lock was held on the restarted Redis: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    holder.release(guard).await;
+    assert_eq!(app.decided(&p, held).await["status"], "preregistered");
+    app.cleanup().await;
+}
