@@ -920,3 +920,40 @@ async fn with_redis_down_the_partner_email_rate_is_skipped_and_nothing_fails() {
     }
     app.cleanup().await;
 }
+
+/// SMTP AUTH with the credentials of `PREREG_SMTP_URL` (`smtp://user:pass@…`):
+/// a server that requires it gets them and takes the email; wrong ones are a
+/// permanent failure (535) that names the reply and never the password.
+/// (STARTTLS and implicit TLS are not tested: see docs/testing.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_auth_uses_the_url_credentials_and_a_refusal_is_permanent() {
+    for (password, ok) in [("s3cret-pw", true), ("wrong-pw", false)] {
+        let sink = SmtpSink::start().await.unwrap();
+        sink.require_auth("mailer", "s3cret-pw");
+        let url = format!("smtp://mailer:{password}@{}", sink.addr());
+        let app = spawn_with(move |c| c.smtp_url = url).await;
+        let p = app.create_partner(json!({})).await;
+        let id = claimed(&app, &p, 30).await;
+        let v = invite(&app, &p, &[id], json!({})).await;
+        let inv = v["results"][0]["invitation_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        if ok {
+            invitation_state(&app, &p, &inv, "sent").await;
+            assert_eq!(sink.wait_for(1, Duration::from_secs(5)).await.len(), 1);
+            assert!(sink.logins() >= 1);
+        } else {
+            let failed = invitation_state(&app, &p, &inv, "failed").await;
+            let failure = failed["failure"].as_str().unwrap();
+            assert!(failure.contains("535"), "{failure}");
+            assert!(
+                !failure.contains(password),
+                "the password leaked: {failure}"
+            );
+            assert_eq!(sink.count(), 0);
+            assert_eq!(sink.logins(), 0);
+        }
+        app.cleanup().await;
+    }
+}
