@@ -194,7 +194,7 @@ async fn explain_rolled_back(ctx: &Ctx, batch: i64) -> anyhow::Result<String> {
     let mut tx = ctx.db.begin().await?;
     let sql = format!(
         "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {}",
-        sweeps::EXPIRE_CLAIMS_SQL
+        sweeps::expire_claims_sql()
     );
     let rows = sqlx::query(&sql)
         .bind(batch)

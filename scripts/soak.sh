@@ -14,6 +14,7 @@
 #
 # Environment: DURATION (s, 1800), RATE (req/s, 20), FAULT_EVERY (s, 180),
 # PARTNERS (20), PREREG_BIN (default target/release/prereg, else debug),
+# PREREG_LOADGEN (default: prereg-loadgen beside PREREG_BIN),
 # SOAK_DIR (kept afterwards when KEEP=1), PG_PORT (55432), REDIS_PORT (56379),
 # AMQP_BASE (45672), HTTP_PORT (58080).
 set -euo pipefail
@@ -34,6 +35,9 @@ if [ -z "$BIN" ]; then
 fi
 [ -x "$BIN" ] || { echo "build prereg first (cargo build --release)" >&2; exit 1; }
 BIN=$(realpath "$BIN")
+# The load generator is its own workspace crate (not in the prereg binary).
+LOADGEN=${PREREG_LOADGEN:-$(dirname "$BIN")/prereg-loadgen}
+[ -x "$LOADGEN" ] || { echo "build the load generator first (cargo build [--release] -p prereg-loadgen)" >&2; exit 1; }
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 CLUSTER=(env CLUSTER_DIR="$SOAK_DIR/rabbit" BASE_PORT="$AMQP_BASE" CLUSTER_NAME=prereg-soak NODES=3 scripts/rabbitmq-cluster.sh)
 mkdir -p "$SOAK_DIR"
@@ -96,7 +100,7 @@ for _ in $(seq 100); do curl -fs "http://127.0.0.1:$HTTP_PORT/readyz" >/dev/null
 
 # --- load ---------------------------------------------------------------------
 COUNT=$(awk -v r="$RATE" -v d="$DURATION" 'BEGIN {printf "%d", r*d}')
-"$BIN" bench --url "http://127.0.0.1:$HTTP_PORT" --requests "$COUNT" --rate "$RATE" \
+"$LOADGEN" --url "http://127.0.0.1:$HTTP_PORT" --requests "$COUNT" --rate "$RATE" \
   --partners "$PARTNERS" --concurrency 32 --timeout 300s --json >"$SOAK_DIR/bench.out" 2>&1 &
 BENCH_PID=$!
 

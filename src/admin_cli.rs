@@ -217,7 +217,7 @@ pub async fn run(cfg: Config, cmd: AdminCommand) -> anyhow::Result<()> {
                     "the file spans several years ({years:?}): load one year per file"
                 ),
             };
-            if !prereg::api::calendar::YEARS.contains(&year) {
+            if !prereg::domain::workdays::YEARS.contains(&year) {
                 anyhow::bail!("year {year} is out of range");
             }
             // Same checks as the API: every date in the year, none twice.
@@ -225,7 +225,7 @@ pub async fn run(cfg: Config, cmd: AdminCommand) -> anyhow::Result<()> {
                 .load_year(year, &entries)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let (_, recomputed) =
-                prereg::api::calendar::load_year(&ctx, "operator:cli", year, &entries).await?;
+                prereg::flows::calendar::load_year(&ctx, "operator:cli", year, &entries).await?;
             println!(
                 "loaded {year}: {} holidays, {} make-up workdays; {recomputed} review deadline(s) recomputed",
                 entries.iter().filter(|e| e.kind == workdays::DayKind::Holiday).count(),

@@ -86,16 +86,13 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
             crate::startup::bind(ctx.cfg.http_addr, "the HTTP API", "PREREG_HTTP_ADDR").await?;
         let addr = listener.local_addr()?;
         http_addr = Some(addr);
-        let app =
-            crate::api::router(ctx.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let c = cancel.clone();
-        tasks.spawn(async move {
-            let serve = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { c.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "http server failed");
-            }
-        });
+        let app = crate::api::router(ctx.clone());
+        tasks.spawn(crate::api::serve::serve(
+            listener,
+            app,
+            ctx.cfg.http_header_timeout,
+            cancel.clone(),
+        ));
         tracing::info!(%addr, "intake listening on http://{addr} (API, dashboard at /admin, /metrics, /readyz)");
     }
     if roles.health_server {
@@ -104,14 +101,12 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
         health_addr = Some(addr);
         tracing::info!(%addr, "health and metrics on http://{addr} (/healthz, /readyz, /metrics)");
         let app = crate::api::health_router(ctx.clone());
-        let c = cancel.clone();
-        tasks.spawn(async move {
-            let serve = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { c.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "health server failed");
-            }
-        });
+        tasks.spawn(crate::api::serve::serve(
+            listener,
+            app,
+            ctx.cfg.http_header_timeout,
+            cancel.clone(),
+        ));
     }
     tasks.spawn(probe_services(ctx.clone(), cancel.clone()));
     if !roles.workers.is_empty() {
@@ -189,7 +184,7 @@ async fn probe_services(ctx: Arc<Ctx>, cancel: CancellationToken) {
     let (mut pg_ok, mut amqp_ok) = (false, false);
     loop {
         if !pg_ok {
-            match sqlx::query("SELECT 1").execute(&ctx.db).await {
+            match crate::store::ping(&ctx.db).await {
                 Ok(_) => {
                     pg_ok = true;
                     tracing::info!(database = %crate::startup::pg_where(&ctx.cfg.database_url), "PostgreSQL reachable");
@@ -270,7 +265,7 @@ async fn run_probe(ctx: Arc<Ctx>, cancel: CancellationToken) {
         // Postgres.
         let ok = match pg.as_mut() {
             Some(c) => matches!(
-                tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&mut *c)).await,
+                tokio::time::timeout(timeout, crate::store::ping(&mut *c)).await,
                 Ok(Ok(_))
             ),
             None => false,

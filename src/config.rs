@@ -28,6 +28,10 @@ pub struct Config {
     pub redis_url: String,
     pub smtp_url: String,
     pub http_addr: SocketAddr,
+    /// How long a client has to send a complete request head (slowloris).
+    pub http_header_timeout: Duration,
+    /// How long reading a request body and answering it may take.
+    pub http_request_timeout: Duration,
     pub metrics_addr: SocketAddr,
     /// Whether `PREREG_METRICS_ADDR` was given (otherwise a taken default
     /// port falls back to a free one).
@@ -252,6 +256,10 @@ impl Config {
             redis_url: get("PREREG_REDIS_URL", "redis://127.0.0.1:6379"),
             smtp_url: get("PREREG_SMTP_URL", "smtp://127.0.0.1:1025"),
             http_addr: addr("PREREG_HTTP_ADDR", "127.0.0.1:8080")?,
+            http_header_timeout: dur("PREREG_HTTP_HEADER_TIMEOUT", "10s")?
+                .max(Duration::from_millis(50)),
+            http_request_timeout: dur("PREREG_HTTP_REQUEST_TIMEOUT", "30s")?
+                .max(Duration::from_millis(50)),
             metrics_addr: addr("PREREG_METRICS_ADDR", "127.0.0.1:9091")?,
             metrics_addr_set: vars
                 .get("PREREG_METRICS_ADDR")

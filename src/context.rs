@@ -7,12 +7,12 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 use crate::{
     config::{Config, ReviewSla},
     deps::Health,
-    domain::workdays::{Calendar, CalendarEntry, DayKind, Deadline},
+    domain::workdays::{Calendar, Deadline},
     locks::Locks,
     mail::Mailer,
     mq::{Broker, Names},
@@ -105,27 +105,8 @@ impl Ctx {
                 return Ok(guard.0.clone());
             }
         }
-        let rows = sqlx::query("SELECT y.year, d.date, d.kind, d.name FROM calendar_years y LEFT JOIN calendar_days d ON d.year = y.year ORDER BY y.year, d.date")
-            .fetch_all(&self.db)
-            .await?;
+        let years = crate::store::calendar::all_years(&self.db).await?;
         let mut cal = Calendar::cn_2026();
-        let mut years: std::collections::BTreeMap<i32, Vec<CalendarEntry>> = Default::default();
-        for r in rows {
-            let year: i32 = r.get("year");
-            let entries = years.entry(year).or_default();
-            if let Some(date) = r.get::<Option<chrono::NaiveDate>, _>("date") {
-                let kind = if r.get::<&str, _>("kind") == "workday" {
-                    DayKind::Workday
-                } else {
-                    DayKind::Holiday
-                };
-                entries.push(CalendarEntry {
-                    date,
-                    kind,
-                    name: r.get("name"),
-                });
-            }
-        }
         for (year, entries) in years {
             if let Err(e) = cal.load_year(year, &entries) {
                 tracing::error!(year, error = %e, "stored calendar year is invalid; ignoring it");

@@ -90,11 +90,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<DevSession> {
 /// upstream key: keys are shown once, so each run issues new ones.
 async fn demo_partner(ctx: &Arc<Ctx>) -> anyhow::Result<(uuid::Uuid, String, String)> {
     let mut tx = ctx.db.begin().await?;
-    let existing: Option<uuid::Uuid> =
-        sqlx::query_scalar("SELECT id FROM partners WHERE name = $1 ORDER BY created_at LIMIT 1")
-            .bind(DEMO_PARTNER)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let existing = store::partners::first_named(&mut *tx, DEMO_PARTNER).await?;
     let id = match existing {
         Some(id) => id,
         None => {
@@ -156,6 +152,7 @@ impl DevSession {
             "\nprereg dev is running (development mode: never use it in production)\n\
              \n  API            {base}  (invitation links use {public_url})\
              \n  API document   {base}/openapi.json\
+             \n  messages       {base}/asyncapi.json (AsyncAPI: commands you may publish, events)\
              \n  dashboard      {base}/admin\
              \n  readiness      {base}/readyz\
              \n  metrics        {base}/metrics\

@@ -29,7 +29,7 @@ use std::{
 };
 
 use serde_json::{json, Value};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use uuid::Uuid;
 
@@ -37,7 +37,7 @@ use crate::{
     mq::CloudEvent,
     publisher::{Fate, Outgoing, Publisher},
     stages::{self, Stage},
-    store::{idempotency::Stored, partners::Partner, preregs::NewPrereg},
+    store::{idempotency::Stored, intake, partners::Partner, preregs::NewPrereg},
 };
 
 /// Most batches written and awaiting confirms at once.
@@ -264,9 +264,7 @@ impl Flusher {
         // recreates a row lost in a Postgres crash), and an unconfirmed job
         // makes the answer wait for a synchronous commit (see `cleanup`), so
         // this commit need not wait for the WAL flush.
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await?;
+        crate::store::relaxed_commit(&mut tx).await?;
         let mut fate: Vec<Option<Written>> = (0..leaders.len()).map(|_| None).collect();
 
         // Keys first, in a fixed order (two batches never wait on each other
@@ -280,35 +278,22 @@ impl Flusher {
             .collect();
         keyed.sort_by(|a, b| (&a.1.principal, &a.1.key).cmp(&(&b.1.principal, &b.1.key)));
         if !keyed.is_empty() {
-            let principals: Vec<&str> = keyed.iter().map(|(_, k)| k.principal.as_str()).collect();
-            let keys: Vec<&str> = keyed.iter().map(|(_, k)| k.key.as_str()).collect();
-            let hashes: Vec<Vec<u8>> = keyed.iter().map(|(_, k)| k.hash.clone()).collect();
             let answers: Vec<Stored> = keyed
                 .iter()
                 .map(|(i, _)| accepted(leaders[*i].pending.req.cmd.id))
                 .collect();
-            let bodies: Vec<Value> = answers.iter().map(|a| a.body.clone()).collect();
-            let locations: Vec<Option<&str>> =
-                answers.iter().map(|a| a.location.as_deref()).collect();
-            let claimed = sqlx::query(
-                "INSERT INTO idempotency_keys (principal, key, request_hash, status, body, location)
-                 SELECT p, k, h, 202, b, l
-                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::jsonb[], $5::text[]) WITH ORDINALITY AS t(p, k, h, b, l, n)
-                 ORDER BY n
-                 ON CONFLICT (principal, key) DO NOTHING
-                 RETURNING principal, key",
-            )
-            .bind(&principals)
-            .bind(&keys)
-            .bind(&hashes)
-            .bind(&bodies)
-            .bind(&locations)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mine: std::collections::HashSet<(String, String)> = claimed
-                .iter()
-                .map(|r| (r.get::<String, _>("principal"), r.get::<String, _>("key")))
-                .collect();
+            let claims = intake::KeyClaims {
+                principals: keyed.iter().map(|(_, k)| k.principal.as_str()).collect(),
+                keys: keyed.iter().map(|(_, k)| k.key.as_str()).collect(),
+                hashes: keyed.iter().map(|(_, k)| k.hash.clone()).collect(),
+                bodies: answers.iter().map(|a| a.body.clone()).collect(),
+                locations: answers.iter().map(|a| a.location.as_deref()).collect(),
+            };
+            let mine: std::collections::HashSet<(String, String)> =
+                intake::claim_keys(&mut tx, &claims)
+                    .await?
+                    .into_iter()
+                    .collect();
             let taken: Vec<&(usize, &IdemKey)> = keyed
                 .iter()
                 .filter(|(_, k)| !mine.contains(&(k.principal.clone(), k.key.clone())))
@@ -316,27 +301,17 @@ impl Flusher {
             if !taken.is_empty() {
                 let tp: Vec<&str> = taken.iter().map(|(_, k)| k.principal.as_str()).collect();
                 let tk: Vec<&str> = taken.iter().map(|(_, k)| k.key.as_str()).collect();
-                let rows = sqlx::query(
-                    "SELECT principal, key, request_hash, status, body, location FROM idempotency_keys
-                     WHERE (principal, key) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-                )
-                .bind(&tp)
-                .bind(&tk)
-                .fetch_all(&mut *tx)
-                .await?;
+                let rows = intake::stored_keys(&mut tx, &tp, &tk).await?;
                 for (i, k) in taken {
-                    let row = rows.iter().find(|r| {
-                        r.get::<&str, _>("principal") == k.principal
-                            && r.get::<&str, _>("key") == k.key
-                    });
+                    let row = rows
+                        .iter()
+                        .find(|r| r.principal == k.principal && r.key == k.key);
                     fate[*i] = Some(match row {
-                        Some(r) if r.get::<Vec<u8>, _>("request_hash") == k.hash => {
-                            Written::Replay(Stored {
-                                status: r.get::<i16, _>("status") as u16,
-                                body: r.get("body"),
-                                location: r.get("location"),
-                            })
-                        }
+                        Some(r) if r.request_hash == k.hash => Written::Replay(Stored {
+                            status: r.status as u16,
+                            body: r.body.clone(),
+                            location: r.location.clone(),
+                        }),
                         Some(_) => Written::Mismatch,
                         // Claimed, then withdrawn (its job was refused)
                         // between our insert and this read: rare; the
@@ -359,24 +334,23 @@ impl Flusher {
             .map(|(l, _)| &l.pending.req)
             .collect();
         if !fresh.is_empty() {
-            insert_rows(&mut tx, &fresh).await?;
+            let queued: Vec<intake::Queued> = fresh
+                .iter()
+                .map(|r| intake::Queued {
+                    row: &r.cmd,
+                    actor: &r.actor,
+                    request_id: &r.request_id,
+                })
+                .collect();
+            intake::insert_queued(&mut tx, &queued).await?;
             let messages: Vec<Value> = fresh
                 .iter()
                 .map(|r| serde_json::to_value(job(r)).unwrap_or_default())
                 .collect();
-            let ids = sqlx::query(
-                "INSERT INTO outbox (exchange, routing_key, message, publish_after)
-                 SELECT 'commands', 'preregistration.requested', m, now() + $2
-                 FROM unnest($1::jsonb[]) WITH ORDINALITY AS t(m, n) ORDER BY n
-                 RETURNING id, message->>'id' AS job_id",
-            )
-            .bind(&messages)
-            .bind(self.grace)
-            .fetch_all(&mut *tx)
-            .await?;
-            let by_job: HashMap<String, i64> = ids
-                .iter()
-                .map(|r| (r.get::<String, _>("job_id"), r.get::<i64, _>("id")))
+            let by_job: HashMap<String, i64> = intake::outbox_jobs(&mut tx, &messages, self.grace)
+                .await?
+                .into_iter()
+                .map(|(outbox_id, job_id)| (job_id, outbox_id))
                 .collect();
             for (l, f) in leaders.iter().zip(fate.iter_mut()) {
                 if f.is_none() {
@@ -484,15 +458,10 @@ impl Flusher {
         let result: Result<Vec<i64>, sqlx::Error> = async {
             let mut tx = self.db.begin().await?;
             if !unknown && refused.is_empty() {
-                sqlx::query("SET LOCAL synchronous_commit = off")
-                    .execute(&mut *tx)
-                    .await?;
+                crate::store::relaxed_commit(&mut tx).await?;
             }
             if !confirmed.is_empty() {
-                sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-                    .bind(&confirmed)
-                    .execute(&mut *tx)
-                    .await?;
+                crate::store::outbox::delete_in(&mut tx, &confirmed).await?;
             }
             let mut gone = Vec::new();
             if !refused.is_empty() {
@@ -507,10 +476,7 @@ impl Flusher {
                     .filter(|(_, w)| matches!(w, Written::New(o) if gone.contains(o)))
                     .map(|(l, _)| l.pending.req.cmd.id)
                     .collect();
-                sqlx::query("DELETE FROM preregistrations WHERE id = ANY($1) AND status = 'queued'")
-                    .bind(&ids)
-                    .execute(&mut *tx)
-                    .await?;
+                intake::delete_queued(&mut tx, &ids).await?;
                 let keyed: Vec<&IdemKey> = leaders
                     .iter()
                     .zip(written)
@@ -520,13 +486,7 @@ impl Flusher {
                 if !keyed.is_empty() {
                     let p: Vec<&str> = keyed.iter().map(|k| k.principal.as_str()).collect();
                     let k: Vec<&str> = keyed.iter().map(|k| k.key.as_str()).collect();
-                    sqlx::query(
-                        "DELETE FROM idempotency_keys WHERE (principal, key) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-                    )
-                    .bind(&p)
-                    .bind(&k)
-                    .execute(&mut *tx)
-                    .await?;
+                    intake::forget_keys(&mut tx, &p, &k).await?;
                 }
             }
             tx.commit().await?;
@@ -547,74 +507,6 @@ impl Flusher {
         }
         withdrawn
     }
-}
-
-async fn insert_rows(tx: &mut sqlx::PgConnection, reqs: &[&Request]) -> Result<(), sqlx::Error> {
-    let ids: Vec<Uuid> = reqs.iter().map(|r| r.cmd.id).collect();
-    let partners: Vec<Uuid> = reqs.iter().map(|r| r.cmd.partner_id).collect();
-    let names: Vec<&str> = reqs.iter().map(|r| r.cmd.full_name.as_str()).collect();
-    let emails: Vec<&str> = reqs.iter().map(|r| r.cmd.email.as_str()).collect();
-    let mobiles: Vec<&str> = reqs.iter().map(|r| r.cmd.mobile.as_str()).collect();
-    let email_norms: Vec<String> = reqs
-        .iter()
-        .map(|r| crate::domain::normalize_email(&r.cmd.email))
-        .collect();
-    let mobile_norms: Vec<String> = reqs
-        .iter()
-        .map(|r| crate::domain::normalize_mobile(&r.cmd.mobile))
-        .collect();
-    let send: Vec<bool> = reqs.iter().map(|r| r.cmd.send_invitation).collect();
-    let kinds: Vec<Option<&str>> = reqs
-        .iter()
-        .map(|r| r.cmd.association_type.as_deref())
-        .collect();
-    let locales: Vec<Option<&str>> = reqs.iter().map(|r| r.cmd.locale.as_deref()).collect();
-    // Tags differ in length per row: passed as JSON arrays.
-    let tags: Vec<Value> = reqs.iter().map(|r| json!(r.cmd.tags)).collect();
-    let remarks: Vec<Option<&str>> = reqs.iter().map(|r| r.cmd.remarks.as_deref()).collect();
-    let managers: Vec<Option<Uuid>> = reqs.iter().map(|r| r.cmd.account_manager_id).collect();
-    let rids: Vec<&str> = reqs.iter().map(|r| r.request_id.as_str()).collect();
-    let actors: Vec<&str> = reqs.iter().map(|r| r.actor.as_str()).collect();
-    sqlx::query(
-        "INSERT INTO preregistrations (id, partner_id, full_name, email, mobile, email_norm, mobile_norm, status,
-             send_invitation, association_type, locale, tags, remarks, account_manager_id, request_id, search_text)
-         SELECT u.id, u.partner_id, u.full_name, u.email, u.mobile, u.email_norm, u.mobile_norm, 'queued',
-             u.send, u.kind, u.locale, t.tags, u.remarks, u.am, u.rid,
-             lower(concat_ws(' ', u.full_name, u.email, u.remarks, array_to_string(t.tags, ' '),
-                 (SELECT name FROM account_managers WHERE id = u.am)))
-         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                     $8::bool[], $9::text[], $10::text[], $11::jsonb[], $12::text[], $13::uuid[], $14::text[])
-              WITH ORDINALITY AS u(id, partner_id, full_name, email, mobile, email_norm, mobile_norm,
-                     send, kind, locale, tags_json, remarks, am, rid, n)
-         CROSS JOIN LATERAL (SELECT ARRAY(SELECT jsonb_array_elements_text(u.tags_json)) AS tags) t
-         ORDER BY u.n",
-    )
-    .bind(&ids)
-    .bind(&partners)
-    .bind(&names)
-    .bind(&emails)
-    .bind(&mobiles)
-    .bind(&email_norms)
-    .bind(&mobile_norms)
-    .bind(&send)
-    .bind(&kinds)
-    .bind(&locales)
-    .bind(&tags)
-    .bind(&remarks)
-    .bind(&managers)
-    .bind(&rids)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO preregistration_events (preregistration_id, actor, change, from_status, to_status)
-         SELECT id, actor, 'requested', NULL, 'queued'
-         FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS u(id, actor, n) ORDER BY n",
-    )
-    .bind(&ids)
-    .bind(&actors)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
 }
 
 /// Every request of `leaders` failed with `e` (nothing was written).

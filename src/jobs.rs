@@ -10,10 +10,14 @@
 //! ([`crate::mq::CloudEvent::job`]).
 
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::AccountFacts;
+use crate::domain::{
+    values::{AssociationTypeName, Email, Locale, Mobile},
+    AccountFacts,
+};
 
 /// The work queues, one per job kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -119,19 +123,22 @@ macro_rules! job {
 /// `preregistration.requested`: a partner (over HTTP) or an upstream system
 /// (on the commands exchange) asks to pre-register a customer. The worker
 /// checks an upstream one exactly as the intake checks an HTTP request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PreregistrationRequested {
     pub id: Uuid,
     pub partner_id: Uuid,
     pub full_name: String,
-    pub email: String,
-    pub mobile: String,
+    // Strings on the wire, whatever type carries them in Rust.
+    #[schemars(with = "String")]
+    pub email: Email,
+    #[schemars(with = "String")]
+    pub mobile: Mobile,
     #[serde(default)]
     pub send_invitation: bool,
     #[serde(default)]
-    pub association_type: Option<String>,
+    pub association_type: Option<AssociationTypeName>,
     #[serde(default)]
-    pub locale: Option<String>,
+    pub locale: Option<Locale>,
     #[serde(default)]
     pub tags: Vec<String>,
     #[serde(default)]
@@ -142,7 +149,7 @@ pub struct PreregistrationRequested {
 job!(PreregistrationRequested, "preregistration.requested", Registration, upstream: true);
 
 /// `review.requested`: the partner asks for a manual review of a rejection.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ReviewRequested {
     pub review_id: Uuid,
     pub preregistration_id: Uuid,
@@ -151,21 +158,21 @@ pub struct ReviewRequested {
 job!(ReviewRequested, "review.requested", Registration, upstream: true);
 
 /// `account.upserted`: facts about a customer account (SPEC §6).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(transparent)]
 pub struct AccountUpserted(pub AccountFacts);
 job!(AccountUpserted, "account.upserted", Accounts, upstream: true);
 
 /// `invitation.requested`: send a stored invitation; the recipient is the
 /// pre-registration's stored email.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct InvitationRequested {
     pub invitation_id: Uuid,
 }
 job!(InvitationRequested, "invitation.requested", Email, upstream: true);
 
 /// The notices `email.requested` sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NoticeKind {
     /// To the partner's contact email.
@@ -192,7 +199,7 @@ impl NoticeKind {
 /// `email.requested` (internal only): a notice about a stored record. It
 /// names the record, never the recipient: the email worker decides who
 /// receives it from stored data and configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct EmailRequested {
     pub kind: NoticeKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -205,7 +212,7 @@ pub struct EmailRequested {
 job!(EmailRequested, "email.requested", Email, upstream: false);
 
 /// `association.requested`: decide a stored association attempt.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AssociationRequested {
     pub attempt_id: Uuid,
 }
@@ -213,7 +220,7 @@ job!(AssociationRequested, "association.requested", Association, upstream: true)
 
 /// `sweep.requested`: from the scheduler (with the slot it stands for), the
 /// operator API, or any upstream publisher (every field optional).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SweepRequested {
     /// The scheduler's time slot: a tick is skipped when a run that started
     /// at or after it already succeeded (several schedulers, a backlog).
@@ -227,7 +234,7 @@ pub struct SweepRequested {
 job!(SweepRequested, "sweep.requested", Sweeps, upstream: true);
 
 /// `deadline.tick` (internal only): check review deadlines and reminders.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct DeadlineTick {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled_at: Option<DateTime<Utc>>,
@@ -241,7 +248,7 @@ job!(DeadlineTick, "deadline.tick", Deadlines, upstream: false);
 /// `export.requested`: run a stored export. Our intake sends it on the
 /// internal exchange; SPEC §6 lists it among the upstream commands, and it can
 /// only run an export a partner created.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ExportRequested {
     pub export_id: Uuid,
 }

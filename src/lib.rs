@@ -7,12 +7,14 @@
 pub mod admission;
 pub mod api;
 pub mod app;
+pub mod asyncapi;
 pub mod config;
 pub mod context;
 pub mod deps;
 pub mod dev;
 pub mod domain;
 pub mod events;
+pub mod flows;
 pub mod intake;
 pub mod jobs;
 pub mod jobstats;

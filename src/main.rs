@@ -82,6 +82,11 @@ enum Command {
         #[arg(long)]
         cleanup_on_exit: bool,
     },
+    /// Print the AsyncAPI 3 document of every command, job and event (the
+    /// one served at /asyncapi.json), for PREREG_AMQP_PREFIX's exchange names.
+    /// Needs no service.
+    #[command(after_help = ENV_HELP)]
+    Asyncapi,
     /// Operator tasks from a terminal.
     #[command(after_help = ENV_HELP)]
     Admin {
@@ -188,6 +193,11 @@ async fn run(cli: Cli, mut cfg: Config, smtp_url_given: bool) -> anyhow::Result<
                 ..Default::default()
             };
             app::start(ctx, roles).await?.run_until_signal().await;
+            Ok(())
+        }
+        Command::Asyncapi => {
+            let doc = prereg::asyncapi::document(&cfg.amqp_prefix);
+            println!("{}", serde_json::to_string_pretty(&doc)?);
             Ok(())
         }
         Command::Admin { command } => admin_cli::run(cfg, command).await,

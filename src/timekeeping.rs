@@ -36,11 +36,7 @@ pub async fn calendar_status(ctx: &Ctx) -> Result<CalendarStatus, sqlx::Error> {
     let now = Utc::now();
     let current_year = now.with_timezone(&ctx.cfg.timezone).year();
     let loaded_years = cal.loaded_years();
-    let flagged: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM reviews WHERE state IN ('open', 'overdue') AND calendar_missing",
-    )
-    .fetch_one(&ctx.db)
-    .await?;
+    let flagged = store::reviews::count_calendar_missing(&ctx.db).await?;
     let new_missing = match ctx.cfg.review_sla {
         ReviewSla::WorkingDays(n) => {
             cal.add_working_days(now, n, ctx.cfg.timezone)
@@ -72,10 +68,7 @@ pub async fn refresh_gauges(ctx: &Ctx) {
                     .set(at.timestamp() as f64);
             }
         }
-        let overdue: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM reviews WHERE state = 'overdue'")
-                .fetch_one(&ctx.db)
-                .await?;
+        let overdue = store::reviews::count_overdue(&ctx.db).await?;
         metrics::gauge!("prereg_reviews_overdue").set(overdue as f64);
         let cal = calendar_status(ctx).await?;
         metrics::gauge!("prereg_calendar_missing").set(if cal.calendar_missing {
@@ -92,35 +85,4 @@ pub async fn refresh_gauges(ctx: &Ctx) {
     }
 }
 
-/// After a calendar upload: open reviews whose deadline was computed through
-/// a year that was not loaded get their deadline computed again. Returns how
-/// many changed.
-pub async fn recompute_flagged(ctx: &Ctx) -> Result<u64, sqlx::Error> {
-    if !matches!(ctx.cfg.review_sla, ReviewSla::WorkingDays(_)) {
-        return Ok(0);
-    }
-    ctx.invalidate_calendar();
-    let rows = sqlx::query(
-        "SELECT id, opened_at FROM reviews WHERE state = 'open' AND calendar_missing AND opened_at IS NOT NULL",
-    )
-    .fetch_all(&ctx.db)
-    .await?;
-    let mut changed = 0;
-    for r in rows {
-        let id: uuid::Uuid = sqlx::Row::get(&r, "id");
-        let opened_at: chrono::DateTime<Utc> = sqlx::Row::get(&r, "opened_at");
-        let due = ctx.review_due(opened_at).await?;
-        let n = sqlx::query(
-            "UPDATE reviews SET due_at = $2, calendar_missing = $3
-             WHERE id = $1 AND state = 'open' AND calendar_missing",
-        )
-        .bind(id)
-        .bind(due.at)
-        .bind(due.calendar_missing)
-        .execute(&ctx.db)
-        .await?
-        .rows_affected();
-        changed += n;
-    }
-    Ok(changed)
-}
+pub use crate::flows::calendar::recompute_flagged;

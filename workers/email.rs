@@ -9,18 +9,18 @@
 //! instead of risking a second email.
 
 use chrono::{Duration, Utc};
-use serde_json::json;
 use uuid::Uuid;
 
 use super::{JobError, Outcome};
 use crate::{
     context::Ctx,
-    domain::{mask, Status},
+    domain::mask,
+    flows::{self, invitations::Activation},
     links,
     locks::LockError,
     mail::{self, InvitationVars, Rendered, SendError},
     mq::CloudEvent,
-    store::{self, invitations, outbox, preregs, TimelineEntry},
+    store::{self, deliveries, invitations, preregs},
 };
 
 pub use crate::jobs::{EmailRequested, InvitationRequested, NoticeKind};
@@ -38,111 +38,28 @@ pub use crate::events::invitation_event;
 /// Marks a live invitation failed with the server's reply and publishes
 /// `invitation.failed`.
 pub async fn fail_invitation(ctx: &Ctx, id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
-    let mut tx = ctx.db.begin().await?;
-    let Some(inv) = invitations::get_for_update(&mut tx, id).await? else {
-        return Ok(());
-    };
-    if inv.status != "queued" {
-        return Ok(());
+    if flows::invitations::fail(ctx, id, reason).await? {
+        count("failed");
     }
-    invitations::set_status(&mut tx, id, "failed", Some(reason)).await?;
-    outbox::event(
-        &mut tx,
-        &invitation_event(
-            "invitation.failed",
-            id,
-            inv.preregistration_id,
-            json!({"failure": reason}),
-        ),
-    )
-    .await?;
-    tx.commit().await?;
-    count("failed");
     Ok(())
 }
 
 pub async fn handle_invitation(ctx: &Ctx, job: InvitationRequested) -> Result<Outcome, JobError> {
     let id = job.invitation_id;
-    let now = Utc::now();
     // 1. Claim the delivery (short transaction).
-    let mut tx = ctx.db.begin().await?;
-    let Some(inv) = invitations::get_for_update(&mut tx, id).await? else {
-        return Ok(Outcome::Skipped("withdrawn"));
-    };
-    match inv.status.as_str() {
-        "queued" => {}
-        "sent" => return Ok(Outcome::Skipped("already_sent")),
-        _ => return Ok(Outcome::Skipped("no_longer_live")),
-    }
-    if let Some(since) = inv.sending_since {
-        if now - since < lease(ctx) {
+    let (inv, p) = match flows::invitations::activate(ctx, id, lease(ctx)).await? {
+        Activation::Send(inv, p) => (inv, p),
+        Activation::Skip(why) => return Ok(Outcome::Skipped(why)),
+        Activation::Busy => {
             return Err(JobError::Retryable(
                 "another worker is sending this invitation".into(),
-            ));
+            ))
         }
-        drop(tx);
-        let reason = "delivery outcome unknown: a worker stopped during the SMTP exchange; resend if the customer did not receive it";
-        fail_invitation(ctx, id, reason).await?;
-        return Err(JobError::fatal("delivery_unknown", reason));
-    }
-    let Some(p) = preregs::get_for_update(&mut tx, inv.preregistration_id).await? else {
-        return Ok(Outcome::Skipped("withdrawn"));
+        Activation::Unknown(reason) => {
+            count("failed");
+            return Err(JobError::fatal("delivery_unknown", reason));
+        }
     };
-    if !matches!(
-        p.status(),
-        Status::Preregistered | Status::Invited | Status::AssociationFailed
-    ) {
-        invitations::set_status(
-            &mut tx,
-            id,
-            "expired",
-            Some(&format!("the pre-registration is {}", p.status)),
-        )
-        .await?;
-        tx.commit().await?;
-        return Ok(Outcome::Skipped("not_invitable"));
-    }
-    if inv.activated_at.is_none() {
-        // A newer invitation already went out: this one is superseded.
-        let newer: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM invitations WHERE preregistration_id = $1 AND id <> $2
-               AND activated_at IS NOT NULL AND created_at > $3)",
-        )
-        .bind(p.id)
-        .bind(id)
-        .bind(inv.created_at)
-        .fetch_one(&mut *tx)
-        .await?;
-        if newer {
-            invitations::set_status(&mut tx, id, "superseded", None).await?;
-            tx.commit().await?;
-            return Ok(Outcome::Skipped("superseded"));
-        }
-        for old in invitations::supersede_others(&mut tx, p.id, id).await? {
-            tracing::debug!(invitation_id = %old, "superseded");
-        }
-        preregs::mark_invited(&mut tx, p.id, "email", inv.link_expires_at).await?;
-        store::record(
-            &mut tx,
-            TimelineEntry {
-                preregistration_id: p.id,
-                actor: "system:email",
-                change: "invited",
-                from_status: Some(&p.status),
-                to_status: Some("invited"),
-                reason: None,
-                details: Some(
-                    json!({"invitation_id": id, "association_type": inv.association_type}),
-                ),
-            },
-        )
-        .await?;
-    }
-    sqlx::query("UPDATE invitations SET activated_at = COALESCE(activated_at, now()), sending_since = now(), attempts = attempts + 1 WHERE id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
 
     // 2. The partner's send rate. Over the rate, the job waits for a slot
     // (a burst is spread out, not failed); only when no slot comes within
@@ -169,10 +86,7 @@ pub async fn handle_invitation(ctx: &Ctx, job: InvitationRequested) -> Result<Ou
                     let jitter = rand::random::<u64>() % 100;
                     let wait = std::time::Duration::from_millis(to_next as u64 + jitter);
                     if tokio::time::Instant::now() + wait > give_up {
-                        sqlx::query("UPDATE invitations SET sending_since = NULL, attempts = greatest(attempts - 1, 0) WHERE id = $1")
-                            .bind(id)
-                            .execute(&ctx.db)
-                            .await?;
+                        invitations::release_sending(&ctx.db, id, true).await?;
                         return Err(JobError::Retryable(
                             "partner send rate limit reached".into(),
                         ));
@@ -194,28 +108,13 @@ pub async fn handle_invitation(ctx: &Ctx, job: InvitationRequested) -> Result<Ou
     let rendered = render_invitation(ctx, &inv, &p.full_name, &partner_name)?;
     match ctx.mailer.send(&p.email, &rendered, &id.to_string()).await {
         Ok(reply) => {
-            let mut tx = ctx.db.begin().await?;
-            sqlx::query("UPDATE invitations SET status = CASE WHEN status = 'queued' THEN 'sent' ELSE status END, sent_at = now(), sending_since = NULL, failure = NULL WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            outbox::event(
-                &mut tx,
-                &invitation_event(
-                    "invitation.sent",
-                    id,
-                    p.id,
-                    json!({"link_expires_at": inv.link_expires_at}),
-                ),
-            )
-            .await?;
-            tx.commit().await?;
+            flows::invitations::sent(ctx, &inv, p.id).await?;
             count("sent");
             tracing::info!(invitation_id = %id, to = %mask::pii_email(&p.email), %reply, "invitation sent");
             Ok(Outcome::Done)
         }
         Err(SendError::Transient(e)) => {
-            release(ctx, id).await?;
+            invitations::release_sending(&ctx.db, id, false).await?;
             count("transient_failure");
             Err(JobError::Retryable(format!("smtp: {}", mask::text(&e))))
         }
@@ -237,14 +136,6 @@ pub async fn handle_invitation(ctx: &Ctx, job: InvitationRequested) -> Result<Ou
             Err(JobError::fatal("smtp_permanent", e))
         }
     }
-}
-
-async fn release(ctx: &Ctx, id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE invitations SET sending_since = NULL WHERE id = $1")
-        .bind(id)
-        .execute(&ctx.db)
-        .await?;
-    Ok(())
 }
 
 pub fn render_invitation(
@@ -277,22 +168,9 @@ pub async fn handle_notice(
         return Ok(Outcome::Skipped("no_recipient"));
     };
     // Claim the delivery by job id.
-    let claimed: Option<String> = sqlx::query_scalar(
-        "INSERT INTO email_deliveries (job_id, kind, state, sending_since) VALUES ($1, $2, 'sending', now())
-         ON CONFLICT (job_id) DO UPDATE SET sending_since = now()
-           WHERE email_deliveries.state = 'sending' AND email_deliveries.sending_since IS NULL
-         RETURNING state",
-    )
-    .bind(&ev.id)
-    .bind(job.kind.as_str())
-    .fetch_optional(&ctx.db)
-    .await?;
+    let claimed = deliveries::claim(&ctx.db, &ev.id, job.kind.as_str()).await?;
     if claimed.is_none() {
-        let (state, since): (String, Option<chrono::DateTime<Utc>>) =
-            sqlx::query_as("SELECT state, sending_since FROM email_deliveries WHERE job_id = $1")
-                .bind(&ev.id)
-                .fetch_one(&ctx.db)
-                .await?;
+        let (state, since) = deliveries::state(&ctx.db, &ev.id).await?;
         match (state.as_str(), since) {
             ("sending", Some(t)) if Utc::now() - t < lease(ctx) => {
                 return Err(JobError::Retryable(
@@ -318,10 +196,7 @@ pub async fn handle_notice(
             Ok(Outcome::Done)
         }
         Err(SendError::Transient(e)) => {
-            sqlx::query("UPDATE email_deliveries SET sending_since = NULL WHERE job_id = $1")
-                .bind(&ev.id)
-                .execute(&ctx.db)
-                .await?;
+            deliveries::release(&ctx.db, &ev.id).await?;
             count("transient_failure");
             Err(JobError::Retryable(format!("smtp: {}", mask::text(&e))))
         }
@@ -349,16 +224,7 @@ async fn mark_notice(
     state: &str,
     failure: Option<&str>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE email_deliveries SET state = $2, failure = $3, sending_since = NULL,
-            sent_at = CASE WHEN $2 = 'sent' THEN now() END WHERE job_id = $1",
-    )
-    .bind(job_id)
-    .bind(state)
-    .bind(failure)
-    .execute(&ctx.db)
-    .await?;
-    Ok(())
+    deliveries::finish(&ctx.db, job_id, state, failure).await
 }
 
 /// The recipient and content of a notice, from the current state: the

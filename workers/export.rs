@@ -4,18 +4,14 @@
 
 use chrono::Utc;
 use futures::TryStreamExt;
-use serde_json::json;
 use uuid::Uuid;
 
 use super::{JobError, Outcome};
 use crate::{
     context::Ctx,
     domain::mask,
-    mq::CloudEvent,
-    store::{
-        history::{self, csv_row, Record},
-        outbox,
-    },
+    flows,
+    store::history::{self, csv_row, Record},
 };
 
 const CHUNK: usize = 1 << 20;
@@ -88,20 +84,11 @@ pub async fn handle(ctx: &Ctx, job: ExportRequested) -> Result<Outcome, JobError
     let Some(export) = history::get_export(&ctx.db, id).await? else {
         return Ok(Outcome::Skipped("withdrawn"));
     };
-    if !matches!(export.status.as_str(), "pending" | "running") {
+    if !crate::domain::status::EXPORT_ACTIVE.contains(&export.status.as_str()) {
         return Ok(Outcome::Skipped("already_done"));
     }
     // A redelivered job (the worker died mid-way) starts over.
-    let mut tx = ctx.db.begin().await?;
-    sqlx::query("UPDATE exports SET status = 'running', started_at = now() WHERE id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM export_chunks WHERE export_id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
+    flows::exports::start(ctx, id).await?;
 
     let mut buf = String::with_capacity(CHUNK + 4096);
     csv_row(&mut buf, HEADER);
@@ -121,49 +108,16 @@ pub async fn handle(ctx: &Ctx, job: ExportRequested) -> Result<Outcome, JobError
     drop(stream);
     bytes += buf.len() as i64;
     put_chunk(ctx, id, seq, &buf).await?;
-    let retention =
-        chrono::Duration::from_std(ctx.cfg.export_retention).unwrap_or(chrono::Duration::days(7));
-    let mut tx = ctx.db.begin().await?;
-    sqlx::query(
-        "UPDATE exports SET status = 'completed', rows = $2, bytes = $3, completed_at = now(), expires_at = now() + $4 WHERE id = $1",
-    )
-    .bind(id)
-    .bind(rows)
-    .bind(bytes)
-    .bind(retention)
-    .execute(&mut *tx)
-    .await?;
-    let ev = CloudEvent::with_id(
-        format!("export.completed:{id}"),
-        "export.completed",
-        json!({"export_id": id, "partner_id": export.partner_id, "rows": rows}),
-    );
-    outbox::event(&mut tx, &ev).await?;
-    tx.commit().await?;
+    flows::exports::complete(ctx, id, export.partner_id, rows, bytes).await?;
     metrics::counter!("prereg_export_rows_total").increment(rows as u64);
     Ok(Outcome::Done)
 }
 
 async fn put_chunk(ctx: &Ctx, id: Uuid, seq: i32, data: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO export_chunks (export_id, seq, data) VALUES ($1, $2, $3)")
-        .bind(id)
-        .bind(seq)
-        .bind(data.as_bytes())
-        .execute(&ctx.db)
-        .await?;
-    Ok(())
+    history::put_chunk(&ctx.db, id, seq, data.as_bytes()).await
 }
 
 /// Retries exhausted: the export failed.
 pub async fn give_up(ctx: &Ctx, job: ExportRequested, error: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE exports SET status = 'failed', failure = $2 WHERE id = $1 AND status IN ('pending', 'running')")
-        .bind(job.export_id)
-        .bind(error)
-        .execute(&ctx.db)
-        .await?;
-    sqlx::query("DELETE FROM export_chunks WHERE export_id = $1")
-        .bind(job.export_id)
-        .execute(&ctx.db)
-        .await?;
-    Ok(())
+    flows::exports::fail(ctx, job.export_id, error).await
 }

@@ -11,6 +11,7 @@ pub mod deadlines;
 pub mod email;
 pub mod export;
 pub mod registration;
+pub mod reviews;
 pub mod runtime;
 pub mod sweeps;
 
@@ -129,11 +130,8 @@ pub fn classify_db(e: &sqlx::Error) -> Disposition {
     Disposition::Retry(format!("database: {e}"))
 }
 
-/// The message for a job written to the outbox inside a transaction (an
-/// encoding failure fails the transaction, as any failed write does).
-pub fn outbox_job<J: Job>(id: impl Into<String>, job: &J) -> Result<CloudEvent, sqlx::Error> {
-    CloudEvent::job(id, job).map_err(|e| sqlx::Error::Encode(Box::new(e)))
-}
+/// The message for a job written to the outbox inside a transaction.
+pub use crate::flows::outbox_job;
 
 /// Reads a job's payload; one that does not fit is a poison message.
 pub fn payload<J: Job>(ev: &CloudEvent) -> Result<J, JobError> {
@@ -162,7 +160,7 @@ pub async fn dispatch(ctx: &Ctx, q: Queue, ev: &CloudEvent) -> Result<Outcome, J
     }
     match ev.ty.as_str() {
         PreregistrationRequested::TYPE => registration::handle(ctx, ev).await,
-        ReviewRequested::TYPE => registration::handle_review(ctx, payload(ev)?).await,
+        ReviewRequested::TYPE => reviews::handle(ctx, payload(ev)?).await,
         AccountUpserted::TYPE => accounts::handle(ctx, payload::<AccountUpserted>(ev)?.0).await,
         InvitationRequested::TYPE => email::handle_invitation(ctx, payload(ev)?).await,
         EmailRequested::TYPE => email::handle_notice(ctx, payload(ev)?, ev).await,

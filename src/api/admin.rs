@@ -7,7 +7,6 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
-use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -17,12 +16,9 @@ use super::{
     json_body, parse_id, views, AppState,
 };
 use crate::{
-    domain::{
-        validate::{self, FieldError, Fields},
-        Status,
-    },
-    mq::{dead_letters, CloudEvent, Queue},
-    store::{self, keys::Role, partners::PartnerFields, preregs, reviews, TimelineEntry},
+    domain::validate::{self, FieldError, Fields},
+    mq::{dead_letters, Queue},
+    store::{self, keys::Role, partners::PartnerFields, reviews},
 };
 
 /// Reads partner fields; `creating` makes name and country required.
@@ -336,89 +332,7 @@ pub async fn apply_decision(
     approve: bool,
     note: Option<&str>,
 ) -> ApiResult<reviews::Review> {
-    let note = note.map(str::to_string);
-    let mut tx = st.ctx.db.begin().await?;
-    let review = reviews::get_for_update(&mut tx, id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("review"))?;
-    match review.state.as_str() {
-        "open" | "overdue" => {}
-        "queued" => {
-            return Err(ApiError::conflict(
-                "review_not_open",
-                "the review request is still being processed",
-            ))
-        }
-        _ => {
-            return Err(ApiError::conflict(
-                "already_decided",
-                "this review has already been decided",
-            ))
-        }
-    }
-    let p = preregs::get_for_update(&mut tx, review.preregistration_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("pre-registration"))?;
-    let now = Utc::now();
-    let (to, state) = if approve {
-        let expires_at = now + st.ctx.claim_validity();
-        let change = preregs::Change {
-            id: p.id,
-            status: Status::Preregistered,
-            reason: None,
-            manual_review_eligible: false,
-            existing_id: None,
-            preregistered_at: Some(now),
-            expires_at: Some(expires_at),
-        };
-        if let Err(e) = preregs::apply(&mut tx, &change).await {
-            if store::is_unique_violation(&e) {
-                return Err(ApiError::conflict(
-                    "customer_claimed",
-                    "another partner holds an active claim on this customer; reject the review instead",
-                ));
-            }
-            return Err(e.into());
-        }
-        (Status::Preregistered, "approved")
-    } else {
-        let change = preregs::Change {
-            id: p.id,
-            status: Status::ReviewRejected,
-            reason: Some(("review_rejected", note.as_deref().unwrap_or_default())),
-            manual_review_eligible: false,
-            existing_id: None,
-            preregistered_at: None,
-            expires_at: None,
-        };
-        preregs::apply(&mut tx, &change).await?;
-        (Status::ReviewRejected, "rejected")
-    };
-    reviews::decide(&mut tx, id, state, actor, note.as_deref()).await?;
-    store::record(
-        &mut tx,
-        TimelineEntry {
-            preregistration_id: p.id,
-            actor,
-            change: "review_decided",
-            from_status: Some(p.status.as_str()),
-            to_status: Some(to.as_str()),
-            reason: Some(state),
-            details: Some(json!({"review_id": id, "note": note})),
-        },
-    )
-    .await?;
-    let ev = CloudEvent::with_id(
-        format!("review.decided:{id}"),
-        "review.decided",
-        json!({"review_id": id, "preregistration_id": p.id, "partner_id": p.partner_id, "decision": state, "status": to}),
-    )
-    .subject(p.id);
-    store::outbox::event(&mut tx, &ev).await?;
-    tx.commit().await?;
-    reviews::get(&st.ctx.db, id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("review"))
+    Ok(crate::flows::reviews::decide(&st.ctx, actor, id, approve, note).await?)
 }
 
 fn queue_param(name: &str) -> ApiResult<Queue> {

@@ -26,8 +26,7 @@ use crate::{
     store,
 };
 
-/// Years an operator may load.
-pub const YEARS: std::ops::RangeInclusive<i32> = 2000..=2100;
+pub use crate::domain::workdays::YEARS;
 
 fn year_param(s: &str) -> ApiResult<i32> {
     let year: i32 = s
@@ -127,31 +126,6 @@ fn year_view(
     json!({"year": year, "source": source, "loaded_at": loaded_at, "items": entries})
 }
 
-/// Stores a year (replacing what it had) and recomputes the deadlines of open
-/// reviews that were computed without a calendar. Shared by the API and
-/// `prereg admin calendar load`.
-pub async fn load_year(
-    ctx: &crate::Ctx,
-    actor: &str,
-    year: i32,
-    entries: &[CalendarEntry],
-) -> Result<(DateTime<Utc>, u64), sqlx::Error> {
-    let mut tx = ctx.db.begin().await?;
-    let loaded_at = store::calendar::replace_year(&mut tx, year, entries).await?;
-    store::audit(
-        &mut tx,
-        actor,
-        "calendar.loaded",
-        Some(&year.to_string()),
-        Some(json!({"entries": entries.len()})),
-    )
-    .await?;
-    tx.commit().await?;
-    ctx.invalidate_calendar();
-    let recomputed = crate::timekeeping::recompute_flagged(ctx).await?;
-    Ok((loaded_at, recomputed))
-}
-
 /// `PUT /v1/admin/calendar/{year}`
 pub async fn put_year(
     State(st): State<AppState>,
@@ -162,7 +136,8 @@ pub async fn put_year(
     let year = year_param(&year)?;
     let v = json_body(&body)?;
     let entries = entries_from_json(year, &v).map_err(ApiError::validation)?;
-    let (loaded_at, recomputed) = load_year(&st.ctx, &op.label(), year, &entries).await?;
+    let (loaded_at, recomputed) =
+        crate::flows::calendar::load_year(&st.ctx, &op.label(), year, &entries).await?;
     let mut out = year_view(year, "uploaded", Some(loaded_at), &entries);
     out["reviews_recomputed"] = json!(recomputed);
     Ok(Json(out))

@@ -27,14 +27,16 @@ use axum::{
 };
 use serde_json::Value;
 use sqlx::{PgConnection, Postgres, Transaction};
-use uuid::Uuid;
 
 use super::{error::ApiError, AppState};
 use crate::{
     intake::{Answer, IdemKey},
     mq::CloudEvent,
     publisher::{Fate, Outgoing},
-    store::idempotency::{self, Claim, Stored},
+    store::{
+        idempotency::{self, Claim, Stored},
+        undo::Undo,
+    },
 };
 
 pub struct Idem {
@@ -70,6 +72,16 @@ impl Idem {
             key: key.to_string(),
             hash: idempotency::request_hash(method, path, body),
         }))
+    }
+
+    /// The key of a partner's `POST` to `path`.
+    pub fn post(
+        headers: &HeaderMap,
+        principal: &crate::store::keys::Principal,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Option<Idem>, ApiError> {
+        Idem::from_headers(headers, principal.label(), "POST", path, body)
     }
 
     /// The key as the intake's batcher takes it.
@@ -131,9 +143,8 @@ pub async fn replay(
 pub struct Staged {
     pub outbox_id: i64,
     pub job: CloudEvent,
-    /// Statements (each taking `$1`) that undo the command's change if the
-    /// broker refuses the job.
-    pub undo: Vec<(&'static str, Uuid)>,
+    /// What undoes the command's change if the broker refuses the job.
+    pub undo: Vec<Undo>,
 }
 
 /// Writes the jobs to the outbox (a grace period ahead: this process
@@ -141,7 +152,7 @@ pub struct Staged {
 pub async fn stage(
     st: &AppState,
     conn: &mut PgConnection,
-    jobs: Vec<(CloudEvent, Vec<(&'static str, Uuid)>)>,
+    jobs: Vec<(CloudEvent, Vec<Undo>)>,
 ) -> Result<Vec<Staged>, sqlx::Error> {
     let mut out = Vec::with_capacity(jobs.len());
     for (job, undo) in jobs {
@@ -200,17 +211,14 @@ pub async fn settle(
     let result: Result<_, sqlx::Error> = async {
         let mut tx = st.ctx.db.begin().await?;
         if !confirmed.is_empty() {
-            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-                .bind(&confirmed)
-                .execute(&mut *tx)
-                .await?;
+            crate::store::outbox::delete_in(&mut tx, &confirmed).await?;
         }
         let gone = crate::store::outbox::withdraw(&mut tx, &refused).await?;
         let mut withdrawn = none.clone();
         for (i, s) in staged.iter().enumerate() {
             if gone.contains(&s.outbox_id) {
-                for (sql, id) in &s.undo {
-                    sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+                for undo in &s.undo {
+                    undo.apply(&mut tx).await?;
                 }
                 withdrawn[i] = true;
             }
@@ -230,25 +238,18 @@ pub async fn settle(
 
 /// Stores the answer with the key, writes the job to the outbox, commits,
 /// publishes with a confirm; if the broker refuses the job, undoes the
-/// change with `undo` (one SQL statement taking `$1 = undo_id`) and
-/// answers 503.
+/// change with `undo` and answers 503.
 pub async fn accept(
     st: &AppState,
     mut tx: Transaction<'static, Postgres>,
     idem: Option<&Idem>,
     answer: Stored,
     job: &CloudEvent,
-    undo: Option<(&str, uuid::Uuid)>,
+    undo: Option<Undo>,
 ) -> Result<Response, ApiError> {
     if let Some(i) = idem {
         i.save(&mut tx, &answer).await?;
     }
-    // `undo` borrows from the caller; the statements used are 'static in
-    // practice, copied here into owned form for the staged job.
-    let undo_owned: Vec<(String, Uuid)> = undo
-        .map(|(s, id)| (s.to_string(), id))
-        .into_iter()
-        .collect();
     let outbox_id =
         crate::store::outbox::command_after(&mut tx, job, st.ctx.cfg.outbox_grace).await?;
     tx.commit().await?;
@@ -266,8 +267,8 @@ pub async fn accept(
         return Ok(respond(&answer));
     }
     let undone: Result<(), sqlx::Error> = async {
-        for (sql, id) in &undo_owned {
-            sqlx::query(sql).bind(id).execute(&mut *wtx).await?;
+        if let Some(undo) = undo {
+            undo.apply(&mut wtx).await?;
         }
         if let Some(i) = idem {
             i.forget(&mut wtx).await?;

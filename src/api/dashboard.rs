@@ -32,7 +32,6 @@ use rand::RngCore;
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use sqlx::Row;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
@@ -44,7 +43,10 @@ use crate::{
         dead_letters::{self, DeadLetter},
         Queue,
     },
-    store::keys::{Principal, Role},
+    store::{
+        self,
+        keys::{Principal, Role},
+    },
 };
 
 const COOKIE: &str = "prereg_session";
@@ -102,31 +104,34 @@ fn cookie_attrs(st: &AppState) -> &'static str {
     }
 }
 
+/// The session of a form post whose CSRF token matches; otherwise the
+/// answer to give (to the login page, or "stale form").
+async fn form_session(st: &AppState, headers: &HeaderMap, csrf: &str) -> Result<Session, Response> {
+    let Some(s) = session(st, headers).await else {
+        return Err(to_login());
+    };
+    if !s.csrf_ok(csrf) {
+        return Err(stale_form());
+    }
+    Ok(s)
+}
+
 /// The live session of this request, touched (idle expiry moves on).
 async fn session(st: &AppState, headers: &HeaderMap) -> Option<Session> {
     let id = cookie(headers)?;
     let idle = st.ctx.cfg.dashboard_idle.as_secs_f64();
-    let row = sqlx::query(
-        "UPDATE dashboard_sessions s SET last_seen_at = now()
-          WHERE id_hash = $1 AND expires_at > now()
-            AND last_seen_at > now() - make_interval(secs => $2)
-            AND (key_id IS NULL OR EXISTS (SELECT 1 FROM api_keys k
-                                            WHERE k.id = s.key_id AND k.revoked_at IS NULL))
-        RETURNING key_id, csrf, tz",
-    )
-    .bind(Sha256::digest(id.as_bytes()).to_vec())
-    .bind(idle)
-    .fetch_optional(&st.ctx.db)
-    .await
-    .ok()??;
+    let id_hash = Sha256::digest(id.as_bytes()).to_vec();
+    let row = store::dashboard::touch_session(&st.ctx.db, &id_hash, idle)
+        .await
+        .ok()??;
     let tz = row
-        .get::<Option<String>, _>("tz")
+        .tz
         .and_then(|t| t.parse::<Tz>().ok())
         .unwrap_or(st.ctx.cfg.timezone);
     Some(Session {
-        id_hash: Sha256::digest(id.as_bytes()).to_vec(),
-        key_id: row.get("key_id"),
-        csrf: row.get("csrf"),
+        id_hash,
+        key_id: row.key_id,
+        csrf: row.csrf,
         tz,
     })
 }
@@ -258,16 +263,14 @@ pub async fn login(State(st): State<AppState>, req: Request) -> Response {
     let id = random_token();
     let tz = f.tz.trim().parse::<Tz>().ok().map(|t| t.name().to_string());
     let lifetime = st.ctx.cfg.dashboard_lifetime;
-    let created = sqlx::query(
-        "INSERT INTO dashboard_sessions (id_hash, key_id, csrf, expires_at, tz)
-         VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5)",
+    let created = store::dashboard::create_session(
+        &st.ctx.db,
+        &Sha256::digest(id.as_bytes()),
+        principal.key_id,
+        &random_token(),
+        lifetime.as_secs_f64(),
+        tz.as_deref(),
     )
-    .bind(Sha256::digest(id.as_bytes()).to_vec())
-    .bind(principal.key_id)
-    .bind(random_token())
-    .bind(lifetime.as_secs_f64())
-    .bind(tz)
-    .execute(&st.ctx.db)
     .await;
     if let Err(e) = created {
         tracing::error!(error = %e, "cannot store the dashboard session");
@@ -278,9 +281,7 @@ pub async fn login(State(st): State<AppState>, req: Request) -> Response {
             .into_response();
     }
     // Sessions past their absolute expiry are of no use to anyone.
-    let _ = sqlx::query("DELETE FROM dashboard_sessions WHERE expires_at < now()")
-        .execute(&st.ctx.db)
-        .await;
+    let _ = store::dashboard::delete_expired_sessions(&st.ctx.db).await;
     if let Ok(mut conn) = st.ctx.db.acquire().await {
         let _ = crate::store::audit(
             &mut conn,
@@ -309,16 +310,11 @@ pub async fn logout(
     headers: HeaderMap,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    let Some(s) = session(&st, &headers).await else {
-        return to_login();
+    let s = match form_session(&st, &headers, &f.csrf).await {
+        Ok(s) => s,
+        Err(answer) => return answer,
     };
-    if !s.csrf_ok(&f.csrf) {
-        return stale_form();
-    }
-    let _ = sqlx::query("DELETE FROM dashboard_sessions WHERE id_hash = $1")
-        .bind(&s.id_hash)
-        .execute(&st.ctx.db)
-        .await;
+    let _ = store::dashboard::delete_session(&st.ctx.db, &s.id_hash).await;
     let clear = format!("{COOKIE}=; {}; Max-Age=0", cookie_attrs(&st));
     ([(header::SET_COOKIE, clear)], Redirect::to("/admin/login")).into_response()
 }
@@ -410,6 +406,7 @@ struct DeadRow {
     retries: u32,
     routing_key: String,
     body: String,
+    headers: Vec<(String, String)>,
 }
 
 struct DeadQueue {
@@ -703,87 +700,65 @@ async fn build(st: &AppState, s: &Session, q: DashboardQuery) -> Result<Dashboar
     let chart_latency = jobstats::svg_chart("chart-latency", "Job latency", "ms", &latency, now);
 
     // Reviews: open and overdue, soonest due first.
-    let reviews: Vec<ReviewRow> = sqlx::query(
-        "SELECT r.id, r.state, r.requested_at, r.due_at, r.calendar_missing, p.name AS partner
-           FROM reviews r JOIN partners p ON p.id = r.partner_id
-          WHERE r.state IN ('open', 'overdue')
-          ORDER BY r.due_at NULLS LAST, r.requested_at LIMIT 100",
-    )
-    .fetch_all(db)
-    .await?
-    .into_iter()
-    .map(|r| {
-        let state: String = r.get("state");
-        let due: Option<DateTime<Utc>> = r.get("due_at");
-        ReviewRow {
-            id: r.get("id"),
-            partner: r.get("partner"),
-            overdue: state == "overdue" || due.is_some_and(|d| d <= now),
-            state,
-            requested: ts(r.get("requested_at"), tz),
-            due: ts_opt(due, tz),
-            calendar_missing: r.get("calendar_missing"),
-        }
-    })
-    .collect();
+    let reviews: Vec<ReviewRow> = store::dashboard::undecided_reviews(db)
+        .await?
+        .into_iter()
+        .map(|r| {
+            let due = r.due_at;
+            ReviewRow {
+                id: r.id,
+                partner: r.partner,
+                overdue: r.state == "overdue" || due.is_some_and(|d| d <= now),
+                state: r.state,
+                requested: ts(r.requested_at, tz),
+                due: ts_opt(due, tz),
+                calendar_missing: r.calendar_missing,
+            }
+        })
+        .collect();
     let overdue_reviews = reviews.iter().filter(|r| r.overdue).count();
 
     // Claims whose validity ends within 48 hours.
-    let claim_sql = "FROM preregistrations c JOIN partners p ON p.id = c.partner_id
-          WHERE c.status IN ('preregistered', 'invited', 'association_failed')
-            AND c.expires_at > now() AND c.expires_at <= now() + interval '48 hours'";
-    let claims_total: i64 = sqlx::query_scalar(&format!("SELECT count(*) {claim_sql}"))
-        .fetch_one(db)
-        .await?;
-    let claims: Vec<ClaimRow> = sqlx::query(&format!(
-        "SELECT c.id, c.full_name, c.email, c.status, c.expires_at, p.name AS partner {claim_sql}
-          ORDER BY c.expires_at LIMIT 50"
-    ))
-    .fetch_all(db)
-    .await?
-    .into_iter()
-    .map(|r| {
-        let exp: DateTime<Utc> = r.get("expires_at");
-        ClaimRow {
-            id: r.get("id"),
-            partner: r.get("partner"),
-            name: mask::name(r.get::<&str, _>("full_name")),
-            email: mask::email(r.get::<&str, _>("email")),
-            status: r.get("status"),
-            expires: ts(exp, tz),
-            left: age((exp - now).num_seconds() as f64),
-        }
-    })
-    .collect();
+    let claims_total = store::dashboard::expiring_claims_count(db).await?;
+    let claims: Vec<ClaimRow> = store::dashboard::expiring_claims(db)
+        .await?
+        .into_iter()
+        .map(|r| {
+            let exp = r.expires_at;
+            ClaimRow {
+                id: r.id,
+                partner: r.partner,
+                name: mask::name(&r.full_name),
+                email: mask::email(&r.email),
+                status: r.status,
+                expires: ts(exp, tz),
+                left: age((exp - now).num_seconds() as f64),
+            }
+        })
+        .collect();
 
     // Sweeps.
     let stale_after = chrono::Duration::from_std(ctx.cfg.sweep_interval * 3)
         .unwrap_or(chrono::Duration::minutes(3));
-    let sweeps: Vec<SweepRow> =
-        sqlx::query("SELECT name, last_success_at, last_stats FROM sweep_runs ORDER BY name")
-            .fetch_all(db)
-            .await?
-            .into_iter()
-            .map(|r| {
-                let t: DateTime<Utc> = r.get("last_success_at");
-                let stats: Option<Value> = r.get("last_stats");
-                SweepRow {
-                    name: r.get("name"),
-                    last: ts(t, tz),
-                    ago: age((now - t).num_seconds() as f64),
-                    stale: now - t > stale_after,
-                    stats: stats
-                        .and_then(|v| v.as_object().cloned())
-                        .map(|m| {
-                            m.iter()
-                                .map(|(k, v)| format!("{k} {v}"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        })
-                        .unwrap_or_default(),
-                }
-            })
-            .collect();
+    let sweeps: Vec<SweepRow> = store::dashboard::sweep_runs(db)
+        .await?
+        .into_iter()
+        .map(|(name, t, stats)| SweepRow {
+            name,
+            last: ts(t, tz),
+            ago: age((now - t).num_seconds() as f64),
+            stale: now - t > stale_after,
+            stats: stats
+                .and_then(|v| v.as_object().cloned())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default(),
+        })
+        .collect();
     let newest = sweeps.iter().map(|s| s.last.clone()).max();
     let (last_sweep, sweep_stale) = match sweeps.iter().min_by_key(|s| s.stale) {
         Some(s) => (newest.unwrap_or_default(), s.stale),
@@ -814,10 +789,7 @@ async fn build(st: &AppState, s: &Session, q: DashboardQuery) -> Result<Dashboar
         ));
     }
 
-    let emails: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, count(*) FROM invitations GROUP BY status ORDER BY status")
-            .fetch_all(db)
-            .await?;
+    let emails = store::dashboard::invitations_by_status(db).await?;
     let flash = q.done.map(|d| match d.as_str() {
         "approved" => "Review approved.".to_string(),
         "rejected" => "Review rejected.".to_string(),
@@ -880,6 +852,19 @@ fn dead_row(d: DeadLetter, tz: Tz) -> DeadRow {
         retries: d.retries.unwrap_or(0),
         routing_key: d.routing_key.unwrap_or_default(),
         body: mask_body(&d.body),
+        headers: d
+            .headers
+            .into_iter()
+            .map(|(k, v)| {
+                // Times in the operator's zone; error texts may quote a
+                // payload, so they are masked like bodies.
+                let v = match DateTime::parse_from_rfc3339(&v) {
+                    Ok(t) => ts(t.with_timezone(&Utc), tz),
+                    Err(_) => mask::text(&v),
+                };
+                (k, v)
+            })
+            .collect(),
     }
 }
 
@@ -900,12 +885,10 @@ pub async fn decide(
     Path(id): Path<String>,
     Form(f): Form<DecisionForm>,
 ) -> Response {
-    let Some(s) = session(&st, &headers).await else {
-        return to_login();
+    let s = match form_session(&st, &headers, &f.csrf).await {
+        Ok(s) => s,
+        Err(answer) => return answer,
     };
-    if !s.csrf_ok(&f.csrf) {
-        return stale_form();
-    }
     let Ok(id) = Uuid::parse_str(&id) else {
         return (StatusCode::NOT_FOUND, "no such review").into_response();
     };
@@ -938,12 +921,108 @@ pub async fn decide(
     }
 }
 
-/// `POST /admin/dead-letters/{queue}/replay`: replay every dead letter of a queue.
+#[derive(Deserialize)]
+pub struct DeadLetterForm {
+    csrf: String,
+    /// One dead letter's message id; absent or empty: every dead letter.
+    #[serde(default)]
+    message_id: String,
+}
+
+/// Records an operator's dead-letter action in the audit log.
+async fn audit_dead_letters(st: &AppState, s: &Session, action: &str, q: Queue, details: Value) {
+    if let Ok(mut conn) = st.ctx.db.acquire().await {
+        let _ = crate::store::audit(
+            &mut conn,
+            &s.actor(),
+            action,
+            Some(q.short()),
+            Some(details),
+        )
+        .await;
+    }
+}
+
+fn dead_letter_failed(what: &str, e: anyhow::Error) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{what} failed (RabbitMQ): {e}"),
+    )
+        .into_response()
+}
+
+/// `POST /admin/dead-letters/{queue}/replay`: replay one dead letter of a
+/// queue (`message_id`), or every one.
 pub async fn replay(
     State(st): State<AppState>,
     headers: HeaderMap,
     Path(queue): Path<String>,
-    Form(f): Form<CsrfForm>,
+    Form(f): Form<DeadLetterForm>,
+) -> Response {
+    let s = match form_session(&st, &headers, &f.csrf).await {
+        Ok(s) => s,
+        Err(answer) => return answer,
+    };
+    let Some(q) = Queue::parse(&queue) else {
+        return (StatusCode::NOT_FOUND, "no such queue").into_response();
+    };
+    let one = f.message_id.trim();
+    if !one.is_empty() {
+        return match dead_letters::replay_one(&st.ctx.broker, q, one).await {
+            Ok(true) => {
+                audit_dead_letters(
+                    &st,
+                    &s,
+                    "dead_letters.replayed",
+                    q,
+                    serde_json::json!({"count": 1, "message_id": one}),
+                )
+                .await;
+                Redirect::to(&format!(
+                    "/admin?done=Replayed+one+message+of+{}.#dlq",
+                    q.short()
+                ))
+                .into_response()
+            }
+            Ok(false) => gone(q),
+            Err(e) => dead_letter_failed("replay", e),
+        };
+    }
+    match dead_letters::replay(&st.ctx.broker, q, 10_000).await {
+        Ok(n) => {
+            audit_dead_letters(
+                &st,
+                &s,
+                "dead_letters.replayed",
+                q,
+                serde_json::json!({"count": n}),
+            )
+            .await;
+            Redirect::to(&format!(
+                "/admin?done=Replayed+{n}+message(s)+of+{}.",
+                q.short()
+            ))
+            .into_response()
+        }
+        Err(e) => dead_letter_failed("replay", e),
+    }
+}
+
+/// The dead letter was no longer there (replayed or discarded meanwhile).
+fn gone(q: Queue) -> Response {
+    Redirect::to(&format!(
+        "/admin?done=That+message+is+no+longer+among+the+dead+letters+of+{}.#dlq",
+        q.short()
+    ))
+    .into_response()
+}
+
+/// `POST /admin/dead-letters/{queue}/discard`: delete one dead letter for good.
+pub async fn discard(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(queue): Path<String>,
+    Form(f): Form<DeadLetterForm>,
 ) -> Response {
     let Some(s) = session(&st, &headers).await else {
         return to_login();
@@ -954,29 +1033,32 @@ pub async fn replay(
     let Some(q) = Queue::parse(&queue) else {
         return (StatusCode::NOT_FOUND, "no such queue").into_response();
     };
-    match dead_letters::replay(&st.ctx.broker, q, 10_000).await {
-        Ok(n) => {
-            if let Ok(mut conn) = st.ctx.db.acquire().await {
-                let _ = crate::store::audit(
-                    &mut conn,
-                    &s.actor(),
-                    "dead_letters.replayed",
-                    Some(q.short()),
-                    Some(serde_json::json!({"count": n})),
-                )
-                .await;
-            }
+    let one = f.message_id.trim();
+    if one.is_empty() {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "message_id: which dead letter to discard",
+        )
+            .into_response();
+    }
+    match dead_letters::discard_one(&st.ctx.broker, q, one).await {
+        Ok(true) => {
+            audit_dead_letters(
+                &st,
+                &s,
+                "dead_letters.discarded",
+                q,
+                serde_json::json!({"count": 1, "message_id": one}),
+            )
+            .await;
             Redirect::to(&format!(
-                "/admin?done=Replayed+{n}+message(s)+of+{}.",
+                "/admin?done=Discarded+one+message+of+{}.#dlq",
                 q.short()
             ))
             .into_response()
         }
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("replay failed: {e}"),
-        )
-            .into_response(),
+        Ok(false) => gone(q),
+        Err(e) => dead_letter_failed("discard", e),
     }
 }
 
@@ -1073,9 +1155,16 @@ pub async fn mail_one(
 }
 
 async fn mail_page(st: AppState, headers: HeaderMap, id: Option<String>) -> Response {
-    if session(&st, &headers).await.is_none() {
+    let Some(s) = session(&st, &headers).await else {
         return to_login();
-    }
+    };
+    // One timestamp format, in the operator's zone, as on the dashboard.
+    let local = |mut m: CaughtMail| {
+        if let Ok(t) = DateTime::parse_from_rfc3339(&m.at) {
+            m.at = ts(t.with_timezone(&Utc), s.tz);
+        }
+        m
+    };
     let Some(dir) = st.ctx.mailer.caught_dir() else {
         return (
             StatusCode::NOT_FOUND,
@@ -1085,7 +1174,7 @@ async fn mail_page(st: AppState, headers: HeaderMap, id: Option<String>) -> Resp
     };
     let open = match id {
         Some(id) => match read_caught(dir, &id, true) {
-            Some(m) => Some(m),
+            Some(m) => Some(local(m)),
             None => return (StatusCode::NOT_FOUND, "no such caught message").into_response(),
         },
         None => None,
@@ -1094,7 +1183,7 @@ async fn mail_page(st: AppState, headers: HeaderMap, id: Option<String>) -> Resp
         StatusCode::OK,
         &MailPage {
             dir: dir.display().to_string(),
-            items: caught_mail(dir, 200),
+            items: caught_mail(dir, 200).into_iter().map(local).collect(),
             open,
         },
     )

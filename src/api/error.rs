@@ -118,6 +118,17 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<crate::flows::FlowError> for ApiError {
+    fn from(e: crate::flows::FlowError) -> Self {
+        use crate::flows::FlowError;
+        match e {
+            FlowError::NotFound(what) => ApiError::not_found(what),
+            FlowError::Conflict(code, message) => ApiError::conflict(code, message),
+            FlowError::Db(e) => e.into(),
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match crate::store::sqlstate(&e).as_deref() {

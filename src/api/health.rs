@@ -38,6 +38,16 @@ pub async fn openapi() -> Response {
         .into_response()
 }
 
+/// `GET /asyncapi.json` (unauthenticated, like `/openapi.json`): the
+/// messages of this deployment, with its exchange prefix.
+pub async fn asyncapi(State(st): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Json(crate::asyncapi::document(&st.ctx.cfg.amqp_prefix)),
+    )
+        .into_response()
+}
+
 /// Checks Postgres, Redis and RabbitMQ; 503 when any is down.
 pub async fn readiness(ctx: &Ctx) -> (StatusCode, Value) {
     let timeout = std::time::Duration::from_secs(2);
@@ -45,8 +55,7 @@ pub async fn readiness(ctx: &Ctx) -> (StatusCode, Value) {
     let pg_down = ctx.health.down_reason(crate::deps::Dep::Postgres);
     let pg = match &pg_down {
         Some(reason) => json!({"ok": false, "error": reason}),
-        None => match tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&ctx.db)).await
-        {
+        None => match tokio::time::timeout(timeout, crate::store::ping(&ctx.db)).await {
             Ok(Ok(_)) => json!({"ok": true}),
             Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
             Err(_) => json!({"ok": false, "error": "timeout"}),

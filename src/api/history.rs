@@ -25,6 +25,7 @@ use crate::{
         mask,
         validate::{self, FieldError},
     },
+    flows::exports::Requested,
     jobs::ExportRequested,
     store::{self, history},
 };
@@ -198,47 +199,26 @@ pub async fn create_export(
         let v = super::json_body(&body)?;
         validate::only_fields(&v, &[]).map_err(ApiError::validation)?;
     }
-    let idem = Idem::from_headers(
-        &headers,
-        auth.principal.label(),
-        "POST",
-        "/v1/exports",
-        &body,
-    )?;
+    let idem = Idem::post(&headers, &auth.principal, "/v1/exports", &body)?;
     let mut tx = st.ctx.db.begin().await?;
     if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
         return Ok(r);
     }
     // Exports are bounded per partner: at most `export_max_active` pending
-    // or running at once (serialized per partner so two requests cannot
-    // both pass the count).
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('exports:' || $1::text, 0))")
-        .bind(auth.partner_id)
-        .execute(&mut *tx)
-        .await?;
-    let active: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM exports WHERE partner_id = $1 AND status IN ('pending', 'running')
-           AND created_at > now() - interval '1 day'",
-    )
-    .bind(auth.partner_id)
-    .fetch_one(&mut *tx)
-    .await?;
-    if active >= st.ctx.cfg.export_max_active {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_exports",
-            format!(
-                "{active} exports of yours are still pending or running (at most {} at once); wait until one completes",
-                st.ctx.cfg.export_max_active
-            ),
-        ));
-    }
-    let id = Uuid::now_v7();
-    sqlx::query("INSERT INTO exports (id, partner_id, status) VALUES ($1, $2, 'pending')")
-        .bind(id)
-        .bind(auth.partner_id)
-        .execute(&mut *tx)
-        .await?;
+    // or running at once.
+    let max = st.ctx.cfg.export_max_active;
+    let id = match crate::flows::exports::request(&mut tx, auth.partner_id, max).await? {
+        Requested::Created(id) => id,
+        Requested::TooMany(active) => {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_exports",
+                format!(
+                    "{active} exports of yours are still pending or running (at most {max} at once); wait until one completes"
+                ),
+            ))
+        }
+    };
     let job =
         command::job(id.to_string(), &ExportRequested { export_id: id })?.correlation(Some(rid.0));
     let answer = command::accepted(
@@ -251,10 +231,7 @@ pub async fn create_export(
         idem.as_ref(),
         answer,
         &job,
-        Some((
-            "DELETE FROM exports WHERE id = $1 AND status = 'pending'",
-            id,
-        )),
+        Some(crate::store::undo::Undo::Export(id)),
     )
     .await
 }
@@ -309,13 +286,7 @@ pub async fn download(
     let stream = futures::stream::unfold(0i32, move |seq| {
         let db = db.clone();
         async move {
-            let chunk: Result<Option<Vec<u8>>, sqlx::Error> = sqlx::query_scalar(
-                "SELECT data FROM export_chunks WHERE export_id = $1 AND seq = $2",
-            )
-            .bind(export_id)
-            .bind(seq)
-            .fetch_optional(&db)
-            .await;
+            let chunk = history::chunk(&db, export_id, seq).await;
             match chunk {
                 Ok(Some(data)) => Some((Ok::<_, std::io::Error>(Bytes::from(data)), seq + 1)),
                 Ok(None) => None,

@@ -26,28 +26,20 @@ use crate::{
         association::Causes,
         mask,
         validate::{self, FieldError, Fields},
-        Status,
     },
-    events,
     jobs::{AssociationRequested, InvitationRequested},
     links, mail,
     mq::CloudEvent,
-    store::{self, invitations, preregs, TimelineEntry},
+    store::{invitations, preregs},
 };
-
-fn invitable(s: Status) -> bool {
-    matches!(
-        s,
-        Status::Preregistered | Status::Invited | Status::AssociationFailed
-    )
-}
 
 /// Links expire after the invitation validity, never after the claim.
 fn link_expiry(st: &AppState, claim_expires: Option<DateTime<Utc>>) -> DateTime<Utc> {
-    let v = chrono::Duration::from_std(st.ctx.cfg.invitation_validity)
-        .unwrap_or(chrono::Duration::days(7));
-    let t = Utc::now() + v;
-    claim_expires.map_or(t, |c| t.min(c))
+    crate::domain::invitation::link_expires_at(
+        Utc::now(),
+        st.ctx.cfg.invitation_validity,
+        claim_expires,
+    )
 }
 
 fn item_error(id: Uuid, code: &str, message: &str) -> Value {
@@ -77,7 +69,7 @@ async fn send_batch(
                 continue;
             }
         };
-        if !invitable(p.status()) {
+        if !p.status().invitable() {
             results.push(item_error(
                 id,
                 "not_invitable",
@@ -107,23 +99,15 @@ async fn send_batch(
             ));
             continue;
         }
-        let inv_id = Uuid::now_v7();
-        let nonce = links::new_nonce();
-        let token = links::token(st.ctx.cfg.link_secret.as_bytes(), inv_id, &nonce);
-        invitations::insert(
+        let inv_id = crate::flows::invitations::create_email(
             &mut tx,
-            &invitations::NewInvitation {
-                id: inv_id,
+            st.ctx.cfg.link_secret.as_bytes(),
+            &crate::flows::invitations::NewEmail {
                 preregistration_id: id,
                 partner_id: partner.id,
                 association_type: &kind,
-                method: "email",
                 locale: &locale,
-                status: "queued",
-                nonce: &nonce,
-                token_hash: &links::hash(&token),
-                code_hash: None,
-                link_expires_at: Some(link_expiry(st, p.expires_at)),
+                link_expires_at: link_expiry(st, p.expires_at),
                 request_id: Some(&rid.0),
             },
         )
@@ -151,7 +135,7 @@ async fn send_batch(
             .map(|(_, inv_id, job)| {
                 (
                     job.clone(),
-                    vec![("DELETE FROM invitations WHERE id = $1", *inv_id)],
+                    vec![crate::store::undo::Undo::Invitation(*inv_id)],
                 )
             })
             .collect(),
@@ -229,13 +213,7 @@ pub async fn invite(
         .into_iter()
         .map(|id| (id, Some((kind.to_string(), locale.clone()))))
         .collect();
-    let idem = Idem::from_headers(
-        &headers,
-        auth.principal.label(),
-        "POST",
-        "/v1/invitations",
-        &body,
-    )?;
+    let idem = Idem::post(&headers, &auth.principal, "/v1/invitations", &body)?;
     send_batch(&st, &auth, &rid, items, idem).await
 }
 
@@ -250,13 +228,7 @@ pub async fn resend(
     validate::only_fields(&v, &["preregistration_ids"]).map_err(ApiError::validation)?;
     let ids = parse_id_list(&v, "preregistration_ids")?;
     let items = ids.into_iter().map(|id| (id, None)).collect();
-    let idem = Idem::from_headers(
-        &headers,
-        auth.principal.label(),
-        "POST",
-        "/v1/invitations/resend",
-        &body,
-    )?;
+    let idem = Idem::post(&headers, &auth.principal, "/v1/invitations/resend", &body)?;
     send_batch(&st, &auth, &rid, items, idem).await
 }
 
@@ -385,62 +357,17 @@ pub async fn offline_link(
     if kind == "referral" && !partner.referral {
         return Err(referral_not_permitted());
     }
-    let mut tx = st.ctx.db.begin().await?;
-    let p = match preregs::get_for_update(&mut tx, id).await? {
-        Some(p) if p.partner_id == partner.id => p,
-        _ => return Err(ApiError::not_found("pre-registration")),
-    };
-    if !invitable(p.status()) {
-        return Err(ApiError::conflict(
-            "not_invitable",
-            format!("a pre-registration that is {} cannot be invited", p.status),
-        ));
-    }
-    let inv_id = Uuid::now_v7();
-    let nonce = links::new_nonce();
-    let token = links::token(st.ctx.cfg.link_secret.as_bytes(), inv_id, &nonce);
-    let code = links::new_code();
-    invitations::insert(
-        &mut tx,
-        &invitations::NewInvitation {
-            id: inv_id,
-            preregistration_id: id,
-            partner_id: partner.id,
-            association_type: kind,
-            method: "offline",
-            locale: &partner.locale,
-            status: "sent",
-            nonce: &nonce,
-            token_hash: &links::hash(&token),
-            code_hash: Some(&links::code_hash(st.ctx.cfg.link_secret.as_bytes(), &code)),
-            link_expires_at: None,
-            request_id: Some(&rid.0),
-        },
+    let offline = crate::flows::invitations::create_offline(
+        &st.ctx,
+        &partner,
+        id,
+        kind,
+        &auth.principal.label(),
+        &rid.0,
     )
     .await?;
-    sqlx::query("UPDATE invitations SET sent_at = now() WHERE id = $1")
-        .bind(inv_id)
-        .execute(&mut *tx)
-        .await?;
-    invitations::supersede_others(&mut tx, id, inv_id).await?;
-    preregs::mark_invited(&mut tx, id, "offline", None).await?;
-    store::record(
-        &mut tx,
-        TimelineEntry {
-            preregistration_id: id,
-            actor: &auth.principal.label(),
-            change: "invited",
-            from_status: Some(&p.status),
-            to_status: Some("invited"),
-            reason: None,
-            details: Some(json!({"invitation_id": inv_id, "method": "offline"})),
-        },
-    )
-    .await?;
-    let ev = events::invitation_event("invitation.sent", inv_id, id, json!({"method": "offline"}));
-    store::outbox::event(&mut tx, &ev).await?;
-    tx.commit().await?;
-    let url = links::link_url(&st.ctx.cfg.public_url, &token);
+    let url = links::link_url(&st.ctx.cfg.public_url, &offline.token);
+    let (inv_id, code) = (offline.invitation_id, offline.code);
     let body = json!({
         "invitation_id": inv_id,
         "preregistration_id": id,
@@ -448,7 +375,7 @@ pub async fn offline_link(
         "code": code,
         "qr_url": format!("/v1/preregistrations/{id}/offline-link/qr.png"),
         "link_expires_at": null,
-        "claim_expires_at": p.expires_at,
+        "claim_expires_at": offline.claim_expires_at,
     });
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -598,10 +525,7 @@ pub async fn submit_association(
         idem.as_ref(),
         answer,
         &job,
-        Some((
-            "DELETE FROM association_attempts WHERE id = $1 AND status = 'queued'",
-            id,
-        )),
+        Some(crate::store::undo::Undo::AssociationAttempt(id)),
     )
     .await
 }

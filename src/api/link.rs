@@ -9,10 +9,10 @@ use axum::{
     http::{header, HeaderMap, StatusCode},
     response::{Html, IntoResponse, Response},
 };
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 
 use super::AppState;
-use crate::{domain::association::LinkState, links};
+use crate::{domain::association::LinkState, links, store::invitations};
 
 #[derive(Template)]
 #[template(path = "link.html")]
@@ -22,15 +22,6 @@ struct LinkPage<'a> {
     message: String,
     suggestion: String,
     provider: &'a str,
-}
-
-#[derive(sqlx::FromRow)]
-struct LinkRow {
-    status: String,
-    locale: String,
-    link_expires_at: Option<DateTime<Utc>>,
-    activated: bool,
-    claim_live: bool,
 }
 
 /// The texts of the link causes in Simplified Chinese (the failure-cause
@@ -77,16 +68,7 @@ pub async fn open(
     let row = if token.len() > 512 {
         Ok(None)
     } else {
-        sqlx::query_as::<_, LinkRow>(
-            "SELECT i.status, i.locale, i.link_expires_at, i.activated_at IS NOT NULL AS activated,
-                    (p.status IN ('preregistered', 'invited', 'association_failed')
-                     AND (p.expires_at IS NULL OR p.expires_at > now())) AS claim_live
-               FROM invitations i JOIN preregistrations p ON p.id = i.preregistration_id
-              WHERE i.token_hash = $1",
-        )
-        .bind(links::hash(&token))
-        .fetch_optional(&st.ctx.db)
-        .await
+        invitations::link_by_token_hash(&st.ctx.db, &links::hash(&token)).await
     };
     let row = match row {
         Ok(r) => r,

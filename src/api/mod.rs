@@ -14,6 +14,7 @@ pub mod link;
 #[cfg(test)]
 mod openapi_check;
 pub mod partner;
+pub mod serve;
 pub mod upstream;
 pub mod views;
 
@@ -27,7 +28,7 @@ use axum::{
     routing::{get, post, put},
     Router,
 };
-use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::{catch_panic::CatchPanicLayer, timeout::TimeoutLayer};
 use tracing::Instrument;
 
 use crate::context::Ctx;
@@ -51,6 +52,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
     };
     health_routes()
         .route("/openapi.json", get(health::openapi))
+        .route("/asyncapi.json", get(health::asyncapi))
         .route("/i/{token}", get(link::open))
         .route("/admin", get(dashboard::dashboard))
         .route("/admin/mail", get(dashboard::mail_list))
@@ -62,6 +64,10 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route(
             "/admin/dead-letters/{queue}/replay",
             post(dashboard::replay),
+        )
+        .route(
+            "/admin/dead-letters/{queue}/discard",
+            post(dashboard::discard),
         )
         .route("/admin/logout", post(dashboard::logout))
         .route("/admin/reviews/{id}/decision", post(dashboard::decide))
@@ -130,6 +136,12 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/admin/dead-letters/{queue}", get(admin::dead_letters))
         .route("/v1/admin/dead-letters/{queue}/replay", post(admin::replay))
         .fallback(|| async { error::ApiError::not_found("route") })
+        // Reading the body and answering; `wire` turns the bare 408 into the
+        // one error shape. The head has its own limit (`serve`).
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            state.ctx.cfg.http_request_timeout,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), gate::gate))
         .layer(middleware::from_fn(wire))
         .layer(middleware::from_fn(observe))
@@ -264,6 +276,11 @@ async fn wire(req: Request, next: Next) -> Response {
             "this method is not allowed on this path",
         ),
         StatusCode::NOT_FOUND => error::ApiError::not_found("route"),
+        StatusCode::REQUEST_TIMEOUT => error::ApiError::new(
+            status,
+            "request_timeout",
+            "the request body did not arrive in time; nothing was done, send it again",
+        ),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => error::ApiError::new(
             status,
             "unsupported_media_type",

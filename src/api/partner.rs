@@ -27,8 +27,7 @@ use crate::{
         Status,
     },
     jobs::ReviewRequested,
-    mq::CloudEvent,
-    store::{self, partners::Partner, preregs, reviews, TimelineEntry},
+    store::{self, partners::Partner, preregs, reviews},
 };
 
 async fn own_partner(st: &AppState, auth: &PartnerAuth) -> ApiResult<Partner> {
@@ -135,24 +134,18 @@ pub async fn create(
         .await?
         .map_err(refused)?;
     crate::stages::since(crate::stages::Stage::Validation, validation_started);
-    let idem = Idem::from_headers(
-        &headers,
-        auth.principal.label(),
-        "POST",
-        "/v1/preregistrations",
-        &body,
-    )?;
+    let idem = Idem::post(&headers, &auth.principal, "/v1/preregistrations", &body)?;
     // Group commit: this request joins the intake's next batch (one
     // transaction and one round of confirms for many requests).
     let cmd = preregs::NewPrereg {
         id: Uuid::now_v7(),
         partner_id: partner.id,
         full_name: req.full_name,
-        email: req.email,
-        mobile: req.mobile,
+        email: req.email.into_string(),
+        mobile: req.mobile.into_string(),
         send_invitation: req.send_invitation,
-        association_type: req.association_type,
-        locale: req.locale,
+        association_type: req.association_type.map(|a| a.into_string()),
+        locale: req.locale.map(|l| l.into_string()),
         tags: req.tags,
         remarks: req.remarks,
         account_manager_id: req.account_manager_id,
@@ -411,7 +404,7 @@ pub async fn request_review(
         ));
     }
     let path = format!("/v1/preregistrations/{}/review", p.id);
-    let idem = Idem::from_headers(&headers, auth.principal.label(), "POST", &path, &body)?;
+    let idem = Idem::post(&headers, &auth.principal, &path, &body)?;
     let mut tx = st.ctx.db.begin().await?;
     if let Some(r) = command::replay(&mut tx, idem.as_ref()).await? {
         return Ok(r);
@@ -457,10 +450,7 @@ pub async fn request_review(
         idem.as_ref(),
         answer,
         &job,
-        Some((
-            "DELETE FROM reviews WHERE id = $1 AND state = 'queued'",
-            review_id,
-        )),
+        Some(crate::store::undo::Undo::Review(review_id)),
     )
     .await
 }
@@ -472,42 +462,7 @@ async fn delete_in(
     id: Uuid,
     actor: &str,
 ) -> Result<Value, ApiError> {
-    let p = match preregs::get_for_update(conn, id).await? {
-        Some(p) if p.partner_id == partner_id => p,
-        _ => return Err(ApiError::not_found("pre-registration")),
-    };
-    let status = p.status();
-    if status == Status::Deleted {
-        return Ok(json!({"preregistration_id": id, "status": "deleted"}));
-    }
-    if !status.deletable() {
-        return Err(ApiError::conflict(
-            "cannot_delete",
-            format!("a pre-registration that is {status} cannot be deleted"),
-        ));
-    }
-    preregs::set_status(conn, id, Status::Deleted).await?;
-    store::invitations::end_all(conn, id, "expired").await?;
-    store::record(
-        conn,
-        TimelineEntry {
-            preregistration_id: id,
-            actor,
-            change: "deleted",
-            from_status: Some(status.as_str()),
-            to_status: Some("deleted"),
-            reason: None,
-            details: None,
-        },
-    )
-    .await?;
-    let ev = CloudEvent::with_id(
-        format!("preregistration.deleted:{id}"),
-        "preregistration.deleted",
-        json!({"preregistration_id": id, "partner_id": partner_id, "status": "deleted", "previous_status": status}),
-    )
-    .subject(id);
-    store::outbox::event(conn, &ev).await?;
+    crate::flows::claims::delete(conn, partner_id, id, actor).await?;
     Ok(json!({"preregistration_id": id, "status": "deleted"}))
 }
 

@@ -7,6 +7,18 @@ use uuid::Uuid;
 
 use super::{facts::AccountFacts, status::Status};
 
+/// How long after its registration an account can still be developed by a
+/// partner (SPEC §1 "registered over 7 days"); the association check applies
+/// the same limit.
+pub fn registration_limit() -> Duration {
+    Duration::days(7)
+}
+
+/// The partner's quota is used up: `active` claims and reviews count toward it.
+pub fn quota_reached(active: i64, quota: i64) -> bool {
+    active >= quota
+}
+
 /// Why a pre-registration was not granted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -161,11 +173,11 @@ pub fn decide(input: &EligibilityInput<'_>) -> Decision {
         return reject(Reason::EnterpriseMasterUnifiedAccounting);
     }
     // 3. Quota.
-    if input.partner_active >= input.quota {
+    if quota_reached(input.partner_active, input.quota) {
         return reject(Reason::QuotaExceeded);
     }
     // 4. Manual review possible.
-    let week_ago = input.now - Duration::days(7);
+    let week_ago = input.now - registration_limit();
     if input.accounts.iter().any(|a| {
         a.registered_at.is_some_and(|r| r < week_ago)
             || (a.has_cash_expenditure && a.followed_by_direct_sales)

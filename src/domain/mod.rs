@@ -3,11 +3,13 @@
 pub mod association;
 pub mod eligibility;
 pub mod facts;
+pub mod invitation;
 pub mod mask;
 #[cfg(test)]
 mod props;
 pub mod status;
 pub mod validate;
+pub mod values;
 pub mod workdays;
 
 pub use eligibility::{decide, Decision, EligibilityInput, ExistingClaim, Reason};

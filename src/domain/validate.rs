@@ -379,15 +379,17 @@ mod tests {
     }
 }
 
+use super::values::{AssociationTypeName, Email, Locale, Mobile};
+
 /// A pre-registration request, as partners send it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreregRequest {
     pub full_name: String,
-    pub email: String,
-    pub mobile: String,
+    pub email: Email,
+    pub mobile: Mobile,
     pub send_invitation: bool,
-    pub association_type: Option<String>,
-    pub locale: Option<String>,
+    pub association_type: Option<AssociationTypeName>,
+    pub locale: Option<Locale>,
     pub tags: Vec<String>,
     pub remarks: Option<String>,
     pub account_manager_id: Option<uuid::Uuid>,
@@ -419,12 +421,14 @@ fn prereg_fields(body: &Value, also_known: &[&str]) -> Result<PreregRequest, Vec
             "full_name must be a person's or company's name, not a link",
         );
     }
-    let email = f.required_str("email", 254);
-    if email.as_deref().is_some_and(|e| !is_email(e)) {
+    let raw_email = f.required_str("email", 254);
+    let email = raw_email.as_deref().and_then(Email::parse);
+    if raw_email.is_some() && email.is_none() {
         f.error("email", "invalid", "email must be a valid email address");
     }
-    let mobile = f.required_str("mobile", 32);
-    if mobile.as_deref().is_some_and(|m| !is_e164(m)) {
+    let raw_mobile = f.required_str("mobile", 32);
+    let mobile = raw_mobile.as_deref().and_then(Mobile::parse);
+    if raw_mobile.is_some() && mobile.is_none() {
         f.error(
             "mobile",
             "invalid",
@@ -438,13 +442,17 @@ fn prereg_fields(body: &Value, also_known: &[&str]) -> Result<PreregRequest, Vec
     let remarks = f.optional_multiline("remarks", 2000);
     let account_manager_id = f.optional_uuid("account_manager_id");
     f.finish()?;
+    let (Some(email), Some(mobile)) = (email, mobile) else {
+        // Unreachable: a missing or invalid email or mobile is a field error.
+        return Err(vec![]);
+    };
     Ok(PreregRequest {
         full_name: full_name.unwrap_or_default(),
-        email: email.unwrap_or_default(),
-        mobile: mobile.unwrap_or_default(),
+        email,
+        mobile,
         send_invitation,
-        association_type: association_type.map(str::to_string),
-        locale: locale.map(str::to_string),
+        association_type: association_type.and_then(AssociationTypeName::parse),
+        locale: locale.and_then(Locale::parse),
         tags,
         remarks,
         account_manager_id,

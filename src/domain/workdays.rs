@@ -23,6 +23,9 @@ use chrono::{
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
+/// Years an operator may load.
+pub const YEARS: std::ops::RangeInclusive<i32> = 2000..=2100;
+
 /// The shipped mainland-China calendar for 2026, in the TSV format read by
 /// [`parse_tsv`].
 pub const CN_2026_TSV: &str = include_str!("data/calendar-cn-2026.tsv");

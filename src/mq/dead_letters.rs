@@ -38,6 +38,44 @@ pub struct DeadLetter {
     pub retries: Option<u32>,
     pub routing_key: Option<String>,
     pub body: String,
+    /// Every AMQP header, as text (for the dashboard; the API shows the
+    /// fields above).
+    #[serde(skip)]
+    pub headers: Vec<(String, String)>,
+}
+
+/// A header value as text.
+fn header_text(v: &AMQPValue) -> String {
+    match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        AMQPValue::FieldArray(a) => format!(
+            "[{}]",
+            a.as_slice()
+                .iter()
+                .map(header_text)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        AMQPValue::FieldTable(t) => format!(
+            "{{{}}}",
+            t.inner()
+                .iter()
+                .map(|(k, v)| format!("{}: {}", k, header_text(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => format!("{other:?}"),
+    }
 }
 
 fn view(d: &lapin::message::Delivery) -> DeadLetter {
@@ -50,6 +88,15 @@ fn view(d: &lapin::message::Delivery) -> DeadLetter {
         retries: header_u32(&h, H_RETRIES),
         routing_key: header_str(&h, H_ROUTING_KEY),
         body: String::from_utf8_lossy(&d.data).into_owned(),
+        headers: h
+            .as_ref()
+            .map(|t| {
+                t.inner()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), header_text(v)))
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -163,6 +210,27 @@ pub async fn replay_one(broker: &Broker, q: Queue, message_id: &str) -> anyhow::
         }
     }
     let _ = ch.close(200, "replayed one").await;
+    Ok(found)
+}
+
+/// Removes the one dead letter whose message id is `message_id` for good
+/// (an operator's decision that it is of no use); the others stay. Returns
+/// whether it was found.
+pub async fn discard_one(broker: &Broker, q: Queue, message_id: &str) -> anyhow::Result<bool> {
+    let (_, ch) = broker.channel().await?;
+    let mut found = false;
+    // As in `replay_one`: each dead letter is visited once on this channel.
+    while let Some(msg) = ch
+        .basic_get(&broker.names.dlq(q), BasicGetOptions { no_ack: false })
+        .await?
+    {
+        if message_id_matches(&msg.delivery, message_id) {
+            msg.delivery.ack(BasicAckOptions::default()).await?;
+            found = true;
+            break;
+        }
+    }
+    let _ = ch.close(200, "discarded one").await;
     Ok(found)
 }
 

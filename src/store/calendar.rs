@@ -108,3 +108,30 @@ pub async fn last_run<'e>(
         .await?;
     Ok(row.map(|r| (r.get("last_success_at"), r.get("last_stats"))))
 }
+
+/// Every uploaded year with its overrides (a year may have none), by year.
+pub async fn all_years<'e>(
+    db: impl PgExecutor<'e>,
+) -> Result<std::collections::BTreeMap<i32, Vec<CalendarEntry>>, sqlx::Error> {
+    let rows = sqlx::query("SELECT y.year, d.date, d.kind, d.name FROM calendar_years y LEFT JOIN calendar_days d ON d.year = y.year ORDER BY y.year, d.date")
+        .fetch_all(db)
+        .await?;
+    let mut years: std::collections::BTreeMap<i32, Vec<CalendarEntry>> = Default::default();
+    for r in rows {
+        let year: i32 = r.get("year");
+        let entries = years.entry(year).or_default();
+        if let Some(date) = r.get::<Option<chrono::NaiveDate>, _>("date") {
+            let kind = if r.get::<&str, _>("kind") == "workday" {
+                DayKind::Workday
+            } else {
+                DayKind::Holiday
+            };
+            entries.push(CalendarEntry {
+                date,
+                kind,
+                name: r.get("name"),
+            });
+        }
+    }
+    Ok(years)
+}

@@ -198,6 +198,128 @@ pub fn csv_row(out: &mut String, fields: &[&str]) {
     out.push_str("\r\n");
 }
 
+/// Serialises export requests of one partner (until the transaction ends),
+/// so two requests cannot both pass the limit.
+pub async fn lock_partner_exports(
+    conn: &mut sqlx::PgConnection,
+    partner_id: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('exports:' || $1::text, 0))")
+        .bind(partner_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The partner's exports still pending or running (of the last day).
+pub async fn active_exports(
+    conn: &mut sqlx::PgConnection,
+    partner_id: Uuid,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM exports WHERE partner_id = $1 AND status IN {}
+           AND created_at > now() - interval '1 day'",
+        super::sets::exports_active()
+    ))
+    .bind(partner_id)
+    .fetch_one(conn)
+    .await
+}
+
+pub async fn insert_export(
+    conn: &mut sqlx::PgConnection,
+    id: Uuid,
+    partner_id: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO exports (id, partner_id, status) VALUES ($1, $2, 'pending')")
+        .bind(id)
+        .bind(partner_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The export (re)starts: `running`, its earlier chunks gone.
+pub async fn start_export(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE exports SET status = 'running', started_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM export_chunks WHERE export_id = $1")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn put_chunk<'e>(
+    db: impl PgExecutor<'e>,
+    id: Uuid,
+    seq: i32,
+    data: &[u8],
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO export_chunks (export_id, seq, data) VALUES ($1, $2, $3)")
+        .bind(id)
+        .bind(seq)
+        .bind(data)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// One chunk of an export's file, `None` past the last.
+pub async fn chunk<'e>(
+    db: impl PgExecutor<'e>,
+    id: Uuid,
+    seq: i32,
+) -> Result<Option<Vec<u8>>, sqlx::Error> {
+    sqlx::query_scalar("SELECT data FROM export_chunks WHERE export_id = $1 AND seq = $2")
+        .bind(id)
+        .bind(seq)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn complete_export(
+    conn: &mut sqlx::PgConnection,
+    id: Uuid,
+    rows: i64,
+    bytes: i64,
+    retention: chrono::Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE exports SET status = 'completed', rows = $2, bytes = $3, completed_at = now(), expires_at = now() + $4 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(rows)
+    .bind(bytes)
+    .bind(retention)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A pending or running export failed: its chunks are removed.
+pub async fn fail_export<'e, E: PgExecutor<'e> + Copy>(
+    db: E,
+    id: Uuid,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "UPDATE exports SET status = 'failed', failure = $2 WHERE id = $1 AND status IN {}",
+        super::sets::exports_active()
+    ))
+    .bind(id)
+    .bind(error)
+    .execute(db)
+    .await?;
+    sqlx::query("DELETE FROM export_chunks WHERE export_id = $1")
+        .bind(id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

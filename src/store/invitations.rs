@@ -29,6 +29,11 @@ pub struct Invitation {
 const COLUMNS: &str = "id, preregistration_id, partner_id, association_type, method, locale, status, nonce, code_hash,
     link_expires_at, created_at, activated_at, sending_since, sent_at, attempts, failure, used_at";
 
+/// `SELECT` of every column of `invitations` rows matching `condition`.
+fn select(condition: &str) -> String {
+    format!("SELECT {COLUMNS} FROM invitations WHERE {condition}")
+}
+
 pub struct NewInvitation<'a> {
     pub id: Uuid,
     pub preregistration_id: Uuid,
@@ -68,46 +73,28 @@ pub async fn insert(conn: &mut PgConnection, n: &NewInvitation<'_>) -> Result<()
 }
 
 pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Invitation>, sqlx::Error> {
-    sqlx::query_as::<_, Invitation>(&format!("SELECT {COLUMNS} FROM invitations WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    super::row_by(db, select("id = $1"), id).await
 }
 
 pub async fn get_for_update(
     conn: &mut PgConnection,
     id: Uuid,
 ) -> Result<Option<Invitation>, sqlx::Error> {
-    sqlx::query_as::<_, Invitation>(&format!(
-        "SELECT {COLUMNS} FROM invitations WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
-    .fetch_optional(conn)
-    .await
+    super::row_by(conn, select("id = $1 FOR UPDATE"), id).await
 }
 
 pub async fn by_token_hash_for_update(
     conn: &mut PgConnection,
     hash: &[u8],
 ) -> Result<Option<Invitation>, sqlx::Error> {
-    sqlx::query_as::<_, Invitation>(&format!(
-        "SELECT {COLUMNS} FROM invitations WHERE token_hash = $1 FOR UPDATE"
-    ))
-    .bind(hash)
-    .fetch_optional(conn)
-    .await
+    super::row_by(conn, select("token_hash = $1 FOR UPDATE"), hash).await
 }
 
 pub async fn by_code_hash_for_update(
     conn: &mut PgConnection,
     hash: &[u8],
 ) -> Result<Option<Invitation>, sqlx::Error> {
-    sqlx::query_as::<_, Invitation>(&format!(
-        "SELECT {COLUMNS} FROM invitations WHERE code_hash = $1 FOR UPDATE"
-    ))
-    .bind(hash)
-    .fetch_optional(conn)
-    .await
+    super::row_by(conn, select("code_hash = $1 FOR UPDATE"), hash).await
 }
 
 /// Every invitation of a pre-registration, newest first.
@@ -115,11 +102,11 @@ pub async fn for_prereg<'e>(
     db: impl PgExecutor<'e>,
     prereg_id: Uuid,
 ) -> Result<Vec<Invitation>, sqlx::Error> {
-    sqlx::query_as::<_, Invitation>(&format!(
-        "SELECT {COLUMNS} FROM invitations WHERE preregistration_id = $1 ORDER BY created_at DESC, id DESC"
-    ))
-    .bind(prereg_id)
-    .fetch_all(db)
+    super::rows_by(
+        db,
+        select("preregistration_id = $1 ORDER BY created_at DESC, id DESC"),
+        prereg_id,
+    )
     .await
 }
 
@@ -130,11 +117,12 @@ pub async fn supersede_others(
     prereg_id: Uuid,
     keep: Uuid,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar(&format!(
         "UPDATE invitations SET status = 'superseded', sending_since = NULL
-         WHERE preregistration_id = $1 AND id <> $2 AND status IN ('queued', 'sent') AND activated_at IS NOT NULL
+         WHERE preregistration_id = $1 AND id <> $2 AND status IN {} AND activated_at IS NOT NULL
          RETURNING id",
-    )
+        super::sets::links_outstanding()
+    ))
     .bind(prereg_id)
     .bind(keep)
     .fetch_all(conn)
@@ -147,9 +135,10 @@ pub async fn end_all(
     prereg_id: Uuid,
     status: &str,
 ) -> Result<u64, sqlx::Error> {
-    let r = sqlx::query(
-        "UPDATE invitations SET status = $2, sending_since = NULL WHERE preregistration_id = $1 AND status IN ('queued', 'sent')",
-    )
+    let r = sqlx::query(&format!(
+        "UPDATE invitations SET status = $2, sending_since = NULL WHERE preregistration_id = $1 AND status IN {}",
+        super::sets::links_outstanding()
+    ))
     .bind(prereg_id)
     .bind(status)
     .execute(conn)
@@ -260,11 +249,11 @@ pub async fn get_attempt<'e>(
     db: impl PgExecutor<'e>,
     id: Uuid,
 ) -> Result<Option<Attempt>, sqlx::Error> {
-    sqlx::query_as::<_, Attempt>(&format!(
-        "SELECT {ATTEMPT_COLUMNS} FROM association_attempts WHERE id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(db)
+    super::row_by(
+        db,
+        format!("SELECT {ATTEMPT_COLUMNS} FROM association_attempts WHERE id = $1"),
+        id,
+    )
     .await
 }
 
@@ -272,11 +261,11 @@ pub async fn get_attempt_for_update(
     conn: &mut PgConnection,
     id: Uuid,
 ) -> Result<Option<Attempt>, sqlx::Error> {
-    sqlx::query_as::<_, Attempt>(&format!(
-        "SELECT {ATTEMPT_COLUMNS} FROM association_attempts WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
-    .fetch_optional(conn)
+    super::row_by(
+        conn,
+        format!("SELECT {ATTEMPT_COLUMNS} FROM association_attempts WHERE id = $1 FOR UPDATE"),
+        id,
+    )
     .await
 }
 
@@ -296,5 +285,140 @@ pub async fn decide_attempt(
     .bind(cause)
     .execute(conn)
     .await?;
+    Ok(())
+}
+
+/// What the landing page of a link needs to know.
+#[derive(Debug, Clone, FromRow)]
+pub struct LinkRow {
+    pub status: String,
+    pub locale: String,
+    pub link_expires_at: Option<DateTime<Utc>>,
+    pub activated: bool,
+    /// The claim can still be associated (expirable and not past its expiry).
+    pub claim_live: bool,
+}
+
+pub async fn link_by_token_hash<'e>(
+    db: impl PgExecutor<'e>,
+    token_hash: &[u8],
+) -> Result<Option<LinkRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT i.status, i.locale, i.link_expires_at, i.activated_at IS NOT NULL AS activated,
+                (p.status IN {} AND (p.expires_at IS NULL OR p.expires_at > now())) AS claim_live
+           FROM invitations i JOIN preregistrations p ON p.id = i.preregistration_id
+          WHERE i.token_hash = $1",
+        super::sets::expirable()
+    ))
+    .bind(token_hash)
+    .fetch_optional(db)
+    .await
+}
+
+/// An invitation and its pre-registration.
+#[derive(Debug, Clone, Copy, FromRow)]
+pub struct LinkRef {
+    pub id: Uuid,
+    pub preregistration_id: Uuid,
+}
+
+/// Expires the outstanding links of the given (expired) claims.
+pub async fn expire_for_claims(
+    conn: &mut PgConnection,
+    claims: &[Uuid],
+) -> Result<Vec<LinkRef>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "UPDATE invitations SET status = 'expired'
+         WHERE preregistration_id = ANY($1) AND status IN {}
+         RETURNING id, preregistration_id",
+        super::sets::links_outstanding()
+    ))
+    .bind(claims)
+    .fetch_all(conn)
+    .await
+}
+
+/// Expires up to `batch` outstanding links past their own expiry.
+pub async fn expire_due_links(
+    conn: &mut PgConnection,
+    batch: i64,
+) -> Result<Vec<LinkRef>, sqlx::Error> {
+    let outstanding = super::sets::links_outstanding();
+    sqlx::query_as(&format!(
+        "WITH due AS (
+            SELECT id FROM invitations
+            WHERE status IN {outstanding} AND link_expires_at <= now()
+            ORDER BY link_expires_at
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+         )
+         UPDATE invitations i SET status = 'expired' FROM due
+         WHERE i.id = due.id AND i.status IN {outstanding}
+         RETURNING i.id, i.preregistration_id"
+    ))
+    .bind(batch)
+    .fetch_all(conn)
+    .await
+}
+
+/// A newer invitation of the pre-registration already went out (was
+/// activated after `created_at`).
+pub async fn newer_activated(
+    conn: &mut PgConnection,
+    prereg_id: Uuid,
+    id: Uuid,
+    created_at: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM invitations WHERE preregistration_id = $1 AND id <> $2
+           AND activated_at IS NOT NULL AND created_at > $3)",
+    )
+    .bind(prereg_id)
+    .bind(id)
+    .bind(created_at)
+    .fetch_one(conn)
+    .await
+}
+
+/// Takes the delivery lease: activated (once), sending since now, one more attempt.
+pub async fn begin_sending(conn: &mut PgConnection, id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE invitations SET activated_at = COALESCE(activated_at, now()), sending_since = now(), attempts = attempts + 1 WHERE id = $1")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Releases the delivery lease; `uncount` takes the attempt back (it never
+/// reached the mail server).
+pub async fn release_sending<'e>(
+    db: impl PgExecutor<'e>,
+    id: Uuid,
+    uncount: bool,
+) -> Result<(), sqlx::Error> {
+    let sql = if uncount {
+        "UPDATE invitations SET sending_since = NULL, attempts = greatest(attempts - 1, 0) WHERE id = $1"
+    } else {
+        "UPDATE invitations SET sending_since = NULL WHERE id = $1"
+    };
+    sqlx::query(sql).bind(id).execute(db).await?;
+    Ok(())
+}
+
+/// The mail server accepted the invitation email.
+pub async fn mark_sent(conn: &mut PgConnection, id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE invitations SET status = CASE WHEN status = 'queued' THEN 'sent' ELSE status END, sent_at = now(), sending_since = NULL, failure = NULL WHERE id = $1")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// An offline link is handed out at once: sent now.
+pub async fn sent_now(conn: &mut PgConnection, id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE invitations SET sent_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(conn)
+        .await?;
     Ok(())
 }

@@ -2,14 +2,19 @@
 
 pub mod accounts;
 pub mod calendar;
+pub mod dashboard;
+pub mod deliveries;
 pub mod history;
 pub mod idempotency;
+pub mod intake;
 pub mod invitations;
 pub mod keys;
 pub mod outbox;
 pub mod partners;
 pub mod preregs;
 pub mod reviews;
+pub mod sets;
+pub mod undo;
 
 use std::time::Duration;
 
@@ -123,4 +128,48 @@ pub async fn audit(
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// The transaction's commit does not wait for the WAL flush: for work whose
+/// loss in a crash only means doing it again with the same ids.
+pub async fn relaxed_commit(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Postgres answers a trivial query (health checks).
+pub async fn ping<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1").execute(db).await?;
+    Ok(())
+}
+
+/// The row `sql` (a statement with one parameter, `$1 = key`) returns, if any.
+pub(crate) async fn row_by<'e, T, K>(
+    db: impl sqlx::PgExecutor<'e>,
+    sql: String,
+    key: K,
+) -> Result<Option<T>, sqlx::Error>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    K: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+{
+    sqlx::query_as::<_, T>(&sql)
+        .bind(key)
+        .fetch_optional(db)
+        .await
+}
+
+/// The rows `sql` (a statement with one parameter, `$1 = key`) returns.
+pub(crate) async fn rows_by<'e, T, K>(
+    db: impl sqlx::PgExecutor<'e>,
+    sql: String,
+    key: K,
+) -> Result<Vec<T>, sqlx::Error>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    K: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+{
+    sqlx::query_as::<_, T>(&sql).bind(key).fetch_all(db).await
 }

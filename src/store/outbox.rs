@@ -96,6 +96,15 @@ pub async fn delete(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// Deletes published rows inside a transaction.
+pub async fn delete_in(conn: &mut PgConnection, ids: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Deletes rows the relay never took (their job is withdrawn). Returns the
 /// ids deleted.
 pub async fn withdraw(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<i64>, sqlx::Error> {

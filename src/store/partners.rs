@@ -43,9 +43,22 @@ pub struct PartnerFields {
 
 const COLUMNS: &str = "id, name, country, contact_email, contact_mobile, billing_mode, customer_development, referral, locale, created_at, updated_at";
 
+/// `SELECT` of every column of `partners` rows matching `condition`.
+fn select(condition: &str) -> String {
+    format!("SELECT {COLUMNS} FROM partners WHERE {condition}")
+}
+
 pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Partner>, sqlx::Error> {
-    sqlx::query_as::<_, Partner>(&format!("SELECT {COLUMNS} FROM partners WHERE id = $1"))
-        .bind(id)
+    super::row_by(db, select("id = $1"), id).await
+}
+
+/// The oldest partner of this name.
+pub async fn first_named<'e>(
+    db: impl PgExecutor<'e>,
+    name: &str,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM partners WHERE name = $1 ORDER BY created_at LIMIT 1")
+        .bind(name)
         .fetch_optional(db)
         .await
 }
@@ -54,12 +67,7 @@ pub async fn get_for_update(
     conn: &mut PgConnection,
     id: Uuid,
 ) -> Result<Option<Partner>, sqlx::Error> {
-    sqlx::query_as::<_, Partner>(&format!(
-        "SELECT {COLUMNS} FROM partners WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
-    .fetch_optional(conn)
-    .await
+    super::row_by(conn, select("id = $1 FOR UPDATE"), id).await
 }
 
 pub async fn managers<'e>(

@@ -30,11 +30,11 @@ impl From<&crate::jobs::PreregistrationRequested> for NewPrereg {
             id: j.id,
             partner_id: j.partner_id,
             full_name: j.full_name.clone(),
-            email: j.email.clone(),
-            mobile: j.mobile.clone(),
+            email: j.email.as_str().to_string(),
+            mobile: j.mobile.as_str().to_string(),
             send_invitation: j.send_invitation,
-            association_type: j.association_type.clone(),
-            locale: j.locale.clone(),
+            association_type: j.association_type.as_deref().map(str::to_string),
+            locale: j.locale.as_deref().map(str::to_string),
             tags: j.tags.clone(),
             remarks: j.remarks.clone(),
             account_manager_id: j.account_manager_id,
@@ -48,11 +48,11 @@ impl From<&NewPrereg> for crate::jobs::PreregistrationRequested {
             id: p.id,
             partner_id: p.partner_id,
             full_name: p.full_name.clone(),
-            email: p.email.clone(),
-            mobile: p.mobile.clone(),
+            email: p.email.clone().into(),
+            mobile: p.mobile.clone().into(),
             send_invitation: p.send_invitation,
-            association_type: p.association_type.clone(),
-            locale: p.locale.clone(),
+            association_type: p.association_type.clone().map(Into::into),
+            locale: p.locale.clone().map(Into::into),
             tags: p.tags.clone(),
             remarks: p.remarks.clone(),
             account_manager_id: p.account_manager_id,
@@ -98,9 +98,10 @@ const COLUMNS: &str = "id, partner_id, full_name, email, mobile, email_norm, mob
     manual_review_eligible, existing_id, send_invitation, association_type, locale, tags, remarks, account_manager_id,
     request_id, created_at, decided_at, preregistered_at, expires_at, updated_at";
 
-pub const CLAIM_STATUSES: &str = "('preregistered', 'invited', 'association_failed', 'associated')";
-pub const QUOTA_STATUSES: &str =
-    "('under_review', 'preregistered', 'invited', 'association_failed')";
+/// `SELECT` of every column of `preregistrations` rows matching `condition`.
+fn select(condition: &str) -> String {
+    format!("SELECT {COLUMNS} FROM preregistrations WHERE {condition}")
+}
 
 /// Inserts the `queued` row unless it exists. Returns whether it was inserted.
 pub async fn insert_queued(
@@ -136,24 +137,14 @@ pub async fn insert_queued(
 }
 
 pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Prereg>, sqlx::Error> {
-    sqlx::query_as::<_, Prereg>(&format!(
-        "SELECT {COLUMNS} FROM preregistrations WHERE id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(db)
-    .await
+    super::row_by(db, select("id = $1"), id).await
 }
 
 pub async fn get_for_update(
     conn: &mut PgConnection,
     id: Uuid,
 ) -> Result<Option<Prereg>, sqlx::Error> {
-    sqlx::query_as::<_, Prereg>(&format!(
-        "SELECT {COLUMNS} FROM preregistrations WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
-    .fetch_optional(conn)
-    .await
+    super::row_by(conn, select("id = $1 FOR UPDATE"), id).await
 }
 
 /// Claims held on a customer identified by its normalised email or mobile.
@@ -162,9 +153,10 @@ pub async fn claims_on(
     email_norm: &str,
     mobile_norm: &str,
 ) -> Result<Vec<ExistingClaim>, sqlx::Error> {
+    let claims = super::sets::claims();
     let rows = sqlx::query(&format!(
         "SELECT id, partner_id, status, expires_at FROM preregistrations
-         WHERE (email_norm = $1 AND status IN {CLAIM_STATUSES}) OR (mobile_norm = $2 AND status IN {CLAIM_STATUSES})"
+         WHERE (email_norm = $1 AND status IN {claims}) OR (mobile_norm = $2 AND status IN {claims})"
     ))
     .bind(email_norm)
     .bind(mobile_norm)
@@ -183,7 +175,8 @@ pub async fn claims_on(
 
 pub async fn count_quota(conn: &mut PgConnection, partner_id: Uuid) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM preregistrations WHERE partner_id = $1 AND status IN {QUOTA_STATUSES}"
+        "SELECT count(*) FROM preregistrations WHERE partner_id = $1 AND status IN {}",
+        super::sets::quota()
     ))
     .bind(partner_id)
     .fetch_one(conn)
@@ -342,5 +335,116 @@ pub async fn timeline<'e>(
     )
     .bind(id)
     .fetch_all(db)
+    .await
+}
+
+/// The statement that expires one batch of claims and writes, in the same
+/// statement, their timeline entries and their `preregistration.expired`
+/// events to the outbox (`$1` batch size, `$2` actor, `$3` CloudEvents
+/// source): one round trip per batch. The event is the one
+/// `flows::claims::expired_event` builds. The rows are locked by the `due`
+/// scan, so their `ctid` stays theirs until the update (a TID scan instead of
+/// a second index lookup per row). Returns the ids it expired. Public for the
+/// benchmark's query plan.
+pub fn expire_claims_sql() -> &'static str {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let expirable = super::sets::expirable();
+        format!(
+            "
+WITH due AS (
+    SELECT ctid AS tid, id, status FROM preregistrations
+    WHERE status IN {expirable} AND expires_at <= now()
+    ORDER BY expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), expired AS (
+    UPDATE preregistrations p SET status = 'expired', updated_at = now()
+    FROM due
+    WHERE p.ctid = due.tid AND p.status IN {expirable}
+    RETURNING p.id, p.partner_id, due.status AS from_status, p.expires_at
+), timeline AS (
+    INSERT INTO preregistration_events (preregistration_id, actor, change, from_status, to_status, reason)
+    SELECT id, $2, 'expired', from_status, 'expired', 'claim_validity_passed' FROM expired
+), events AS (
+    INSERT INTO outbox (exchange, routing_key, message)
+    SELECT 'events', 'preregistration.expired', jsonb_build_object(
+        'specversion', '1.0', 'id', 'preregistration.expired:' || id, 'source', $3::text,
+        'type', 'preregistration.expired', 'time', now(), 'subject', id::text,
+        'datacontenttype', 'application/json',
+        'data', jsonb_build_object('preregistration_id', id, 'partner_id', partner_id, 'status', 'expired',
+                                   'previous_status', from_status, 'expires_at', expires_at))
+    FROM expired
+)
+SELECT id FROM expired"
+        )
+    });
+    SQL.as_str()
+}
+
+/// Expires up to `batch` due claims (see [`expire_claims_sql`]).
+pub async fn expire_due_claims(
+    conn: &mut PgConnection,
+    batch: i64,
+    actor: &str,
+    source: &str,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(expire_claims_sql())
+        .bind(batch)
+        .bind(actor)
+        .bind(source)
+        .fetch_all(conn)
+        .await
+}
+
+/// Expires one claim if it can still expire. Returns its partner and expiry.
+pub async fn expire_one(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<(Uuid, Option<DateTime<Utc>>)>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "UPDATE preregistrations SET status = 'expired', updated_at = now()
+         WHERE id = $1 AND status IN {}
+         RETURNING partner_id, expires_at",
+        super::sets::expirable()
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// A claim whose partner is to be reminded of its expiry.
+#[derive(Debug, Clone, FromRow)]
+pub struct ExpiryReminder {
+    pub id: Uuid,
+    pub partner_id: Uuid,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub contact_email: Option<String>,
+}
+
+/// Marks up to `batch` claims expiring within `before_ms` as reminded (once
+/// each) and returns them with their partner's contact email.
+pub async fn mark_expiry_reminders(
+    conn: &mut PgConnection,
+    batch: i64,
+    before_ms: i64,
+) -> Result<Vec<ExpiryReminder>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "WITH due AS (
+            SELECT id FROM preregistrations
+            WHERE status IN {} AND expiry_reminder_sent_at IS NULL
+              AND expires_at > now() AND expires_at <= now() + $2 * interval '1 millisecond'
+            ORDER BY expires_at
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+         )
+         UPDATE preregistrations p SET expiry_reminder_sent_at = now()
+         FROM due WHERE p.id = due.id AND p.expiry_reminder_sent_at IS NULL
+         RETURNING p.id, p.partner_id, p.expires_at,
+                   (SELECT contact_email FROM partners WHERE partners.id = p.partner_id) AS contact_email",
+        super::sets::expirable()
+    ))
+    .bind(batch)
+    .bind(before_ms)
+    .fetch_all(conn)
     .await
 }

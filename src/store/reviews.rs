@@ -30,6 +30,11 @@ pub struct Review {
 const COLUMNS: &str = "id, preregistration_id, partner_id, state, justification, expected_new_spend, contact_record,
     requested_at, opened_at, due_at, calendar_missing, reminder_sent_at, overdue_at, escalated_at, decided_at, decided_by, note, refusal_code";
 
+/// `SELECT` of every column of `reviews` rows matching `condition`.
+fn select(condition: &str) -> String {
+    format!("SELECT {COLUMNS} FROM reviews WHERE {condition}")
+}
+
 pub struct NewReview<'a> {
     pub id: Uuid,
     pub preregistration_id: Uuid,
@@ -58,22 +63,14 @@ pub async fn insert_queued(conn: &mut PgConnection, r: &NewReview<'_>) -> Result
 }
 
 pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Review>, sqlx::Error> {
-    sqlx::query_as::<_, Review>(&format!("SELECT {COLUMNS} FROM reviews WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    super::row_by(db, select("id = $1"), id).await
 }
 
 pub async fn get_for_update(
     conn: &mut PgConnection,
     id: Uuid,
 ) -> Result<Option<Review>, sqlx::Error> {
-    sqlx::query_as::<_, Review>(&format!(
-        "SELECT {COLUMNS} FROM reviews WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
-    .fetch_optional(conn)
-    .await
+    super::row_by(conn, select("id = $1 FOR UPDATE"), id).await
 }
 
 /// The latest review of a pre-registration.
@@ -81,11 +78,11 @@ pub async fn latest_for<'e>(
     db: impl PgExecutor<'e>,
     prereg_id: Uuid,
 ) -> Result<Option<Review>, sqlx::Error> {
-    sqlx::query_as::<_, Review>(&format!(
-        "SELECT {COLUMNS} FROM reviews WHERE preregistration_id = $1 ORDER BY requested_at DESC, id DESC LIMIT 1"
-    ))
-    .bind(prereg_id)
-    .fetch_optional(db)
+    super::row_by(
+        db,
+        select("preregistration_id = $1 ORDER BY requested_at DESC, id DESC LIMIT 1"),
+        prereg_id,
+    )
     .await
 }
 
@@ -139,14 +136,151 @@ pub async fn list<'e>(
     limit: i64,
 ) -> Result<Vec<Review>, sqlx::Error> {
     let cond = match state {
-        "overdue" => "state = 'overdue'",
-        "decided" => "state IN ('approved', 'rejected')",
-        _ => "state IN ('open', 'overdue')",
+        "overdue" => "state = 'overdue'".to_string(),
+        "decided" => format!("state IN {}", super::sets::reviews_decided()),
+        _ => format!("state IN {}", super::sets::reviews_undecided()),
     };
-    sqlx::query_as::<_, Review>(&format!(
-        "SELECT {COLUMNS} FROM reviews WHERE {cond} ORDER BY due_at NULLS LAST, requested_at LIMIT $1"
+    super::rows_by(
+        db,
+        select(&format!(
+            "{cond} ORDER BY due_at NULLS LAST, requested_at LIMIT $1"
+        )),
+        limit,
+    )
+    .await
+}
+
+/// A review that just became overdue.
+#[derive(Debug, Clone, FromRow)]
+pub struct Overdue {
+    pub id: Uuid,
+    pub preregistration_id: Uuid,
+    pub partner_id: Uuid,
+    pub due_at: Option<DateTime<Utc>>,
+    pub overdue_at: Option<DateTime<Utc>>,
+}
+
+/// Marks up to `batch` open reviews past their deadline `overdue` (and
+/// escalated), with their timeline entries, in one statement.
+pub async fn mark_overdue(
+    conn: &mut PgConnection,
+    batch: i64,
+    actor: &str,
+) -> Result<Vec<Overdue>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH due AS (
+            SELECT id FROM reviews
+            WHERE state = 'open' AND due_at <= now()
+            ORDER BY due_at
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+         ), marked AS (
+            UPDATE reviews r SET state = 'overdue', overdue_at = now(), escalated_at = now()
+            FROM due WHERE r.id = due.id AND r.state = 'open'
+            RETURNING r.id, r.preregistration_id, r.partner_id, r.due_at, r.overdue_at
+         ), timeline AS (
+            INSERT INTO preregistration_events (preregistration_id, actor, change, from_status, to_status, reason, details)
+            SELECT preregistration_id, $2, 'review_overdue', 'under_review', 'under_review', 'review_deadline_passed',
+                   jsonb_build_object('review_id', id, 'due_at', due_at)
+            FROM marked
+         )
+         SELECT id, preregistration_id, partner_id, due_at, overdue_at FROM marked",
+    )
+    .bind(batch)
+    .bind(actor)
+    .fetch_all(conn)
+    .await
+}
+
+/// A review and its pre-registration.
+#[derive(Debug, Clone, Copy, FromRow)]
+pub struct ReviewRef {
+    pub id: Uuid,
+    pub preregistration_id: Uuid,
+}
+
+/// Marks up to `batch` open reviews due within `before_ms` as reminded (once).
+pub async fn mark_reminders(
+    conn: &mut PgConnection,
+    batch: i64,
+    before_ms: i64,
+) -> Result<Vec<ReviewRef>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH due AS (
+            SELECT id FROM reviews
+            WHERE state = 'open' AND reminder_sent_at IS NULL
+              AND due_at > now() AND due_at <= now() + $2 * interval '1 millisecond'
+            ORDER BY due_at
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+         )
+         UPDATE reviews r SET reminder_sent_at = now()
+         FROM due WHERE r.id = due.id AND r.state = 'open' AND r.reminder_sent_at IS NULL
+         RETURNING r.id, r.preregistration_id",
+    )
+    .bind(batch)
+    .bind(before_ms)
+    .fetch_all(conn)
+    .await
+}
+
+pub async fn count_overdue<'e>(db: impl PgExecutor<'e>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM reviews WHERE state = 'overdue'")
+        .fetch_one(db)
+        .await
+}
+
+/// Undecided reviews whose deadline was computed without a calendar.
+pub async fn count_calendar_missing<'e>(db: impl PgExecutor<'e>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM reviews WHERE state IN {} AND calendar_missing",
+        super::sets::reviews_undecided()
     ))
-    .bind(limit)
+    .fetch_one(db)
+    .await
+}
+
+/// Open reviews whose deadline was computed without a calendar, with the
+/// time they were opened.
+pub async fn open_calendar_missing<'e>(
+    db: impl PgExecutor<'e>,
+) -> Result<Vec<(Uuid, DateTime<Utc>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, opened_at FROM reviews WHERE state = 'open' AND calendar_missing AND opened_at IS NOT NULL",
+    )
     .fetch_all(db)
+    .await
+}
+
+/// Sets a new deadline of an open review still flagged `calendar_missing`.
+pub async fn redate<'e>(
+    db: impl PgExecutor<'e>,
+    id: Uuid,
+    due_at: DateTime<Utc>,
+    calendar_missing: bool,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE reviews SET due_at = $2, calendar_missing = $3
+         WHERE id = $1 AND state = 'open' AND calendar_missing",
+    )
+    .bind(id)
+    .bind(due_at)
+    .bind(calendar_missing)
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
+/// An operator approved a review of the pre-registration (which waives the
+/// registration-time limit at association).
+pub async fn approved_for<'e>(
+    db: impl PgExecutor<'e>,
+    prereg_id: Uuid,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM reviews WHERE preregistration_id = $1 AND state = 'approved')",
+    )
+    .bind(prereg_id)
+    .fetch_one(db)
     .await
 }

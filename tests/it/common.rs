@@ -256,6 +256,55 @@ impl TestApp {
         v["api_key"].as_str().unwrap().to_string()
     }
 
+    /// A customer whose account was registered 40 days ago (`account_id`),
+    /// pre-registered by `p`, rejected as `registered_over_7_days`, and its
+    /// manual review requested (asserting the 202). Returns the
+    /// pre-registration's id.
+    pub async fn review_requested(
+        &self,
+        upstream: &str,
+        p: &Partner,
+        account_id: &str,
+        email: &str,
+        mobile: &str,
+    ) -> Uuid {
+        let registered = (chrono::Utc::now() - chrono::Duration::days(40)).to_rfc3339();
+        self.account(
+            upstream,
+            account_id,
+            json!({"email": email, "mobile": mobile, "registered_at": registered, "site": "intl", "country": "CN"}),
+        )
+        .await;
+        let id = self.prereg(p, email, mobile).await;
+        let reason = self.decided(p, id).await["reason"]["code"].clone();
+        assert_eq!(reason, "registered_over_7_days");
+        let path = format!("/v1/preregistrations/{id}/review");
+        let body = json!({"justification": "Migration planned"});
+        let (s, v) = self.post(&path, &p.key, body).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        id
+    }
+
+    /// Invites the customer of claim `id` by email (asserting the 202) and
+    /// returns the invitation's id.
+    pub async fn invite(&self, p: &Partner, id: Uuid) -> String {
+        let body = json!({"preregistration_ids": [id]});
+        let (s, v) = self.post("/v1/invitations", &p.key, body).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        v["results"][0]["invitation_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Submits a pre-registration, waits until it is granted (asserting
+    /// `preregistered`) and returns its id.
+    pub async fn claimed(&self, p: &Partner, email: &str, mobile: &str) -> Uuid {
+        let id = self.prereg(p, email, mobile).await;
+        assert_eq!(self.decided(p, id).await["status"], "preregistered");
+        id
+    }
+
     /// Submits a pre-registration and returns its id (asserting the 202).
     pub async fn prereg(&self, p: &Partner, email: &str, mobile: &str) -> Uuid {
         let (status, v) = self

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
+
 use fantoccini::{ClientBuilder, Locator};
 use prereg::mq::{CloudEvent, Queue};
 use reqwest::{redirect::Policy, StatusCode};
@@ -168,26 +169,9 @@ async fn session_cookie_is_secure_behind_https() {
 /// A customer rejected as `registered_over_7_days`, put under review.
 async fn open_review(app: &TestApp, upstream: &str, p: &Partner) -> (Uuid, Uuid) {
     let (email, mobile) = ("review1@customer.example", "+8613200000001");
-    let registered = (Utc::now() - chrono::Duration::days(40)).to_rfc3339();
-    app.account(
-        upstream,
-        "rev-1",
-        json!({"email": email, "mobile": mobile, "registered_at": registered, "site": "intl", "country": "CN"}),
-    )
-    .await;
-    let id = app.prereg(p, email, mobile).await;
-    assert_eq!(
-        app.decided(p, id).await["reason"]["code"],
-        "registered_over_7_days"
-    );
-    let (s, v) = app
-        .post(
-            &format!("/v1/preregistrations/{id}/review"),
-            &p.key,
-            json!({"justification": "Migration planned"}),
-        )
+    let id = app
+        .review_requested(upstream, p, "rev-1", email, mobile)
         .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let q = "SELECT id FROM reviews WHERE preregistration_id = $1 AND state = 'open'";
     wait_until(Duration::from_secs(10), || async {
         sqlx::query_scalar::<_, Uuid>(q)
@@ -206,6 +190,63 @@ async fn open_review(app: &TestApp, upstream: &str, p: &Partner) -> (Uuid, Uuid)
     (id, review)
 }
 
+/// Puts `ev` into `q`'s dead-letter queue as the worker runtime does after
+/// the last retry (same exchange, headers and message id).
+async fn dead_letter_directly(app: &TestApp, q: Queue, ev: &CloudEvent) {
+    use lapin::types::{AMQPValue, FieldTable};
+    use prereg::mq::dead_letters::{H_ERROR, H_FAILED_AT, H_QUEUE, H_REASON, H_RETRIES};
+    let s = |v: &str| AMQPValue::LongString(v.into());
+    let mut h = FieldTable::default();
+    h.insert(H_REASON.into(), s("retries_exhausted"));
+    h.insert(H_ERROR.into(), s("database unavailable"));
+    h.insert(H_QUEUE.into(), s(q.short()));
+    h.insert(H_FAILED_AT.into(), s(&Utc::now().to_rfc3339()));
+    h.insert(H_RETRIES.into(), AMQPValue::LongInt(5));
+    h.insert(prereg::mq::dead_letters::H_ROUTING_KEY.into(), s(&ev.ty));
+    let b = &app.ctx.broker;
+    b.publish_raw(
+        &b.names.dlx(),
+        q.short(),
+        &ev.to_bytes().unwrap(),
+        Some(&ev.id),
+        h,
+        None,
+    )
+    .await
+    .unwrap();
+}
+
+async fn dead_letter_ids(app: &TestApp, q: Queue) -> Vec<String> {
+    prereg::workers::runtime::list_dead_letters(&app.ctx, q, 50)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|d| d.message_id)
+        .collect()
+}
+
+/// Waits until the page (after a form's redirect) shows `flash`.
+async fn wait_flash(
+    browser: &fantoccini::Client,
+    flash: &str,
+) -> Result<(), fantoccini::error::CmdError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = match browser.find(Locator::Id("flash")).await {
+            Ok(e) => e.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if seen == flash {
+            return Ok(());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flash {flash:?} never shown (last: {seen:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn screenshot_dir() -> std::path::PathBuf {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
     std::fs::create_dir_all(&dir).unwrap();
@@ -214,8 +255,8 @@ fn screenshot_dir() -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_watch_queues_and_decide_reviews_in_chromium() {
-    if std::env::var("PREREG_BROWSER_TESTS").as_deref() == Ok("0") {
-        eprintln!("PREREG_BROWSER_TESTS=0: browser test not run");
+    if !crate::dashboard::browser_available("operators_watch_queues_and_decide_reviews_in_chromium")
+    {
         return;
     }
     let app = spawn_app().await;
@@ -239,23 +280,28 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
         json!({"id": "not-a-uuid", "email": "leak@customer.example"}),
     );
     app.ctx.broker.publish_command(&bad).await.unwrap();
+    // A valid upstream pre-registration that ran out of retries while a
+    // dependency was down: replaying it now must get it processed.
+    let replayable = Uuid::now_v7();
+    let good = CloudEvent::new(
+        "preregistration.requested",
+        json!({"id": replayable, "partner_id": p.id, "full_name": "Li Si",
+               "email": "replay@customer.example", "mobile": "+8613200000003"}),
+    );
+    dead_letter_directly(&app, Queue::Registration, &good).await;
     wait_until(Duration::from_secs(10), || async {
-        prereg::workers::runtime::list_dead_letters(&app.ctx, Queue::Registration, 5)
-            .await
-            .unwrap()
-            .len()
-            == 1
+        dead_letter_ids(&app, Queue::Registration).await.len() == 2
     })
     .await;
-    // The charts need two samples of this process's metrics.
-    wait_until(Duration::from_secs(20), || async {
+    // The processed chart draws a line once this process's metrics have
+    // two points of registration work (a sample every 5 s).
+    wait_until(Duration::from_secs(30), || async {
         let h = prereg::jobstats::history();
-        h.len() >= 2
-            && h.last()
-                .unwrap()
-                .jobs
-                .keys()
-                .any(|(q, _)| q == "registration")
+        let window = (60 / prereg::jobstats::EVERY.as_secs().max(1)) as usize;
+        let points = prereg::jobstats::points(&h, window, |a, b| {
+            Some(prereg::jobstats::rates(a, b, "registration").0)
+        });
+        points.len() > 1 && points.iter().any(|p| p.1 > 0.0)
     })
     .await;
 
@@ -326,6 +372,79 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
             .await?;
         assert!(dead.contains("invalid_payload"), "{dead}");
         assert!(!dead.contains("leak@customer.example"), "{dead}");
+        assert!(!dead.contains("replay@customer.example"), "{dead}");
+        // One dead letter opened: every header, the reason, the masked body.
+        let row = |id: &str| format!("tr.dead-letter[data-message-id=\"{id}\"]");
+        browser
+            .find(Locator::Css(&format!("{} summary", row(&good.id))))
+            .await?
+            .click()
+            .await?;
+        let opened = browser
+            .find(Locator::Css(&format!("{} details", row(&good.id))))
+            .await?
+            .text()
+            .await?;
+        for shown in [
+            "x-prereg-reason",
+            "retries_exhausted",
+            "x-prereg-failed-at",
+            "r***@customer.example",
+        ] {
+            assert!(opened.contains(shown), "{shown}: {opened}");
+        }
+        std::fs::write(
+            shots.join("dashboard-dead-letter.png"),
+            browser
+                .find(Locator::Id("dlq"))
+                .await?
+                .screenshot()
+                .await
+                .unwrap_or_default(),
+        )
+        .unwrap();
+        // Replay that one (after a confirmation); the other stays.
+        browser
+            .find(Locator::Css(&format!(
+                "{} button.replay-one",
+                row(&good.id)
+            )))
+            .await?
+            .click()
+            .await?;
+        assert_eq!(
+            browser.get_alert_text().await?,
+            "Replay this message to registration?"
+        );
+        browser.accept_alert().await?;
+        wait_flash(&browser, "Replayed one message of registration.").await?;
+        assert!(browser
+            .find_all(Locator::Css(&row(&good.id)))
+            .await?
+            .is_empty());
+        browser.find(Locator::Css(&row(&bad.id))).await?;
+        // Discard the poison message: dismissing the confirmation keeps it.
+        browser
+            .find(Locator::Css(&format!(
+                "{} button.discard-one",
+                row(&bad.id)
+            )))
+            .await?
+            .click()
+            .await?;
+        browser.dismiss_alert().await?;
+        browser.find(Locator::Css(&row(&bad.id))).await?;
+        browser
+            .find(Locator::Css(&format!(
+                "{} button.discard-one",
+                row(&bad.id)
+            )))
+            .await?
+            .click()
+            .await?;
+        browser.accept_alert().await?;
+        wait_flash(&browser, "Discarded one message of registration.").await?;
+        browser.find(Locator::Id("no-dead")).await?;
         // The open review, approved with a confirmation.
         let row = browser
             .find(Locator::Id(&format!("review-{review}")))
@@ -339,14 +458,7 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
             .click()
             .await?;
         browser.accept_alert().await?;
-        let flash = browser
-            .wait()
-            .at_most(Duration::from_secs(10))
-            .for_element(Locator::Id("flash"))
-            .await?
-            .text()
-            .await?;
-        assert_eq!(flash, "Review approved.");
+        wait_flash(&browser, "Review approved.").await?;
         browser.find(Locator::Id("no-reviews")).await?;
         std::fs::write(
             shots.join("dashboard-after-approve.png"),
@@ -376,11 +488,34 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["status"], "preregistered", "{v}");
-    let decided_by: String = sqlx::query_scalar("SELECT decided_by FROM reviews WHERE id = $1")
-        .bind(review)
-        .fetch_one(app.db())
-        .await
-        .unwrap();
-    assert_eq!(decided_by, "operator:bootstrap");
+    let (state, decided_by): (String, String) =
+        sqlx::query_as("SELECT state, decided_by FROM reviews WHERE id = $1")
+            .bind(review)
+            .fetch_one(app.db())
+            .await
+            .unwrap();
+    assert_eq!(
+        (state.as_str(), decided_by.as_str()),
+        ("approved", "operator:bootstrap")
+    );
+    // The replayed dead letter left the queue and was processed; the
+    // discarded one is gone for good; both actions are audited.
+    assert!(dead_letter_ids(&app, Queue::Registration).await.is_empty());
+    wait_until(Duration::from_secs(20), || async {
+        sqlx::query_scalar::<_, String>("SELECT status FROM preregistrations WHERE id = $1")
+            .bind(replayable)
+            .fetch_optional(app.db())
+            .await
+            .unwrap()
+            .is_some_and(|s| s == "preregistered")
+    })
+    .await;
+    let actions: Vec<String> = sqlx::query_scalar(
+        "SELECT action FROM audit_log WHERE action LIKE 'dead_letters.%' ORDER BY action",
+    )
+    .fetch_all(app.db())
+    .await
+    .unwrap();
+    assert_eq!(actions, ["dead_letters.discarded", "dead_letters.replayed"]);
     app.cleanup().await;
 }

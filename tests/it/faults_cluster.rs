@@ -93,7 +93,6 @@ async fn submit(app: &TestApp, p: &Partner, n: usize) -> (StatusCode, Value) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "known regression after the merges: once the node holding the queue leaders crashes, the surviving nodes nack every publish for longer than the test waits (see the closing note); run with `cargo test -- --ignored faults_cluster`"]
 async fn cluster_loses_a_node_then_the_leaders_node_under_load() {
     let cluster = Cluster {
         dir: TempDir::new("cluster"),

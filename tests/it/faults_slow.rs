@@ -91,25 +91,13 @@ async fn mail_app(smtp_url: String) -> TestApp {
 /// Claims a customer and invites them; returns the invitation id.
 async fn invite_one(app: &TestApp, p: &Partner, n: u32) -> String {
     let id = app
-        .prereg(
+        .claimed(
             p,
             &format!("mailfault{n}@customer.example"),
             &format!("+8615100000{n:03}"),
         )
         .await;
-    assert_eq!(app.decided(p, id).await["status"], "preregistered");
-    let (s, v) = app
-        .post(
-            "/v1/invitations",
-            &p.key,
-            json!({"preregistration_ids": [id]}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    v["results"][0]["invitation_id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    app.invite(p, id).await
 }
 
 async fn sent(app: &TestApp, p: &Partner, inv: &str) -> Value {

@@ -50,13 +50,12 @@ async fn unknown_link_is_link_not_found_at_once_without_account_facts() {
 /// A claimed pre-registration and a fresh offline link: (claim id, token).
 async fn offline_link(app: &TestApp, p: &Partner, n: u32) -> (uuid::Uuid, String) {
     let id = app
-        .prereg(
+        .claimed(
             p,
             &format!("link{n}@customer.example"),
             &format!("+8613900000{n:03}"),
         )
         .await;
-    assert_eq!(app.decided(p, id).await["status"], "preregistered");
     let token = new_offline_token(app, p, id).await;
     (id, token)
 }
@@ -222,5 +221,71 @@ async fn batch_ids_and_status_filter_have_one_name_and_old_spellings_still_work(
         .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     assert!(v.to_string().contains("preregistration_ids"), "{v}");
+    app.cleanup().await;
+}
+
+/// An upstream team's first hour (issue 12 item 7): the AsyncAPI document is
+/// served without a key, names this deployment's exchanges, and describes
+/// every job type the code knows with a payload schema and an example; an
+/// upstream command taken from it is accepted as it stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncapi_document_is_served_and_its_example_command_works() {
+    let app = spawn_app().await;
+    let resp = reqwest::get(format!("{}/asyncapi.json", app.addr))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    let doc: Value = resp.json().await.unwrap();
+    assert_eq!(doc["asyncapi"], "3.0.0");
+    let prefix = &app.ctx.cfg.amqp_prefix;
+    for c in prereg::jobs::CONTRACTS {
+        let chan = if c.upstream {
+            format!("commands.{}", c.ty)
+        } else {
+            format!("internal.{}", c.ty)
+        };
+        let exchange = &doc["channels"][&chan]["bindings"]["amqp"]["exchange"]["name"];
+        let want = if c.upstream {
+            format!("{prefix}.commands")
+        } else {
+            format!("{prefix}.internal")
+        };
+        assert_eq!(exchange.as_str(), Some(want.as_str()), "{chan}");
+    }
+    // The example of `preregistration.requested`, sent as an upstream system
+    // would (for a real partner, with a fresh id), is decided.
+    let p = app
+        .create_partner(json!({"name": "From the document"}))
+        .await;
+    let mut example =
+        doc["components"]["messages"]["PreregistrationRequested"]["examples"][0]["payload"].clone();
+    let id = uuid::Uuid::now_v7();
+    example["id"] = json!(format!("doc-example-{id}"));
+    example["data"]["id"] = json!(id);
+    example["data"]["partner_id"] = json!(p.id);
+    let ev: prereg::mq::CloudEvent = serde_json::from_value(example).unwrap();
+    app.ctx.broker.publish_command(&ev).await.unwrap();
+    // Upstream commands create the record when the worker takes them.
+    wait_until(Duration::from_secs(20), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM preregistrations WHERE id = $1")
+            .bind(id)
+            .fetch_one(app.db())
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    // The example asks for an invitation: the claim is granted and the
+    // invitation may already be on its way.
+    let v = app.decided(&p, id).await;
+    assert!(
+        v["status"] == "preregistered" || v["status"] == "invited",
+        "{v}"
+    );
+    assert!(v["expires_at"].is_string(), "a claim was granted: {v}");
     app.cleanup().await;
 }

@@ -45,9 +45,8 @@ async fn offline_code_guessing_is_locked_and_strangers_leave_no_trace() {
     let upstream = app.upstream_key().await;
     let p = app.create_partner(json!({})).await;
     let id = app
-        .prereg(&p, "real.customer@customer.example", "+8613800000123")
+        .claimed(&p, "real.customer@customer.example", "+8613800000123")
         .await;
-    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
     let (s, link) = app
         .post(
             &format!("/v1/preregistrations/{id}/offline-link"),

@@ -80,21 +80,9 @@ async fn a_transient_smtp_failure_is_retried_after_its_delay_and_sent_once() {
     .await;
     let p = app.create_partner(json!({})).await;
     let id = app
-        .prereg(&p, "delay@customer.example", "+8615900000001")
+        .claimed(&p, "delay@customer.example", "+8615900000001")
         .await;
-    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
-    let (s, v) = app
-        .post(
-            "/v1/invitations",
-            &p.key,
-            json!({"preregistration_ids": [id]}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let inv = v["results"][0]["invitation_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let inv = app.invite(&p, id).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let sent = loop {
         let v = app.get(&format!("/v1/invitations/{inv}"), &p.key).await.1;
@@ -130,10 +118,8 @@ async fn the_claim_expiry_reminder_email_reaches_the_partner_once() {
     let p = app
         .create_partner(json!({"contact_email": "claims@partner.example"}))
         .await;
-    let id = app
-        .prereg(&p, "remind-me@customer.example", "+8615900000002")
+    app.claimed(&p, "remind-me@customer.example", "+8615900000002")
         .await;
-    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
     for _ in 0..3 {
         let (s, v) = app.post("/v1/admin/sweeps", OPERATOR, json!({})).await;
         assert!(s.is_success(), "{s} {v}");
@@ -193,26 +179,9 @@ async fn review_reminder_and_escalation_emails_are_delivered_once_each() {
     let p = app.create_partner(json!({})).await;
     let email = "review-mail@customer.example";
     let mobile = "+8615900000003";
-    let registered = (Utc::now() - chrono::Duration::days(40)).to_rfc3339();
-    app.account(
-        &upstream,
-        "rev-mail",
-        json!({"email": email, "mobile": mobile, "registered_at": registered, "site": "intl", "country": "CN"}),
-    )
-    .await;
-    let id = app.prereg(&p, email, mobile).await;
-    assert_eq!(
-        app.decided(&p, id).await["reason"]["code"],
-        "registered_over_7_days"
-    );
-    let (s, v) = app
-        .post(
-            &format!("/v1/preregistrations/{id}/review"),
-            &p.key,
-            json!({"justification": "Migration planned"}),
-        )
+    let id = app
+        .review_requested(&upstream, &p, "rev-mail", email, mobile)
         .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
 
     let reminder = wait_mails_to(
         &sink,
@@ -272,10 +241,8 @@ async fn registration_expires_a_lapsed_claim_itself_without_a_sweep() {
     while Utc::now() <= expires {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let second = app
-        .prereg(&b, "lapse@customer.example", "+8615900000004")
+    app.claimed(&b, "lapse@customer.example", "+8615900000004")
         .await;
-    assert_eq!(app.decided(&b, second).await["status"], "preregistered");
     let (_, old) = app
         .get(&format!("/v1/preregistrations/{first}"), &a.key)
         .await;

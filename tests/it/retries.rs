@@ -36,21 +36,9 @@ pub async fn depth(ch: &Channel, queue: &str) -> u32 {
 pub async fn failing_invitation(app: &TestApp) -> String {
     let p = app.create_partner(json!({})).await;
     let id = app
-        .prereg(&p, "retry@customer.example", "+8613600000001")
+        .claimed(&p, "retry@customer.example", "+8613600000001")
         .await;
-    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
-    let (s, v) = app
-        .post(
-            "/v1/invitations",
-            &p.key,
-            json!({"preregistration_ids": [id]}),
-        )
-        .await;
-    assert_eq!(s, reqwest::StatusCode::ACCEPTED, "{v}");
-    v["results"][0]["invitation_id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    app.invite(&p, id).await
 }
 
 /// An SMTP address nothing listens on.

@@ -102,18 +102,7 @@ async fn an_smtp_reply_quoting_the_address_is_masked_in_the_failure_and_the_dead
         "+8613900001111",
     )
     .await;
-    let (s, v) = app
-        .post(
-            "/v1/invitations",
-            &p.key,
-            json!({"preregistration_ids": [id]}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let inv = v["results"][0]["invitation_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let inv = app.invite(&p, id).await;
     wait_until(Duration::from_secs(15), || async {
         app.get(&format!("/v1/invitations/{inv}"), &p.key).await.1["status"] == "failed"
     })

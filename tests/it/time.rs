@@ -166,26 +166,9 @@ async fn wait_status(app: &TestApp, p: &Partner, id: Uuid, status: &str, limit: 
 async fn open_review(app: &TestApp, upstream: &str, p: &Partner, n: u32) -> (Uuid, Uuid) {
     let email = format!("review{n}@customer.example");
     let mobile = format!("+8613200000{n:03}");
-    let registered = (Utc::now() - chrono::Duration::days(40)).to_rfc3339();
-    app.account(
-        upstream,
-        &format!("rev-{n}"),
-        json!({"email": email, "mobile": mobile, "registered_at": registered, "site": "intl", "country": "CN"}),
-    )
-    .await;
-    let id = app.prereg(p, &email, &mobile).await;
-    assert_eq!(
-        app.decided(p, id).await["reason"]["code"],
-        "registered_over_7_days"
-    );
-    let (s, v) = app
-        .post(
-            &format!("/v1/preregistrations/{id}/review"),
-            &p.key,
-            json!({"justification": "Migration planned"}),
-        )
+    let id = app
+        .review_requested(upstream, p, &format!("rev-{n}"), &email, &mobile)
         .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     wait_status(app, p, id, "under_review", Duration::from_secs(10)).await;
     let review: Uuid = sqlx::query_scalar(
         "SELECT id FROM reviews WHERE preregistration_id = $1 AND state = 'open'",
@@ -294,10 +277,8 @@ async fn a_claim_expires_and_another_partner_can_then_claim_the_customer() {
     );
     assert_eq!(last["from_status"], "preregistered");
     // The customer is free for any partner at once.
-    let id2 = app
-        .prereg(&b, "expiring@customer.example", "+8613400000002")
+    app.claimed(&b, "expiring@customer.example", "+8613400000002")
         .await;
-    assert_eq!(app.decided(&b, id2).await["status"], "preregistered");
     // One event, one timeline entry, whatever the number of schedulers.
     outbox_empty(&app).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -594,9 +575,8 @@ async fn claim_expiry_reminder_goes_to_the_partner_once() {
     .await;
     let p = app.create_partner(json!({})).await;
     let id = app
-        .prereg(&p, "remind@customer.example", "+8613400000011")
+        .claimed(&p, "remind@customer.example", "+8613400000011")
         .await;
-    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
     let mut cap = capture(&app, &[("commands", "email.requested")]).await;
     for _ in 0..3 {
         sweeps::run(&app.ctx).await.unwrap();

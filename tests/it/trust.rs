@@ -43,9 +43,8 @@ async fn internal_jobs_are_unroutable_from_the_commands_exchange_and_recipients_
     let app = spawn_with(move |c| c.smtp_url = url).await;
     let p = app.create_partner(json!({})).await;
     let id = app
-        .prereg(&p, "victim@customer.example", "+8613900000001")
+        .claimed(&p, "victim@customer.example", "+8613900000001")
         .await;
-    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
 
     // An attacker on the shared commands exchange: an email job naming their
     // own address, and a deadline tick. Neither type is bound there.

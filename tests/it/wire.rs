@@ -2,6 +2,8 @@
 //! error shape for every 4xx, the body limit, and text fields that refuse
 //! control characters, bidi overrides and lone surrogates (never a 500).
 
+use std::time::{Duration, Instant};
+
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -320,5 +322,84 @@ async fn control_characters_bidi_overrides_and_lone_surrogates_are_a_422_never_a
         .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     assert_eq!(named_fields(&v), ["display_name"]);
+    app.cleanup().await;
+}
+
+/// Reads from `sock` until the server closes it; the bytes read, or `None`
+/// if it is still open after `limit`.
+async fn until_closed(sock: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    match tokio::time::timeout(limit, sock.read_to_end(&mut out)).await {
+        Ok(_) => Some(String::from_utf8_lossy(&out).into_owned()),
+        Err(_) => None,
+    }
+}
+
+/// Slow clients (slowloris) cannot hold connections open: a request head
+/// that never ends and a silent connection are closed after
+/// `PREREG_HTTP_HEADER_TIMEOUT`; a body that never arrives is answered `408`
+/// in the one error shape after `PREREG_HTTP_REQUEST_TIMEOUT`. Without the
+/// limits each of these connections stays open indefinitely.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_by_the_header_and_request_timeouts() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_with(|c| {
+        c.http_header_timeout = Duration::from_millis(400);
+        c.http_request_timeout = Duration::from_millis(600);
+    })
+    .await;
+    let p = app.create_partner(json!({})).await;
+    let addr = app.addr.trim_start_matches("http://").to_string();
+    let limit = Duration::from_secs(5);
+
+    // 1. A head trickled and never finished.
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let started = Instant::now();
+    sock.write_all(b"GET /v1/preregistrations HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let closed = until_closed(&mut sock, limit).await;
+    assert!(
+        closed.is_some(),
+        "an unfinished request head kept its connection open for {limit:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "closed before the timeout"
+    );
+
+    // 2. A connection that never says anything.
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let closed = until_closed(&mut sock, limit).await;
+    assert!(
+        closed.is_some(),
+        "a silent connection stayed open for {limit:?}"
+    );
+
+    // 3. A body announced but never sent: 408 in the error shape, and
+    //    nothing was recorded.
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/preregistrations HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 400\r\nConnection: close\r\n\r\n{{\"customer\":",
+        p.key
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let answer = until_closed(&mut sock, limit)
+        .await
+        .unwrap_or_else(|| panic!("a stalled body kept its request open for {limit:?}"));
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let body = &answer[answer.find("\r\n\r\n").expect("a complete answer") + 4..];
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {answer}"));
+    assert_shape(&v, "request_timeout");
+    let rows: (i64,) = sqlx::query_as("SELECT count(*) FROM preregistrations")
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+    assert_eq!(rows.0, 0);
+
+    // A normal request on the same server still works.
+    let (status, _) = app.get("/v1/preregistrations", &p.key).await;
+    assert_eq!(status, StatusCode::OK);
     app.cleanup().await;
 }
