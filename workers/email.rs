@@ -118,6 +118,16 @@ pub async fn handle_invitation(ctx: &Ctx, job: InvitationRequested) -> Result<Ou
             count("transient_failure");
             Err(JobError::Retryable(format!("smtp: {}", mask::text(&e))))
         }
+        Err(SendError::Unknown(e)) => {
+            // The server may have taken the message: like a worker that died
+            // mid-exchange, never send it again.
+            let reason = format!(
+                "delivery outcome unknown: the mail server connection failed during the SMTP exchange ({}); resend if the customer did not receive it",
+                mask::text(&e)
+            );
+            fail_invitation(ctx, id, &reason).await?;
+            Err(JobError::fatal("delivery_unknown", reason))
+        }
         Err(SendError::Permanent(e)) | Err(SendError::Invalid(e)) => {
             // The reply may quote the customer's address: masked before it
             // is stored, logged or put in a dead-letter header.
@@ -189,6 +199,15 @@ pub async fn handle_notice(
             deliveries::release(&ctx.db, &ev.id).await?;
             count("transient_failure");
             Err(JobError::Retryable(format!("smtp: {}", mask::text(&e))))
+        }
+        Err(SendError::Unknown(e)) => {
+            let reason = format!(
+                "delivery outcome unknown: the mail server connection failed during the SMTP exchange ({})",
+                mask::text(&e)
+            );
+            mark_notice(ctx, &ev.id, "failed", Some(&reason)).await?;
+            count("failed");
+            Err(JobError::fatal("delivery_unknown", reason))
         }
         Err(SendError::Permanent(e)) | Err(SendError::Invalid(e)) => {
             let e = mask::text(&e);

@@ -1,5 +1,9 @@
 //! A small, real SMTP server used as an email sink by the tests and by the
-//! local benchmark: an RFC 5321 subset over plain TCP (no TLS, no AUTH).
+//! local benchmark: an RFC 5321 subset over plain TCP (no TLS; `AUTH PLAIN`
+//! only when [`SmtpSink::require_auth`] asks for it).
+//! Besides scripted replies ([`SmtpSink::script`]), it can take a message
+//! and then withhold the reply, drop the connection or answer late
+//! ([`SmtpSink::after_data`]): the outcomes a client cannot know.
 //!
 //! It speaks enough ESMTP for a real client (lettre, with or without its
 //! connection pool): `EHLO`/`HELO`, `MAIL`, `RCPT`, `DATA` (with
@@ -62,6 +66,22 @@ pub enum Stage {
     Data,
 }
 
+/// What the sink does right after it has taken a message (read its
+/// terminating `.` and counted it as accepted), instead of answering `250`
+/// at once: the failures whose outcome the client cannot know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterData {
+    /// Never answer: the connection stays open and silent until the client
+    /// closes it or the sink shuts down (a server that took the message and
+    /// hung).
+    Stall,
+    /// Close the connection without answering (a server or network that
+    /// failed right after taking the message).
+    Drop,
+    /// Answer `250` only after this long.
+    Delay(Duration),
+}
+
 /// A running SMTP sink. Stops accepting (and closes idle connections) on
 /// [`SmtpSink::shutdown`] or when dropped.
 pub struct SmtpSink {
@@ -74,6 +94,11 @@ struct Shared {
     /// Scripted replies, in the order they were queued; each stage takes the
     /// first entry of its own kind.
     script: Mutex<VecDeque<(Stage, u16, String)>>,
+    /// What to do after the next accepted messages, in order.
+    after_data: Mutex<VecDeque<AfterData>>,
+    /// `AUTH PLAIN` credentials required before `MAIL`, if any.
+    auth: Mutex<Option<(String, String)>>,
+    logins: AtomicUsize,
     received: Mutex<Vec<ReceivedMail>>,
     count: AtomicUsize,
     keep: AtomicBool,
@@ -116,6 +141,9 @@ impl SmtpSink {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             script: Mutex::new(VecDeque::new()),
+            after_data: Mutex::new(VecDeque::new()),
+            auth: Mutex::new(None),
+            logins: AtomicUsize::new(0),
             received: Mutex::new(Vec::new()),
             count: AtomicUsize::new(0),
             keep: AtomicBool::new(true),
@@ -157,6 +185,27 @@ impl SmtpSink {
         );
         let text = text.replace(['\r', '\n'], " ");
         lock(&self.shared.script).push_back((stage, code, text));
+    }
+
+    /// Queues what the sink does after the next accepted message (entries
+    /// are consumed in order, across connections): the message is stored
+    /// and counted (the server has it), then the reply is withheld, the
+    /// connection dropped, or the `250` delayed. A message refused by a
+    /// scripted [`Stage::Data`] reply does not consume an entry.
+    pub fn after_data(&self, action: AfterData) {
+        lock(&self.shared.after_data).push_back(action);
+    }
+
+    /// Requires `AUTH PLAIN` with these credentials before `MAIL` (advertised
+    /// in the `EHLO` reply): `MAIL` without it gets `530`, wrong credentials
+    /// `535`. Plain TCP: for tests only.
+    pub fn require_auth(&self, user: &str, password: &str) {
+        *lock(&self.shared.auth) = Some((user.to_string(), password.to_string()));
+    }
+
+    /// How many `AUTH` attempts succeeded.
+    pub fn logins(&self) -> usize {
+        self.shared.logins.load(Ordering::SeqCst)
     }
 
     /// The messages accepted so far (empty while `keep_messages(false)`).
@@ -327,6 +376,31 @@ where
     Ok(())
 }
 
+/// Decodes standard base64 (with or without padding); `None` if invalid.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in text.trim_end_matches('=').bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
 fn trim_line_end(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     line.strip_suffix(b"\r").unwrap_or(line)
@@ -385,6 +459,7 @@ async fn serve(
     w.write_all(GREETING).await?;
 
     let mut txn: Option<Transaction> = None;
+    let mut authenticated = false;
     let mut line = Vec::with_capacity(256);
     loop {
         flush_if_idle(&r, &mut w).await?;
@@ -426,11 +501,39 @@ async fn serve(
             }
             "EHLO" => {
                 txn = None;
+                if lock(&shared.auth).is_some() {
+                    w.write_all(b"250-AUTH PLAIN\r\n").await?;
+                }
                 w.write_all(EHLO_REPLY).await?;
+            }
+            "AUTH" => {
+                let required = lock(&shared.auth).clone();
+                let mut words = arg.split_whitespace();
+                let mechanism = words.next().unwrap_or_default();
+                let Some((user, password)) = required else {
+                    reply(&mut w, 503, "5.5.1 AUTH not available").await?;
+                    continue;
+                };
+                if !mechanism.eq_ignore_ascii_case("PLAIN") {
+                    reply(&mut w, 504, "5.5.4 only AUTH PLAIN").await?;
+                    continue;
+                }
+                let want = format!("\0{user}\0{password}");
+                match words.next().and_then(base64_decode) {
+                    Some(got) if got == want.as_bytes() => {
+                        authenticated = true;
+                        shared.logins.fetch_add(1, Ordering::SeqCst);
+                        reply(&mut w, 235, "2.7.0 authentication succeeded").await?;
+                    }
+                    _ => reply(&mut w, 535, "5.7.8 authentication credentials invalid").await?,
+                }
             }
             "HELO" => {
                 txn = None;
                 reply(&mut w, 250, "sink").await?;
+            }
+            "MAIL" if !authenticated && lock(&shared.auth).is_some() => {
+                reply(&mut w, 530, "5.7.0 authentication required").await?;
             }
             "MAIL" => {
                 let Some((from, params)) = strip_keyword(arg, "FROM:").and_then(parse_path) else {
@@ -530,6 +633,36 @@ async fn serve(
                     }
                     None => {
                         let n = shared.accept(mail);
+                        let after = lock(&shared.after_data).pop_front();
+                        match after {
+                            None => {}
+                            Some(AfterData::Drop) => {
+                                debug!("smtp sink: dropping the connection after taking a message");
+                                return Ok(());
+                            }
+                            Some(AfterData::Stall) => {
+                                debug!("smtp sink: stalling after taking a message");
+                                // Read (and ignore) whatever comes until the
+                                // client gives up or the sink stops.
+                                loop {
+                                    let read = tokio::select! {
+                                        biased;
+                                        () = stopped(&mut stop) => return Ok(()),
+                                        read = read_line(&mut r, &mut line, MAX_COMMAND_LINE) => read,
+                                    };
+                                    if matches!(read, Ok(Line::Eof) | Err(_)) {
+                                        return Ok(());
+                                    }
+                                }
+                            }
+                            Some(AfterData::Delay(d)) => {
+                                tokio::select! {
+                                    biased;
+                                    () = stopped(&mut stop) => return Ok(()),
+                                    () = tokio::time::sleep(d) => {}
+                                }
+                            }
+                        }
                         reply(&mut w, 250, &format!("2.0.0 queued as {n}")).await?;
                     }
                 }
@@ -1020,5 +1153,95 @@ mod tests {
         assert_eq!(strip_keyword("FRé:", "FROM:"), None);
         assert_eq!(declared_size(" BODY=8BITMIME size=42"), Some(42));
         assert_eq!(declared_size(" SIZE=x"), None);
+    }
+
+    /// Sends one message up to its terminating dot on a raw connection.
+    async fn raw_message(sink: &SmtpSink) -> Raw {
+        let mut c = Raw::connect(sink).await;
+        c.send("EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n")
+            .await;
+        for _ in 0..4 {
+            c.reply().await;
+        }
+        c.send("Subject: s\r\n\r\nbody\r\n.\r\n").await;
+        c
+    }
+
+    #[tokio::test]
+    async fn after_data_actions_take_the_message_then_drop_stall_or_delay_the_reply() {
+        let sink = SmtpSink::start().await.expect("start");
+        sink.after_data(AfterData::Drop);
+        sink.after_data(AfterData::Stall);
+        sink.after_data(AfterData::Delay(Duration::from_millis(300)));
+        // Drop: the message is taken, then the connection closes unanswered.
+        let mut c = raw_message(&sink).await;
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, c.r.read_to_end(&mut rest))
+            .await
+            .expect("closed in time")
+            .expect("eof");
+        assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+        assert_eq!(sink.count(), 1);
+        // Stall: taken, and no answer comes.
+        let mut c = raw_message(&sink).await;
+        sink.wait_for(2, WAIT).await;
+        assert_eq!(sink.count(), 2);
+        let mut line = String::new();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(400), c.r.read_line(&mut line))
+                .await
+                .is_err(),
+            "a stalled sink answered: {line:?}"
+        );
+        drop(c);
+        // Delay: the 250 comes, late.
+        let started = tokio::time::Instant::now();
+        let mut c = raw_message(&sink).await;
+        assert_eq!(c.reply().await, "250 2.0.0 queued as 3");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        // The queue is used up: the next message is answered at once.
+        c.send("MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n").await;
+        for _ in 0..3 {
+            c.reply().await;
+        }
+        c.send("x\r\n.\r\n").await;
+        assert_eq!(c.reply().await, "250 2.0.0 queued as 4");
+        assert_eq!(sink.received().len(), 4);
+    }
+
+    #[test]
+    fn base64_decodes_what_clients_send() {
+        assert_eq!(base64_decode("AHVzZXIAcGFzcw==").unwrap(), b"\0user\0pass");
+        assert_eq!(base64_decode("AHVzZXIAcGFzcw").unwrap(), b"\0user\0pass");
+        assert!(base64_decode("not base64!").is_none());
+    }
+
+    #[tokio::test]
+    async fn auth_plain_is_required_when_asked_for() {
+        let sink = SmtpSink::start().await.expect("start");
+        sink.require_auth("user", "pass");
+        let mut c = Raw::connect(&sink).await;
+        c.send("EHLO c\r\n").await;
+        assert!(c.reply().await.starts_with("250-AUTH PLAIN\n"));
+        c.send("MAIL FROM:<a@x>\r\n").await;
+        assert!(c.reply().await.starts_with("530 "));
+        c.send("AUTH PLAIN AHVzZXIAd3Jvbmc=\r\n").await;
+        assert!(c.reply().await.starts_with("535 "));
+        c.send("AUTH PLAIN AHVzZXIAcGFzcw==\r\n").await;
+        assert!(c.reply().await.starts_with("235 "));
+        assert_eq!(sink.logins(), 1);
+        // lettre authenticates the same way.
+        let t = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
+            .port(sink.addr().port())
+            .credentials(lettre::transport::smtp::authentication::Credentials::new(
+                "user".into(),
+                "pass".into(),
+            ))
+            .build();
+        t.send(message("bob@example.org", "authed", "hi"))
+            .await
+            .expect("sent with AUTH");
+        assert_eq!(sink.count(), 1);
+        assert_eq!(sink.logins(), 2);
     }
 }

@@ -177,6 +177,25 @@ pub enum SendError {
     /// The message could not be built (bad address).
     #[error("invalid message: {0}")]
     Invalid(String),
+    /// The connection broke or went silent while a command or the message
+    /// was under way: the server may have taken the message. Sending again
+    /// could deliver it twice, so the caller must not retry.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+}
+
+/// Whether a failed SMTP send may have delivered the message. An SMTP reply
+/// (4xx/5xx) is a certain answer; a refusal by the client, a TLS failure or a
+/// failed connect happened before anything was sent. What is left is a
+/// connection that broke, timed out or answered garbage in the middle of
+/// the exchange, possibly after the server took the message.
+fn outcome_unknown(e: &lettre::transport::smtp::Error) -> bool {
+    !(e.is_transient()
+        || e.is_permanent()
+        || e.is_client()
+        || e.is_tls()
+        || e.is_transport_shutdown()
+        || e.to_string().starts_with("Connection error"))
 }
 
 /// Pooled SMTP transport; connects lazily, so processes start while the
@@ -303,6 +322,7 @@ impl Mailer {
                         resp.message().collect::<Vec<_>>().join(" ")
                     )),
                     Err(e) if e.is_permanent() => Err(SendError::Permanent(e.to_string())),
+                    Err(e) if outcome_unknown(&e) => Err(SendError::Unknown(e.to_string())),
                     Err(e) => Err(SendError::Transient(e.to_string())),
                 }
             }

@@ -137,6 +137,51 @@ impl TestApp {
             .push(app::start(ctx, roles).await.expect("start worker"));
     }
 
+    /// Starts another worker process-equivalent (own connections, no relay)
+    /// consuming exactly `queues`, on the same database and broker prefix.
+    pub async fn add_worker_on(&mut self, queues: Vec<Queue>, tweak: impl FnOnce(&mut Config)) {
+        let mut cfg = self.cfg.clone();
+        tweak(&mut cfg);
+        let ctx = Ctx::new(cfg).expect("ctx");
+        let roles = Roles {
+            workers: queues,
+            ..Default::default()
+        };
+        self.running
+            .push(app::start(ctx, roles).await.expect("start worker"));
+    }
+
+    /// The real `prereg` binary with `args`, configured by environment for
+    /// this app's database, broker prefix, Redis, SMTP server and retry
+    /// delays (the delay queues' TTLs must match what this app declared).
+    pub fn binary(&self, args: &[&str]) -> std::process::Command {
+        let delays: Vec<String> = self
+            .cfg
+            .retry_delays
+            .iter()
+            .map(|d| format!("{}ms", d.as_millis()))
+            .collect();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_prereg"));
+        cmd.args(args)
+            .env("PREREG_DATABASE_URL", &self.cfg.database_url)
+            .env("PREREG_AMQP_URL", &self.cfg.amqp_url)
+            .env("PREREG_REDIS_URL", &self.cfg.redis_url)
+            .env("PREREG_AMQP_PREFIX", &self.cfg.amqp_prefix)
+            .env("PREREG_SMTP_URL", &self.cfg.smtp_url)
+            .env("PREREG_LINK_SECRET", &self.cfg.link_secret)
+            .env(
+                "PREREG_OPERATOR_TOKEN",
+                self.cfg.operator_token.as_deref().unwrap_or_default(),
+            )
+            .env("PREREG_RETRY_DELAYS", delays.join(","))
+            .env("PREREG_MAX_ATTEMPTS", self.cfg.max_attempts.to_string())
+            .env("PREREG_METRICS_ADDR", "127.0.0.1:0")
+            .env("PREREG_DEV_MODE", "1")
+            .env("RUST_LOG", "error")
+            .stdin(std::process::Stdio::null());
+        cmd
+    }
+
     pub async fn request(
         &self,
         method: Method,

@@ -250,3 +250,118 @@ async fn sigterm_mid_load_loses_nothing() {
     assert_eq!(decided_events as usize, N);
     app.cleanup().await;
 }
+
+/// The Redis lock is really taken: while the test holds the customer's lock
+/// (through the same `Locks` the workers use, on the app's prefix), that
+/// customer's request stays queued — another customer is decided meanwhile —
+/// and it is decided once the lock is released. With the lock ignored the
+/// request would be decided at once (the unique index alone decides races).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_customer_lock_holds_that_decision_back_until_released() {
+    let app = spawn_with(|c| {
+        c.lock_wait = Duration::from_millis(200);
+        c.retry_delays = vec![Duration::from_millis(300); 3];
+        c.max_attempts = 100;
+    })
+    .await;
+    let p = app.create_partner(json!({})).await;
+    let holder = Locks::new(
+        &app.cfg.redis_url,
+        &app.cfg.amqp_prefix,
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+    );
+    let guard = holder
+        .acquire(&["email:held@customer.example".to_string()])
+        .await
+        .expect("the test takes the customer's lock");
+    // The intake normalises the email: the worker asks for the same lock.
+    let held = app
+        .prereg(&p, " Held@Customer.EXAMPLE", "+8613300000077")
+        .await;
+    let free = app
+        .prereg(&p, "free@customer.example", "+8613300000078")
+        .await;
+    assert_eq!(app.decided(&p, free).await["status"], "preregistered");
+    // Several lock waits and retries pass (lock wait 200 ms, retry 300 ms).
+    let window = tokio::time::Instant::now() + Duration::from_millis(2000);
+    while tokio::time::Instant::now() < window {
+        let (_, v) = app
+            .get(&format!("/v1/preregistrations/{held}"), &p.key)
+            .await;
+        assert_eq!(
+            v["status"], "queued",
+            "decided while its lock was held: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    holder.release(guard).await;
+    assert_eq!(app.decided(&p, held).await["status"], "preregistered");
+    app.cleanup().await;
+}
+
+/// Redis is killed and started again on its port (a private instance): the
+/// workers decide without it meanwhile (Postgres still guards), and once it
+/// is back they take the locks again — a lock the test holds on the
+/// restarted Redis holds that customer back until released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_take_redis_locks_again_after_redis_restarts() {
+    let Some(mut redis) = crate::private::PrivateRedis::start() else {
+        return;
+    };
+    let url = redis.url();
+    let app = spawn_with(move |c| {
+        c.redis_url = url;
+        c.lock_wait = Duration::from_millis(200);
+        c.retry_delays = vec![Duration::from_millis(300); 3];
+        c.max_attempts = 100;
+    })
+    .await;
+    let p = app.create_partner(json!({})).await;
+    let before = app
+        .prereg(&p, "r-before@customer.example", "+8613300000081")
+        .await;
+    assert_eq!(app.decided(&p, before).await["status"], "preregistered");
+    redis.kill();
+    let during = app
+        .prereg(&p, "r-during@customer.example", "+8613300000082")
+        .await;
+    assert_eq!(app.decided(&p, during).await["status"], "preregistered");
+    redis.start_again();
+    // The app's lock client finds Redis again by itself.
+    wait_until(Duration::from_secs(15), || async {
+        app.ctx.locks.ping().await.is_ok()
+    })
+    .await;
+    let holder = Locks::new(
+        &redis.url(),
+        &app.cfg.amqp_prefix,
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+    );
+    let guard = holder
+        .acquire(&["email:r-after@customer.example".to_string()])
+        .await
+        .expect("the test takes the customer's lock on the restarted Redis");
+    let held = app
+        .prereg(&p, "r-after@customer.example", "+8613300000083")
+        .await;
+    let free = app
+        .prereg(&p, "r-free@customer.example", "+8613300000084")
+        .await;
+    assert_eq!(app.decided(&p, free).await["status"], "preregistered");
+    let window = tokio::time::Instant::now() + Duration::from_millis(2000);
+    while tokio::time::Instant::now() < window {
+        let (_, v) = app
+            .get(&format!("/v1/preregistrations/{held}"), &p.key)
+            .await;
+        assert_eq!(
+            v["status"], "queued",
+            "decided while its lock was held on the restarted Redis: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    holder.release(guard).await;
+    assert_eq!(app.decided(&p, held).await["status"], "preregistered");
+    app.cleanup().await;
+}

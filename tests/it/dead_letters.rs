@@ -228,3 +228,121 @@ async fn a_check_violation_is_dead_lettered_at_once_naming_the_constraint() {
         .contains("accounts_test_no_forbidden"));
     app.cleanup().await;
 }
+
+/// `prereg admin dlq list|replay` (the real binary): lists the dead letters
+/// as JSON lines without taking them, replays one by message id (the other
+/// stays), then the rest; an unknown id or queue fails with a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_dlq_cli_lists_and_replays_one_then_all() {
+    let app = spawn_app().await;
+    let p = app
+        .create_partner(json!({"customer_development": false}))
+        .await;
+    let (a_id, a) = prereg_cmd(p.id, "cli-a@customer.example");
+    let (b_id, b) = prereg_cmd(p.id, "cli-b@customer.example");
+    app.ctx.broker.publish_upstream(&a).await.unwrap();
+    app.ctx.broker.publish_upstream(&b).await.unwrap();
+    wait_dead(&app, Queue::Registration, 2).await;
+    let run = |args: &[&str]| {
+        let out = app.binary(args).output().expect("run prereg");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (ok, stdout, stderr) = run(&["admin", "dlq", "list", "registration"]);
+    assert!(ok, "{stderr}");
+    let listed: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(listed.len(), 2, "{stdout}");
+    let mut ids: Vec<&str> = listed
+        .iter()
+        .map(|d| d["message_id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    let mut want = vec![a.id.as_str(), b.id.as_str()];
+    want.sort();
+    assert_eq!(ids, want);
+    assert!(
+        listed
+            .iter()
+            .all(|d| d["reason"] == "customer_development_disabled"),
+        "{stdout}"
+    );
+    // Listing took nothing away.
+    wait_dead(&app, Queue::Registration, 2).await;
+
+    // The cause is fixed; one is replayed by id.
+    let (s, v) = app
+        .request(
+            Method::PATCH,
+            &format!("/v1/admin/partners/{}", p.id),
+            Some(OPERATOR),
+            Some(json!({"customer_development": true})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (ok, _, stderr) = run(&[
+        "admin",
+        "dlq",
+        "replay",
+        "registration",
+        "--id",
+        "no-such-id",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("no dead letter with message id no-such-id"),
+        "{stderr}"
+    );
+    let (ok, stdout, stderr) = run(&["admin", "dlq", "replay", "registration", "--id", &a.id]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(&format!("replayed {} to registration", a.id)),
+        "{stdout}"
+    );
+    wait_until(Duration::from_secs(10), || async {
+        prereg::store::preregs::get(app.db(), a_id)
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    assert_eq!(app.decided(&p, a_id).await["status"], "preregistered");
+    let left = dead_letters::list(&app.ctx.broker, Queue::Registration, 10)
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].message_id.as_deref(), Some(b.id.as_str()));
+
+    // The rest.
+    let (ok, stdout, stderr) = run(&["admin", "dlq", "replay", "registration"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("replayed 1 message(s) to registration"),
+        "{stdout}"
+    );
+    wait_until(Duration::from_secs(10), || async {
+        prereg::store::preregs::get(app.db(), b_id)
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    // Decided (same mobile as `a`, so it is refused as a duplicate).
+    assert_ne!(app.decided(&p, b_id).await["status"], "queued");
+    let (ok, stdout, _) = run(&["admin", "dlq", "list", "registration"]);
+    assert!(ok);
+    assert!(
+        stdout.contains("no dead letters in registration"),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = run(&["admin", "dlq", "list", "nowhere"]);
+    assert!(!ok);
+    assert!(stderr.contains("unknown queue `nowhere`"), "{stderr}");
+    app.cleanup().await;
+}

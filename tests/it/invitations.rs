@@ -8,7 +8,7 @@ use prereg::{
     mq::{CloudEvent, Queue},
     workers::runtime,
 };
-use prereg_devtools::smtp_sink::{SmtpSink, Stage};
+use prereg_devtools::smtp_sink::{AfterData, SmtpSink, Stage};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::Row;
@@ -205,7 +205,12 @@ async fn invitation_email_arrives_with_a_working_link_in_the_right_language() {
 async fn smtp_451_then_250_sends_once_after_a_retry() {
     let sink = SmtpSink::start().await.unwrap();
     sink.script(Stage::Data, 451, "4.3.0 try again later");
-    let app = mail_app(&sink, |_| {}).await;
+    // The first retry's delay (jitter takes at most a fifth off it).
+    let delay = Duration::from_millis(1000);
+    let app = mail_app(&sink, |c| {
+        c.retry_delays = vec![delay, Duration::from_secs(4)];
+    })
+    .await;
     let p = app.create_partner(json!({})).await;
     let id = claimed(&app, &p, 2).await;
     let v = invite(&app, &p, &[id], json!({})).await;
@@ -213,10 +218,29 @@ async fn smtp_451_then_250_sends_once_after_a_retry() {
         .as_str()
         .unwrap()
         .to_string();
+    // The refused attempt: the sink has counted nothing, the SMTP exchange
+    // happened (one connection).
+    wait_until(Duration::from_secs(10), || async {
+        sink.connections() >= 1
+    })
+    .await;
+    let refused_at = tokio::time::Instant::now();
     let sent = invitation_state(&app, &p, &inv, "sent").await;
+    let waited = refused_at.elapsed();
     assert_eq!(sent["attempts"], 2, "{sent}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(sink.count(), 1, "one email, after one retry");
+    assert!(
+        waited >= delay * 4 / 5 - Duration::from_millis(100),
+        "retried after {waited:?}, before its {delay:?} delay less jitter"
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "the first retry took the second tier's delay: {waited:?}"
+    );
+    assert_eq!(
+        sink.wait_for(2, Duration::from_millis(500)).await.len(),
+        1,
+        "one email, after one retry"
+    );
     app.cleanup().await;
 }
 
@@ -276,10 +300,40 @@ async fn smtp_550_fails_the_invitation_and_dead_letters_the_job() {
     app.cleanup().await;
 }
 
+/// How many messages wait in the delay queues now (retries scheduled).
+async fn waiting_retries(app: &TestApp, ch: &lapin::Channel) -> u32 {
+    let names = &app.ctx.broker.names;
+    let mut n = 0;
+    for i in 0..names.retry_delays.len() {
+        n += crate::retries::depth(ch, &names.retry_queue(i)).await;
+    }
+    n
+}
+
+/// Waits until no retry waits and the queue holds no ready message: every
+/// copy of a job has been taken by a consumer.
+async fn drained(app: &TestApp, ch: &lapin::Channel, q: Queue) {
+    let queue = app.ctx.broker.names.queue(q);
+    wait_until(Duration::from_secs(15), || async {
+        waiting_retries(app, ch).await == 0 && crate::retries::depth(ch, &queue).await == 0
+    })
+    .await;
+}
+
+/// The second copy of an invitation job arrives while the first is in the
+/// middle of the SMTP exchange (the server has the message; its 250 is late):
+/// the copy finds the delivery leased, is retried, then finds it sent. One
+/// email. Without the lease the copy sends a second one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_delivered_twice_sends_one_email() {
+async fn a_copy_of_the_job_arriving_mid_smtp_sends_no_second_email() {
     let sink = SmtpSink::start().await.unwrap();
-    let app = mail_app(&sink, |_| {}).await;
+    sink.after_data(AfterData::Delay(Duration::from_millis(1500)));
+    let app = mail_app(&sink, |c| {
+        c.retry_delays = vec![Duration::from_millis(600), Duration::from_secs(1)];
+        c.max_attempts = 8;
+    })
+    .await;
+    let (_, ch) = app.ctx.broker.channel().await.unwrap();
     let p = app.create_partner(json!({})).await;
     let id = claimed(&app, &p, 4).await;
     let v = invite(&app, &p, &[id], json!({})).await;
@@ -288,21 +342,161 @@ async fn a_job_delivered_twice_sends_one_email() {
         .unwrap()
         .parse()
         .unwrap();
-    invitation_state(&app, &p, &inv.to_string(), "sent").await;
-    // The same job again, twice at once (a redelivery and a replay).
+    // The server has taken the message and not yet answered.
+    assert_eq!(sink.wait_for(1, Duration::from_secs(10)).await.len(), 1);
+    let (_, now) = app.get(&format!("/v1/invitations/{inv}"), &p.key).await;
+    assert_eq!(now["status"], "queued", "mid-SMTP: {now}");
+    // A redelivery of the same job (same id) arrives now.
     let job = CloudEvent::with_id(
         inv.to_string(),
         "invitation.requested",
         json!({"invitation_id": inv}),
     );
-    let (a, b) = tokio::join!(
-        app.ctx.broker.publish_command(&job),
-        app.ctx.broker.publish_command(&job)
+    app.ctx.broker.publish_command(&job).await.unwrap();
+    // The copy found the lease and waits for a retry.
+    wait_until(Duration::from_secs(5), || async {
+        waiting_retries(&app, &ch).await > 0
+    })
+    .await;
+    let sent = invitation_state(&app, &p, &inv.to_string(), "sent").await;
+    assert_eq!(sent["attempts"], 1, "the copy never claimed it: {sent}");
+    drained(&app, &ch, Queue::Email).await;
+    // Every copy is handled: a second email would have arrived by now.
+    assert_eq!(sink.wait_for(2, Duration::from_secs(1)).await.len(), 1);
+    assert!(runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
+        .await
+        .unwrap()
+        .is_empty());
+    let _ = ch.close(200, "done").await;
+    app.cleanup().await;
+}
+
+/// The same for a notice (deduplicated by job id in `email_deliveries`): a
+/// copy of the partner's claim-expiry reminder arriving while the first is
+/// mid-SMTP, and another after it was sent, send nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_job_delivered_again_mid_smtp_and_after_sends_one_email() {
+    let sink = SmtpSink::start().await.unwrap();
+    sink.after_data(AfterData::Delay(Duration::from_millis(1500)));
+    let app = mail_app(&sink, |c| {
+        c.retry_delays = vec![Duration::from_millis(600), Duration::from_secs(1)];
+        c.max_attempts = 8;
+    })
+    .await;
+    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    let p = app
+        .create_partner(json!({"contact_email": "notices@partner.example"}))
+        .await;
+    let id = claimed(&app, &p, 8).await;
+    let job = CloudEvent::with_id(
+        format!("email:claim_expiry_reminder:{id}"),
+        "email.requested",
+        json!({"kind": "claim_expiry_reminder", "preregistration_id": id}),
     );
-    a.unwrap();
-    b.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(sink.count(), 1);
+    app.ctx.broker.publish_command(&job).await.unwrap();
+    let mails = sink.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(mails[0].to, ["notices@partner.example"]);
+    // Mid-SMTP: a copy.
+    app.ctx.broker.publish_command(&job).await.unwrap();
+    wait_until(Duration::from_secs(5), || async {
+        waiting_retries(&app, &ch).await > 0
+    })
+    .await;
+    wait_until(Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, String>("SELECT state FROM email_deliveries WHERE job_id = $1")
+            .bind(&job.id)
+            .fetch_optional(app.db())
+            .await
+            .unwrap()
+            .is_some_and(|s| s == "sent")
+    })
+    .await;
+    // After it was sent: another copy (a replay).
+    app.ctx.broker.publish_command(&job).await.unwrap();
+    drained(&app, &ch, Queue::Email).await;
+    assert_eq!(sink.wait_for(2, Duration::from_secs(1)).await.len(), 1);
+    let _ = ch.close(200, "done").await;
+    app.cleanup().await;
+}
+
+/// A worker killed in the middle of the SMTP exchange (the real binary,
+/// SIGKILL, after the server took the message): its job is redelivered to
+/// another worker, which finds the lease held and retries, and once the
+/// lease has run out marks the delivery `delivery_unknown` (failed, dead
+/// letter) instead of sending a second email.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_smtp_leaves_delivery_unknown_and_no_second_email() {
+    let sink = SmtpSink::start().await.unwrap();
+    sink.after_data(AfterData::Stall);
+    let url = sink.url();
+    // No email worker in this process: the first delivery is the child's.
+    let mut app = spawn_roles(
+        move |c| {
+            c.smtp_url = url;
+            c.job_timeout = Duration::from_secs(2);
+            c.retry_delays = vec![
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+                Duration::from_secs(3),
+            ];
+            c.max_attempts = 12;
+        },
+        vec![Queue::Registration, Queue::Accounts],
+    )
+    .await;
+    let p = app.create_partner(json!({})).await;
+    let id = claimed(&app, &p, 9).await;
+    let mut child =
+        crate::private::ChildProc::spawn(&mut app.binary(&["worker", "--only", "email"]));
+    let v = invite(&app, &p, &[id], json!({})).await;
+    let inv = v["results"][0]["invitation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The server has the message; the child waits for its answer.
+    assert_eq!(sink.wait_for(1, Duration::from_secs(30)).await.len(), 1);
+    let leased: bool =
+        sqlx::query_scalar("SELECT sending_since IS NOT NULL FROM invitations WHERE id = $1")
+            .bind(inv.parse::<Uuid>().unwrap())
+            .fetch_one(app.db())
+            .await
+            .unwrap();
+    assert!(leased, "the child holds the delivery lease");
+    child.kill();
+    let killed_at = tokio::time::Instant::now();
+    // Another worker takes the redelivered job.
+    app.add_worker_on(vec![Queue::Email], |_| {}).await;
+    let failed = invitation_state(&app, &p, &inv, "failed").await;
+    assert!(
+        failed["failure"]
+            .as_str()
+            .unwrap()
+            .contains("delivery outcome unknown"),
+        "{failed}"
+    );
+    // Not before the lease (job timeout + 5 s from the child's claim) ran out.
+    assert!(
+        killed_at.elapsed() >= Duration::from_secs(5),
+        "gave up after {:?}, inside the lease",
+        killed_at.elapsed()
+    );
+    wait_until(Duration::from_secs(10), || async {
+        !runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    let dead = runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].reason.as_deref(), Some("delivery_unknown"));
+    assert!(
+        dead[0].retries.unwrap_or(0) >= 1,
+        "retried while the lease was held: {dead:?}"
+    );
+    assert_eq!(sink.count(), 1, "one email, the one the killed worker sent");
     app.cleanup().await;
 }
 
@@ -649,4 +843,116 @@ async fn send_invitation_at_preregistration_and_deleting_kills_the_link() {
     .await;
     assert_eq!(a["cause"]["code"], "link_expired");
     app.cleanup().await;
+}
+
+/// The server takes the message and the connection drops before its reply,
+/// or the reply never comes (the job times out mid-exchange): the outcome is
+/// unknown, so the worker must not send again: `delivery_unknown`, at once
+/// for the dropped connection, after the lease for the time-out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_after_the_server_took_the_message_sends_no_second_email() {
+    for action in [AfterData::Drop, AfterData::Stall] {
+        let sink = SmtpSink::start().await.unwrap();
+        sink.after_data(action);
+        let app = mail_app(&sink, |c| {
+            // A stalled reply ends with the job's time-out; its retries
+            // then outlast the lease (job timeout + 5 s).
+            c.smtp_timeout = Duration::from_millis(800);
+            c.job_timeout = Duration::from_secs(1);
+            c.retry_delays = vec![Duration::from_millis(500), Duration::from_secs(1)];
+            c.max_attempts = 12;
+        })
+        .await;
+        let p = app.create_partner(json!({})).await;
+        let id = claimed(&app, &p, 10).await;
+        let v = invite(&app, &p, &[id], json!({})).await;
+        let inv = v["results"][0]["invitation_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let failed = invitation_state(&app, &p, &inv, "failed").await;
+        assert!(
+            failed["failure"]
+                .as_str()
+                .unwrap()
+                .contains("delivery outcome unknown"),
+            "{action:?}: {failed}"
+        );
+        assert_eq!(
+            sink.wait_for(2, Duration::from_secs(1)).await.len(),
+            1,
+            "{action:?}: one email"
+        );
+        app.cleanup().await;
+    }
+}
+
+/// The per-partner send rate lives in Redis. With Redis unreachable the
+/// emails still go out (the rate is not enforced, nothing fails or waits
+/// for it): five invitations at a rate of one per second arrive together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_the_partner_email_rate_is_skipped_and_nothing_fails() {
+    let sink = SmtpSink::start().await.unwrap();
+    let app = mail_app(&sink, |c| {
+        c.partner_email_rate = 1;
+        c.redis_url = "redis://127.0.0.1:1".into();
+    })
+    .await;
+    assert!(app.ctx.locks.ping().await.is_err(), "Redis is unreachable");
+    let p = app.create_partner(json!({})).await;
+    let mut ids = Vec::new();
+    for n in 20..25 {
+        ids.push(claimed(&app, &p, n).await);
+    }
+    let started = tokio::time::Instant::now();
+    let v = invite(&app, &p, &ids, json!({})).await;
+    assert_eq!(sink.wait_for(5, Duration::from_secs(15)).await.len(), 5);
+    let took = started.elapsed();
+    // At one per second, five would need at least four seconds.
+    assert!(
+        took < Duration::from_millis(3000),
+        "five emails took {took:?}: the rate was applied without Redis"
+    );
+    for r in v["results"].as_array().unwrap() {
+        let sent = invitation_state(&app, &p, r["invitation_id"].as_str().unwrap(), "sent").await;
+        assert_eq!(sent["attempts"], 1, "{sent}");
+    }
+    app.cleanup().await;
+}
+
+/// SMTP AUTH with the credentials of `PREREG_SMTP_URL` (`smtp://user:pass@…`):
+/// a server that requires it gets them and takes the email; wrong ones are a
+/// permanent failure (535) that names the reply and never the password.
+/// (STARTTLS and implicit TLS are not tested: see docs/testing.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_auth_uses_the_url_credentials_and_a_refusal_is_permanent() {
+    for (password, ok) in [("s3cret-pw", true), ("wrong-pw", false)] {
+        let sink = SmtpSink::start().await.unwrap();
+        sink.require_auth("mailer", "s3cret-pw");
+        let url = format!("smtp://mailer:{password}@{}", sink.addr());
+        let app = spawn_with(move |c| c.smtp_url = url).await;
+        let p = app.create_partner(json!({})).await;
+        let id = claimed(&app, &p, 30).await;
+        let v = invite(&app, &p, &[id], json!({})).await;
+        let inv = v["results"][0]["invitation_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        if ok {
+            invitation_state(&app, &p, &inv, "sent").await;
+            assert_eq!(sink.wait_for(1, Duration::from_secs(5)).await.len(), 1);
+            assert!(sink.logins() >= 1);
+        } else {
+            let failed = invitation_state(&app, &p, &inv, "failed").await;
+            let failure = failed["failure"].as_str().unwrap();
+            assert!(failure.contains("535"), "{failure}");
+            assert!(
+                !failure.contains(password),
+                "the password leaked: {failure}"
+            );
+            assert_eq!(sink.count(), 0);
+            assert_eq!(sink.logins(), 0);
+        }
+        app.cleanup().await;
+    }
 }

@@ -23,6 +23,7 @@ mod messaging;
 mod pipeline;
 mod private;
 mod promises;
+mod relay;
 mod retries;
 mod secrets;
 mod security;

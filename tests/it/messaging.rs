@@ -1,5 +1,11 @@
 //! Poison messages, upstream-published commands, reconnection.
 
+use std::time::Duration;
+
+use lapin::{
+    options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
 use prereg::{
     mq::{CloudEvent, Queue},
     workers::runtime,
@@ -7,7 +13,10 @@ use prereg::{
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::common::*;
+use crate::{
+    common::*,
+    private::{PrivateRabbit, TempDir},
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_are_dead_lettered_with_their_reason_and_the_queue_moves_on() {
@@ -102,22 +111,49 @@ async fn poison_messages_are_dead_lettered_with_their_reason_and_the_queue_moves
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_dead_letters_are_processed_once_fixed() {
-    // A command for a partner that does not exist yet dead-letters; once the
-    // partner exists, a replay decides it.
+    // Commands for a partner that does not exist yet dead-letter; once the
+    // partner exists, one replay decides each of them exactly once.
+    const N: usize = 5;
     let app = spawn_app().await;
+    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    let names = &app.ctx.broker.names;
+    let capture = format!("{}.capture-replay", names.prefix);
+    ch.queue_declare(
+        &capture,
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        &capture,
+        &names.events(),
+        "preregistration.*",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     let partner_id = Uuid::now_v7();
-    let id = Uuid::now_v7();
-    let cmd = CloudEvent::new(
-        "preregistration.requested",
-        json!({"id": id, "partner_id": partner_id, "full_name": "Late", "email": "late@customer.example", "mobile": "+8612900000002"}),
-    );
-    app.ctx.broker.publish_command(&cmd).await.unwrap();
-    wait_until(std::time::Duration::from_secs(10), || async {
-        runtime::list_dead_letters(&app.ctx, Queue::Registration, 5)
+    let mut ids = Vec::new();
+    for i in 0..N {
+        let id = Uuid::now_v7();
+        let cmd = CloudEvent::new(
+            "preregistration.requested",
+            json!({"id": id, "partner_id": partner_id, "full_name": "Late", "email": format!("late{i}@customer.example"), "mobile": format!("+86129000000{i:02}")}),
+        );
+        app.ctx.broker.publish_command(&cmd).await.unwrap();
+        ids.push(id);
+    }
+    wait_until(Duration::from_secs(10), || async {
+        runtime::list_dead_letters(&app.ctx, Queue::Registration, 20)
             .await
             .unwrap()
             .len()
-            == 1
+            == N
     })
     .await;
     sqlx::query("INSERT INTO partners (id, name, country, contact_email) VALUES ($1, 'Late Partner', 'CN', 'x@y.co')")
@@ -134,37 +170,154 @@ async fn replayed_dead_letters_are_processed_once_fixed() {
         .await;
     assert_eq!(
         (s, v["replayed"].as_u64()),
-        (reqwest::StatusCode::OK, Some(1))
+        (reqwest::StatusCode::OK, Some(N as u64))
     );
-    wait_until(std::time::Duration::from_secs(10), || async {
-        sqlx::query_scalar::<_, String>("SELECT status FROM preregistrations WHERE id = $1")
-            .bind(id)
-            .fetch_optional(app.db())
-            .await
-            .unwrap()
-            .is_some_and(|s| s == "preregistered")
-    })
-    .await;
-    assert!(runtime::list_dead_letters(&app.ctx, Queue::Registration, 5)
+    wait_until(Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM preregistrations WHERE id = ANY($1) AND status = 'preregistered'",
+        )
+        .bind(&ids)
+        .fetch_one(app.db())
         .await
         .unwrap()
-        .is_empty());
+            == N as i64
+    })
+    .await;
+    // Each decided once: one decision in its timeline, one event published.
+    for id in &ids {
+        let decisions: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM preregistration_events WHERE preregistration_id = $1 AND change = 'decided'",
+        )
+        .bind(id)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+        assert_eq!(decisions, 1, "{id}");
+    }
+    wait_until(Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
+            .fetch_one(app.db())
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
+    let mut events: Vec<CloudEvent> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match ch
+            .basic_get(&capture, BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            Some(m) => events.push(CloudEvent::parse(&m.delivery.data).unwrap()),
+            None if events.len() >= N || tokio::time::Instant::now() > deadline => break,
+            None => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+    for id in &ids {
+        let accepted = events
+            .iter()
+            .filter(|e| {
+                e.ty == "preregistration.accepted"
+                    && e.subject.as_deref() == Some(id.to_string().as_str())
+            })
+            .count();
+        assert_eq!(accepted, 1, "accepted events for {id}: {events:?}");
+    }
+    assert!(
+        runtime::list_dead_letters(&app.ctx, Queue::Registration, 20)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A second replay finds nothing to send back.
+    let (_, v) = app
+        .post(
+            "/v1/admin/dead-letters/registration/replay",
+            OPERATOR,
+            json!({}),
+        )
+        .await;
+    assert_eq!(v["replayed"].as_u64(), Some(0));
+    let _ = ch.close(200, "done").await;
     app.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consumers_reconnect_after_the_connection_drops() {
-    let app = spawn_app().await;
+/// The broker is killed (SIGKILL, no clean close) and started again on the
+/// same port: the consumers come back by themselves and new work is decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consumers_reconnect_after_the_broker_is_killed_and_restarted() {
+    let home = TempDir::new("rabbit");
+    let name = format!(
+        "prereg-reconnect-{}",
+        &Uuid::new_v4().simple().to_string()[..8]
+    );
+    let Some(mut rabbit) = PrivateRabbit::start_in(home.path(), &name) else {
+        return;
+    };
+    let app = spawn_with(|c| {
+        c.amqp_url = rabbit.url();
+        c.publish_timeout = Duration::from_secs(1);
+        c.health_probe_interval = Duration::from_millis(200);
+    })
+    .await;
     let p = app.create_partner(json!({})).await;
     let first = app
         .prereg(&p, "before@customer.example", "+8612800000001")
         .await;
-    app.decided(&p, first).await;
-    // The broker drops the connection (as on a restart).
-    app.ctx.broker.drop_connection().await;
-    // New work is still accepted (the publisher reconnects) and consumed
-    // (the consumers reconnect).
-    app.claimed(&p, "after@customer.example", "+8612800000002")
-        .await;
+    assert_eq!(app.decided(&p, first).await["status"], "preregistered");
+
+    rabbit.kill();
+    assert!(rabbit.start_again(), "node restarts");
+    // The intake answers 503 until its publisher is back; then the job must
+    // be consumed by a consumer that reconnected on its own.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let second = loop {
+        let (status, v) = app
+            .post(
+                "/v1/preregistrations",
+                &p.key,
+                json!({"full_name": "After", "email": "after@customer.example", "mobile": "+8612800000002"}),
+            )
+            .await;
+        if status == reqwest::StatusCode::ACCEPTED {
+            break v["id"].as_str().unwrap().parse::<Uuid>().unwrap();
+        }
+        assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE, "{v}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never accepted again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(app.decided(&p, second).await["status"], "preregistered");
+    // Every worker queue has its consumer again.
+    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    for q in Queue::ALL {
+        let name = app.ctx.broker.names.queue(q);
+        let mut consumers = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while consumers == 0 && tokio::time::Instant::now() < deadline {
+            consumers = ch
+                .queue_declare(
+                    &name,
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap()
+                .consumer_count();
+            if consumers == 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        assert!(consumers >= 1, "no consumer on {name} after the restart");
+    }
+    let _ = ch.close(200, "done").await;
     app.cleanup().await;
+    drop(rabbit);
 }

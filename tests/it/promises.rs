@@ -400,3 +400,104 @@ async fn the_request_id_travels_from_http_to_the_published_event() {
     assert_eq!(event.correlationid.as_deref(), Some(rid.as_str()));
     app.cleanup().await;
 }
+
+/// A worker process (the real binary, `prereg worker --only registration`)
+/// serves `/healthz`, `/readyz` and `/metrics` on `PREREG_METRICS_ADDR`;
+/// its own metrics count the one job it did. A worker whose Redis is
+/// unreachable is live but not ready, naming Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_serves_health_readiness_and_its_own_metrics() {
+    // No registration worker in this process: the child decides.
+    let app = spawn_roles(|_| {}, vec![prereg::mq::Queue::Accounts]).await;
+    let port = crate::private::free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut cmd = app.binary(&["worker", "--only", "registration"]);
+    cmd.env("PREREG_METRICS_ADDR", format!("127.0.0.1:{port}"));
+    let mut child = crate::private::ChildProc::spawn(&mut cmd);
+    let get = |path: &str| {
+        let url = format!("{base}{path}");
+        let http = app.http.clone();
+        async move {
+            match http.get(url).send().await {
+                Ok(r) => Some((r.status(), r.text().await.unwrap_or_default())),
+                Err(_) => None,
+            }
+        }
+    };
+    wait_until(Duration::from_secs(30), || async {
+        get("/healthz")
+            .await
+            .is_some_and(|(s, _)| s == StatusCode::OK)
+    })
+    .await;
+    let (s, body) = get("/readyz").await.unwrap();
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["status"], "ready");
+    for dep in ["postgres", "redis", "rabbitmq"] {
+        assert_eq!(ready["checks"][dep]["ok"], true, "{dep}: {ready}");
+    }
+    let p = app.create_partner(json!({})).await;
+    let id = app
+        .prereg(&p, "health@customer.example", "+8615900000099")
+        .await;
+    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
+    // The child's own recorder: exactly the one registration job.
+    let jobs = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("prereg_jobs_total{") && l.contains("queue=\"registration\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let mut text = String::new();
+    wait_until(Duration::from_secs(5), || async {
+        get("/metrics").await.is_some_and(|(_, t)| jobs(&t) >= 1.0)
+    })
+    .await;
+    if let Some((s, t)) = get("/metrics").await {
+        assert_eq!(s, StatusCode::OK);
+        text = t;
+    }
+    assert_eq!(jobs(&text), 1.0, "{text}");
+    assert!(
+        !text.contains("health@customer.example"),
+        "no personal data in metrics"
+    );
+    child.kill();
+
+    // Redis unreachable: live, not ready.
+    let mut cfg = app.cfg.clone();
+    cfg.redis_url = "redis://127.0.0.1:1".into();
+    cfg.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    let node = app::start(
+        Ctx::new(cfg).unwrap(),
+        Roles {
+            workers: vec![prereg::mq::Queue::Sweeps],
+            health_server: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let addr = node.health_addr.expect("health server address");
+    let r = app
+        .http
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let ready: Value = r.json().await.unwrap();
+    assert_eq!(ready["status"], "not_ready");
+    assert_eq!(ready["checks"]["redis"]["ok"], false, "{ready}");
+    assert_eq!(ready["checks"]["postgres"]["ok"], true, "{ready}");
+    let r = app
+        .http
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    node.shutdown().await;
+    app.cleanup().await;
+}

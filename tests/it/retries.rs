@@ -4,7 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use lapin::{options::QueueDeclareOptions, types::FieldTable, Channel};
+use lapin::{
+    options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions},
+    types::FieldTable,
+    Channel,
+};
 use prereg::mq::Queue;
 use serde_json::json;
 
@@ -122,6 +126,131 @@ async fn a_failing_job_occupies_one_delay_slot_waits_each_delay_and_dead_letters
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason.as_deref(), Some("retries_exhausted"));
     assert_eq!(dead[0].retries, Some(3));
+    let _ = ch.close(200, "done").await;
+    app.cleanup().await;
+}
+
+/// A job that outlives `PREREG_JOB_TIMEOUT` is abandoned and retried
+/// through a delay queue, then succeeds: an account update whose row the
+/// test holds locked (the statement timeout is far longer than the job's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_timeout_is_retried_later_and_then_succeeds() {
+    let app = spawn_with(|c| {
+        c.job_timeout = Duration::from_millis(700);
+        c.db_statement_timeout = Duration::from_secs(20);
+        c.retry_delays = vec![Duration::from_millis(400), Duration::from_millis(800)];
+        c.max_attempts = 20;
+    })
+    .await;
+    let names = app.ctx.broker.names.clone();
+    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    let upstream = app.upstream_key().await;
+    app.account(
+        &upstream,
+        "acct-slow",
+        json!({"email": "v1@customer.example"}),
+    )
+    .await;
+    let mut blocker = app.db().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM accounts WHERE account_id = 'acct-slow' FOR UPDATE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let (s, v) = app
+        .request(
+            reqwest::Method::PUT,
+            "/v1/accounts/acct-slow",
+            Some(&upstream),
+            Some(json!({"email": "v2@customer.example"})),
+        )
+        .await;
+    assert_eq!(s, reqwest::StatusCode::ACCEPTED, "{v}");
+    // The update waits on the row past the job timeout: a retry is scheduled.
+    let started = Instant::now();
+    let mut retried = false;
+    while !retried {
+        for i in 0..names.retry_delays.len() {
+            retried |= depth(&ch, &names.retry_queue(i)).await > 0;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the blocked job was never retried"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "retried after {:?}, before its time-out",
+        started.elapsed()
+    );
+    let (_, now) = app.get("/v1/accounts/acct-slow", &upstream).await;
+    assert_eq!(now["email"], "v1@customer.example", "{now}");
+    blocker.rollback().await.unwrap();
+    wait_until(Duration::from_secs(10), || async {
+        app.get("/v1/accounts/acct-slow", &upstream).await.1["email"] == "v2@customer.example"
+    })
+    .await;
+    assert!(
+        prereg::workers::runtime::list_dead_letters(&app.ctx, Queue::Accounts, 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let _ = ch.close(200, "done").await;
+    app.cleanup().await;
+}
+
+/// The quorum queue's delivery limit is the backstop for a message no worker
+/// ever finishes (each one crashes on it, or cannot publish its retry): after
+/// `PREREG_DELIVERY_LIMIT` unsuccessful deliveries the broker itself moves it
+/// to the queue's dead-letter queue instead of handing it out forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_handed_back_past_the_delivery_limit_is_dead_lettered_by_the_broker() {
+    // No consumers: the test plays the worker that dies on the message.
+    let app = spawn_roles(|c| c.delivery_limit = 3, vec![]).await;
+    let names = app.ctx.broker.names.clone();
+    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    let job = prereg::mq::CloudEvent::with_id(
+        "backstop-1".into(),
+        "sweep.requested",
+        json!({"requested_by": "test"}),
+    );
+    app.ctx.broker.publish_command(&job).await.unwrap();
+    let queue = names.queue(Queue::Sweeps);
+    let started = Instant::now();
+    let mut deliveries = 0;
+    while depth(&ch, &names.dlq(Queue::Sweeps)).await == 0 {
+        if let Some(m) = ch
+            .basic_get(&queue, BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+        {
+            deliveries += 1;
+            m.delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            deliveries <= 20 && started.elapsed() < Duration::from_secs(15),
+            "handed out {deliveries} times, never dead-lettered"
+        );
+    }
+    assert!(
+        (3..=4).contains(&deliveries),
+        "dead-lettered after {deliveries} deliveries with a limit of 3"
+    );
+    assert_eq!(depth(&ch, &queue).await, 0);
+    let dead = prereg::workers::runtime::list_dead_letters(&app.ctx, Queue::Sweeps, 5)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message_id.as_deref(), Some("backstop-1"));
     let _ = ch.close(200, "done").await;
     app.cleanup().await;
 }

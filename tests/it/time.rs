@@ -18,6 +18,7 @@ use prereg::{
     workers::{deadlines, sweeps},
     Ctx,
 };
+use prereg_devtools::smtp_sink::SmtpSink;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, Row};
@@ -353,11 +354,14 @@ async fn two_sweeps_at_once_expire_each_claim_exactly_once() {
     let (cfg, db) = bare(|c| {
         c.sweep_batch = 150;
         c.claim_reminder_before = Duration::from_secs(3600);
+        // One batch loop per sweep: two waiting statements are two sweeps.
+        c.sweep_parallelism = 1;
     })
     .await;
     let one = Ctx::new(cfg.clone()).unwrap();
     let two = Ctx::new(cfg.clone()).unwrap();
-    sqlx::query("INSERT INTO partners (id, name, country) VALUES ($1, 'Bulk', 'CN')")
+    // The partner has a contact email: its reminders are queued as emails.
+    sqlx::query("INSERT INTO partners (id, name, country, contact_email) VALUES ($1, 'Bulk', 'CN', 'bulk@partner.example')")
         .bind(Uuid::now_v7())
         .execute(&one.db)
         .await
@@ -393,12 +397,50 @@ async fn two_sweeps_at_once_expire_each_claim_exactly_once() {
     // Due for a reminder only (within the hour).
     fill_claims(&one, 20, "now() + interval '30 minutes'", "invited", "6").await;
 
-    let (a, b) = tokio::join!(sweeps::run(&one), sweeps::run(&two));
-    let (a, b) = (a.unwrap(), b.unwrap());
+    // A barrier: while the test holds the outbox in SHARE mode, the first
+    // batch statement of each sweep (which writes to the outbox) waits. Both
+    // sweeps are seen waiting before either can expire anything, so they
+    // provably run at the same time.
+    let mut barrier = one.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE outbox IN SHARE MODE")
+        .execute(&mut *barrier)
+        .await
+        .unwrap();
+    let sweeping = tokio::spawn({
+        let (one, two) = (one.clone(), two.clone());
+        async move {
+            let (a, b) = tokio::join!(sweeps::run(&one), sweeps::run(&two));
+            (a.unwrap(), b.unwrap())
+        }
+    });
+    wait_until(Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+               AND wait_event_type = 'Lock' AND query LIKE '%preregistration.expired%'",
+        )
+        .fetch_one(&one.db)
+        .await
+        .unwrap()
+            == 2
+    })
+    .await;
+    let early: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM preregistrations WHERE status = 'expired'")
+            .fetch_one(&one.db)
+            .await
+            .unwrap();
+    assert_eq!(early, 0, "nothing expired before both sweeps started");
+    barrier.commit().await.unwrap();
+    let (a, b) = sweeping.await.unwrap();
     assert_eq!(
         a.claims_expired + b.claims_expired,
         DUE as u64,
         "{a:?} {b:?}"
+    );
+    // Released together, each took batches of its own (SKIP LOCKED).
+    assert!(
+        a.claims_expired > 0 && b.claims_expired > 0,
+        "one sweep did everything: {a:?} {b:?}"
     );
     assert_eq!(a.reminders + b.reminders, 20, "{a:?} {b:?}");
 
@@ -474,14 +516,31 @@ async fn two_sweeps_at_once_expire_each_claim_exactly_once() {
             ("preregistered".to_string(), 500),
         ]
     );
-    // Reminders: one email command per claim, marked once.
-    let reminders: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM outbox WHERE routing_key = 'email.requested' AND message->'data'->>'kind' = 'claim_expiry_reminder'",
+    // Reminders: one email command per claim (its own job id), marked once.
+    let row = sqlx::query(
+        "SELECT count(*) AS n, count(DISTINCT message->>'id') AS d FROM outbox
+          WHERE routing_key = 'email.requested' AND message->'data'->>'kind' = 'claim_expiry_reminder'",
     )
     .fetch_one(&one.db)
     .await
     .unwrap();
-    assert_eq!(reminders, 0, "the bulk partner has no contact email");
+    assert_eq!(
+        (row.get::<i64, _>("n"), row.get::<i64, _>("d")),
+        (20, 20),
+        "one reminder email per claim due for one"
+    );
+    let reminded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox o JOIN preregistrations p
+            ON o.message->>'id' = 'email:claim_expiry_reminder:' || p.id
+         WHERE p.expiry_reminder_sent_at IS NOT NULL AND p.status = 'invited'",
+    )
+    .fetch_one(&one.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        reminded, 20,
+        "the reminders name the claims that were marked"
+    );
     let marked: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM preregistrations WHERE expiry_reminder_sent_at IS NOT NULL",
     )
@@ -718,12 +777,16 @@ async fn a_review_is_reminded_once_escalated_once_and_stays_so_across_a_restart(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_deadline_runs_escalate_once() {
+    let sink = SmtpSink::start().await.unwrap();
+    let url = sink.url();
     let app = spawn_roles(
-        |c| {
+        move |c| {
             c.review_sla = ReviewSla::Plain(Duration::from_millis(500));
             c.review_reminder_before = Duration::from_secs(1);
+            c.smtp_url = url;
+            c.escalation_email = "escalate@provider.example".into();
         },
-        vec![Queue::Registration, Queue::Accounts],
+        vec![Queue::Registration, Queue::Accounts, Queue::Email],
     )
     .await;
     let upstream = app.upstream_key().await;
@@ -732,7 +795,11 @@ async fn concurrent_deadline_runs_escalate_once() {
     for n in 10..14 {
         reviews.push(open_review(&app, &upstream, &p, n).await.1);
     }
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut last_due = Utc::now();
+    for r in &reviews {
+        last_due = last_due.max(review_row(&app, *r).await.due_at);
+    }
+    wait_until(Duration::from_secs(5), || async { Utc::now() > last_due }).await;
     let other = Ctx::new(app.cfg.clone()).unwrap();
     let (a, b, c) = tokio::join!(
         deadlines::run(&app.ctx),
@@ -741,10 +808,165 @@ async fn concurrent_deadline_runs_escalate_once() {
     );
     let total = a.unwrap().overdue + b.unwrap().overdue + c.unwrap().overdue;
     assert_eq!(total, 4);
-    for r in reviews {
-        assert_eq!(review_row(&app, r).await.state, "overdue");
+    for r in &reviews {
+        assert_eq!(review_row(&app, *r).await.state, "overdue");
     }
+    // One escalation email per review reached the SMTP server, through the
+    // outbox and the email worker.
+    let escalations = || {
+        sink.received()
+            .into_iter()
+            .filter(|m| m.to == ["escalate@provider.example"])
+            .collect::<Vec<_>>()
+    };
+    wait_until(Duration::from_secs(15), || async {
+        escalations().len() >= 4
+    })
+    .await;
+    for r in &reviews {
+        let about = escalations()
+            .iter()
+            .filter(|m| m.data.contains(&r.to_string()))
+            .count();
+        assert_eq!(about, 1, "escalation emails about review {r}");
+    }
+    // No fifth one turns up once the outbox is empty.
+    outbox_empty(&app).await;
+    assert_eq!(sink.wait_for(5, Duration::from_secs(1)).await.len(), 4);
     other.db.close().await;
+    app.cleanup().await;
+}
+
+/// An invitation link past its own expiry (`PREREG_INVITATION_VALIDITY`)
+/// while its claim still holds: an association with it is `link_expired`
+/// from the time alone (the invitation row still says `sent`), and the
+/// sweep then marks the link `expired` with its event, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invitation_link_expires_by_time_and_the_sweep_marks_it_once() {
+    let sink = SmtpSink::start().await.unwrap();
+    let url = sink.url();
+    let app = spawn_with(move |c| {
+        c.smtp_url = url;
+        c.invitation_validity = Duration::from_secs(2);
+        c.claim_validity = Duration::from_secs(3600);
+    })
+    .await;
+    let mut cap = capture(&app, &[("events", "invitation.expired")]).await;
+    let upstream = app.upstream_key().await;
+    let p = app.create_partner(json!({})).await;
+    let id = app
+        .prereg(&p, "linktime@customer.example", "+8613400000031")
+        .await;
+    assert_eq!(app.decided(&p, id).await["status"], "preregistered");
+    let (s, v) = app
+        .post(
+            "/v1/invitations",
+            &p.key,
+            json!({"preregistration_ids": [id]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let inv: Uuid = v["results"][0]["invitation_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let sent = loop {
+        let v = app.get(&format!("/v1/invitations/{inv}"), &p.key).await.1;
+        if v["status"] == "sent" {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never sent: {v}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let link_expires: DateTime<Utc> =
+        serde_json::from_value(sent["link_expires_at"].clone()).expect("a link expiry");
+    assert!(link_expires < Utc::now() + chrono::Duration::seconds(3));
+    app.account(
+        &upstream,
+        "acct-linktime",
+        json!({"email": "linktime@customer.example"}),
+    )
+    .await;
+    wait_until(Duration::from_secs(10), || async {
+        Utc::now() > link_expires
+    })
+    .await;
+    // The association decides by the time: no sweep has run.
+    let nonce: Vec<u8> = sqlx::query_scalar("SELECT nonce FROM invitations WHERE id = $1")
+        .bind(inv)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+    let token = prereg::links::token(app.cfg.link_secret.as_bytes(), inv, &nonce);
+    let (s, a) = app
+        .post(
+            "/v1/associations",
+            &upstream,
+            json!({"token": token, "account_id": "acct-linktime"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{a}");
+    let attempt = a["id"].as_str().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let a = loop {
+        let a = app
+            .get(&format!("/v1/associations/{attempt}"), &upstream)
+            .await
+            .1;
+        if a["status"] != "queued" {
+            break a;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never decided: {a}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(
+        (a["status"].as_str(), a["cause"]["code"].as_str()),
+        (Some("failed"), Some("link_expired")),
+        "{a}"
+    );
+    let row_status: String = sqlx::query_scalar("SELECT status FROM invitations WHERE id = $1")
+        .bind(inv)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+    assert_eq!(row_status, "sent", "decided by time, not by a swept status");
+    // The sweep marks the link, and only the link.
+    let stats = sweeps::run(&app.ctx).await.unwrap();
+    assert_eq!(
+        (stats.links_expired, stats.claims_expired),
+        (1, 0),
+        "{stats:?}"
+    );
+    let (_, v) = app.get(&format!("/v1/invitations/{inv}"), &p.key).await;
+    assert_eq!(v["status"], "expired", "{v}");
+    let (_, pr) = app.get(&format!("/v1/preregistrations/{id}"), &p.key).await;
+    assert_ne!(pr["status"], "expired", "the claim holds: {pr}");
+    let again = sweeps::run(&app.ctx).await.unwrap();
+    assert_eq!(again.links_expired, 0);
+    outbox_empty(&app).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let events: Vec<CloudEvent> = loop {
+        let got: Vec<CloudEvent> = cap
+            .drain()
+            .await
+            .iter()
+            .filter(|e| e.data["invitation_id"] == json!(inv))
+            .cloned()
+            .collect();
+        if !got.is_empty() {
+            break got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no invitation.expired event"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].data["reason"], "link_validity_passed");
+    cap.delete().await;
     app.cleanup().await;
 }
 
