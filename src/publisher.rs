@@ -186,25 +186,59 @@ impl Publisher {
                 },
             );
         }
+        // lapin hands a returned (unroutable) message to whichever confirm
+        // it resolves next, and a `multiple` ack resolves several at once;
+        // so a return is matched to its message by message id, not by the
+        // confirm that carried it.
         let waits = pending.into_iter().map(|p| async move {
             match p {
-                Err(why) => Fate::NotTaken(why),
+                Err(why) => (Fate::NotTaken(why), None),
                 Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
-                    Err(_) => Fate::Unknown("no confirm from the broker in time".into()),
-                    Ok(Err(e)) => Fate::Unknown(format!("channel failed before the confirm: {e}")),
+                    Err(_) => (
+                        Fate::Unknown("no confirm from the broker in time".into()),
+                        None,
+                    ),
+                    Ok(Err(e)) => (
+                        Fate::Unknown(format!("channel failed before the confirm: {e}")),
+                        None,
+                    ),
                     Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => {
-                        Fate::Confirmed
+                        (Fate::Confirmed, None)
                     }
-                    Ok(Ok(Confirmation::Ack(Some(_)))) => {
-                        Fate::NotTaken("message unroutable: no queue bound".into())
-                    }
-                    Ok(Ok(Confirmation::Nack(_))) => {
-                        Fate::NotTaken("the broker refused the message (nack)".into())
-                    }
+                    Ok(Ok(Confirmation::Ack(Some(returned)))) => (
+                        Fate::Confirmed,
+                        Some(
+                            returned
+                                .properties
+                                .message_id()
+                                .as_ref()
+                                .map(|id| id.to_string()),
+                        ),
+                    ),
+                    Ok(Ok(Confirmation::Nack(_))) => (
+                        Fate::NotTaken("the broker refused the message (nack)".into()),
+                        None,
+                    ),
                 },
             }
         });
-        let fates = join_all(waits).await;
+        let settled = join_all(waits).await;
+        let returned: Vec<Option<String>> = settled.iter().filter_map(|(_, r)| r.clone()).collect();
+        let fates: Vec<Fate> = settled
+            .into_iter()
+            .zip(msgs)
+            .map(|((fate, _), m)| {
+                let came_back = returned
+                    .iter()
+                    .any(|r| r.as_deref().is_none_or(|id| id == m.message_id));
+                match fate {
+                    Fate::Confirmed if came_back => {
+                        Fate::NotTaken("message unroutable: no queue bound".into())
+                    }
+                    other => other,
+                }
+            })
+            .collect();
         stages::since(Stage::PublishConfirm, started);
         let mut fates = fates;
         if fates.iter().any(|f| matches!(f, Fate::Unknown(_))) && self.broker.blocked().await {
