@@ -440,17 +440,14 @@ pub async fn request_review(
     let job = command::job(review_id.to_string(), &cmd)?
         .subject(p.id)
         .correlation(Some(rid.0.clone()));
-    let answer = command::accepted(
-        json!({"id": review_id, "preregistration_id": p.id, "status": "queued"}),
-        Some(format!("/v1/preregistrations/{}", p.id)),
-    );
     command::accept(
         &st,
         tx,
         idem.as_ref(),
-        answer,
         &job,
         Some(crate::store::undo::Undo::Review(review_id)),
+        json!({"id": review_id, "preregistration_id": p.id, "status": "queued"}),
+        format!("/v1/preregistrations/{}", p.id),
     )
     .await
 }
