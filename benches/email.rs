@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{check_db_name, drop_db_unless_kept, env_or, loadavg, recreate_db};
+use common::{check_db_name, drop_db_unless_kept, env_or, loadavg, num_cpus, recreate_db};
 use std::time::{Duration, Instant};
 
 use futures::{stream, StreamExt};
@@ -159,12 +159,7 @@ async fn main() -> anyhow::Result<()> {
 
     let secs = elapsed.as_secs_f64();
     println!("### Run\n");
-    println!(
-        "- machine: {} CPUs; PostgreSQL {version}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    );
+    println!("- machine: {} CPUs; PostgreSQL {version}", num_cpus());
     println!(
         "- worker concurrency {}, SMTP pool {}, DB pool {}, partner send rate off, publish parallelism {publish_par}",
         cfg.worker_concurrency, cfg.smtp_pool_size, cfg.db_max_connections

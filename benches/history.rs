@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{check_db_name, drop_db_unless_kept, env_or, loadavg, recreate_db};
+use common::{check_db_name, drop_db_unless_kept, env_or, loadavg, num_cpus, recreate_db};
 use std::time::{Duration, Instant};
 
 use prereg::{
@@ -182,12 +182,7 @@ async fn main() -> anyhow::Result<()> {
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!("### Run\n");
-    println!(
-        "- machine: {} CPUs; PostgreSQL {version}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    );
+    println!("- machine: {} CPUs; PostgreSQL {version}", num_cpus());
     println!("- table: {records} history records over 100 partners (biggest {big}), filled in {fill_secs:.1} s, then `VACUUM ANALYZE`");
     println!("- {reps} timed requests per case after one warm-up, page of 50 (+1), one connection at a time");
     println!("- load average (1, 5, 15 min) before: {load_before}; after the searches: {load_after}; before the big export: {load_export}");

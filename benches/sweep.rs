@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{check_db_name, drop_db_unless_kept, env_or, loadavg, recreate_db};
+use common::{check_db_name, drop_db_unless_kept, env_or, loadavg, num_cpus, recreate_db};
 use std::time::{Duration, Instant};
 
 use prereg::{workers::sweeps, Config, Ctx};
@@ -131,12 +131,6 @@ async fn main() -> anyhow::Result<()> {
     ctx.db.close().await;
     drop_db_unless_kept(&mut admin, &db).await?;
     Ok(())
-}
-
-fn num_cpus() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
 }
 
 async fn fill(ctx: &Ctx, claims: i64, due: i64) -> anyhow::Result<()> {

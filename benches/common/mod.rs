@@ -13,6 +13,13 @@ pub fn loadavg() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// The CPUs this process may use (1 if unknown).
+pub fn num_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
 /// `BENCH_DB` goes into SQL as an identifier: only lower-case letters and `_`.
 pub fn check_db_name(db: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
