@@ -55,8 +55,7 @@ pub fn refused(r: Refusal) -> ApiError {
 
 pub async fn profile(State(st): State<AppState>, auth: PartnerAuth) -> ApiResult<Json<Value>> {
     let p = own_partner(&st, &auth).await?;
-    let managers = store::partners::managers(&st.ctx.db, p.id).await?;
-    Ok(Json(views::partner(&p, &managers)))
+    Ok(Json(views::partner_with_managers(&st.ctx.db, &p).await?))
 }
 
 pub async fn set_contact(
@@ -108,8 +107,7 @@ pub async fn set_contact(
     )
     .await?;
     tx.commit().await?;
-    let managers = store::partners::managers(&st.ctx.db, p.id).await?;
-    Ok(Json(views::partner(&p, &managers)))
+    Ok(Json(views::partner_with_managers(&st.ctx.db, &p).await?))
 }
 
 pub async fn create(
