@@ -8,6 +8,9 @@
 //! `BENCH_PG`; uses RabbitMQ (`BENCH_AMQP`) under a unique prefix (deleted at
 //! the end) and Redis (`BENCH_REDIS`). Prints Markdown for docs/benchmarks.md.
 
+mod common;
+
+use common::{check_db_name, drop_db_unless_kept, env_or, loadavg, num_cpus, recreate_db};
 use std::time::{Duration, Instant};
 
 use futures::{stream, StreamExt};
@@ -20,16 +23,6 @@ use prereg_devtools::smtp_sink::SmtpSink;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -44,18 +37,10 @@ async fn main() -> anyhow::Result<()> {
     let pg = env_or("BENCH_PG", "postgres://postgres@127.0.0.1:5432");
     let db = env_or("BENCH_DB", "prereg_bench_email");
     let n: i64 = env_or("BENCH_EMAILS", "5000").parse()?;
-    anyhow::ensure!(
-        db.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
-        "BENCH_DB must be a plain identifier"
-    );
+    check_db_name(&db)?;
 
     let mut admin = PgConnection::connect(&format!("{pg}/postgres")).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    sqlx::query(&format!("CREATE DATABASE {db}"))
-        .execute(&mut admin)
-        .await?;
+    recreate_db(&mut admin, &db).await?;
 
     let sink = SmtpSink::start().await?;
     sink.keep_messages(false);
@@ -174,12 +159,7 @@ async fn main() -> anyhow::Result<()> {
 
     let secs = elapsed.as_secs_f64();
     println!("### Run\n");
-    println!(
-        "- machine: {} CPUs; PostgreSQL {version}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    );
+    println!("- machine: {} CPUs; PostgreSQL {version}", num_cpus());
     println!(
         "- worker concurrency {}, SMTP pool {}, DB pool {}, partner send rate off, publish parallelism {publish_par}",
         cfg.worker_concurrency, cfg.smtp_pool_size, cfg.db_max_connections
@@ -209,10 +189,6 @@ async fn main() -> anyhow::Result<()> {
     ctx.broker.close().await;
     ctx.db.close().await;
     sink.shutdown();
-    if std::env::var("BENCH_KEEP_DB").is_err() {
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-            .execute(&mut admin)
-            .await?;
-    }
+    drop_db_unless_kept(&mut admin, &db).await?;
     Ok(())
 }

@@ -9,6 +9,9 @@
 //! Recreates the database `BENCH_DB` (default `prereg_bench_history`) on
 //! `BENCH_PG`. Needs only PostgreSQL. Prints Markdown for docs/benchmarks.md.
 
+mod common;
+
+use common::{check_db_name, drop_db_unless_kept, env_or, loadavg, num_cpus, recreate_db};
 use std::time::{Duration, Instant};
 
 use prereg::{
@@ -18,16 +21,6 @@ use prereg::{
 };
 use sqlx::{Connection, PgConnection, Row};
 use uuid::Uuid;
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
 
 fn status_kb(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -53,19 +46,11 @@ async fn main() -> anyhow::Result<()> {
     let records: i64 = env_or("BENCH_RECORDS", "1000000").parse()?;
     let big: i64 = env_or("BENCH_BIG", "100000").parse()?;
     let reps: usize = env_or("BENCH_REQUESTS", "35").parse()?;
-    anyhow::ensure!(
-        db.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
-        "BENCH_DB must be a plain identifier"
-    );
+    check_db_name(&db)?;
     anyhow::ensure!(big <= records);
 
     let mut admin = PgConnection::connect(&format!("{pg}/postgres")).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    sqlx::query(&format!("CREATE DATABASE {db}"))
-        .execute(&mut admin)
-        .await?;
+    recreate_db(&mut admin, &db).await?;
     let mut cfg = Config::from_env().unwrap_or_default();
     // BENCH_DB_URL_SUFFIX, e.g. `?options=-c%20plan_cache_mode%3Dforce_custom_plan`.
     cfg.database_url = format!("{pg}/{db}{}", env_or("BENCH_DB_URL_SUFFIX", ""));
@@ -197,12 +182,7 @@ async fn main() -> anyhow::Result<()> {
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!("### Run\n");
-    println!(
-        "- machine: {} CPUs; PostgreSQL {version}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    );
+    println!("- machine: {} CPUs; PostgreSQL {version}", num_cpus());
     println!("- table: {records} history records over 100 partners (biggest {big}), filled in {fill_secs:.1} s, then `VACUUM ANALYZE`");
     println!("- {reps} timed requests per case after one warm-up, page of 50 (+1), one connection at a time");
     println!("- load average (1, 5, 15 min) before: {load_before}; after the searches: {load_after}; before the big export: {load_export}");
@@ -239,11 +219,7 @@ async fn main() -> anyhow::Result<()> {
     println!("```\n{many_plan}\n```");
 
     ctx.db.close().await;
-    if std::env::var("BENCH_KEEP_DB").is_err() {
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-            .execute(&mut admin)
-            .await?;
-    }
+    drop_db_unless_kept(&mut admin, &db).await?;
     Ok(())
 }
 

@@ -9,14 +9,13 @@
 //! for docs/benchmarks.md. Needs only PostgreSQL (the sweep writes its events
 //! to the outbox; nothing is published).
 
+mod common;
+
+use common::{check_db_name, drop_db_unless_kept, env_or, loadavg, num_cpus, recreate_db};
 use std::time::{Duration, Instant};
 
 use prereg::{workers::sweeps, Config, Ctx};
 use sqlx::{Connection, PgConnection, Row};
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -29,19 +28,11 @@ async fn main() -> anyhow::Result<()> {
     let db = env_or("BENCH_DB", "prereg_bench_sweep");
     let claims: i64 = env_or("BENCH_CLAIMS", "1000000").parse()?;
     let due: i64 = env_or("BENCH_DUE", "100000").parse()?;
-    anyhow::ensure!(
-        db.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
-        "BENCH_DB must be a plain identifier"
-    );
+    check_db_name(&db)?;
     anyhow::ensure!(due <= claims, "BENCH_DUE must not exceed BENCH_CLAIMS");
 
     let mut admin = PgConnection::connect(&format!("{pg}/postgres")).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    sqlx::query(&format!("CREATE DATABASE {db}"))
-        .execute(&mut admin)
-        .await?;
+    recreate_db(&mut admin, &db).await?;
     let mut cfg = Config::from_env().unwrap_or_default();
     cfg.database_url = format!("{pg}/{db}");
     cfg.job_timeout = Duration::from_secs(600);
@@ -138,24 +129,8 @@ async fn main() -> anyhow::Result<()> {
     println!("```\n{plan_reminder}\n```");
 
     ctx.db.close().await;
-    if std::env::var("BENCH_KEEP_DB").is_err() {
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-            .execute(&mut admin)
-            .await?;
-    }
+    drop_db_unless_kept(&mut admin, &db).await?;
     Ok(())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-fn num_cpus() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
 }
 
 async fn fill(ctx: &Ctx, claims: i64, due: i64) -> anyhow::Result<()> {

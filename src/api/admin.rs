@@ -141,9 +141,8 @@ pub async fn create_partner(
     )
     .await?;
     tx.commit().await?;
-    let managers = store::partners::managers(&st.ctx.db, p.id).await?;
-    let body =
-        json!({"partner": views::partner(&p, &managers), "api_key": api_key, "key_id": key_id});
+    let partner = views::partner_with_managers(&st.ctx.db, &p).await?;
+    let body = json!({"partner": partner, "api_key": api_key, "key_id": key_id});
     let mut resp = (StatusCode::CREATED, Json(body)).into_response();
     if let Ok(loc) = format!("/v1/admin/partners/{}", p.id).parse() {
         resp.headers_mut().insert(axum::http::header::LOCATION, loc);
@@ -160,8 +159,7 @@ pub async fn get_partner(
     let p = store::partners::get(&st.ctx.db, id)
         .await?
         .ok_or_else(|| ApiError::not_found("partner"))?;
-    let managers = store::partners::managers(&st.ctx.db, id).await?;
-    Ok(Json(views::partner(&p, &managers)))
+    Ok(Json(views::partner_with_managers(&st.ctx.db, &p).await?))
 }
 
 pub async fn patch_partner(
@@ -186,8 +184,7 @@ pub async fn patch_partner(
     )
     .await?;
     tx.commit().await?;
-    let managers = store::partners::managers(&st.ctx.db, id).await?;
-    Ok(Json(views::partner(&p, &managers)))
+    Ok(Json(views::partner_with_managers(&st.ctx.db, &p).await?))
 }
 
 /// Issues a new key for the partner and (unless `keep_existing`) revokes the others.

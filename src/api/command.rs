@@ -236,17 +236,20 @@ pub async fn settle(
     }
 }
 
-/// Stores the answer with the key, writes the job to the outbox, commits,
-/// publishes with a confirm; if the broker refuses the job, undoes the
-/// change with `undo` and answers 503.
+/// Answers `202` with `body` and `location` for a queued command: stores the
+/// answer with the key, writes the job to the outbox, commits, publishes
+/// with a confirm; if the broker refuses the job, undoes the change with
+/// `undo` and answers 503.
 pub async fn accept(
     st: &AppState,
     mut tx: Transaction<'static, Postgres>,
     idem: Option<&Idem>,
-    answer: Stored,
     job: &CloudEvent,
     undo: Option<Undo>,
+    body: Value,
+    location: String,
 ) -> Result<Response, ApiError> {
+    let answer = accepted(body, Some(location));
     if let Some(i) = idem {
         i.save(&mut tx, &answer).await?;
     }

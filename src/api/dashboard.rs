@@ -27,7 +27,6 @@ use axum::{
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
-use lapin::options::QueueDeclareOptions;
 use rand::RngCore;
 use serde::Deserialize;
 use serde_json::Value;
@@ -512,19 +511,9 @@ async fn broker_depths(
     let ctx = &st.ctx;
     let (_, ch) = ctx.broker.channel().await?;
     let names = &ctx.broker.names;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        durable: true,
-        ..Default::default()
-    };
     let mut queues = Vec::new();
     for q in Queue::ALL {
-        let work = ch
-            .queue_declare(&names.queue(q), passive, Default::default())
-            .await?;
-        let dlq = ch
-            .queue_declare(&names.dlq(q), passive, Default::default())
-            .await?;
+        let (work, dlq) = dead_letters::depths(&ch, names, q).await?;
         queues.push((
             q,
             work.message_count() as u64,
@@ -534,10 +523,7 @@ async fn broker_depths(
     }
     let mut retries = Vec::new();
     for (tier, delay) in ctx.cfg.retry_delays.iter().enumerate() {
-        if let Ok(r) = ch
-            .queue_declare(&names.retry_queue(tier), passive, Default::default())
-            .await
-        {
+        if let Ok(r) = dead_letters::passive_declare(&ch, &names.retry_queue(tier)).await {
             retries.push(RetryRow {
                 delay: format!("{delay:?}"),
                 depth: r.message_count() as u64,

@@ -221,17 +221,14 @@ pub async fn create_export(
     };
     let job =
         command::job(id.to_string(), &ExportRequested { export_id: id })?.correlation(Some(rid.0));
-    let answer = command::accepted(
-        json!({"id": id, "status": "pending"}),
-        Some(format!("/v1/exports/{id}")),
-    );
     command::accept(
         &st,
         tx,
         idem.as_ref(),
-        answer,
         &job,
         Some(crate::store::undo::Undo::Export(id)),
+        json!({"id": id, "status": "pending"}),
+        format!("/v1/exports/{id}"),
     )
     .await
 }

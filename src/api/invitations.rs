@@ -515,17 +515,14 @@ pub async fn submit_association(
     .await?;
     let job = command::job(id.to_string(), &AssociationRequested { attempt_id: id })?
         .correlation(Some(rid.0.clone()));
-    let answer = command::accepted(
-        json!({"id": id, "status": "queued"}),
-        Some(format!("/v1/associations/{id}")),
-    );
     command::accept(
         &st,
         tx,
         idem.as_ref(),
-        answer,
         &job,
         Some(crate::store::undo::Undo::AssociationAttempt(id)),
+        json!({"id": id, "status": "queued"}),
+        format!("/v1/associations/{id}"),
     )
     .await
 }

@@ -55,8 +55,7 @@ pub fn refused(r: Refusal) -> ApiError {
 
 pub async fn profile(State(st): State<AppState>, auth: PartnerAuth) -> ApiResult<Json<Value>> {
     let p = own_partner(&st, &auth).await?;
-    let managers = store::partners::managers(&st.ctx.db, p.id).await?;
-    Ok(Json(views::partner(&p, &managers)))
+    Ok(Json(views::partner_with_managers(&st.ctx.db, &p).await?))
 }
 
 pub async fn set_contact(
@@ -108,8 +107,7 @@ pub async fn set_contact(
     )
     .await?;
     tx.commit().await?;
-    let managers = store::partners::managers(&st.ctx.db, p.id).await?;
-    Ok(Json(views::partner(&p, &managers)))
+    Ok(Json(views::partner_with_managers(&st.ctx.db, &p).await?))
 }
 
 pub async fn create(
@@ -440,17 +438,14 @@ pub async fn request_review(
     let job = command::job(review_id.to_string(), &cmd)?
         .subject(p.id)
         .correlation(Some(rid.0.clone()));
-    let answer = command::accepted(
-        json!({"id": review_id, "preregistration_id": p.id, "status": "queued"}),
-        Some(format!("/v1/preregistrations/{}", p.id)),
-    );
     command::accept(
         &st,
         tx,
         idem.as_ref(),
-        answer,
         &job,
         Some(crate::store::undo::Undo::Review(review_id)),
+        json!({"id": review_id, "preregistration_id": p.id, "status": "queued"}),
+        format!("/v1/preregistrations/{}", p.id),
     )
     .await
 }

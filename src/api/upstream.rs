@@ -107,11 +107,16 @@ pub async fn put_account(
         "/v1/accounts/{}",
         percent_encoding::utf8_percent_encode(&account_id, PATH_SEGMENT)
     );
-    let answer = command::accepted(
+    command::accept(
+        &st,
+        tx,
+        idem.as_ref(),
+        &job,
+        None,
         json!({"id": job.id, "account_id": account_id, "status": "queued"}),
-        Some(location),
-    );
-    command::accept(&st, tx, idem.as_ref(), answer, &job, None).await
+        location,
+    )
+    .await
 }
 
 pub async fn get_account(

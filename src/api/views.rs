@@ -82,6 +82,12 @@ pub fn prereg(p: &Prereg, masked: bool, review_row: Option<&Review>, invitations
     })
 }
 
+/// Partner `p` as the API shows it, with its account managers read from `db`.
+pub async fn partner_with_managers(db: &sqlx::PgPool, p: &Partner) -> Result<Value, sqlx::Error> {
+    let managers = crate::store::partners::managers(db, p.id).await?;
+    Ok(partner(p, &managers))
+}
+
 pub fn partner(p: &Partner, managers: &[AccountManager]) -> Value {
     json!({
         "id": p.id,

@@ -238,24 +238,38 @@ fn message_id_matches(d: &lapin::message::Delivery, id: &str) -> bool {
     message_id(d).as_deref() == Some(id)
 }
 
-/// Depth and consumers of every work queue and its dead-letter queue (and
-/// the queue gauges of `/metrics`).
-pub async fn queue_stats(broker: &Broker) -> anyhow::Result<Vec<Value>> {
-    let (_, ch) = broker.channel().await?;
-    let names = &broker.names;
+/// The passive declare of a durable queue: its depth and consumers, or an
+/// error if it does not exist.
+pub async fn passive_declare(
+    ch: &lapin::Channel,
+    name: &str,
+) -> Result<lapin::Queue, lapin::Error> {
     let passive = QueueDeclareOptions {
         passive: true,
         durable: true,
         ..Default::default()
     };
+    ch.queue_declare(name, passive, Default::default()).await
+}
+
+/// Work queue `q` and its dead-letter queue, as passive declares see them.
+pub async fn depths(
+    ch: &lapin::Channel,
+    names: &super::topology::Names,
+    q: Queue,
+) -> Result<(lapin::Queue, lapin::Queue), lapin::Error> {
+    let work = passive_declare(ch, &names.queue(q)).await?;
+    let dlq = passive_declare(ch, &names.dlq(q)).await?;
+    Ok((work, dlq))
+}
+
+/// Depth and consumers of every work queue and its dead-letter queue (and
+/// the queue gauges of `/metrics`).
+pub async fn queue_stats(broker: &Broker) -> anyhow::Result<Vec<Value>> {
+    let (_, ch) = broker.channel().await?;
     let mut out = Vec::new();
     for q in Queue::ALL {
-        let work = ch
-            .queue_declare(&names.queue(q), passive, Default::default())
-            .await?;
-        let dlq = ch
-            .queue_declare(&names.dlq(q), passive, Default::default())
-            .await?;
+        let (work, dlq) = depths(&ch, &broker.names, q).await?;
         metrics::gauge!("prereg_queue_depth", "queue" => q.short())
             .set(work.message_count() as f64);
         metrics::gauge!("prereg_dead_letters", "queue" => q.short())

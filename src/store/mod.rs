@@ -146,16 +146,29 @@ pub async fn ping<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<(), sqlx::Error> 
     Ok(())
 }
 
+/// A row type `row_by`/`rows_by` can map a result row into.
+pub(crate) trait Row:
+    for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin
+{
+}
+impl<T> Row for T where T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin {}
+
+/// A value `row_by`/`rows_by` can bind as `$1`.
+pub(crate) trait Key:
+    for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send
+{
+}
+impl<K> Key for K where
+    K: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send
+{
+}
+
 /// The row `sql` (a statement with one parameter, `$1 = key`) returns, if any.
-pub(crate) async fn row_by<'e, T, K>(
+pub(crate) async fn row_by<'e, T: Row, K: Key>(
     db: impl sqlx::PgExecutor<'e>,
     sql: String,
     key: K,
-) -> Result<Option<T>, sqlx::Error>
-where
-    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
-    K: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
-{
+) -> Result<Option<T>, sqlx::Error> {
     sqlx::query_as::<_, T>(&sql)
         .bind(key)
         .fetch_optional(db)
@@ -163,14 +176,10 @@ where
 }
 
 /// The rows `sql` (a statement with one parameter, `$1 = key`) returns.
-pub(crate) async fn rows_by<'e, T, K>(
+pub(crate) async fn rows_by<'e, T: Row, K: Key>(
     db: impl sqlx::PgExecutor<'e>,
     sql: String,
     key: K,
-) -> Result<Vec<T>, sqlx::Error>
-where
-    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
-    K: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
-{
+) -> Result<Vec<T>, sqlx::Error> {
     sqlx::query_as::<_, T>(&sql).bind(key).fetch_all(db).await
 }
