@@ -184,20 +184,11 @@ async fn sigterm_mid_load_loses_nothing() {
         app.create_partner(json!({"name": "B"})).await,
     ];
     const N: usize = 600;
-    let mut ids = Vec::with_capacity(N);
-    for chunk in (0..N).collect::<Vec<_>>().chunks(20) {
-        // Duplicates included: every 10th customer is submitted by both partners.
-        let batch = chunk.iter().map(|i| {
-            let p = &partners[i % 2];
-            let n = if i % 10 == 1 { i - 1 } else { *i };
-            app.prereg(
-                p,
-                Box::leak(format!("load{n}@customer.example").into_boxed_str()),
-                Box::leak(format!("+86132{n:08}").into_boxed_str()),
-            )
-        });
-        ids.extend(join_all(batch).await);
-    }
+    // Requests are sent in chunks; the worker is signalled once it has
+    // decided some of the first ones, and the rest keep coming while it
+    // drains and after it is gone, so the signal always lands mid-load
+    // (the batched worker would otherwise decide all 600 before it).
+    const BEFORE_SIGNAL: usize = 100;
     let db = app.db().clone();
     let count_decided = || {
         let db = db.clone();
@@ -210,14 +201,32 @@ async fn sigterm_mid_load_loses_nothing() {
             .unwrap()
         }
     };
-    wait_until(Duration::from_secs(30), || async {
-        count_decided().await >= 50
-    })
-    .await;
-    unsafe {
-        libc::kill(pid as i32, libc::SIGTERM);
+    let mut ids = Vec::with_capacity(N);
+    let mut signalled = None;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(20) {
+        if signalled.is_none() && ids.len() >= BEFORE_SIGNAL {
+            wait_until(Duration::from_secs(30), || async {
+                count_decided().await >= 50
+            })
+            .await;
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+            signalled = Some(count_decided().await);
+        }
+        // Duplicates included: every 10th customer is submitted by both partners.
+        let batch = chunk.iter().map(|i| {
+            let p = &partners[i % 2];
+            let n = if i % 10 == 1 { i - 1 } else { *i };
+            app.prereg(
+                p,
+                Box::leak(format!("load{n}@customer.example").into_boxed_str()),
+                Box::leak(format!("+86132{n:08}").into_boxed_str()),
+            )
+        });
+        ids.extend(join_all(batch).await);
     }
-    let at_signal = count_decided().await;
+    let at_signal = signalled.expect("signalled mid-load");
     let mut child = guard.0.take().expect("child");
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
@@ -225,9 +234,11 @@ async fn sigterm_mid_load_loses_nothing() {
         .expect("worker exits");
     assert!(status.success(), "graceful exit, got {status:?}");
     assert!(
-        (at_signal as usize) < N,
+        (at_signal as usize) < N && at_signal >= 50,
         "the signal came mid-load ({at_signal} of {N} decided)"
     );
+    let left = N as i64 - count_decided().await;
+    assert!(left > 0, "work was left for the next worker");
     // A new worker picks up the rest.
     app.add_worker(|_| {}).await;
     wait_until(Duration::from_secs(60), || async {

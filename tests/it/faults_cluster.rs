@@ -93,6 +93,7 @@ async fn submit(app: &TestApp, p: &Partner, n: usize) -> (StatusCode, Value) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "three RabbitMQ nodes: .ci/run runs it alone after the suite (cargo test --test it faults_cluster -- --ignored)"]
 async fn cluster_loses_a_node_then_the_leaders_node_under_load() {
     let cluster = Cluster {
         dir: TempDir::new("cluster"),
@@ -150,27 +151,30 @@ async fn cluster_loses_a_node_then_the_leaders_node_under_load() {
         })
     };
     let accepted = |t: &Arc<Mutex<Tally>>| t.lock().unwrap().accepted.len();
-    let grow = |t: Arc<Mutex<Tally>>, by: usize, what: &'static str| async move {
+    let grow = |t: Arc<Mutex<Tally>>, by: usize, what: &'static str, within: u64| async move {
         let from = accepted(&t);
-        let deadline = Instant::now() + Duration::from_secs(45);
+        let deadline = Instant::now() + Duration::from_secs(within);
         while accepted(&t) < from + by {
             assert!(Instant::now() < deadline, "no progress {what}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    grow(tally.clone(), 40, "before faults").await;
+    grow(tally.clone(), 40, "before faults", 45).await;
 
     // 1. Node 3 (a follower) stops; the cluster keeps its majority.
     assert!(cluster.run(&["ctl", "3", "stop_app"]).is_some());
-    grow(tally.clone(), 40, "with node 3 stopped").await;
+    grow(tally.clone(), 40, "with node 3 stopped", 45).await;
     assert!(cluster.run(&["ctl", "3", "start_app"]).is_some());
-    grow(tally.clone(), 20, "with node 3 back").await;
+    grow(tally.clone(), 20, "with node 3 back", 45).await;
 
     // 2. Node 1, where the client connected first and the queue leaders
     // live, crashes: leaders move, clients fail over to nodes 2 and 3.
     let crashed = Instant::now();
     assert!(cluster.run(&["stop-node", "1"]).is_some());
-    grow(tally.clone(), 40, "after the leaders' node crashed").await;
+    // Until nodes 2 and 3 elect new leaders (node 3 has only just caught
+    // up), the queues refuse publishes and the intake answers 503 at once;
+    // on a loaded two-core host that took over 45 s.
+    grow(tally.clone(), 40, "after the leaders' node crashed", 120).await;
     eprintln!(
         "accepting again on the surviving nodes {:?} after the crash",
         crashed.elapsed()
