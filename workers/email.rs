@@ -44,6 +44,15 @@ pub async fn fail_invitation(ctx: &Ctx, id: Uuid, reason: &str) -> Result<(), sq
     Ok(())
 }
 
+/// The job's retries ran out: fail the invitation unless another worker is
+/// sending it right now (see [`flows::invitations::give_up`]).
+pub async fn give_up_invitation(ctx: &Ctx, id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
+    if flows::invitations::give_up(ctx, id, reason, lease(ctx)).await? {
+        count("failed");
+    }
+    Ok(())
+}
+
 pub async fn handle_invitation(ctx: &Ctx, job: InvitationRequested) -> Result<Outcome, JobError> {
     let id = job.invitation_id;
     // 1. Claim the delivery (short transaction).

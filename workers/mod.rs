@@ -180,7 +180,7 @@ pub async fn dispatch(ctx: &Ctx, q: Queue, ev: &CloudEvent) -> Result<Outcome, J
 pub async fn exhausted(ctx: &Ctx, ev: &CloudEvent, last_error: &str) {
     let result = match ev.ty.as_str() {
         InvitationRequested::TYPE => match ev.decode::<InvitationRequested>() {
-            Ok(job) => email::fail_invitation(ctx, job.invitation_id, last_error).await,
+            Ok(job) => email::give_up_invitation(ctx, job.invitation_id, last_error).await,
             Err(_) => Ok(()),
         },
         AssociationRequested::TYPE => match ev.decode::<AssociationRequested>() {

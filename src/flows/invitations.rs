@@ -259,12 +259,40 @@ pub async fn sent(
 /// Marks a live invitation failed with the server's reply and publishes
 /// `invitation.failed`. Returns whether it was still live.
 pub async fn fail(ctx: &Ctx, id: Uuid, reason: &str) -> Result<bool, sqlx::Error> {
+    fail_where(ctx, id, reason, None).await
+}
+
+/// Gives up on a job's invitation after its retries ran out — unless another
+/// worker holds a live delivery lease (it is in the SMTP exchange right now):
+/// that worker settles the invitation (sent, or `delivery_unknown` once its
+/// lease runs out), so a duplicate job that only ever found it busy must not
+/// mark it failed.
+pub async fn give_up(
+    ctx: &Ctx,
+    id: Uuid,
+    reason: &str,
+    lease: Duration,
+) -> Result<bool, sqlx::Error> {
+    fail_where(ctx, id, reason, Some(lease)).await
+}
+
+async fn fail_where(
+    ctx: &Ctx,
+    id: Uuid,
+    reason: &str,
+    unless_leased: Option<Duration>,
+) -> Result<bool, sqlx::Error> {
     let mut tx = ctx.db.begin().await?;
     let Some(inv) = invitations::get_for_update(&mut tx, id).await? else {
         return Ok(false);
     };
     if inv.status != "queued" {
         return Ok(false);
+    }
+    if let (Some(lease), Some(since)) = (unless_leased, inv.sending_since) {
+        if Utc::now() - since < lease {
+            return Ok(false);
+        }
     }
     invitations::set_status(&mut tx, id, "failed", Some(reason)).await?;
     outbox::event(

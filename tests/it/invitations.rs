@@ -500,6 +500,68 @@ async fn a_worker_killed_mid_smtp_leaves_delivery_unknown_and_no_second_email() 
     app.cleanup().await;
 }
 
+/// A copy of an email job that only ever finds another worker mid-send
+/// (a live delivery lease) runs out of retries and is dead-lettered, but it
+/// must not mark the invitation failed: the worker holding the lease settles
+/// it. Before the fix the copy's give-up turned a live invitation, whose
+/// email then went out, into `failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_exhausts_its_retries_while_another_worker_sends_leaves_the_invitation_live() {
+    let sink = SmtpSink::start().await.unwrap();
+    let url = sink.url();
+    // No email worker yet: the invitation stays queued until the test has
+    // put a live lease on it, as a worker in the SMTP exchange would.
+    let mut app = spawn_roles(
+        move |c| {
+            c.smtp_url = url;
+            c.retry_delays = vec![Duration::from_millis(100)];
+            c.max_attempts = 3;
+        },
+        vec![Queue::Registration, Queue::Accounts],
+    )
+    .await;
+    let p = app.create_partner(json!({})).await;
+    let id = claimed(&app, &p, 41).await;
+    let v = invite(&app, &p, &[id], json!({})).await;
+    let inv: Uuid = v["results"][0]["invitation_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    sqlx::query("UPDATE invitations SET sending_since = now() WHERE id = $1")
+        .bind(inv)
+        .execute(app.db())
+        .await
+        .unwrap();
+    app.add_worker_on(vec![Queue::Email], |_| {}).await;
+    wait_until(Duration::from_secs(20), || async {
+        !runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    let dead = runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        dead[0].reason.as_deref(),
+        Some("retries_exhausted"),
+        "{dead:?}"
+    );
+    // The runtime gives up on the job (workers::exhausted) before it
+    // publishes the dead letter, so its effect is visible now.
+    let (status, failure): (String, Option<String>) =
+        sqlx::query_as("SELECT status, failure FROM invitations WHERE id = $1")
+            .bind(inv)
+            .fetch_one(app.db())
+            .await
+            .unwrap();
+    assert_eq!(status, "queued", "failure recorded: {failure:?}");
+    assert_eq!(sink.count(), 0, "the copy never sent");
+    app.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn referral_needs_the_permission_and_batches_answer_per_item() {
     let sink = SmtpSink::start().await.unwrap();
