@@ -9,6 +9,7 @@
 #   scripts/rabbitmq-cluster.sh stop-node N    stop node N (1-based) abruptly (SIGKILL), as a crash
 #   scripts/rabbitmq-cluster.sh start-node N   start node N again; it rejoins the cluster
 #   scripts/rabbitmq-cluster.sh ctl N ARGS…    rabbitmqctl against node N
+#   scripts/rabbitmq-cluster.sh diag N ARGS…   rabbitmq-diagnostics against node N
 #   scripts/rabbitmq-cluster.sh down           stop every node and delete the state directory
 #
 # Environment: CLUSTER_DIR (default /tmp/prereg-rabbit-cluster), NODES (3),
@@ -46,6 +47,11 @@ node_env() {
 ctl() {
   local i=$1; shift
   ( node_env "$i"; "$BIN/rabbitmqctl" -n "$(node_name "$i")" "$@" )
+}
+
+diag() {
+  local i=$1; shift
+  ( node_env "$i"; "$BIN/rabbitmq-diagnostics" -n "$(node_name "$i")" "$@" )
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -110,6 +116,7 @@ case "${1:-}" in
     ctl "$2" await_startup >/dev/null
     ;;
   ctl) shift; ctl "$@" ;;
+  diag) shift; diag "$@" ;;
   down)
     for i in $(seq 1 "$NODES"); do stop_node "$i" >/dev/null; done
     rm -rf "$DIR"

@@ -166,6 +166,21 @@ async fn cluster_loses_a_node_then_the_leaders_node_under_load() {
     grow(tally.clone(), 40, "with node 3 stopped", 45).await;
     assert!(cluster.run(&["ctl", "3", "start_app"]).is_some());
     grow(tally.clone(), 20, "with node 3 back", 45).await;
+    // Node 3's queue members must have caught up before node 1 may go:
+    // otherwise node 2 is alone, without a majority, and the queues stay
+    // unavailable (the 503s are then right, but the test would measure
+    // nothing). RabbitMQ's own check says when losing node 1 is safe.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while cluster
+        .run(&["diag", "1", "check_if_node_is_quorum_critical"])
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node 3's quorum members never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // 2. Node 1, where the client connected first and the queue leaders
     // live, crashes: leaders move, clients fail over to nodes 2 and 3.
