@@ -93,7 +93,7 @@ async fn submit(app: &TestApp, p: &Partner, n: usize) -> (StatusCode, Value) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "three RabbitMQ nodes: .ci/run runs it alone after the suite (cargo test --test it faults_cluster -- --ignored)"]
+#[ignore = "unreliable: after the leaders' node crashes the survivors nacked every publish for over 120 s in 5 of 7 runs on 2026-11-22 (cause not found; see docs/operations.md); run by hand: cargo test --test it faults_cluster -- --ignored"]
 async fn cluster_loses_a_node_then_the_leaders_node_under_load() {
     let cluster = Cluster {
         dir: TempDir::new("cluster"),
