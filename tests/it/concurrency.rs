@@ -276,38 +276,16 @@ async fn a_held_customer_lock_holds_that_decision_back_until_released() {
     })
     .await;
     let p = app.create_partner(json!({})).await;
-    let holder = Locks::new(
-        &app.cfg.redis_url,
-        &app.cfg.amqp_prefix,
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-    );
-    let guard = holder
-        .acquire(&["email:held@customer.example".to_string()])
-        .await
-        .expect("the test takes the customer's lock");
     // The intake normalises the email: the worker asks for the same lock.
-    let held = app
-        .prereg(&p, " Held@Customer.EXAMPLE", "+8613300000077")
-        .await;
-    let free = app
-        .prereg(&p, "free@customer.example", "+8613300000078")
-        .await;
-    assert_eq!(app.decided(&p, free).await["status"], "preregistered");
-    // Several lock waits and retries pass (lock wait 200 ms, retry 300 ms).
-    let window = tokio::time::Instant::now() + Duration::from_millis(2000);
-    while tokio::time::Instant::now() < window {
-        let (_, v) = app
-            .get(&format!("/v1/preregistrations/{held}"), &p.key)
-            .await;
-        assert_eq!(
-            v["status"], "queued",
-            "decided while its lock was held: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    holder.release(guard).await;
-    assert_eq!(app.decided(&p, held).await["status"], "preregistered");
+    held_lock_holds_back_its_customer(
+        &app,
+        &p,
+        &app.cfg.redis_url,
+        "held@customer.example",
+        [" Held@Customer.EXAMPLE", "+8613300000077"],
+        ["free@customer.example", "+8613300000078"],
+    )
+    .await;
     app.cleanup().await;
 }
 
@@ -344,23 +322,45 @@ async fn the_workers_take_redis_locks_again_after_redis_restarts() {
         app.ctx.locks.ping().await.is_ok()
     })
     .await;
-    let holder = Locks::new(
+    held_lock_holds_back_its_customer(
+        &app,
+        &p,
         &redis.url(),
+        "r-after@customer.example",
+        ["r-after@customer.example", "+8613300000083"],
+        ["r-free@customer.example", "+8613300000084"],
+    )
+    .await;
+    app.cleanup().await;
+}
+
+/// Takes the customer lock of `locked_email` from the test (on `redis_url`,
+/// under the app's prefix, as the workers name it), submits that customer
+/// (`held`: email, mobile) and another one (`free`), and asserts the held
+/// one stays `queued` through several lock waits and retries while the other
+/// is decided, then is decided once the test releases the lock.
+async fn held_lock_holds_back_its_customer(
+    app: &TestApp,
+    p: &Partner,
+    redis_url: &str,
+    locked_email: &str,
+    held: [&str; 2],
+    free: [&str; 2],
+) {
+    let holder = Locks::new(
+        redis_url,
         &app.cfg.amqp_prefix,
         Duration::from_secs(30),
         Duration::from_millis(100),
     );
     let guard = holder
-        .acquire(&["email:r-after@customer.example".to_string()])
+        .acquire(&[format!("email:{locked_email}")])
         .await
-        .expect("the test takes the customer's lock on the restarted Redis");
-    let held = app
-        .prereg(&p, "r-after@customer.example", "+8613300000083")
-        .await;
-    let free = app
-        .prereg(&p, "r-free@customer.example", "+8613300000084")
-        .await;
-    assert_eq!(app.decided(&p, free).await["status"], "preregistered");
+        .expect("the test takes the customer's lock");
+    let held = app.prereg(p, held[0], held[1]).await;
+    let free = app.prereg(p, free[0], free[1]).await;
+    assert_eq!(app.decided(p, free).await["status"], "preregistered");
+    // Several lock waits and retries pass (lock wait 200 ms, retry 300 ms).
     let window = tokio::time::Instant::now() + Duration::from_millis(2000);
     while tokio::time::Instant::now() < window {
         let (_, v) = app
@@ -368,11 +368,10 @@ async fn the_workers_take_redis_locks_again_after_redis_restarts() {
             .await;
         assert_eq!(
             v["status"], "queued",
-            "decided while its lock was held on the restarted Redis: {v}"
+            "decided while its lock was held: {v}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     holder.release(guard).await;
-    assert_eq!(app.decided(&p, held).await["status"], "preregistered");
-    app.cleanup().await;
+    assert_eq!(app.decided(p, held).await["status"], "preregistered");
 }
