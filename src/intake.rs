@@ -2,25 +2,27 @@
 //!
 //! Concurrent requests join a batch (flushed at `PREREG_INTAKE_BATCH_SIZE`
 //! requests or `PREREG_INTAKE_BATCH_LINGER` after the first, whichever comes
-//! first). One transaction per batch claims the batch's `Idempotency-Key`s,
-//! inserts the rows, their timeline entries and their jobs (into the outbox,
-//! a grace period ahead) with one multi-row statement each; then the jobs are
-//! published together and their confirms awaited together. Each request gets
-//! its own answer:
+//! first). One transaction per batch claims the batch's `Idempotency-Key`s
+//! and inserts the `queued` rows and their timeline entries with one
+//! multi-row statement each; then the jobs are published together and their
+//! confirms awaited together. Each request gets its own answer:
 //!
-//! - confirmed: 202, and its outbox row is deleted;
+//! - confirmed: 202, and nothing more is written;
 //! - certainly not taken by the broker (refused, unroutable, no connection):
-//!   its row, outbox row and key are withdrawn in one transaction and it gets
-//!   503 with nothing done;
+//!   its row and key are withdrawn in one transaction and it gets 503 with
+//!   nothing done;
 //! - no confirm in time (the broker may hold it): 202, because the work will
-//!   happen either way — the outbox row stays and the relay publishes it after
-//!   the grace period (a duplicate is harmless: the job's id makes it so).
+//!   happen either way: the row is made durable and stays `queued`, and the
+//!   relay republishes it once its `republish_at` (a grace period after the
+//!   insert) passes (a duplicate is harmless: the job's id makes it so).
 //!   This is SPEC §8 "accepted is never lost": answering 503 here would be
 //!   wrong whenever the broker did take the message.
 //!
 //! A crash anywhere leaves either nothing (before the commit) or a committed
-//! row with its outbox job, which the relay publishes after the grace period:
-//! no row stays `queued` forever.
+//! `queued` row, which the relay republishes after the grace period (SPEC §8's
+//! "republisher of stale `queued` work"): no row stays `queued` forever. The
+//! row itself carries its job, so the intake writes no outbox row and deletes
+//! nothing after the confirm (two writes per request fewer than an outbox).
 
 use std::{
     collections::HashMap,
@@ -28,7 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::{json, Value};
+use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use uuid::Uuid;
@@ -184,8 +186,8 @@ struct Leader {
 
 /// What the write step decided for one leader.
 enum Written {
-    /// Row, timeline entry and outbox job written (the outbox row's id).
-    New(i64),
+    /// Row and timeline entry written.
+    New,
     /// The key was used before (by a committed request).
     Replay(Stored),
     Mismatch,
@@ -200,12 +202,7 @@ fn accepted(id: Uuid) -> Stored {
 }
 
 fn job(r: &Request) -> CloudEvent {
-    use crate::jobs::{Job, PreregistrationRequested};
-    let id = r.cmd.id;
-    let payload = serde_json::to_value(PreregistrationRequested::from(&r.cmd)).unwrap_or_default();
-    CloudEvent::with_id(id.to_string(), PreregistrationRequested::TYPE, payload)
-        .subject(id)
-        .correlation(Some(r.request_id.clone()))
+    intake::job(&r.cmd, Some(&r.request_id))
 }
 
 impl Flusher {
@@ -257,7 +254,7 @@ impl Flusher {
         self.publish_and_answer(leaders, written).await;
     }
 
-    /// One transaction: claim the keys, write rows, timeline and outbox jobs.
+    /// One transaction: claim the keys, write rows and timeline entries.
     async fn write(&self, leaders: &[Leader]) -> Result<Vec<Written>, sqlx::Error> {
         let mut tx = self.db.begin().await?;
         // The job confirmed by the broker carries the whole request (the worker
@@ -342,24 +339,9 @@ impl Flusher {
                     request_id: &r.request_id,
                 })
                 .collect();
-            intake::insert_queued(&mut tx, &queued).await?;
-            let messages: Vec<Value> = fresh
-                .iter()
-                .map(|r| serde_json::to_value(job(r)).unwrap_or_default())
-                .collect();
-            let by_job: HashMap<String, i64> = intake::outbox_jobs(&mut tx, &messages, self.grace)
-                .await?
-                .into_iter()
-                .map(|(outbox_id, job_id)| (job_id, outbox_id))
-                .collect();
-            for (l, f) in leaders.iter().zip(fate.iter_mut()) {
-                if f.is_none() {
-                    let outbox_id = by_job
-                        .get(&l.pending.req.cmd.id.to_string())
-                        .copied()
-                        .ok_or(sqlx::Error::RowNotFound)?;
-                    *f = Some(Written::New(outbox_id));
-                }
+            intake::insert_queued(&mut tx, &queued, self.grace).await?;
+            for f in fate.iter_mut().filter(|f| f.is_none()) {
+                *f = Some(Written::New);
             }
         }
         tx.commit().await?;
@@ -374,7 +356,7 @@ impl Flusher {
         let mut outgoing = Vec::new();
         let mut slots = Vec::new();
         for (i, (l, w)) in leaders.iter().zip(&written).enumerate() {
-            if let Written::New(_) = w {
+            if let Written::New = w {
                 outgoing.push(Outgoing::command(broker, &job(&l.pending.req)));
                 slots.push(i);
             }
@@ -384,30 +366,25 @@ impl Flusher {
         for (slot, f) in slots.into_iter().zip(fates) {
             fate_of[slot] = Some(f);
         }
-        // All confirmed (the common case): answer first, then delete the
-        // outbox rows (if that fails, the relay republishes them after the
-        // grace period: harmless). Otherwise settle before answering.
-        let all_confirmed = fate_of.iter().flatten().all(Fate::is_confirmed);
-        let confirmed_ids: Vec<i64> = written
-            .iter()
-            .filter_map(|w| match w {
-                Written::New(id) => Some(*id),
-                _ => None,
-            })
-            .collect();
-        let withdrawn = if all_confirmed {
+        // All confirmed (the common case): nothing more to write. Otherwise
+        // settle before answering.
+        let withdrawn = if fate_of.iter().flatten().all(Fate::is_confirmed) {
             vec![false; leaders.len()]
         } else {
-            self.cleanup(&leaders, &written, &fate_of).await
+            self.cleanup(&leaders, &fate_of).await
         };
-        for (((l, w), f), out) in leaders.into_iter().zip(written).zip(fate_of).zip(withdrawn) {
+        for ((l, w), (f, out)) in leaders
+            .into_iter()
+            .zip(written)
+            .zip(fate_of.into_iter().zip(withdrawn))
+        {
             let answer = || match (&w, &f) {
                 (Written::Replay(s), _) => Answer::Respond(s.clone()),
                 (Written::Mismatch, _) => Answer::KeyMismatch,
-                (Written::New(_), Some(Fate::NotTaken(why))) if out => {
+                (Written::New, Some(Fate::NotTaken(why))) if out => {
                     Answer::Unavailable(why.clone())
                 }
-                (Written::New(_), _) => Answer::Respond(accepted(l.pending.req.cmd.id)),
+                (Written::New, _) => Answer::Respond(accepted(l.pending.req.cmd.id)),
             };
             if let Some(why) = match &f {
                 Some(Fate::NotTaken(why) | Fate::Unknown(why)) => Some(why),
@@ -424,64 +401,38 @@ impl Flusher {
             }
             let _ = l.pending.reply.send(answer());
         }
-        if all_confirmed && !confirmed_ids.is_empty() {
-            if let Err(e) = crate::store::outbox::delete_async(&self.db, &confirmed_ids).await {
-                tracing::warn!(error = %e, "could not delete published outbox rows; the relay will publish them again");
-            }
-        }
     }
 
-    /// Deletes the outbox rows of confirmed jobs and withdraws what the
-    /// broker certainly did not take. Returns, per leader, whether it was
-    /// withdrawn. When a job's fate is unknown, the transaction commits
-    /// synchronously, which also makes the batch's own (asynchronous) commit
-    /// durable before anyone is told 202.
-    async fn cleanup(
-        &self,
-        leaders: &[Leader],
-        written: &[Written],
-        fates: &[Option<Fate>],
-    ) -> Vec<bool> {
-        let mut withdrawn = vec![false; leaders.len()];
-        let mut confirmed: Vec<i64> = Vec::new();
-        let mut refused: Vec<i64> = Vec::new();
-        let mut unknown = false;
-        for (w, f) in written.iter().zip(fates) {
-            if let (Written::New(id), Some(f)) = (w, f) {
-                match f {
-                    Fate::Confirmed => confirmed.push(*id),
-                    Fate::NotTaken(_) => refused.push(*id),
-                    Fate::Unknown(_) => unknown = true,
-                }
+    /// Withdraws what the broker certainly did not take and makes the rows
+    /// whose fate is unknown durable, in one transaction that commits
+    /// synchronously (which also makes the batch's own asynchronous commit
+    /// durable before anyone is told 202). Returns, per leader, whether it
+    /// was withdrawn.
+    async fn cleanup(&self, leaders: &[Leader], fates: &[Option<Fate>]) -> Vec<bool> {
+        let mut refused: Vec<Uuid> = Vec::new();
+        let mut unknown: Vec<Uuid> = Vec::new();
+        for (l, f) in leaders.iter().zip(fates) {
+            match f {
+                Some(Fate::NotTaken(_)) => refused.push(l.pending.req.cmd.id),
+                Some(Fate::Unknown(_)) => unknown.push(l.pending.req.cmd.id),
+                _ => {}
             }
         }
-        let result: Result<Vec<i64>, sqlx::Error> = async {
+        let result: Result<Vec<Uuid>, sqlx::Error> = async {
             let mut tx = self.db.begin().await?;
-            if !unknown && refused.is_empty() {
-                crate::store::relaxed_commit(&mut tx).await?;
-            }
-            if !confirmed.is_empty() {
-                crate::store::outbox::delete_in(&mut tx, &confirmed).await?;
+            if !unknown.is_empty() {
+                intake::keep_queued(&mut tx, &unknown, self.grace).await?;
             }
             let mut gone = Vec::new();
             if !refused.is_empty() {
-                // Only rows the relay has not taken meanwhile (it never does
-                // within the grace period, but if it did, the work happens).
-                // `withdraw` also records the pre-registrations, so that a
-                // copy of a job held back by an alarm is skipped later.
-                gone = crate::store::outbox::withdraw(&mut tx, &refused).await?;
-                let ids: Vec<Uuid> = leaders
-                    .iter()
-                    .zip(written)
-                    .filter(|(_, w)| matches!(w, Written::New(o) if gone.contains(o)))
-                    .map(|(l, _)| l.pending.req.cmd.id)
-                    .collect();
-                intake::delete_queued(&mut tx, &ids).await?;
+                // Only rows nobody has touched meanwhile (the relay never
+                // republishes within the grace period, but if it did, the
+                // work happens).
+                gone = intake::withdraw_queued(&mut tx, &refused).await?;
                 let keyed: Vec<&IdemKey> = leaders
                     .iter()
-                    .zip(written)
-                    .filter(|(_, w)| matches!(w, Written::New(o) if gone.contains(o)))
-                    .filter_map(|(l, _)| l.pending.req.idem.as_ref())
+                    .filter(|l| gone.contains(&l.pending.req.cmd.id))
+                    .filter_map(|l| l.pending.req.idem.as_ref())
                     .collect();
                 if !keyed.is_empty() {
                     let p: Vec<&str> = keyed.iter().map(|k| k.principal.as_str()).collect();
@@ -494,18 +445,18 @@ impl Flusher {
         }
         .await;
         match result {
-            Ok(gone) => {
-                for (slot, w) in withdrawn.iter_mut().zip(written) {
-                    *slot = matches!(w, Written::New(o) if gone.contains(o));
-                }
-            }
-            // Nothing withdrawn: every written job stays in the outbox and the
-            // relay publishes it after the grace period, so all are accepted.
+            Ok(gone) => leaders
+                .iter()
+                .map(|l| gone.contains(&l.pending.req.cmd.id))
+                .collect(),
+            // Nothing withdrawn: every written row stays `queued` and the
+            // relay republishes it after the grace period, so all are
+            // accepted.
             Err(e) => {
-                tracing::warn!(error = %e, "intake cleanup failed; the relay will publish the batch's jobs")
+                tracing::warn!(error = %e, "intake cleanup failed; the relay will republish the batch's jobs");
+                vec![false; leaders.len()]
             }
         }
-        withdrawn
     }
 }
 

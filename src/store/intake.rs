@@ -1,11 +1,28 @@
 //! The intake's group commit: one statement per table for a whole batch of
 //! pre-registration requests (`src/intake.rs` decides what goes in).
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
-use sqlx::{FromRow, PgConnection};
+use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::preregs::NewPrereg;
+use crate::{
+    jobs::{Job, PreregistrationRequested},
+    mq::CloudEvent,
+};
+
+/// The `preregistration.requested` job of a stored request: its id is the
+/// pre-registration's (so a copy is recognised), correlated with the HTTP
+/// request that asked for it.
+pub fn job(cmd: &NewPrereg, request_id: Option<&str>) -> CloudEvent {
+    let payload = serde_json::to_value(PreregistrationRequested::from(cmd))
+        .expect("a job of strings, booleans and ids always serialises");
+    CloudEvent::with_id(cmd.id.to_string(), PreregistrationRequested::TYPE, payload)
+        .subject(cmd.id)
+        .correlation(request_id.map(str::to_string))
+}
 
 /// One queued pre-registration of a batch: the row, who asked, the request id.
 pub struct Queued<'a> {
@@ -15,7 +32,13 @@ pub struct Queued<'a> {
 }
 
 /// Inserts the batch's `queued` rows and their `requested` timeline entries.
-pub async fn insert_queued(tx: &mut PgConnection, reqs: &[Queued<'_>]) -> Result<(), sqlx::Error> {
+/// Each row is due for republishing after `grace` (see
+/// [`lease_stale_queued`]) unless a worker has decided it by then.
+pub async fn insert_queued(
+    tx: &mut PgConnection,
+    reqs: &[Queued<'_>],
+    grace: Duration,
+) -> Result<(), sqlx::Error> {
     let ids: Vec<Uuid> = reqs.iter().map(|r| r.row.id).collect();
     let partners: Vec<Uuid> = reqs.iter().map(|r| r.row.partner_id).collect();
     let names: Vec<&str> = reqs.iter().map(|r| r.row.full_name.as_str()).collect();
@@ -43,9 +66,9 @@ pub async fn insert_queued(tx: &mut PgConnection, reqs: &[Queued<'_>]) -> Result
     let actors: Vec<&str> = reqs.iter().map(|r| r.actor).collect();
     sqlx::query(
         "INSERT INTO preregistrations (id, partner_id, full_name, email, mobile, email_norm, mobile_norm, status,
-             send_invitation, association_type, locale, tags, remarks, account_manager_id, request_id, search_text)
+             send_invitation, association_type, locale, tags, remarks, account_manager_id, request_id, republish_at, search_text)
          SELECT u.id, u.partner_id, u.full_name, u.email, u.mobile, u.email_norm, u.mobile_norm, 'queued',
-             u.send, u.kind, u.locale, t.tags, u.remarks, u.am, u.rid,
+             u.send, u.kind, u.locale, t.tags, u.remarks, u.am, u.rid, now() + $15,
              lower(concat_ws(' ', u.full_name, u.email, u.remarks, array_to_string(t.tags, ' '),
                  (SELECT name FROM account_managers WHERE id = u.am)))
          FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
@@ -69,6 +92,7 @@ pub async fn insert_queued(tx: &mut PgConnection, reqs: &[Queued<'_>]) -> Result
     .bind(&remarks)
     .bind(&managers)
     .bind(&rids)
+    .bind(grace)
     .execute(&mut *tx)
     .await?;
     sqlx::query(
@@ -158,30 +182,128 @@ pub async fn forget_keys(
     Ok(())
 }
 
-/// Writes the batch's `preregistration.requested` jobs to the outbox, due
-/// after `grace`. Returns `(outbox id, job id)` per row.
-pub async fn outbox_jobs(
+/// Withdraws pre-registrations whose job the broker certainly refused:
+/// deletes the rows no worker and no republisher has touched, and records
+/// them, so that a copy of the job that still reaches the broker (held back
+/// by an alarm, then released) is skipped instead of recreating what was
+/// undone. Returns the ids withdrawn.
+pub async fn withdraw_queued(
     tx: &mut PgConnection,
-    messages: &[Value],
-    grace: std::time::Duration,
-) -> Result<Vec<(i64, String)>, sqlx::Error> {
-    sqlx::query_as(
-        "INSERT INTO outbox (exchange, routing_key, message, publish_after)
-         SELECT 'commands', 'preregistration.requested', m, now() + $2
-         FROM unnest($1::jsonb[]) WITH ORDINALITY AS t(m, n) ORDER BY n
-         RETURNING id, message->>'id' AS job_id",
+    ids: &[Uuid],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH gone AS (DELETE FROM preregistrations
+                       WHERE id = ANY($1) AND status = 'queued' AND republishes = 0
+                       RETURNING id),
+              recorded AS (INSERT INTO withdrawn_commands (id) SELECT id FROM gone ON CONFLICT DO NOTHING)
+         SELECT id FROM gone",
     )
-    .bind(messages)
-    .bind(grace)
+    .bind(ids)
     .fetch_all(tx)
     .await
 }
 
-/// Deletes withdrawn pre-registrations that no worker has touched.
-pub async fn delete_queued(tx: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM preregistrations WHERE id = ANY($1) AND status = 'queued'")
-        .bind(ids)
-        .execute(tx)
-        .await?;
+/// Makes the batch's rows whose job may not have reached the broker durable
+/// (the caller commits synchronously, which also flushes the batch's own
+/// asynchronous commit) and keeps them due for republishing after `grace`.
+pub async fn keep_queued(
+    tx: &mut PgConnection,
+    ids: &[Uuid],
+    grace: Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE preregistrations SET republish_at = now() + $2 WHERE id = ANY($1) AND status = 'queued'",
+    )
+    .bind(ids)
+    .bind(grace)
+    .execute(tx)
+    .await?;
     Ok(())
+}
+
+/// A `queued` row due for republishing, with what its job carries.
+#[derive(Debug, FromRow)]
+pub struct StaleQueued {
+    pub id: Uuid,
+    pub partner_id: Uuid,
+    pub full_name: String,
+    pub email: String,
+    pub mobile: String,
+    pub send_invitation: bool,
+    pub association_type: Option<String>,
+    pub locale: Option<String>,
+    pub tags: Vec<String>,
+    pub remarks: Option<String>,
+    pub account_manager_id: Option<Uuid>,
+    pub request_id: Option<String>,
+    /// Seconds since the row was written.
+    pub age: f64,
+}
+
+impl StaleQueued {
+    pub fn job(&self) -> CloudEvent {
+        let cmd = NewPrereg {
+            id: self.id,
+            partner_id: self.partner_id,
+            full_name: self.full_name.clone(),
+            email: self.email.clone(),
+            mobile: self.mobile.clone(),
+            send_invitation: self.send_invitation,
+            association_type: self.association_type.clone(),
+            locale: self.locale.clone(),
+            tags: self.tags.clone(),
+            remarks: self.remarks.clone(),
+            account_manager_id: self.account_manager_id,
+        };
+        job(&cmd, self.request_id.as_deref())
+    }
+}
+
+/// Leases up to `limit` rows still `queued` past their `republish_at` (the
+/// intake died before its job was confirmed, or the confirm never came) for
+/// republishing: one statement moves each row's `republish_at` ahead by the
+/// row's age (at least `min_wait`), so a row is republished at ages of about
+/// 1, 2, 4, 8… grace periods and never in a loop, and `SKIP LOCKED` keeps
+/// two relays off the same rows. No transaction is held across the publish.
+pub async fn lease_stale_queued(
+    pool: &PgPool,
+    limit: i64,
+    min_wait: Duration,
+) -> Result<Vec<StaleQueued>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE preregistrations p
+         SET republish_at = now() + GREATEST($2, now() - p.created_at), republishes = p.republishes + 1
+         WHERE p.id IN (SELECT id FROM preregistrations
+                        WHERE status = 'queued' AND republish_at <= now()
+                        ORDER BY republish_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+         RETURNING p.id, p.partner_id, p.full_name, p.email, p.mobile, p.send_invitation, p.association_type,
+                   p.locale, p.tags, p.remarks, p.account_manager_id, p.request_id,
+                   EXTRACT(EPOCH FROM now() - p.created_at)::float8 AS age",
+    )
+    .bind(limit)
+    .bind(min_wait)
+    .fetch_all(pool)
+    .await
+}
+
+/// Rows whose republish failed: due again after `after`.
+pub async fn retry_stale(pool: &PgPool, ids: &[Uuid], after: Duration) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE preregistrations SET republish_at = now() + $2 WHERE id = ANY($1) AND status = 'queued'",
+    )
+    .bind(ids)
+    .bind(after)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// How long until the next `queued` row is due for republishing.
+pub async fn next_stale(pool: &PgPool) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT GREATEST(EXTRACT(EPOCH FROM min(republish_at) - now()), 0)::float8
+         FROM preregistrations WHERE status = 'queued' AND republish_at IS NOT NULL",
+    )
+    .fetch_one(pool)
+    .await
 }

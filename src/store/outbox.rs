@@ -124,20 +124,6 @@ pub async fn withdraw(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<i64>, 
         .await
 }
 
-/// [`delete`] without waiting for the WAL flush (the rows' jobs are already
-/// confirmed; a lost delete only means a harmless republish).
-pub async fn delete_async(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-        .bind(ids)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await
-}
-
 /// Publishes one batch of due rows, without holding a transaction across the
 /// network: the rows are leased first (one short statement moves their
 /// `publish_after` a lease ahead, `SKIP LOCKED`, so relays on several nodes
@@ -225,6 +211,54 @@ pub async fn relay_once(
     Ok(rows.len())
 }
 
+/// Republishes one batch of `queued` pre-registrations whose job may have
+/// been lost (see [`super::intake::lease_stale_queued`]): leased in one
+/// statement, published together with their confirms awaited together; a
+/// row whose publish failed is due again soon. Returns how many were leased.
+pub async fn republish_stale_once(
+    pool: &PgPool,
+    publisher: &Publisher,
+    batch: i64,
+    min_wait: Duration,
+) -> anyhow::Result<usize> {
+    let rows = super::intake::lease_stale_queued(pool, batch, min_wait).await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let broker = publisher.broker();
+    let msgs: Vec<Outgoing> = rows
+        .iter()
+        .map(|r| {
+            stages::observe(Stage::RelayLag, r.age);
+            Outgoing::command(broker, &r.job())
+        })
+        .collect();
+    let fates = publisher.publish_all(&msgs).await;
+    metrics::counter!("prereg_republished_total")
+        .increment(fates.iter().filter(|f| f.is_confirmed()).count() as u64);
+    let failed: Vec<uuid::Uuid> = rows
+        .iter()
+        .zip(&fates)
+        .filter(|(_, f)| !f.is_confirmed())
+        .map(|(r, _)| r.id)
+        .collect();
+    if !failed.is_empty() {
+        let _ = super::intake::retry_stale(pool, &failed, RETRY_AFTER).await;
+        if failed.len() == rows.len() {
+            anyhow::bail!("republisher: {} queued jobs not published", failed.len());
+        }
+        tracing::warn!(
+            failed = failed.len(),
+            "some queued jobs were not republished; they are due again soon"
+        );
+    }
+    tracing::info!(
+        republished = rows.len() - failed.len(),
+        "republished the jobs of pre-registrations still queued after the grace period"
+    );
+    Ok(rows.len())
+}
+
 /// Runs the relay until cancelled: again at once while there is work; when
 /// idle, it sleeps until woken by `LISTEN/NOTIFY` (a row due now was
 /// written) or until the next row's `publish_after` (rows leased or kept
@@ -258,11 +292,23 @@ pub async fn run_relay(
     // While Postgres or RabbitMQ stays down, retry with back-off (2 s up to
     // 5 s) and say so once per failure streak, not every round.
     let mut failures: u32 = 0;
+    let mut last_stale = tokio::time::Instant::now();
     loop {
         if cancel.is_cancelled() {
             break;
         }
-        let result = relay_once(&pool, &publisher, BATCH, lease).await;
+        // Stale `queued` rows are looked for at most every
+        // `STALE_CHECK` while events keep the relay busy (they are due a
+        // grace period after their insert, so this costs no timeliness).
+        let result = match relay_once(&pool, &publisher, BATCH, lease).await {
+            Ok(n) if n == 0 || last_stale.elapsed() >= STALE_CHECK => {
+                last_stale = tokio::time::Instant::now();
+                republish_stale_once(&pool, &publisher, BATCH, lease)
+                    .await
+                    .map(|m| n + m)
+            }
+            other => other,
+        };
         if result.is_ok() && failures > 0 {
             tracing::info!(failures, "outbox relay working again");
             failures = 0;
@@ -333,6 +379,9 @@ pub async fn run_relay(
     }
 }
 
+/// How often a busy relay also looks for stale `queued` rows.
+const STALE_CHECK: Duration = Duration::from_millis(500);
+
 /// When a row whose publish failed is due again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -348,13 +397,19 @@ async fn set_idle(pool: &PgPool, idle: bool) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// How long until the next row is due (none: `None`).
+/// How long until the next outbox row or stale `queued` row is due (none:
+/// `None`).
 async fn next_due(pool: &PgPool) -> Option<Duration> {
-    let secs: Option<f64> = sqlx::query_scalar(
+    let outbox: Option<f64> = sqlx::query_scalar(
         "SELECT GREATEST(EXTRACT(EPOCH FROM min(publish_after) - now()), 0)::float8 FROM outbox",
     )
     .fetch_one(pool)
     .await
     .ok()?;
+    let queued = super::intake::next_stale(pool).await.ok()?;
+    let secs = match (outbox, queued) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     secs.map(|s| Duration::from_secs_f64(s) + Duration::from_millis(5))
 }
