@@ -257,11 +257,8 @@ impl Flusher {
     /// One transaction: claim the keys, write rows and timeline entries.
     async fn write(&self, leaders: &[Leader]) -> Result<Vec<Written>, sqlx::Error> {
         let mut tx = self.db.begin().await?;
-        // The job confirmed by the broker carries the whole request (the worker
-        // recreates a row lost in a Postgres crash), and an unconfirmed job
-        // makes the answer wait for a synchronous commit (see `cleanup`), so
-        // this commit need not wait for the WAL flush.
-        crate::store::relaxed_commit(&mut tx).await?;
+        // The rows' insert also makes this commit not wait for the WAL flush
+        // (see `intake::insert_queued`).
         let mut fate: Vec<Option<Written>> = (0..leaders.len()).map(|_| None).collect();
 
         // Keys first, in a fixed order (two batches never wait on each other

@@ -64,19 +64,32 @@ pub async fn insert_queued(
     let managers: Vec<Option<Uuid>> = reqs.iter().map(|r| r.row.account_manager_id).collect();
     let rids: Vec<&str> = reqs.iter().map(|r| r.request_id).collect();
     let actors: Vec<&str> = reqs.iter().map(|r| r.actor).collect();
+    // One round trip: the rows, their timeline entries (the foreign key is
+    // checked at the end of the statement, when the rows exist) and the
+    // transaction's relaxed commit (the confirmed job carries the whole
+    // request and a worker recreates a row lost in a crash; a job whose
+    // confirm never came makes the intake commit synchronously before it
+    // answers, see `src/intake.rs`).
     sqlx::query(
-        "INSERT INTO preregistrations (id, partner_id, full_name, email, mobile, email_norm, mobile_norm, status,
-             send_invitation, association_type, locale, tags, remarks, account_manager_id, request_id, republish_at, search_text)
-         SELECT u.id, u.partner_id, u.full_name, u.email, u.mobile, u.email_norm, u.mobile_norm, 'queued',
-             u.send, u.kind, u.locale, t.tags, u.remarks, u.am, u.rid, now() + $15,
-             lower(concat_ws(' ', u.full_name, u.email, u.remarks, array_to_string(t.tags, ' '),
-                 (SELECT name FROM account_managers WHERE id = u.am)))
-         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                     $8::bool[], $9::text[], $10::text[], $11::jsonb[], $12::text[], $13::uuid[], $14::text[])
-              WITH ORDINALITY AS u(id, partner_id, full_name, email, mobile, email_norm, mobile_norm,
-                     send, kind, locale, tags_json, remarks, am, rid, n)
-         CROSS JOIN LATERAL (SELECT ARRAY(SELECT jsonb_array_elements_text(u.tags_json)) AS tags) t
-         ORDER BY u.n",
+        "WITH u AS (
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                     $8::bool[], $9::text[], $10::text[], $11::jsonb[], $12::text[], $13::uuid[], $14::text[], $16::text[])
+                  WITH ORDINALITY AS u(id, partner_id, full_name, email, mobile, email_norm, mobile_norm,
+                     send, kind, locale, tags_json, remarks, am, rid, actor, n)),
+              relaxed AS (SELECT set_config('synchronous_commit', 'off', true) AS setting),
+              rows AS (
+                 INSERT INTO preregistrations (id, partner_id, full_name, email, mobile, email_norm, mobile_norm, status,
+                     send_invitation, association_type, locale, tags, remarks, account_manager_id, request_id, republish_at, search_text)
+                 SELECT u.id, u.partner_id, u.full_name, u.email, u.mobile, u.email_norm, u.mobile_norm, 'queued',
+                     u.send, u.kind, u.locale, t.tags, u.remarks, u.am, u.rid, now() + $15,
+                     lower(concat_ws(' ', u.full_name, u.email, u.remarks, array_to_string(t.tags, ' '),
+                         (SELECT name FROM account_managers WHERE id = u.am)))
+                 FROM u CROSS JOIN relaxed
+                 CROSS JOIN LATERAL (SELECT ARRAY(SELECT jsonb_array_elements_text(u.tags_json)) AS tags) t
+                 ORDER BY u.n
+                 RETURNING id)
+         INSERT INTO preregistration_events (preregistration_id, actor, change, from_status, to_status)
+         SELECT u.id, u.actor, 'requested', NULL, 'queued' FROM u JOIN rows USING (id) ORDER BY u.n",
     )
     .bind(&ids)
     .bind(&partners)
@@ -93,14 +106,6 @@ pub async fn insert_queued(
     .bind(&managers)
     .bind(&rids)
     .bind(grace)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO preregistration_events (preregistration_id, actor, change, from_status, to_status)
-         SELECT id, actor, 'requested', NULL, 'queued'
-         FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS u(id, actor, n) ORDER BY n",
-    )
-    .bind(&ids)
     .bind(&actors)
     .execute(&mut *tx)
     .await?;
