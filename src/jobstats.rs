@@ -3,6 +3,10 @@
 //! counters, duration histograms and queue gauges are kept as a sample.
 //! Rates and latency percentiles come from the differences between samples;
 //! the charts are inline SVG rendered on the server (no script, no CDN).
+//!
+//! Memory stays flat: samples older than [`DENSE`] are thinned to one per
+//! [`COARSE`], so an hour is at most about 150 samples (not 720), and the
+//! history stops growing once it spans [`KEEP`].
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -16,6 +20,12 @@ use tokio_util::sync::CancellationToken;
 /// How often a sample is taken, and how much history is kept.
 pub const EVERY: Duration = Duration::from_secs(5);
 pub const KEEP: Duration = Duration::from_secs(3600);
+/// Every sample of the most recent `DENSE` is kept (the current rates need a
+/// minute of them); older ones are thinned to one per `COARSE`.
+pub const DENSE: Duration = Duration::from_secs(120);
+pub const COARSE: Duration = Duration::from_secs(30);
+/// The window a rate or a percentile is computed over.
+pub const RATE_WINDOW: Duration = Duration::from_secs(60);
 
 /// Job outcomes that count as failures (the job did not succeed this time).
 pub const FAILED: [&str; 2] = ["retried", "dead_lettered"];
@@ -98,18 +108,37 @@ pub fn sample_now() {
 
 pub fn record(s: Sample) {
     if let Ok(mut h) = HISTORY.lock() {
-        let keep = chrono::Duration::from_std(KEEP).unwrap_or(chrono::Duration::hours(1));
         // Several samplers in one process (tests run many apps): one sample
         // per period is enough.
         let half = chrono::Duration::from_std(EVERY / 2).unwrap_or_default();
         if h.back().is_some_and(|b| s.at - b.at < half) {
             return;
         }
-        while h.front().is_some_and(|f| s.at - f.at > keep) {
-            h.pop_front();
-        }
         h.push_back(s);
+        thin(&mut h);
     }
+}
+
+/// Drops samples older than [`KEEP`], and keeps one per [`COARSE`] among
+/// those older than [`DENSE`].
+fn thin(h: &mut VecDeque<Sample>) {
+    let Some(now) = h.back().map(|b| b.at) else {
+        return;
+    };
+    let span = |d: Duration| chrono::Duration::from_std(d).unwrap_or_default();
+    let (keep, dense, coarse) = (span(KEEP), span(DENSE), span(COARSE));
+    while h.front().is_some_and(|f| now - f.at > keep) {
+        h.pop_front();
+    }
+    let mut last_kept: Option<DateTime<Utc>> = None;
+    h.retain(|x| {
+        let old = now - x.at > dense;
+        let keep = !old || last_kept.is_none_or(|k| x.at - k >= coarse);
+        if keep {
+            last_kept = Some(x.at);
+        }
+        keep
+    });
 }
 
 pub fn history() -> Vec<Sample> {
@@ -209,16 +238,21 @@ const COLORS: [&str; 8] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
 ];
 
-/// Points every `step` samples over the history, each from the difference
-/// with the sample `window` samples earlier.
+/// One point per sample over the history, each from the difference with
+/// the latest sample at least `window` earlier (or the first one).
 pub fn points(
     h: &[Sample],
-    window: usize,
+    window: Duration,
     f: impl Fn(&Sample, &Sample) -> Option<f64>,
 ) -> Vec<(DateTime<Utc>, f64)> {
+    let window = chrono::Duration::from_std(window).unwrap_or_default();
     (1..h.len())
         .filter_map(|i| {
-            let a = &h[i.saturating_sub(window)];
+            let a = h[..i]
+                .iter()
+                .rev()
+                .find(|a| h[i].at - a.at >= window)
+                .unwrap_or(&h[0]);
             f(a, &h[i]).map(|v| (h[i].at, v))
         })
         .collect()
@@ -350,6 +384,42 @@ prereg_job_duration_seconds_bucket{queue=\"email\",le=\"+Inf\"} 38
         let p90 = quantile(&a, &b, &["email"], 0.9).unwrap();
         assert!(p90 > 0.1 && p90 <= 1.0, "{p90}");
         assert_eq!(quantile(&a, &b, &["export"], 0.5), None);
+    }
+
+    #[test]
+    fn three_hours_of_samples_keep_a_bounded_thinned_hour() {
+        let t0: DateTime<Utc> = "2026-11-22T00:00:00Z".parse().unwrap();
+        let mut h = VecDeque::new();
+        let mut most = 0;
+        for i in 0..(3 * 3600 / 5) {
+            h.push_back(Sample {
+                at: t0 + chrono::Duration::seconds(5 * i),
+                ..Default::default()
+            });
+            thin(&mut h);
+            most = most.max(h.len());
+        }
+        // An hour: 2 minutes dense (24 + 1) plus one per 30 s for 58 minutes.
+        assert!(most <= 25 + 117, "{most} samples kept");
+        let now = h.back().unwrap().at;
+        assert!(now - h.front().unwrap().at <= chrono::Duration::hours(1));
+        assert!(now - h.front().unwrap().at >= chrono::Duration::minutes(59));
+        // Rates over a minute stay computable at every point: the sample a
+        // minute before each one exists (dense) or is at most 30 s off.
+        let v: Vec<Sample> = h.into_iter().collect();
+        let pts = points(&v, RATE_WINDOW, |a, b| {
+            Some((b.at - a.at).num_seconds() as f64)
+        });
+        let first = v[0].at;
+        let later: Vec<&(DateTime<Utc>, f64)> = pts
+            .iter()
+            .filter(|p| p.0 - first >= chrono::Duration::seconds(90))
+            .collect();
+        assert!(later.len() > 100);
+        assert!(
+            later.iter().all(|p| (60.0..=90.0).contains(&p.1)),
+            "{later:?}"
+        );
     }
 
     #[test]

@@ -646,7 +646,7 @@ async fn build(st: &AppState, s: &Session, q: DashboardQuery) -> Result<Dashboar
     }
 
     // Charts over the last hour, one point per sample from a 1-minute window.
-    let window = (60 / jobstats::EVERY.as_secs().max(1)) as usize;
+    let window = jobstats::RATE_WINDOW;
     let series = |failed: bool| -> Vec<Series> {
         Queue::ALL
             .iter()

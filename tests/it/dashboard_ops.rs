@@ -297,8 +297,7 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
     // two points of registration work (a sample every 5 s).
     wait_until(Duration::from_secs(30), || async {
         let h = prereg::jobstats::history();
-        let window = (60 / prereg::jobstats::EVERY.as_secs().max(1)) as usize;
-        let points = prereg::jobstats::points(&h, window, |a, b| {
+        let points = prereg::jobstats::points(&h, prereg::jobstats::RATE_WINDOW, |a, b| {
             Some(prereg::jobstats::rates(a, b, "registration").0)
         });
         points.len() > 1 && points.iter().any(|p| p.1 > 0.0)
