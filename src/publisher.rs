@@ -64,6 +64,9 @@ impl Outgoing {
     }
 }
 
+/// Why a message the broker refused (nacked) was not taken.
+const NACKED: &str = "the broker refused the message (nack)";
+
 /// What became of one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fate {
@@ -130,6 +133,22 @@ impl Publisher {
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(1), ch.close(200, "confirm timeout"))
                 .await;
+        });
+    }
+
+    /// Stops using this publisher's channel for new batches (after a nack)
+    /// and closes it once the confirms other batches may await on it are
+    /// due.
+    async fn retire(&self, ch: &Channel) {
+        let mut guard = self.channel.lock().await;
+        if guard.as_ref().is_some_and(|c| c.id() == ch.id()) {
+            guard.take();
+        }
+        drop(guard);
+        let (ch, grace) = (ch.clone(), self.timeout);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), ch.close(200, "nacked")).await;
         });
     }
 
@@ -215,14 +234,14 @@ impl Publisher {
                                 .map(|id| id.to_string()),
                         ),
                     ),
-                    Ok(Ok(Confirmation::Nack(_))) => (
-                        Fate::NotTaken("the broker refused the message (nack)".into()),
-                        None,
-                    ),
+                    Ok(Ok(Confirmation::Nack(_))) => (Fate::NotTaken(NACKED.into()), None),
                 },
             }
         });
         let settled = join_all(waits).await;
+        let nacked = settled
+            .iter()
+            .any(|(f, _)| matches!(f, Fate::NotTaken(why) if why == NACKED));
         let returned: Vec<Option<String>> = settled.iter().filter_map(|(_, r)| r.clone()).collect();
         let fates: Vec<Fate> = settled
             .into_iter()
@@ -263,6 +282,13 @@ impl Publisher {
                 .health()
                 .mark_down(Dep::RabbitMq, "no confirm from the broker in time");
             self.discard(&ch).await;
+        } else if nacked {
+            // A channel whose quorum-queue client asks a crashed leader's
+            // node refuses everything until it is closed (RabbitMQ 3.10; see
+            // `Broker::renew_publish_channel`): the next batch starts on a
+            // fresh channel, which looks up the current leader.
+            tracing::info!("publishing on a fresh channel after a nack");
+            self.retire(&ch).await;
         }
         fates
     }

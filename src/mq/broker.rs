@@ -214,6 +214,47 @@ impl Broker {
         }
     }
 
+    /// Replaces the publishing channel `old` of `generation` with a fresh
+    /// one after the broker refused (nacked) a message on it.
+    ///
+    /// A channel keeps, per quorum queue, a client that remembers the node
+    /// the queue's leader was recorded on when the channel first published
+    /// to it. On RabbitMQ 3.10 a channel that first publishes to a queue
+    /// after its leader's node crashed, but before a new leader is recorded,
+    /// asks the dead node on every later publish and rejects every message,
+    /// for as long as the channel lives (see docs/operations.md §3, "what
+    /// happens when a node fails"). A fresh channel starts from the leader
+    /// recorded now; a nack costs one channel open.
+    async fn renew_publish_channel(&self, generation: u64, old: &Channel) {
+        let mut guard = self.live.lock().await;
+        let Some(l) = guard.as_mut() else { return };
+        if l.generation != generation || l.publish.id() != old.id() {
+            return; // already replaced, or a new connection
+        }
+        let fresh = async {
+            let ch = l.conn.create_channel().await?;
+            ch.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok::<_, lapin::Error>(ch)
+        };
+        match tokio::time::timeout(self.timeout, fresh).await {
+            Ok(Ok(ch)) => {
+                let old = std::mem::replace(&mut l.publish, ch);
+                tracing::info!(generation, "publishing on a fresh channel after a nack");
+                // Other publishes may still await their confirm on the old
+                // channel: close it once those are due.
+                let grace = self.timeout;
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), old.close(200, "nacked"))
+                        .await;
+                });
+            }
+            // The connection is failing: the next publish finds it out.
+            Ok(Err(e)) => tracing::warn!(error = %e, "no fresh publishing channel"),
+            Err(_) => tracing::warn!("no fresh publishing channel in time"),
+        }
+    }
+
     /// Whether the live connection is blocked by a resource alarm: what it
     /// was given is held back by the broker, not taken.
     pub async fn blocked(&self) -> bool {
@@ -347,6 +388,7 @@ impl Broker {
                 self.health.mark_down(Dep::RabbitMq, e.to_string());
                 self.reset(generation).await;
             }
+            Err(PublishError::Nacked) => self.renew_publish_channel(generation, &ch).await,
             _ => {}
         }
         result
