@@ -69,9 +69,12 @@ async fn refused_fast(app: &TestApp, p: &Partner, n: &mut usize, publish_timeout
         slowest = slowest.max(took);
     }
     eprintln!("first refusal {first:?}, then slowest of 10: {slowest:?}");
+    // Fast means well under the publish timeout a request would otherwise
+    // wait out (a fixed 300 ms failed once at load 19 with the cluster test
+    // beside it: 378 ms).
     assert!(
-        slowest < Duration::from_millis(300),
-        "known outage answered at once: {slowest:?}"
+        slowest < publish_timeout / 2,
+        "known outage answered at once, not after the publish timeout: {slowest:?}"
     );
 }
 
