@@ -91,12 +91,9 @@ async fn concurrent_requests_with_one_idempotency_key_have_one_effect_and_one_an
     let answers = join_all((0..4).map(|_| send())).await;
     assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
     assert_eq!(answers[0].0, StatusCode::ACCEPTED);
-    let rows: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM preregistrations WHERE email_norm = 'idem@batch.example'",
-    )
-    .fetch_one(app.db())
-    .await
-    .unwrap();
+    let rows = app
+        .count("SELECT count(*) FROM preregistrations WHERE email_norm = 'idem@batch.example'")
+        .await;
     assert_eq!(rows, 1);
 
     // Invitations: the defect seen in review (4 concurrent requests, 3
@@ -122,12 +119,12 @@ async fn concurrent_requests_with_one_idempotency_key_have_one_effect_and_one_an
     let answers = join_all((0..4).map(|_| invite())).await;
     assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
     assert_eq!(answers[0].0, StatusCode::ACCEPTED);
-    let invitations: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM invitations WHERE preregistration_id = $1")
-            .bind(id)
-            .fetch_one(app.db())
-            .await
-            .unwrap();
+    let invitations = app
+        .count_for(
+            "SELECT count(*) FROM invitations WHERE preregistration_id = $1",
+            id,
+        )
+        .await;
     assert_eq!(invitations, 1);
     app.cleanup().await;
 }
@@ -168,16 +165,7 @@ async fn work_left_behind_by_a_crashed_intake_is_published_by_the_relay() {
             .unwrap();
         tx.commit().await.unwrap();
     }
-    for id in &ids {
-        assert_eq!(app.decided(&p, *id).await["status"], "preregistered");
-    }
-    wait_until(Duration::from_secs(10), || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
-            .fetch_one(app.db())
-            .await
-            .unwrap()
-            == 0
-    })
-    .await;
+    app.all_granted(&p, &ids).await;
+    app.outbox_drained().await;
     app.cleanup().await;
 }

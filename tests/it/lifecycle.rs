@@ -5,7 +5,7 @@ use prereg::{
     domain::{workdays::Calendar, AccountFacts},
     workers::{self, Outcome},
 };
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::Row;
 
@@ -66,14 +66,7 @@ async fn manual_review_request_and_decisions() {
     );
     assert_eq!(v["review"]["due_at"], json!(due));
     // Counts toward the quota; cannot be deleted; a second request is refused.
-    let (s, e) = app
-        .request(
-            Method::DELETE,
-            &format!("/v1/preregistrations/{id}"),
-            Some(&p.key),
-            None,
-        )
-        .await;
+    let (s, e) = app.delete_prereg(id, &p.key).await;
     assert_eq!(
         (s, e["error"]["code"].as_str()),
         (StatusCode::CONFLICT, Some("cannot_delete"))
@@ -232,14 +225,7 @@ async fn delete_rules_one_and_batch() {
         .claimed(&other, "DEL1@customer.example", "+8613000000001")
         .await;
     // Deleting again is harmless; bad batches are named.
-    let (s, v) = app
-        .request(
-            Method::DELETE,
-            &format!("/v1/preregistrations/{claimed}"),
-            Some(&p.key),
-            None,
-        )
-        .await;
+    let (s, v) = app.delete_prereg(claimed, &p.key).await;
     assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("deleted")));
     let (s, _) = app
         .post(
@@ -271,14 +257,7 @@ async fn delete_rules_one_and_batch() {
         .execute(app.db())
         .await
         .unwrap();
-    let (s, v) = app
-        .request(
-            Method::DELETE,
-            &format!("/v1/preregistrations/{id}"),
-            Some(&other.key),
-            None,
-        )
-        .await;
+    let (s, v) = app.delete_prereg(id, &other.key).await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (StatusCode::CONFLICT, Some("cannot_delete"))

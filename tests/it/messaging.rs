@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use lapin::{
-    options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{BasicGetOptions, QueueDeclareOptions},
     types::FieldTable,
 };
 use prereg::{
@@ -50,27 +50,12 @@ async fn poison_messages_are_dead_lettered_with_their_reason_and_the_queue_moves
     );
     broker.publish_upstream(&good).await.unwrap();
     // The worker creates the row from the upstream command.
-    wait_until(std::time::Duration::from_secs(10), || async {
-        prereg::store::preregs::get(app.db(), id)
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
+    wait_until(Duration::from_secs(10), || app.stored(id)).await;
     let v = app.decided(&p, id).await;
     assert_eq!(v["status"], "preregistered");
 
-    wait_until(std::time::Duration::from_secs(10), || async {
-        runtime::list_dead_letters(&app.ctx, Queue::Registration, 10)
-            .await
-            .unwrap()
-            .len()
-            == 2
-    })
-    .await;
-    let dead = runtime::list_dead_letters(&app.ctx, Queue::Registration, 10)
-        .await
-        .unwrap();
+    let dead = app.dead_letters(Queue::Registration, 2).await;
+    assert_eq!(dead.len(), 2, "{dead:?}");
     let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_deref().unwrap()).collect();
     assert!(reasons.contains(&"unparseable"), "{dead:?}");
     // Checked as the intake checks an HTTP request: the same reason.
@@ -115,28 +100,7 @@ async fn replayed_dead_letters_are_processed_once_fixed() {
     // partner exists, one replay decides each of them exactly once.
     const N: usize = 5;
     let app = spawn_app().await;
-    let (_, ch) = app.ctx.broker.channel().await.unwrap();
-    let names = &app.ctx.broker.names;
-    let capture = format!("{}.capture-replay", names.prefix);
-    ch.queue_declare(
-        &capture,
-        QueueDeclareOptions {
-            auto_delete: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        &capture,
-        &names.events(),
-        "preregistration.*",
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let (ch, capture) = capture_events(&app.ctx, "replay", "preregistration.*").await;
     let partner_id = Uuid::now_v7();
     let mut ids = Vec::new();
     for i in 0..N {
@@ -148,14 +112,7 @@ async fn replayed_dead_letters_are_processed_once_fixed() {
         app.ctx.broker.publish_command(&cmd).await.unwrap();
         ids.push(id);
     }
-    wait_until(Duration::from_secs(10), || async {
-        runtime::list_dead_letters(&app.ctx, Queue::Registration, 20)
-            .await
-            .unwrap()
-            .len()
-            == N
-    })
-    .await;
+    assert_eq!(app.dead_letters(Queue::Registration, N).await.len(), N);
     sqlx::query("INSERT INTO partners (id, name, country, contact_email) VALUES ($1, 'Late Partner', 'CN', 'x@y.co')")
         .bind(partner_id)
         .execute(app.db())
@@ -185,23 +142,9 @@ async fn replayed_dead_letters_are_processed_once_fixed() {
     .await;
     // Each decided once: one decision in its timeline, one event published.
     for id in &ids {
-        let decisions: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM preregistration_events WHERE preregistration_id = $1 AND change = 'decided'",
-        )
-        .bind(id)
-        .fetch_one(app.db())
-        .await
-        .unwrap();
-        assert_eq!(decisions, 1, "{id}");
+        assert_eq!(app.decided_entries(*id).await, 1, "{id}");
     }
-    wait_until(Duration::from_secs(10), || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
-            .fetch_one(app.db())
-            .await
-            .unwrap()
-            == 0
-    })
-    .await;
+    app.outbox_drained().await;
     let mut events: Vec<CloudEvent> = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -270,13 +213,7 @@ async fn consumers_reconnect_after_the_broker_is_killed_and_restarted() {
         async move {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             loop {
-                let (status, v) = app
-                    .post(
-                        "/v1/preregistrations",
-                        &p.key,
-                        json!({"full_name": who, "email": format!("{who}@customer.example"), "mobile": mobile}),
-                    )
-                    .await;
+                let (status, v) = app.submit(&p, json!({"full_name": who, "email": format!("{who}@customer.example"), "mobile": mobile})).await;
                 if status == reqwest::StatusCode::ACCEPTED {
                     break v["id"].as_str().unwrap().parse::<Uuid>().unwrap();
                 }

@@ -190,9 +190,8 @@ async fn unknown_fields_are_a_422_naming_them() {
     let app = spawn_app().await;
     let p = app.create_partner(json!({})).await;
     let (s, v) = app
-        .post(
-            "/v1/preregistrations",
-            &p.key,
+        .submit(
+            &p,
             json!({"full_name": "Zhang San", "email": "a@customer.example",
                    "mobile": "+8613800000001", "send_invitaton": true}),
         )
