@@ -16,7 +16,7 @@ use super::{
     command::{self, Idem},
     error::{ApiError, ApiResult},
     parse_id,
-    partner::{encode_cursor, paging},
+    partner::{encode_cursor, Paging},
     AppState, RequestId,
 };
 use crate::{
@@ -37,9 +37,8 @@ pub struct HistoryQuery {
     method: Option<String>,
     tag: Option<String>,
     account_manager: Option<String>,
-    cursor: Option<String>,
-    limit: Option<String>,
-    reveal: Option<String>,
+    #[serde(flatten)]
+    page: Paging,
 }
 
 fn record_view(r: &history::Record, reveal: bool, provider: &str) -> Value {
@@ -87,12 +86,7 @@ pub async fn list(
     Query(q): Query<HistoryQuery>,
 ) -> ApiResult<Json<Value>> {
     let mut errors = Vec::new();
-    let (limit, reveal, cursor) = paging(
-        q.limit.as_deref(),
-        q.reveal.as_deref(),
-        q.cursor.as_deref(),
-        &mut errors,
-    );
+    let (limit, reveal, cursor) = q.page.parse(&mut errors);
     let bad = |f: &str, m: &str| FieldError {
         field: f.into(),
         code: "invalid",

@@ -169,9 +169,28 @@ pub fn referral_not_permitted() -> ApiError {
 pub struct ListQuery {
     pub status: Option<String>,
     pub q: Option<String>,
+    #[serde(flatten)]
+    pub page: Paging,
+}
+
+/// `cursor`, `limit` and `reveal` of a list query.
+#[derive(Debug, Default, Deserialize)]
+pub struct Paging {
     pub cursor: Option<String>,
     pub limit: Option<String>,
     pub reveal: Option<String>,
+}
+
+impl Paging {
+    /// The checked page size, reveal flag and cursor ([`paging`]).
+    pub fn parse(&self, errors: &mut Vec<validate::FieldError>) -> (i64, bool, Option<Cursor>) {
+        paging(
+            self.limit.as_deref(),
+            self.reveal.as_deref(),
+            self.cursor.as_deref(),
+            errors,
+        )
+    }
 }
 
 pub fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
@@ -247,12 +266,7 @@ pub async fn list(
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     let mut errors = Vec::new();
-    let (limit, reveal, cursor) = paging(
-        q.limit.as_deref(),
-        q.reveal.as_deref(),
-        q.cursor.as_deref(),
-        &mut errors,
-    );
+    let (limit, reveal, cursor) = q.page.parse(&mut errors);
     let status = q.status.as_deref().filter(|s| !s.is_empty()).and_then(|s| {
         let st = Status::parse(s);
         if st.is_none() {

@@ -101,11 +101,7 @@ async fn overdue_batch(ctx: &Ctx, batch: i64) -> Result<u64, sqlx::Error> {
 }
 
 async fn remind_batch(ctx: &Ctx, batch: i64) -> Result<u64, sqlx::Error> {
-    let before_ms = ctx
-        .cfg
-        .review_reminder_before
-        .as_millis()
-        .min(i64::MAX as u128) as i64;
+    let before_ms = super::millis(ctx.cfg.review_reminder_before);
     let mut tx = ctx.db.begin().await?;
     let rows = store::reviews::mark_reminders(&mut tx, batch, before_ms).await?;
     if rows.is_empty() {

@@ -26,3 +26,8 @@ use crate::{jobs::Job, mq::CloudEvent};
 pub fn outbox_job<J: Job>(id: impl Into<String>, job: &J) -> Result<CloudEvent, sqlx::Error> {
     CloudEvent::job(id, job).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
+
+/// A duration in whole milliseconds, as SQL takes it (saturating).
+pub(crate) fn millis(d: std::time::Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}

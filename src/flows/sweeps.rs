@@ -160,11 +160,7 @@ async fn expire_claims_batch(ctx: &Ctx, batch: i64) -> Result<Vec<Uuid>, sqlx::E
 /// the same transaction. Claims of partners without a contact email are
 /// marked without an email.
 async fn remind_claims_batch(ctx: &Ctx, batch: i64) -> Result<u64, sqlx::Error> {
-    let before_ms = ctx
-        .cfg
-        .claim_reminder_before
-        .as_millis()
-        .min(i64::MAX as u128) as i64;
+    let before_ms = super::millis(ctx.cfg.claim_reminder_before);
     let mut tx = ctx.db.begin().await?;
     let rows = store::preregs::mark_expiry_reminders(&mut tx, batch, before_ms).await?;
     if rows.is_empty() {

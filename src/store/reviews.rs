@@ -62,16 +62,7 @@ pub async fn insert_queued(conn: &mut PgConnection, r: &NewReview<'_>) -> Result
     Ok(())
 }
 
-pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Review>, sqlx::Error> {
-    super::row_by(db, select("id = $1"), id).await
-}
-
-pub async fn get_for_update(
-    conn: &mut PgConnection,
-    id: Uuid,
-) -> Result<Option<Review>, sqlx::Error> {
-    super::row_by(conn, select("id = $1 FOR UPDATE"), id).await
-}
+super::by_id!(Review);
 
 /// The latest review of a pre-registration.
 pub async fn latest_for<'e>(

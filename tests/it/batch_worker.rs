@@ -25,6 +25,25 @@ fn patient(c: &mut prereg::Config) {
     c.registration_linger = Duration::from_millis(300);
 }
 
+/// Runs the PL/pgSQL `statement` in the worker's write whenever the customer
+/// `email` is decided (a trigger on `preregistrations`).
+async fn on_deciding(app: &TestApp, email: &str, statement: &str) {
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION on_deciding() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.status <> 'queued' AND NEW.email_norm = '{email}' THEN
+             {statement};
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER on_deciding BEFORE UPDATE ON preregistrations
+           FOR EACH ROW EXECUTE FUNCTION on_deciding();"
+    ))
+    .execute(app.db())
+    .await
+    .unwrap();
+}
+
 async fn dead_letters(app: &TestApp) -> Vec<Value> {
     let (s, v) = app
         .get("/v1/admin/dead-letters/registration", OPERATOR)
@@ -54,20 +73,12 @@ async fn a_job_failing_inside_the_batch_transaction_is_dead_lettered_alone() {
     let mut app = intake_only().await;
     // Postgres refuses the decision of one customer: the batch statement
     // fails as a whole, so the batch must be split to find it.
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-           IF NEW.status <> 'queued' AND NEW.email_norm = 'poison@batch.example' THEN
-             RAISE EXCEPTION 'refused by the test' USING ERRCODE = '22023';
-           END IF;
-           RETURN NEW;
-         END $$;
-         CREATE TRIGGER refuse_poison BEFORE UPDATE ON preregistrations
-           FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    on_deciding(
+        &app,
+        "poison@batch.example",
+        "RAISE EXCEPTION 'refused by the test' USING ERRCODE = '22023'",
     )
-    .execute(app.db())
-    .await
-    .unwrap();
+    .await;
     let p = app.create_partner(json!({})).await;
     let mut good = app
         .preregs(&p, 0..6, |i| {
@@ -376,20 +387,7 @@ async fn a_batch_holding_its_partners_does_not_stall_the_intake_of_those_partner
     let mut app = intake_only().await;
     // The batch's write stops for a while on one customer, with the batch's
     // partner locks held.
-    sqlx::raw_sql(
-        "CREATE FUNCTION slow_down() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-           IF NEW.status <> 'queued' AND NEW.email_norm = 'slow@batch.example' THEN
-             PERFORM pg_sleep(4);
-           END IF;
-           RETURN NEW;
-         END $$;
-         CREATE TRIGGER slow_down BEFORE UPDATE ON preregistrations
-           FOR EACH ROW EXECUTE FUNCTION slow_down();",
-    )
-    .execute(app.db())
-    .await
-    .unwrap();
+    on_deciding(&app, "slow@batch.example", "PERFORM pg_sleep(4)").await;
     let p = app.create_partner(json!({})).await;
     let slow = app.prereg(&p, "slow@batch.example", "+8613780000001").await;
     app.add_worker(|_| {}).await;

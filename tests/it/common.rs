@@ -299,11 +299,35 @@ impl TestApp {
         let id = self.prereg(p, email, mobile).await;
         let reason = self.decided(p, id).await["reason"]["code"].clone();
         assert_eq!(reason, "registered_over_7_days");
-        let path = format!("/v1/preregistrations/{id}/review");
         let body = json!({"justification": "Migration planned"});
-        let (s, v) = self.post(&path, &p.key, body).await;
+        let (s, v) = self.ask_review(p, id, body).await;
         assert_eq!(s, StatusCode::ACCEPTED, "{v}");
         id
+    }
+
+    /// The operator changes partner `p` (asserting the 200).
+    pub async fn patch_partner(&self, p: &Partner, body: Value) {
+        let path = format!("/v1/admin/partners/{}", p.id);
+        let (s, v) = self
+            .request(Method::PATCH, &path, Some(OPERATOR), Some(body))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+
+    /// The operator decides review `review` (`body` names the decision).
+    pub async fn decide_review(
+        &self,
+        review: impl std::fmt::Display,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        let path = format!("/v1/admin/reviews/{review}/decision");
+        self.post(&path, OPERATOR, body).await
+    }
+
+    /// Partner `p` asks for a manual review of pre-registration `id`.
+    pub async fn ask_review(&self, p: &Partner, id: Uuid, body: Value) -> (StatusCode, Value) {
+        let path = format!("/v1/preregistrations/{id}/review");
+        self.post(&path, &p.key, body).await
     }
 
     /// Invites the customer of claim `id` by email (asserting the 202) and
@@ -370,10 +394,39 @@ impl TestApp {
         .await
     }
 
-    /// Posts an association attempt and waits at most `limit` for its outcome.
-    pub async fn associate_within(&self, upstream: &str, body: Value, limit: Duration) -> Value {
+    /// Posts an association attempt (asserting the 202); returns the answer.
+    pub async fn attempt(&self, upstream: &str, body: Value) -> Value {
         let (s, v) = self.post("/v1/associations", upstream, body).await;
         assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        v
+    }
+
+    /// `PUT /v1/accounts/{account_id}` of `facts` as `upstream`.
+    pub async fn put_account(
+        &self,
+        upstream: &str,
+        account_id: &str,
+        facts: Value,
+    ) -> (StatusCode, Value) {
+        let path = format!("/v1/accounts/{account_id}");
+        self.request(Method::PUT, &path, Some(upstream), Some(facts))
+            .await
+    }
+
+    /// Sets the claim expiry of pre-registration `id` to the SQL `expiry`.
+    pub async fn set_expiry(&self, id: Uuid, expiry: &str) {
+        sqlx::query(&format!(
+            "UPDATE preregistrations SET expires_at = {expiry} WHERE id = $1"
+        ))
+        .bind(id)
+        .execute(self.db())
+        .await
+        .unwrap();
+    }
+
+    /// Posts an association attempt and waits at most `limit` for its outcome.
+    pub async fn associate_within(&self, upstream: &str, body: Value, limit: Duration) -> Value {
+        let v = self.attempt(upstream, body).await;
         let path = format!("/v1/associations/{}", v["id"].as_str().unwrap());
         eventually(limit, || async {
             let (_, v) = self.get(&path, upstream).await;
@@ -388,14 +441,7 @@ impl TestApp {
 
     /// Stores account facts through the upstream API and waits until stored.
     pub async fn account(&self, upstream: &str, account_id: &str, facts: Value) {
-        let (status, v) = self
-            .request(
-                Method::PUT,
-                &format!("/v1/accounts/{account_id}"),
-                Some(upstream),
-                Some(facts.clone()),
-            )
-            .await;
+        let (status, v) = self.put_account(upstream, account_id, facts.clone()).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{v}");
         wait_until(Duration::from_secs(10), || async {
             let (s, v) = self
@@ -553,6 +599,14 @@ pub fn header<'r>(resp: &'r reqwest::Response, name: &str) -> &'r str {
     resp.headers()[name].to_str().unwrap()
 }
 
+/// Header `name` of `resp` as text, empty when absent.
+pub fn header_or_empty(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
 /// A test's own queue bound to `binding` on the events exchange (named
 /// after `name`, deleted with its channel).
 pub async fn capture_events(ctx: &Ctx, name: &str, binding: &str) -> (Channel, String) {
@@ -602,10 +656,18 @@ pub async fn drop_database(db_name: &str) {
 /// An app whose mail goes to `sink`, links on `https://partners.example`,
 /// after `tweak` adjusts the config.
 pub async fn mail_app(sink: &SmtpSink, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    sink_app(sink, |c| {
+        c.public_url = "https://partners.example".into();
+        tweak(c);
+    })
+    .await
+}
+
+/// An app whose mail goes to `sink`, after `tweak` adjusts the config.
+pub async fn sink_app(sink: &SmtpSink, tweak: impl FnOnce(&mut Config)) -> TestApp {
     let url = sink.url();
     spawn_with(move |c| {
         c.smtp_url = url;
-        c.public_url = "https://partners.example".into();
         tweak(c);
     })
     .await

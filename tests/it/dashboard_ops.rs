@@ -31,11 +31,7 @@ async fn sign_in(app: &TestApp, key: &str) -> (StatusCode, String, String) {
         .await
         .unwrap();
     let status = resp.status();
-    let set = resp
-        .headers()
-        .get("set-cookie")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
+    let set = header_or_empty(&resp, "set-cookie");
     let pair = set.split(';').next().unwrap_or_default().to_string();
     (status, pair, set)
 }
@@ -278,13 +274,7 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
         .prereg(&p, "soon@customer.example", "+8613200000002")
         .await;
     app.decided(&p, soon).await;
-    sqlx::query(
-        "UPDATE preregistrations SET expires_at = now() + interval '20 hours' WHERE id = $1",
-    )
-    .bind(soon)
-    .execute(app.db())
-    .await
-    .unwrap();
+    app.set_expiry(soon, "now() + interval '20 hours'").await;
     let bad = CloudEvent::new(
         "preregistration.requested",
         json!({"id": "not-a-uuid", "email": "leak@customer.example"}),

@@ -5,15 +5,18 @@ use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable};
 use prereg::mq::{dead_letters, CloudEvent, Queue};
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::{common::*, retries::depth};
 
-/// Two pre-registration commands of partner `p` (that may not develop
-/// customers), published upstream and waiting as dead letters.
-async fn two_dead_commands(app: &TestApp, p: &Partner, tag: &str) -> [(Uuid, CloudEvent); 2] {
+/// A partner that may not develop customers, and two pre-registration
+/// commands of it, published upstream and waiting as dead letters.
+async fn two_dead_commands(app: &TestApp, tag: &str) -> (Partner, [(Uuid, CloudEvent); 2]) {
+    let p = app
+        .create_partner(json!({"customer_development": false}))
+        .await;
     let cmds = [
         prereg_cmd(p.id, &format!("{tag}a@customer.example")),
         prereg_cmd(p.id, &format!("{tag}b@customer.example")),
@@ -22,20 +25,13 @@ async fn two_dead_commands(app: &TestApp, p: &Partner, tag: &str) -> [(Uuid, Clo
         app.ctx.broker.publish_upstream(ev).await.unwrap();
     }
     app.dead_letters(Queue::Registration, 2).await;
-    cmds
+    (p, cmds)
 }
 
 /// The operator lets partner `p` develop customers (the dead letters' cause).
 async fn allow_development(app: &TestApp, p: &Partner) {
-    let (s, v) = app
-        .request(
-            Method::PATCH,
-            &format!("/v1/admin/partners/{}", p.id),
-            Some(OPERATOR),
-            Some(json!({"customer_development": true})),
-        )
+    app.patch_partner(p, json!({"customer_development": true}))
         .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
 }
 
 /// After `a` alone was replayed: it is stored and granted, and only `b`
@@ -63,10 +59,7 @@ fn prereg_cmd(partner_id: Uuid, email: &str) -> (Uuid, CloudEvent) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browsing_leaves_dead_letters_and_one_is_replayed_by_id() {
     let app = spawn_app().await;
-    let p = app
-        .create_partner(json!({"customer_development": false}))
-        .await;
-    let [(a_id, a), (b_id, b)] = two_dead_commands(&app, &p, "").await;
+    let (p, [(a_id, a), (b_id, b)]) = two_dead_commands(&app, "").await;
 
     // Looking at them many times (more than RabbitMQ 4's default quorum
     // delivery limit of 20) leaves every one in place.
@@ -228,10 +221,7 @@ async fn a_check_violation_is_dead_lettered_at_once_naming_the_constraint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_dlq_cli_lists_and_replays_one_then_all() {
     let app = spawn_app().await;
-    let p = app
-        .create_partner(json!({"customer_development": false}))
-        .await;
-    let [(a_id, a), (b_id, b)] = two_dead_commands(&app, &p, "cli-").await;
+    let (p, [(a_id, a), (b_id, b)]) = two_dead_commands(&app, "cli-").await;
     let run = |args: &[&str]| {
         let out = app.binary(args).output().expect("run prereg");
         (

@@ -62,11 +62,7 @@ async fn open_link(app: &TestApp, token: &str, lang: Option<&str>) -> (StatusCod
     }
     let resp = req.send().await.unwrap();
     let status = resp.status();
-    let location = resp
-        .headers()
-        .get("location")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
+    let location = header_or_empty(&resp, "location");
     assert_eq!(
         resp.headers().get("referrer-policy").unwrap(),
         "no-referrer",
@@ -112,14 +108,11 @@ async fn invitation_link_redirects_while_valid_and_explains_otherwise() {
         json!({"email": "link1@customer.example"}),
     )
     .await;
-    let (s, v) = app
-        .post(
-            "/v1/associations",
-            &upstream,
-            json!({"token": newer, "account_id": "acct-link-1"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    app.attempt(
+        &upstream,
+        json!({"token": newer, "account_id": "acct-link-1"}),
+    )
+    .await;
     wait_until(Duration::from_secs(10), || async {
         open_link(&app, &newer, None).await.0 == StatusCode::GONE
     })
@@ -133,13 +126,7 @@ async fn invitation_link_redirects_while_valid_and_explains_otherwise() {
     // Expired with its claim, for a Chinese-speaking partner's invitation.
     let (zid, ztoken) = offline_link(&app, &zh, 2).await;
     assert_eq!(open_link(&app, &ztoken, None).await.0, StatusCode::FOUND);
-    sqlx::query(
-        "UPDATE preregistrations SET expires_at = now() - interval '1 second' WHERE id = $1",
-    )
-    .bind(zid)
-    .execute(app.db())
-    .await
-    .unwrap();
+    app.set_expiry(zid, "now() - interval '1 second'").await;
     let (s, _, html) = open_link(&app, &ztoken, Some("en-GB")).await;
     assert_eq!(s, StatusCode::GONE);
     assert!(html.contains(r#"lang="zh-CN""#), "{html}");

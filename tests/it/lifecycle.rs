@@ -72,11 +72,7 @@ async fn manual_review_request_and_decisions() {
         (StatusCode::CONFLICT, Some("cannot_delete"))
     );
     let (s, _) = app
-        .post(
-            &format!("/v1/preregistrations/{id}/review"),
-            &p.key,
-            json!({"justification": "again"}),
-        )
+        .ask_review(&p, id, json!({"justification": "again"}))
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
     // The operator sees it and approves.
@@ -85,11 +81,7 @@ async fn manual_review_request_and_decisions() {
     let review_id = list["items"][0]["id"].as_str().unwrap().to_string();
     assert_eq!(list["items"][0]["preregistration_id"], id.to_string());
     let (s, r) = app
-        .post(
-            &format!("/v1/admin/reviews/{review_id}/decision"),
-            OPERATOR,
-            json!({"decision": "approve", "note": "ok"}),
-        )
+        .decide_review(&review_id, json!({"decision": "approve", "note": "ok"}))
         .await;
     assert_eq!(s, StatusCode::OK, "{r}");
     assert_eq!(r["state"], "approved");
@@ -107,11 +99,7 @@ async fn manual_review_request_and_decisions() {
             <= 1
     );
     let (s, _) = app
-        .post(
-            &format!("/v1/admin/reviews/{review_id}/decision"),
-            OPERATOR,
-            json!({"decision": "reject", "note": "x"}),
-        )
+        .decide_review(&review_id, json!({"decision": "reject", "note": "x"}))
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
     // Rejection path, with the reviewer's note.
@@ -123,24 +111,14 @@ async fn manual_review_request_and_decisions() {
             .fetch_one(app.db())
             .await
             .unwrap();
-    let (s, e) = app
-        .post(
-            &format!("/v1/admin/reviews/{rid2}/decision"),
-            OPERATOR,
-            json!({"decision": "reject"}),
-        )
-        .await;
+    let (s, e) = app.decide_review(rid2, json!({"decision": "reject"})).await;
     assert_eq!(
         s,
         StatusCode::UNPROCESSABLE_ENTITY,
         "a rejection needs a note: {e}"
     );
     let (s, _) = app
-        .post(
-            &format!("/v1/admin/reviews/{rid2}/decision"),
-            OPERATOR,
-            json!({"decision": "reject", "note": "Spend too low"}),
-        )
+        .decide_review(rid2, json!({"decision": "reject", "note": "Spend too low"}))
         .await;
     assert_eq!(s, StatusCode::OK);
     let v = app
@@ -175,11 +153,7 @@ async fn manual_review_request_and_decisions() {
         .await;
     app.decided(&p, fresh).await;
     let (s, e) = app
-        .post(
-            &format!("/v1/preregistrations/{fresh}/review"),
-            &p.key,
-            json!({"justification": "x"}),
-        )
+        .ask_review(&p, fresh, json!({"justification": "x"}))
         .await;
     assert_eq!(
         (s, e["error"]["code"].as_str()),
@@ -194,9 +168,8 @@ async fn delete_rules_one_and_batch() {
     let p = app.create_partner(json!({})).await;
     let other = app.create_partner(json!({"name": "Other"})).await;
     let claimed = app
-        .prereg(&p, "del1@customer.example", "+8613000000001")
+        .claimed(&p, "del1@customer.example", "+8613000000001")
         .await;
-    app.decided(&p, claimed).await;
     let rejected = app
         .prereg(&p, "del1@customer.example", "+8613000000001")
         .await; // already_preregistered

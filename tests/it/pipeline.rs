@@ -221,9 +221,8 @@ async fn partners_are_isolated_and_roles_enforced() {
     let a = app.create_partner(json!({})).await;
     let b = app.create_partner(json!({"name": "B"})).await;
     let id = app
-        .prereg(&a, "iso@customer.example", "+8613600000001")
+        .claimed(&a, "iso@customer.example", "+8613600000001")
         .await;
-    app.decided(&a, id).await;
     // No key, unknown key: 401.
     let (s, v) = app
         .request(
@@ -247,13 +246,7 @@ async fn partners_are_isolated_and_roles_enforced() {
         let (s, _) = app.get(&path, &b.key).await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{path}");
     }
-    let (s, _) = app
-        .post(
-            &format!("/v1/preregistrations/{id}/review"),
-            &b.key,
-            json!({"justification": "x"}),
-        )
-        .await;
+    let (s, _) = app.ask_review(&b, id, json!({"justification": "x"})).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, _) = app.delete_prereg(id, &b.key).await;
     assert_eq!(s, StatusCode::NOT_FOUND);

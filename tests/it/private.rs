@@ -74,6 +74,15 @@ fn kill_group(child: &mut Child, signal: i32) {
     let _ = child.wait();
 }
 
+/// SIGKILLs the process group of a private server (if running) and waits
+/// at most `limit` for its `port` to close.
+fn sigkill(child: &mut Option<Child>, port: u16, limit: Duration) {
+    if let Some(mut c) = child.take() {
+        kill_group(&mut c, libc::SIGKILL);
+    }
+    wait_port(port, false, limit);
+}
+
 fn own_group(cmd: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt;
     cmd.process_group(0)
@@ -280,10 +289,7 @@ impl PrivateRedis {
 
     /// SIGKILL: every key is gone.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            kill_group(&mut c, libc::SIGKILL);
-        }
-        wait_port(self.port, false, Duration::from_secs(5));
+        sigkill(&mut self.child, self.port, Duration::from_secs(5));
     }
 }
 
@@ -395,10 +401,7 @@ impl PrivateRabbit {
 
     /// Kills the node (SIGKILL of its process group).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            kill_group(&mut c, libc::SIGKILL);
-        }
-        wait_port(self.port, false, Duration::from_secs(10));
+        sigkill(&mut self.child, self.port, Duration::from_secs(10));
     }
 }
 

@@ -40,19 +40,15 @@ async fn mails_to(sink: &SmtpSink, to: &str) -> Vec<ReceivedMail> {
 }
 
 async fn wait_mails_to(sink: &SmtpSink, to: &str, n: usize, limit: Duration) -> Vec<ReceivedMail> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
+    eventually(limit, || async {
         let got = mails_to(sink, to).await;
         if got.len() >= n {
-            return got;
+            Ok(got)
+        } else {
+            Err(format!("{} of {n} mails to {to}", got.len()))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {n} mails to {to} within {limit:?}",
-            got.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,15 +260,8 @@ async fn operators_patch_partners_and_partners_set_their_contact() {
         .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     // The operator withdraws customer development: the partner is told why.
-    let (s, v) = app
-        .request(
-            Method::PATCH,
-            &format!("/v1/admin/partners/{}", p.id),
-            Some(OPERATOR),
-            Some(json!({"customer_development": false})),
-        )
+    app.patch_partner(&p, json!({"customer_development": false}))
         .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
     let (_, shown) = app
         .get(&format!("/v1/admin/partners/{}", p.id), OPERATOR)
         .await;
@@ -407,23 +396,14 @@ async fn a_worker_serves_health_readiness_and_its_own_metrics() {
     .await
     .unwrap();
     let addr = node.health_addr.expect("health server address");
-    let r = app
-        .http
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let probe = |path: &str| app.http.get(format!("http://{addr}{path}")).send();
+    let r = probe("/readyz").await.unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     let ready: Value = r.json().await.unwrap();
     assert_eq!(ready["status"], "not_ready");
     assert_eq!(ready["checks"]["redis"]["ok"], false, "{ready}");
     assert_eq!(ready["checks"]["postgres"]["ok"], true, "{ready}");
-    let r = app
-        .http
-        .get(format!("http://{addr}/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let r = probe("/healthz").await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     node.shutdown().await;
     app.cleanup().await;

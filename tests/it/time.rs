@@ -677,19 +677,12 @@ async fn a_review_is_reminded_once_escalated_once_and_stays_so_across_a_restart(
     let overdue = |r| cap.count("review.overdue", None, "review_id", r);
     assert_eq!((reminders(r1), escalations(r1), overdue(r1)), (1, 1, 1));
     assert_eq!((reminders(r2), escalations(r2), overdue(r2)), (0, 1, 1));
-    let escalation = cap
-        .seen
-        .iter()
-        .find(|e| e.data["kind"] == "review_escalation")
-        .unwrap();
+    let of_kind = |kind: &str| cap.seen.iter().find(|e| e.data["kind"] == kind).unwrap();
+    let escalation = of_kind("review_escalation");
     // The job names the review, not a recipient: the email worker picks
     // escalation or the reviewers from configuration when it sends.
     assert!(escalation.data.get("to").is_none());
-    let reminder = cap
-        .seen
-        .iter()
-        .find(|e| e.data["kind"] == "review_reminder")
-        .unwrap();
+    let reminder = of_kind("review_reminder");
     assert!(reminder.data.get("to").is_none());
     let entries = app
         .count("SELECT count(*) FROM preregistration_events WHERE change = 'review_overdue'")
@@ -697,13 +690,7 @@ async fn a_review_is_reminded_once_escalated_once_and_stays_so_across_a_restart(
     assert_eq!(entries, 2);
 
     // Deciding an overdue review still works.
-    let (s, r) = app
-        .post(
-            &format!("/v1/admin/reviews/{r1}/decision"),
-            OPERATOR,
-            json!({"decision": "approve"}),
-        )
-        .await;
+    let (s, r) = app.decide_review(r1, json!({"decision": "approve"})).await;
     assert_eq!((s, r["state"].as_str()), (StatusCode::OK, Some("approved")));
     node.shutdown().await;
     cap.delete().await;
@@ -779,9 +766,7 @@ async fn concurrent_deadline_runs_escalate_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invitation_link_expires_by_time_and_the_sweep_marks_it_once() {
     let sink = SmtpSink::start().await.unwrap();
-    let url = sink.url();
-    let app = spawn_with(move |c| {
-        c.smtp_url = url;
+    let app = sink_app(&sink, |c| {
         c.invitation_validity = Duration::from_secs(2);
         c.claim_validity = Duration::from_secs(3600);
     })
@@ -793,19 +778,7 @@ async fn an_invitation_link_expires_by_time_and_the_sweep_marks_it_once() {
         .prereg(&p, "linktime@customer.example", "+8613400000031")
         .await;
     assert_eq!(app.decided(&p, id).await["status"], "preregistered");
-    let (s, v) = app
-        .post(
-            "/v1/invitations",
-            &p.key,
-            json!({"preregistration_ids": [id]}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let inv: Uuid = v["results"][0]["invitation_id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let inv: Uuid = app.invite(&p, id).await.parse().unwrap();
     let sent = app.invitation_state(&p, &inv.to_string(), "sent").await;
     let link_expires: DateTime<Utc> =
         serde_json::from_value(sent["link_expires_at"].clone()).expect("a link expiry");
@@ -822,14 +795,12 @@ async fn an_invitation_link_expires_by_time_and_the_sweep_marks_it_once() {
     .await;
     // The association decides by the time: no sweep has run.
     let token = app.link_token(inv).await;
-    let (s, a) = app
-        .post(
-            "/v1/associations",
+    let a = app
+        .attempt(
             &upstream,
             json!({"token": token, "account_id": "acct-linktime"}),
         )
         .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{a}");
     let attempt = a["id"].as_str().unwrap().to_string();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let a = loop {
