@@ -16,7 +16,7 @@ use super::{
     command::{self, Idem},
     error::{ApiError, ApiResult},
     parse_id,
-    partner::{encode_cursor, Paging},
+    partner::{audit_page_reveal, encode_cursor, next_page, Paging},
     AppState, RequestId,
 };
 use crate::{
@@ -27,7 +27,7 @@ use crate::{
     },
     flows::exports::Requested,
     jobs::ExportRequested,
-    store::{self, history},
+    store::history,
 };
 
 #[derive(Debug, Deserialize)]
@@ -143,23 +143,13 @@ pub async fn list(
         cursor,
     };
     let mut rows = history::page(&st.ctx.db, auth.partner_id, &filter, limit + 1).await?;
-    let next_cursor = if rows.len() as i64 > limit {
-        rows.truncate(limit as usize);
-        rows.last()
-            .and_then(|r| r.invited_at.map(|t| encode_cursor(t, r.id)))
-    } else {
-        None
-    };
+    let next_cursor = next_page(&mut rows, limit, |r| {
+        r.invited_at.map(|t| encode_cursor(t, r.id))
+    });
     if reveal {
-        let mut conn = st.ctx.db.acquire().await?;
-        store::audit(
-            &mut conn,
-            &auth.principal.label(),
-            "history.revealed",
-            None,
-            Some(json!({"ids": rows.iter().map(|r| r.id).collect::<Vec<_>>(), "filter": filter})),
-        )
-        .await?;
+        let details =
+            json!({"ids": rows.iter().map(|r| r.id).collect::<Vec<_>>(), "filter": filter});
+        audit_page_reveal(&st, &auth, "history.revealed", details).await?;
     }
     let provider = &st.ctx.cfg.provider_name;
     Ok(Json(json!({

@@ -193,6 +193,40 @@ impl Paging {
     }
 }
 
+/// Cuts `rows` (read with one more than `limit`) to the page and returns
+/// the next page's cursor (`cursor` of its last row) when there is more.
+pub fn next_page<T>(
+    rows: &mut Vec<T>,
+    limit: i64,
+    cursor: impl Fn(&T) -> Option<String>,
+) -> Option<String> {
+    if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().and_then(cursor)
+    } else {
+        None
+    }
+}
+
+/// Records in the audit log that `auth` had a page shown unmasked.
+pub async fn audit_page_reveal(
+    st: &AppState,
+    auth: &PartnerAuth,
+    action: &str,
+    details: Value,
+) -> ApiResult<()> {
+    let mut conn = st.ctx.db.acquire().await?;
+    store::audit(
+        &mut conn,
+        &auth.principal.label(),
+        action,
+        None,
+        Some(details),
+    )
+    .await?;
+    Ok(())
+}
+
 pub fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(format!("{}|{id}", at.timestamp_micros()))
@@ -298,22 +332,12 @@ pub async fn list(
         limit: limit + 1,
     };
     let mut rows = preregs::list(&st.ctx.db, auth.partner_id, &filter).await?;
-    let next_cursor = if rows.len() as i64 > limit {
-        rows.truncate(limit as usize);
-        rows.last().map(|p| encode_cursor(p.created_at, p.id))
-    } else {
-        None
-    };
+    let next_cursor = next_page(&mut rows, limit, |p| {
+        Some(encode_cursor(p.created_at, p.id))
+    });
     if reveal {
-        let mut conn = st.ctx.db.acquire().await?;
-        store::audit(
-            &mut conn,
-            &auth.principal.label(),
-            "preregistrations.revealed",
-            None,
-            Some(json!({"ids": rows.iter().map(|p| p.id).collect::<Vec<_>>()})),
-        )
-        .await?;
+        let details = json!({"ids": rows.iter().map(|p| p.id).collect::<Vec<_>>()});
+        audit_page_reveal(&st, &auth, "preregistrations.revealed", details).await?;
     }
     let items: Vec<Value> = rows
         .iter()

@@ -69,7 +69,8 @@ pub struct Prereg {
     pub mobile: String,
     pub email_norm: String,
     pub mobile_norm: String,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: Status,
     pub reason_code: Option<String>,
     pub reason_message: Option<String>,
     pub manual_review_eligible: bool,
@@ -90,7 +91,7 @@ pub struct Prereg {
 
 impl Prereg {
     pub fn status(&self) -> Status {
-        Status::parse(&self.status).unwrap_or(Status::Queued)
+        self.status
     }
 }
 

@@ -1,5 +1,6 @@
 //! Manual reviews.
 
+use crate::domain::status::ReviewState;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{FromRow, PgConnection, PgExecutor};
@@ -10,7 +11,8 @@ pub struct Review {
     pub id: Uuid,
     pub preregistration_id: Uuid,
     pub partner_id: Uuid,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: ReviewState,
     pub justification: String,
     pub expected_new_spend: Option<f64>,
     pub contact_record: Option<String>,

@@ -181,18 +181,20 @@ async fn the_same_customer_twice_in_one_batch_is_decided_in_delivery_order() {
     let mut app = intake_only().await;
     let a = app.create_partner(json!({"name": "A"})).await;
     let b = app.create_partner(json!({"name": "B"})).await;
-    let first = app
-        .prereg(&a, "order@batch.example", "+8613750000001")
-        .await;
-    let again = app
-        .prereg(&a, "ORDER@batch.example", "+8613750000001")
-        .await;
-    let other = app
-        .prereg(&b, "order@batch.example", "+8613750000002")
-        .await;
-    let by_mobile = app
-        .prereg(&b, "someone-else@batch.example", "+8613750000001")
-        .await;
+    // In this order: the customer, again (another spelling), by another
+    // partner, and by its mobile alone.
+    let mut ids = Vec::new();
+    for (p, email, mobile) in [
+        (&a, "order@batch.example", "+8613750000001"),
+        (&a, "ORDER@batch.example", "+8613750000001"),
+        (&b, "order@batch.example", "+8613750000002"),
+        (&b, "someone-else@batch.example", "+8613750000001"),
+    ] {
+        ids.push(app.prereg(p, email, mobile).await);
+    }
+    let [first, again, other, by_mobile] = ids[..] else {
+        unreachable!("four requests")
+    };
     app.add_worker(patient).await;
     let v1 = app.decided(&a, first).await;
     let v2 = app.decided(&a, again).await;

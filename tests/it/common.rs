@@ -519,6 +519,20 @@ impl TestApp {
         ids
     }
 
+    /// [`TestApp::preregs`], each then waited for until decided.
+    pub async fn decided_preregs(
+        &self,
+        p: &Partner,
+        range: std::ops::Range<u32>,
+        contact: impl Fn(u32) -> (String, String),
+    ) -> Vec<Uuid> {
+        let ids = self.preregs(p, range, contact).await;
+        for id in &ids {
+            self.decided(p, *id).await;
+        }
+        ids
+    }
+
     /// The link token of invitation `inv`, as the customer's email carries it.
     pub async fn link_token(&self, inv: Uuid) -> String {
         let nonce: Vec<u8> = sqlx::query_scalar("SELECT nonce FROM invitations WHERE id = $1")
@@ -592,6 +606,22 @@ impl TestApp {
         })
         .await
     }
+}
+
+/// Asserts an error answer: its status and its `error.code`.
+pub fn assert_error(status: StatusCode, body: &Value, want: StatusCode, code: &str) {
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (want, Some(code)),
+        "{body}"
+    );
+}
+
+/// Customer `i` of a series: email `{tag}{i}@customer.example`, mobile
+/// `+86` and `mobile_base + i`.
+pub fn customer(tag: &str, i: u32, mobile_base: u64) -> (String, String) {
+    let mobile = mobile_base + u64::from(i);
+    (format!("{tag}{i}@customer.example"), format!("+86{mobile}"))
 }
 
 /// Header `name` of `resp` (which must have it, as text).
@@ -671,6 +701,12 @@ pub async fn sink_app(sink: &SmtpSink, tweak: impl FnOnce(&mut Config)) -> TestA
         tweak(c);
     })
     .await
+}
+
+/// Asserts that `sink` has exactly one email, a second not arriving
+/// within `within`.
+pub async fn assert_one_mail(sink: &SmtpSink, within: Duration, what: &str) {
+    assert_eq!(sink.wait_for(2, within).await.len(), 1, "{what}");
 }
 
 /// The Redis lock keys under `prefix`.

@@ -44,7 +44,7 @@ async fn offline_link(app: &TestApp, p: &Partner, n: u32) -> (uuid::Uuid, String
 }
 
 async fn new_offline_token(app: &TestApp, p: &Partner, id: uuid::Uuid) -> String {
-    let v = app.offline_link(&p, id).await;
+    let v = app.offline_link(p, id).await;
     let url = v["url"].as_str().unwrap();
     assert!(url.starts_with("https://partners.example/i/"), "{url}");
     url.rsplit('/').next().unwrap().to_string()
@@ -159,14 +159,10 @@ async fn batch_ids_and_status_filter_have_one_name_and_old_spellings_still_work(
     assert_eq!(items[0]["status"], "invited");
     assert_eq!(items[0]["state"], "invited");
     // Batch delete: `preregistration_ids` as in every batch, `ids` still accepted.
-    let a = app
-        .prereg(&p, "batch1@customer.example", "+8613700000001")
+    let ids = app
+        .decided_preregs(&p, 1..3, |i| customer("batch", i, 13_700_000_000))
         .await;
-    let b = app
-        .prereg(&p, "batch2@customer.example", "+8613700000002")
-        .await;
-    app.decided(&p, a).await;
-    app.decided(&p, b).await;
+    let (a, b) = (ids[0], ids[1]);
     for (field, id) in [("preregistration_ids", a), ("ids", b)] {
         let (s, v) = app
             .post(

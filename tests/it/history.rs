@@ -281,9 +281,6 @@ async fn history_search_filters_pagination_masking_and_export() {
     let (s, v) = app
         .get(&format!("/v1/exports/{export}/download"), &p.key)
         .await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (StatusCode::GONE, Some("export_expired"))
-    );
+    assert_error(s, &v, StatusCode::GONE, "export_expired");
     app.cleanup().await;
 }

@@ -190,11 +190,12 @@ async fn smtp_451_then_250_sends_once_after_a_retry() {
         waited < Duration::from_secs(3),
         "the first retry took the second tier's delay: {waited:?}"
     );
-    assert_eq!(
-        sink.wait_for(2, Duration::from_millis(500)).await.len(),
-        1,
-        "one email, after one retry"
-    );
+    assert_one_mail(
+        &sink,
+        Duration::from_millis(500),
+        "one email, after one retry",
+    )
+    .await;
     app.cleanup().await;
 }
 
@@ -239,6 +240,20 @@ async fn smtp_550_fails_the_invitation_and_dead_letters_the_job() {
     app.cleanup().await;
 }
 
+/// A server that answers each message 1.5 s after taking it, an app that
+/// retries soon, and a channel to watch its queues.
+async fn slow_smtp_app() -> (SmtpSink, TestApp, lapin::Channel) {
+    let sink = SmtpSink::start().await.unwrap();
+    sink.after_data(AfterData::Delay(Duration::from_millis(1500)));
+    let app = mail_app(&sink, |c| {
+        c.retry_delays = vec![Duration::from_millis(600), Duration::from_secs(1)];
+        c.max_attempts = 8;
+    })
+    .await;
+    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    (sink, app, ch)
+}
+
 /// How many messages wait in the delay queues now (retries scheduled).
 async fn waiting_retries(app: &TestApp, ch: &lapin::Channel) -> u32 {
     let names = &app.ctx.broker.names;
@@ -265,14 +280,7 @@ async fn drained(app: &TestApp, ch: &lapin::Channel, q: Queue) {
 /// email. Without the lease the copy sends a second one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_of_the_job_arriving_mid_smtp_sends_no_second_email() {
-    let sink = SmtpSink::start().await.unwrap();
-    sink.after_data(AfterData::Delay(Duration::from_millis(1500)));
-    let app = mail_app(&sink, |c| {
-        c.retry_delays = vec![Duration::from_millis(600), Duration::from_secs(1)];
-        c.max_attempts = 8;
-    })
-    .await;
-    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    let (sink, app, ch) = slow_smtp_app().await;
     let p = app.create_partner(json!({})).await;
     let id = claimed(&app, &p, 4).await;
     let inv: Uuid = app.invite(&p, id).await.parse().unwrap();
@@ -296,7 +304,7 @@ async fn a_copy_of_the_job_arriving_mid_smtp_sends_no_second_email() {
     assert_eq!(sent["attempts"], 1, "the copy never claimed it: {sent}");
     drained(&app, &ch, Queue::Email).await;
     // Every copy is handled: a second email would have arrived by now.
-    assert_eq!(sink.wait_for(2, Duration::from_secs(1)).await.len(), 1);
+    assert_one_mail(&sink, Duration::from_secs(1), "one email").await;
     assert!(runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
         .await
         .unwrap()
@@ -310,14 +318,7 @@ async fn a_copy_of_the_job_arriving_mid_smtp_sends_no_second_email() {
 /// mid-SMTP, and another after it was sent, send nothing more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notice_job_delivered_again_mid_smtp_and_after_sends_one_email() {
-    let sink = SmtpSink::start().await.unwrap();
-    sink.after_data(AfterData::Delay(Duration::from_millis(1500)));
-    let app = mail_app(&sink, |c| {
-        c.retry_delays = vec![Duration::from_millis(600), Duration::from_secs(1)];
-        c.max_attempts = 8;
-    })
-    .await;
-    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    let (sink, app, ch) = slow_smtp_app().await;
     let p = app
         .create_partner(json!({"contact_email": "notices@partner.example"}))
         .await;
@@ -348,7 +349,7 @@ async fn a_notice_job_delivered_again_mid_smtp_and_after_sends_one_email() {
     // After it was sent: another copy (a replay).
     app.ctx.broker.publish_command(&job).await.unwrap();
     drained(&app, &ch, Queue::Email).await;
-    assert_eq!(sink.wait_for(2, Duration::from_secs(1)).await.len(), 1);
+    assert_one_mail(&sink, Duration::from_secs(1), "one email").await;
     let _ = ch.close(200, "done").await;
     app.cleanup().await;
 }
@@ -755,11 +756,12 @@ async fn a_connection_lost_after_the_server_took_the_message_sends_no_second_ema
                 .contains("delivery outcome unknown"),
             "{action:?}: {failed}"
         );
-        assert_eq!(
-            sink.wait_for(2, Duration::from_secs(1)).await.len(),
-            1,
-            "{action:?}: one email"
-        );
+        assert_one_mail(
+            &sink,
+            Duration::from_secs(1),
+            &format!("{action:?}: one email"),
+        )
+        .await;
         app.cleanup().await;
     }
 }

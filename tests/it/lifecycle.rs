@@ -67,10 +67,7 @@ async fn manual_review_request_and_decisions() {
     assert_eq!(v["review"]["due_at"], json!(due));
     // Counts toward the quota; cannot be deleted; a second request is refused.
     let (s, e) = app.delete_prereg(id, &p.key).await;
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (StatusCode::CONFLICT, Some("cannot_delete"))
-    );
+    assert_error(s, &e, StatusCode::CONFLICT, "cannot_delete");
     let (s, _) = app
         .ask_review(&p, id, json!({"justification": "again"}))
         .await;
@@ -155,10 +152,7 @@ async fn manual_review_request_and_decisions() {
     let (s, e) = app
         .ask_review(&p, fresh, json!({"justification": "x"}))
         .await;
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (StatusCode::CONFLICT, Some("not_reviewable"))
-    );
+    assert_error(s, &e, StatusCode::CONFLICT, "not_reviewable");
     app.cleanup().await;
 }
 
@@ -231,10 +225,7 @@ async fn delete_rules_one_and_batch() {
         .await
         .unwrap();
     let (s, v) = app.delete_prereg(id, &other.key).await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (StatusCode::CONFLICT, Some("cannot_delete"))
-    );
+    assert_error(s, &v, StatusCode::CONFLICT, "cannot_delete");
     app.cleanup().await;
 }
 

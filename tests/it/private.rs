@@ -139,17 +139,7 @@ impl PrivatePg {
             _dir: dir,
         };
         let out = pg
-            .run(
-                "initdb",
-                &[
-                    "-D",
-                    pg.data.to_str().unwrap(),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "--no-sync",
-                ],
-            )
+            .run("initdb", &["-U", "postgres", "--auth=trust", "--no-sync"])
             .output()
             .expect("initdb runs");
         assert!(
@@ -161,6 +151,7 @@ impl PrivatePg {
         Some(pg)
     }
 
+    /// `tool` of the server's binaries on its data directory (`-D`), then `args`.
     fn run(&self, tool: &str, args: &[&str]) -> Command {
         let exe = self.bin.join(tool);
         let mut cmd = if is_root() {
@@ -170,7 +161,10 @@ impl PrivatePg {
         } else {
             Command::new(exe)
         };
-        cmd.args(args).stdin(Stdio::null());
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(args)
+            .stdin(Stdio::null());
         cmd
     }
 
@@ -190,8 +184,6 @@ impl PrivatePg {
             .run(
                 "pg_ctl",
                 &[
-                    "-D",
-                    self.data.to_str().unwrap(),
                     "-o",
                     &opts,
                     "-l",
@@ -213,19 +205,7 @@ impl PrivatePg {
     /// due to administrator command"), `immediate` is a crash.
     pub fn stop(&self, mode: &str) {
         let _ = self
-            .run(
-                "pg_ctl",
-                &[
-                    "-D",
-                    self.data.to_str().unwrap(),
-                    "-m",
-                    mode,
-                    "-w",
-                    "-t",
-                    "60",
-                    "stop",
-                ],
-            )
+            .run("pg_ctl", &["-m", mode, "-w", "-t", "60", "stop"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();

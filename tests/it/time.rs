@@ -548,14 +548,10 @@ async fn sweeps_run_on_demand_from_the_api_and_from_a_message() {
     })
     .await;
     let p = app.create_partner(json!({})).await;
-    let one = app
-        .prereg(&p, "ondemand1@customer.example", "+8613400000021")
+    let ids = app
+        .decided_preregs(&p, 1..3, |i| customer("ondemand", i, 13_400_000_020))
         .await;
-    let two = app
-        .prereg(&p, "ondemand2@customer.example", "+8613400000022")
-        .await;
-    app.decided(&p, one).await;
-    app.decided(&p, two).await;
+    let (one, two) = (ids[0], ids[1]);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // Only operators may.
     let (s, _) = app.post("/v1/admin/sweeps", &p.key, json!({})).await;
@@ -1017,10 +1013,7 @@ async fn calendar_api_validation_and_the_calendar_missing_warning() {
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     // Not loaded, then the shipped default, then uploaded.
     let (s, v) = app.get("/v1/admin/calendar/2031", OPERATOR).await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (StatusCode::NOT_FOUND, Some("calendar_year_not_loaded"))
-    );
+    assert_error(s, &v, StatusCode::NOT_FOUND, "calendar_year_not_loaded");
     let (s, v) = app.get("/v1/admin/calendar/2026", OPERATOR).await;
     assert_eq!((s, v["source"].as_str()), (StatusCode::OK, Some("default")));
     assert_eq!(
