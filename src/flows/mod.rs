@@ -31,3 +31,20 @@ pub fn outbox_job<J: Job>(id: impl Into<String>, job: &J) -> Result<CloudEvent, 
 pub(crate) fn millis(d: std::time::Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
 }
+
+/// Ends one batch of reminders: the `marked` rows' email jobs go to the
+/// outbox and the batch commits; a batch that marked nothing is rolled back.
+/// Returns how many rows were marked.
+pub(crate) async fn commit_reminders(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    marked: usize,
+    emails: &[CloudEvent],
+) -> Result<u64, sqlx::Error> {
+    if marked == 0 {
+        tx.rollback().await?;
+        return Ok(0);
+    }
+    crate::store::outbox::commands(&mut tx, emails).await?;
+    tx.commit().await?;
+    Ok(marked as u64)
+}
