@@ -219,39 +219,17 @@ type CountQuery<'q> =
 
 /// Binds `changes` column by column as `$1`..`$8` of [`changes_sql`].
 pub(crate) fn bind_changes<'q>(q: CountQuery<'q>, changes: &[Change<'q>]) -> CountQuery<'q> {
-    q.bind(changes.iter().map(|c| c.id).collect::<Vec<_>>())
-        .bind(
-            changes
-                .iter()
-                .map(|c| c.status.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            changes
-                .iter()
-                .map(|c| c.reason.map(|r| r.0))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            changes
-                .iter()
-                .map(|c| c.reason.map(|r| r.1))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            changes
-                .iter()
-                .map(|c| c.manual_review_eligible)
-                .collect::<Vec<_>>(),
-        )
-        .bind(changes.iter().map(|c| c.existing_id).collect::<Vec<_>>())
-        .bind(
-            changes
-                .iter()
-                .map(|c| c.preregistered_at)
-                .collect::<Vec<_>>(),
-        )
-        .bind(changes.iter().map(|c| c.expires_at).collect::<Vec<_>>())
+    fn column<'q, T>(changes: &[Change<'q>], f: impl Fn(&Change<'q>) -> T) -> Vec<T> {
+        changes.iter().map(f).collect()
+    }
+    q.bind(column(changes, |c| c.id))
+        .bind(column(changes, |c| c.status.as_str()))
+        .bind(column(changes, |c| c.reason.map(|r| r.0)))
+        .bind(column(changes, |c| c.reason.map(|r| r.1)))
+        .bind(column(changes, |c| c.manual_review_eligible))
+        .bind(column(changes, |c| c.existing_id))
+        .bind(column(changes, |c| c.preregistered_at))
+        .bind(column(changes, |c| c.expires_at))
 }
 
 /// Applies one status change (the batch's statement with a batch of one).

@@ -519,14 +519,18 @@ impl TestApp {
         ids
     }
 
-    /// [`TestApp::preregs`], each then waited for until decided.
+    /// Customers `i` of `range` of the series `tag` ([`customer`]), each
+    /// submitted by `p` and waited for until decided; their ids in order.
     pub async fn decided_preregs(
         &self,
         p: &Partner,
         range: std::ops::Range<u32>,
-        contact: impl Fn(u32) -> (String, String),
+        tag: &str,
+        mobile_base: u64,
     ) -> Vec<Uuid> {
-        let ids = self.preregs(p, range, contact).await;
+        let ids = self
+            .preregs(p, range, |i| customer(tag, i, mobile_base))
+            .await;
         for id in &ids {
             self.decided(p, *id).await;
         }

@@ -159,9 +159,7 @@ async fn batch_ids_and_status_filter_have_one_name_and_old_spellings_still_work(
     assert_eq!(items[0]["status"], "invited");
     assert_eq!(items[0]["state"], "invited");
     // Batch delete: `preregistration_ids` as in every batch, `ids` still accepted.
-    let ids = app
-        .decided_preregs(&p, 1..3, |i| customer("batch", i, 13_700_000_000))
-        .await;
+    let ids = app.decided_preregs(&p, 1..3, "batch", 13_700_000_000).await;
     let (a, b) = (ids[0], ids[1]);
     for (field, id) in [("preregistration_ids", a), ("ids", b)] {
         let (s, v) = app

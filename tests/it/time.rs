@@ -549,7 +549,7 @@ async fn sweeps_run_on_demand_from_the_api_and_from_a_message() {
     .await;
     let p = app.create_partner(json!({})).await;
     let ids = app
-        .decided_preregs(&p, 1..3, |i| customer("ondemand", i, 13_400_000_020))
+        .decided_preregs(&p, 1..3, "ondemand", 13_400_000_020)
         .await;
     let (one, two) = (ids[0], ids[1]);
     tokio::time::sleep(Duration::from_millis(1200)).await;
