@@ -152,24 +152,12 @@ async fn main() -> anyhow::Result<()> {
     all.sort();
     let load_after = loadavg();
 
-    let few_plan = explain(
-        &ctx,
-        big_id,
-        &Filter {
-            q: Some(few_q.clone()),
-            ..Default::default()
-        },
-    )
-    .await?;
-    let many_plan = explain(
-        &ctx,
-        big_id,
-        &Filter {
-            q: Some(many_q.clone()),
-            ..Default::default()
-        },
-    )
-    .await?;
+    let search = |q: &str| Filter {
+        q: Some(q.to_string()),
+        ..Default::default()
+    };
+    let few_plan = explain(&ctx, big_id, &search(&few_q)).await?;
+    let many_plan = explain(&ctx, big_id, &search(&many_q)).await?;
 
     // Export: a small partner first, then the big one; VmHWM after each.
     let rss0 = status_kb("VmRSS:");

@@ -150,15 +150,7 @@ pub async fn run(cfg: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             let p = store::partners::create(&mut tx, &fields).await?;
             let (_, key) =
                 store::keys::issue(&mut tx, Role::Partner, Some(p.id), Some("cli")).await?;
-            store::audit(
-                &mut tx,
-                "operator:cli",
-                "partner.created",
-                Some(&p.id.to_string()),
-                None,
-            )
-            .await?;
-            tx.commit().await?;
+            commit_audited(tx, "partner.created", p.id).await?;
             println!("partner_id {}\napi_key {key}", p.id);
         }
         AdminCommand::UpstreamKey { label } => {
@@ -267,15 +259,7 @@ async fn operator_key(ctx: &Ctx, command: OperatorKeyCommand) -> anyhow::Result<
             let mut tx = ctx.db.begin().await?;
             let (id, key) =
                 store::keys::issue(&mut tx, Role::Operator, None, label.as_deref()).await?;
-            store::audit(
-                &mut tx,
-                "operator:cli",
-                "operator_key.issued",
-                Some(&id.to_string()),
-                None,
-            )
-            .await?;
-            tx.commit().await?;
+            commit_audited(tx, "operator_key.issued", id).await?;
             println!("key_id {id}\napi_key {key}");
         }
         OperatorKeyCommand::List => {
@@ -300,17 +284,22 @@ async fn operator_key(ctx: &Ctx, command: OperatorKeyCommand) -> anyhow::Result<
             if !store::keys::revoke(&mut tx, key_id, Role::Operator).await? {
                 anyhow::bail!("no live operator key {key_id}");
             }
-            store::audit(
-                &mut tx,
-                "operator:cli",
-                "operator_key.revoked",
-                Some(&key_id.to_string()),
-                None,
-            )
-            .await?;
-            tx.commit().await?;
+            commit_audited(tx, "operator_key.revoked", key_id).await?;
             println!("revoked {key_id}");
         }
     }
+    Ok(())
+}
+
+/// Records `action` on `target` by the CLI's operator in the audit log and
+/// commits the change with it.
+async fn commit_audited(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    action: &str,
+    target: impl std::fmt::Display,
+) -> anyhow::Result<()> {
+    let target = target.to_string();
+    store::audit(&mut tx, "operator:cli", action, Some(&target), None).await?;
+    tx.commit().await?;
     Ok(())
 }

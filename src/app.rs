@@ -86,11 +86,12 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
             crate::startup::bind(ctx.cfg.http_addr, "the HTTP API", "PREREG_HTTP_ADDR").await?;
         let addr = listener.local_addr()?;
         http_addr = Some(addr);
-        let app = crate::api::router(ctx.clone());
-        tasks.spawn(crate::api::serve::serve(
+        let serve = crate::api::serve::serve;
+        let timeout = ctx.cfg.http_header_timeout;
+        tasks.spawn(serve(
             listener,
-            app,
-            ctx.cfg.http_header_timeout,
+            crate::api::router(ctx.clone()),
+            timeout,
             cancel.clone(),
         ));
         tracing::info!(%addr, "intake listening on http://{addr} (API, dashboard at /admin, /metrics, /readyz)");
@@ -100,10 +101,11 @@ pub async fn start(ctx: Arc<Ctx>, roles: Roles) -> anyhow::Result<Running> {
         let addr = listener.local_addr()?;
         health_addr = Some(addr);
         tracing::info!(%addr, "health and metrics on http://{addr} (/healthz, /readyz, /metrics)");
-        let app = crate::api::health_router(ctx.clone());
-        tasks.spawn(crate::api::serve::serve(
+        let serve = crate::api::serve::serve;
+        let router = crate::api::health_router(ctx.clone());
+        tasks.spawn(serve(
             listener,
-            app,
+            router,
             ctx.cfg.http_header_timeout,
             cancel.clone(),
         ));

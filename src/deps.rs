@@ -77,12 +77,13 @@ impl Health {
     }
 
     /// Why `dep` is known to be down, if it is.
+    /// What `read` says of `dep`'s current outage, if it is down.
+    fn outage<T>(&self, dep: Dep, read: impl FnOnce(&Down) -> T) -> Option<T> {
+        self.down[dep.index()].lock().ok()?.as_ref().map(read)
+    }
+
     pub fn down_reason(&self, dep: Dep) -> Option<String> {
-        self.down[dep.index()]
-            .lock()
-            .ok()?
-            .as_ref()
-            .map(|d| d.reason.clone())
+        self.outage(dep, |d| d.reason.clone())
     }
 
     pub fn is_down(&self, dep: Dep) -> bool {
@@ -91,11 +92,7 @@ impl Health {
 
     /// How long `dep` has been down.
     pub fn down_for(&self, dep: Dep) -> Option<Duration> {
-        self.down[dep.index()]
-            .lock()
-            .ok()?
-            .as_ref()
-            .map(|d| d.since.elapsed())
+        self.outage(dep, |d| d.since.elapsed())
     }
 
     /// Records an outage (logged once per outage) and wakes the probe.

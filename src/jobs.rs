@@ -218,31 +218,36 @@ pub struct AssociationRequested {
 }
 job!(AssociationRequested, "association.requested", Association, upstream: true);
 
-/// `sweep.requested`: from the scheduler (with the slot it stands for), the
-/// operator API, or any upstream publisher (every field optional).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct SweepRequested {
-    /// The scheduler's time slot: a tick is skipped when a run that started
-    /// at or after it already succeeded (several schedulers, a backlog).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scheduled_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slot: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub requested_by: Option<String>,
+/// A scheduler tick's fields, every one optional.
+macro_rules! tick {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+        pub struct $name {
+            /// The scheduler's time slot: a tick is skipped when a run that
+            /// started at or after it already succeeded (several
+            /// schedulers, a backlog).
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub scheduled_at: Option<DateTime<Utc>>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub slot: Option<i64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub requested_by: Option<String>,
+        }
+    };
 }
+
+tick!(
+    /// `sweep.requested`: from the scheduler (with the slot it stands for),
+    /// the operator API, or any upstream publisher.
+    SweepRequested
+);
 job!(SweepRequested, "sweep.requested", Sweeps, upstream: true);
 
-/// `deadline.tick` (internal only): check review deadlines and reminders.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct DeadlineTick {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scheduled_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slot: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub requested_by: Option<String>,
-}
+tick!(
+    /// `deadline.tick` (internal only): check review deadlines and reminders.
+    DeadlineTick
+);
 job!(DeadlineTick, "deadline.tick", Deadlines, upstream: false);
 
 /// `export.requested`: run a stored export. Our intake sends it on the

@@ -163,9 +163,8 @@ fn seconds(a: &Sample, b: &Sample) -> f64 {
     ((b.at - a.at).num_milliseconds() as f64 / 1000.0).max(0.001)
 }
 
-/// Jobs per second of `queue` between two samples: (processed, failed, acked).
-pub fn rates(a: &Sample, b: &Sample, queue: &str) -> (f64, f64, f64) {
-    let dt = seconds(a, b);
+/// Jobs of `queue` done between two samples: (processed, failed, dead-lettered).
+pub fn counts(a: &Sample, b: &Sample, queue: &str) -> (f64, f64, f64) {
     let (mut all, mut failed, mut dead) = (0.0, 0.0, 0.0);
     for ((q, outcome), v) in &b.jobs {
         if q != queue {
@@ -185,6 +184,13 @@ pub fn rates(a: &Sample, b: &Sample, queue: &str) -> (f64, f64, f64) {
             dead += d;
         }
     }
+    (all, failed, dead)
+}
+
+/// Jobs per second of `queue` between two samples: (processed, failed, acked).
+pub fn rates(a: &Sample, b: &Sample, queue: &str) -> (f64, f64, f64) {
+    let dt = seconds(a, b);
+    let (all, failed, dead) = counts(a, b, queue);
     (all / dt, failed / dt, (all - dead) / dt)
 }
 

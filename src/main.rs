@@ -152,14 +152,15 @@ async fn run(cli: Cli, mut cfg: Config, smtp_url_given: bool) -> anyhow::Result<
             Ok(())
         }
         Command::Intake => {
-            let ctx = Ctx::new(cfg)?;
-            let roles = Roles {
-                intake: true,
-                relay: true,
-                ..Default::default()
-            };
-            app::start(ctx, roles).await?.run_until_signal().await;
-            Ok(())
+            run_roles(
+                cfg,
+                Roles {
+                    intake: true,
+                    relay: true,
+                    ..Default::default()
+                },
+            )
+            .await
         }
         Command::Worker { only } => {
             let queues = if only.is_empty() {
@@ -171,29 +172,31 @@ async fn run(cli: Cli, mut cfg: Config, smtp_url_given: bool) -> anyhow::Result<
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?
             };
-            let ctx = Ctx::new(cfg)?;
-            let roles = Roles {
-                workers: queues,
-                relay: true,
-                health_server: true,
-                ..Default::default()
-            };
-            app::start(ctx, roles).await?.run_until_signal().await;
-            Ok(())
+            run_roles(
+                cfg,
+                Roles {
+                    workers: queues,
+                    relay: true,
+                    health_server: true,
+                    ..Default::default()
+                },
+            )
+            .await
         }
         Command::Scheduler => {
             if !cfg.metrics_addr_set {
                 // One default metrics port per role: workers 9091, schedulers 9092.
                 cfg.metrics_addr.set_port(9092);
             }
-            let ctx = Ctx::new(cfg)?;
-            let roles = Roles {
-                scheduler: true,
-                health_server: true,
-                ..Default::default()
-            };
-            app::start(ctx, roles).await?.run_until_signal().await;
-            Ok(())
+            run_roles(
+                cfg,
+                Roles {
+                    scheduler: true,
+                    health_server: true,
+                    ..Default::default()
+                },
+            )
+            .await
         }
         Command::Asyncapi => {
             let doc = prereg::asyncapi::document(&cfg.amqp_prefix);
@@ -202,4 +205,13 @@ async fn run(cli: Cli, mut cfg: Config, smtp_url_given: bool) -> anyhow::Result<
         }
         Command::Admin { command } => admin_cli::run(cfg, command).await,
     }
+}
+
+/// Runs this process as `roles` until a signal asks it to stop.
+async fn run_roles(cfg: prereg::Config, roles: Roles) -> anyhow::Result<()> {
+    app::start(Ctx::new(cfg)?, roles)
+        .await?
+        .run_until_signal()
+        .await;
+    Ok(())
 }

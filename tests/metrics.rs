@@ -72,17 +72,14 @@ async fn metrics_count_what_happened() {
     let app = spawn_app().await;
     let p = app.create_partner(json!({})).await;
     // Three customers, and the first one twice more: 3 claims, 2 refusals.
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        ids.push(
-            app.prereg(
-                &p,
-                &format!("m{i}@customer.example"),
-                &format!("+86138000000{i:02}"),
+    let mut ids = app
+        .preregs(&p, 0..3, |i| {
+            (
+                format!("m{i}@customer.example"),
+                format!("+86138000000{i:02}"),
             )
-            .await,
-        );
-    }
+        })
+        .await;
     for _ in 0..2 {
         ids.push(
             app.prereg(&p, "m0@customer.example", "+8613800000000")

@@ -43,28 +43,28 @@ pub fn partner_fields(v: &Value, creating: bool) -> Result<PartnerFields, Vec<Fi
         );
     }
     let present = |k: &str| v.get(k).is_some();
-    let contact_email = f.optional_str("contact_email", 254);
-    if contact_email
-        .as_deref()
-        .is_some_and(|e| !validate::is_email(e))
-    {
-        f.error(
+    // (field, longest, rule, what the rule says)
+    let [contact_email, contact_mobile] = [
+        (
             "contact_email",
-            "invalid",
-            "contact_email must be a valid email address",
-        );
-    }
-    let contact_mobile = f.optional_str("contact_mobile", 32);
-    if contact_mobile
-        .as_deref()
-        .is_some_and(|m| !validate::is_e164(m))
-    {
-        f.error(
+            254,
+            validate::is_email as fn(&str) -> bool,
+            "be a valid email address",
+        ),
+        (
             "contact_mobile",
-            "invalid",
-            "contact_mobile must be in E.164 format",
-        );
-    }
+            32,
+            validate::is_e164,
+            "be in E.164 format",
+        ),
+    ]
+    .map(|(field, max, valid, rule)| {
+        let value = f.optional_str(field, max);
+        if value.as_deref().is_some_and(|x| !valid(x)) {
+            f.error(field, "invalid", format!("{field} must {rule}"));
+        }
+        value
+    });
     let billing_mode = f
         .optional_enum("billing_mode", &["postpaid", "prepaid"])
         .map(str::to_string);

@@ -124,26 +124,20 @@ impl FromRequestParts<AppState> for PartnerAuth {
     }
 }
 
-pub struct OperatorAuth(pub Principal);
+/// An extractor that admits only principals of one role.
+macro_rules! role_auth {
+    ($(#[$doc:meta])* $name:ident, $role:expr) => {
+        $(#[$doc])*
+        pub struct $name(pub Principal);
 
-impl FromRequestParts<AppState> for OperatorAuth {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        Ok(OperatorAuth(require(
-            authenticate(parts, st).await?,
-            Role::Operator,
-        )?))
-    }
+        impl FromRequestParts<AppState> for $name {
+            type Rejection = ApiError;
+            async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
+                Ok($name(require(authenticate(parts, st).await?, $role)?))
+            }
+        }
+    };
 }
 
-pub struct UpstreamAuth(pub Principal);
-
-impl FromRequestParts<AppState> for UpstreamAuth {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        Ok(UpstreamAuth(require(
-            authenticate(parts, st).await?,
-            Role::Upstream,
-        )?))
-    }
-}
+role_auth!(OperatorAuth, Role::Operator);
+role_auth!(UpstreamAuth, Role::Upstream);

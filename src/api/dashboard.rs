@@ -587,24 +587,10 @@ async fn build(st: &AppState, s: &Session, q: DashboardQuery) -> Result<Dashboar
                     (Some(d), Some(c)) => Some((d + c).max(0.0)),
                     _ => None,
                 };
-                let (mut processed_hour, mut failed_hour) = (0.0, 0.0);
-                if let (Some(a), Some(b)) = (hist.first(), last) {
-                    for ((qq, outcome), v) in &b.jobs {
-                        if qq != name {
-                            continue;
-                        }
-                        let d = (v - a
-                            .jobs
-                            .get(&(qq.clone(), outcome.clone()))
-                            .copied()
-                            .unwrap_or(0.0))
-                        .max(0.0);
-                        processed_hour += d;
-                        if jobstats::FAILED.contains(&outcome.as_str()) {
-                            failed_hour += d;
-                        }
-                    }
-                }
+                let (processed_hour, failed_hour, _) = match (hist.first(), last) {
+                    (Some(a), Some(b)) => jobstats::counts(a, b, name),
+                    _ => (0.0, 0.0, 0.0),
+                };
                 dead_total += dead;
                 queues.push(QueueRow {
                     name,
@@ -916,6 +902,20 @@ pub struct DeadLetterForm {
 }
 
 /// Records an operator's dead-letter action in the audit log.
+/// Audits a dead-letter operation and sends the operator back to the
+/// dashboard saying `done` (already URL-encoded).
+async fn audited_done(
+    st: &AppState,
+    s: &Session,
+    action: &str,
+    q: Queue,
+    details: Value,
+    done: &str,
+) -> Response {
+    audit_dead_letters(st, s, action, q, details).await;
+    Redirect::to(&format!("/admin?done={done}")).into_response()
+}
+
 async fn audit_dead_letters(st: &AppState, s: &Session, action: &str, q: Queue, details: Value) {
     if let Ok(mut conn) = st.ctx.db.acquire().await {
         let _ = crate::store::audit(
@@ -956,19 +956,16 @@ pub async fn replay(
     if !one.is_empty() {
         return match dead_letters::replay_one(&st.ctx.broker, q, one).await {
             Ok(true) => {
-                audit_dead_letters(
+                let done = format!("Replayed+one+message+of+{}.#dlq", q.short());
+                audited_done(
                     &st,
                     &s,
                     "dead_letters.replayed",
                     q,
                     serde_json::json!({"count": 1, "message_id": one}),
+                    &done,
                 )
-                .await;
-                Redirect::to(&format!(
-                    "/admin?done=Replayed+one+message+of+{}.#dlq",
-                    q.short()
-                ))
-                .into_response()
+                .await
             }
             Ok(false) => gone(q),
             Err(e) => dead_letter_failed("replay", e),
@@ -976,19 +973,16 @@ pub async fn replay(
     }
     match dead_letters::replay(&st.ctx.broker, q, 10_000).await {
         Ok(n) => {
-            audit_dead_letters(
+            let done = format!("Replayed+{n}+message(s)+of+{}.", q.short());
+            audited_done(
                 &st,
                 &s,
                 "dead_letters.replayed",
                 q,
                 serde_json::json!({"count": n}),
+                &done,
             )
-            .await;
-            Redirect::to(&format!(
-                "/admin?done=Replayed+{n}+message(s)+of+{}.",
-                q.short()
-            ))
-            .into_response()
+            .await
         }
         Err(e) => dead_letter_failed("replay", e),
     }
@@ -1029,19 +1023,16 @@ pub async fn discard(
     }
     match dead_letters::discard_one(&st.ctx.broker, q, one).await {
         Ok(true) => {
-            audit_dead_letters(
+            let done = format!("Discarded+one+message+of+{}.#dlq", q.short());
+            audited_done(
                 &st,
                 &s,
                 "dead_letters.discarded",
                 q,
                 serde_json::json!({"count": 1, "message_id": one}),
+                &done,
             )
-            .await;
-            Redirect::to(&format!(
-                "/admin?done=Discarded+one+message+of+{}.#dlq",
-                q.short()
-            ))
-            .into_response()
+            .await
         }
         Ok(false) => gone(q),
         Err(e) => dead_letter_failed("discard", e),

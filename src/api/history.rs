@@ -16,7 +16,7 @@ use super::{
     command::{self, Idem},
     error::{ApiError, ApiResult},
     parse_id,
-    partner::{encode_cursor, paging},
+    partner::{audit_page_reveal, encode_cursor, next_page, Paging},
     AppState, RequestId,
 };
 use crate::{
@@ -27,7 +27,7 @@ use crate::{
     },
     flows::exports::Requested,
     jobs::ExportRequested,
-    store::{self, history},
+    store::history,
 };
 
 #[derive(Debug, Deserialize)]
@@ -37,9 +37,8 @@ pub struct HistoryQuery {
     method: Option<String>,
     tag: Option<String>,
     account_manager: Option<String>,
-    cursor: Option<String>,
-    limit: Option<String>,
-    reveal: Option<String>,
+    #[serde(flatten)]
+    page: Paging,
 }
 
 fn record_view(r: &history::Record, reveal: bool, provider: &str) -> Value {
@@ -87,12 +86,7 @@ pub async fn list(
     Query(q): Query<HistoryQuery>,
 ) -> ApiResult<Json<Value>> {
     let mut errors = Vec::new();
-    let (limit, reveal, cursor) = paging(
-        q.limit.as_deref(),
-        q.reveal.as_deref(),
-        q.cursor.as_deref(),
-        &mut errors,
-    );
+    let (limit, reveal, cursor) = q.page.parse(&mut errors);
     let bad = |f: &str, m: &str| FieldError {
         field: f.into(),
         code: "invalid",
@@ -149,23 +143,13 @@ pub async fn list(
         cursor,
     };
     let mut rows = history::page(&st.ctx.db, auth.partner_id, &filter, limit + 1).await?;
-    let next_cursor = if rows.len() as i64 > limit {
-        rows.truncate(limit as usize);
-        rows.last()
-            .and_then(|r| r.invited_at.map(|t| encode_cursor(t, r.id)))
-    } else {
-        None
-    };
+    let next_cursor = next_page(&mut rows, limit, |r| {
+        r.invited_at.map(|t| encode_cursor(t, r.id))
+    });
     if reveal {
-        let mut conn = st.ctx.db.acquire().await?;
-        store::audit(
-            &mut conn,
-            &auth.principal.label(),
-            "history.revealed",
-            None,
-            Some(json!({"ids": rows.iter().map(|r| r.id).collect::<Vec<_>>(), "filter": filter})),
-        )
-        .await?;
+        let details =
+            json!({"ids": rows.iter().map(|r| r.id).collect::<Vec<_>>(), "filter": filter});
+        audit_page_reveal(&st, &auth, "history.revealed", details).await?;
     }
     let provider = &st.ctx.cfg.provider_name;
     Ok(Json(json!({

@@ -169,9 +169,62 @@ pub fn referral_not_permitted() -> ApiError {
 pub struct ListQuery {
     pub status: Option<String>,
     pub q: Option<String>,
+    #[serde(flatten)]
+    pub page: Paging,
+}
+
+/// `cursor`, `limit` and `reveal` of a list query.
+#[derive(Debug, Default, Deserialize)]
+pub struct Paging {
     pub cursor: Option<String>,
     pub limit: Option<String>,
     pub reveal: Option<String>,
+}
+
+impl Paging {
+    /// The checked page size, reveal flag and cursor ([`paging`]).
+    pub fn parse(&self, errors: &mut Vec<validate::FieldError>) -> (i64, bool, Option<Cursor>) {
+        paging(
+            self.limit.as_deref(),
+            self.reveal.as_deref(),
+            self.cursor.as_deref(),
+            errors,
+        )
+    }
+}
+
+/// Cuts `rows` (read with one more than `limit`) to the page and returns
+/// the next page's cursor (`cursor` of its last row) when there is more.
+pub fn next_page<T>(
+    rows: &mut Vec<T>,
+    limit: i64,
+    cursor: impl Fn(&T) -> Option<String>,
+) -> Option<String> {
+    if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().and_then(cursor)
+    } else {
+        None
+    }
+}
+
+/// Records in the audit log that `auth` had a page shown unmasked.
+pub async fn audit_page_reveal(
+    st: &AppState,
+    auth: &PartnerAuth,
+    action: &str,
+    details: Value,
+) -> ApiResult<()> {
+    let mut conn = st.ctx.db.acquire().await?;
+    store::audit(
+        &mut conn,
+        &auth.principal.label(),
+        action,
+        None,
+        Some(details),
+    )
+    .await?;
+    Ok(())
 }
 
 pub fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
@@ -247,12 +300,7 @@ pub async fn list(
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     let mut errors = Vec::new();
-    let (limit, reveal, cursor) = paging(
-        q.limit.as_deref(),
-        q.reveal.as_deref(),
-        q.cursor.as_deref(),
-        &mut errors,
-    );
+    let (limit, reveal, cursor) = q.page.parse(&mut errors);
     let status = q.status.as_deref().filter(|s| !s.is_empty()).and_then(|s| {
         let st = Status::parse(s);
         if st.is_none() {
@@ -284,22 +332,12 @@ pub async fn list(
         limit: limit + 1,
     };
     let mut rows = preregs::list(&st.ctx.db, auth.partner_id, &filter).await?;
-    let next_cursor = if rows.len() as i64 > limit {
-        rows.truncate(limit as usize);
-        rows.last().map(|p| encode_cursor(p.created_at, p.id))
-    } else {
-        None
-    };
+    let next_cursor = next_page(&mut rows, limit, |p| {
+        Some(encode_cursor(p.created_at, p.id))
+    });
     if reveal {
-        let mut conn = st.ctx.db.acquire().await?;
-        store::audit(
-            &mut conn,
-            &auth.principal.label(),
-            "preregistrations.revealed",
-            None,
-            Some(json!({"ids": rows.iter().map(|p| p.id).collect::<Vec<_>>()})),
-        )
-        .await?;
+        let details = json!({"ids": rows.iter().map(|p| p.id).collect::<Vec<_>>()});
+        audit_page_reveal(&st, &auth, "preregistrations.revealed", details).await?;
     }
     let items: Vec<Value> = rows
         .iter()

@@ -605,28 +605,24 @@ mod tests {
     fn model_filtering_falls_through_to_a_later_cause() {
         // Referral: the reseller-only prepaid cause is skipped, a later `any`
         // cause decides.
+        let cause = |s: &Setup, t| decide(Causes::shipped(), &s.input(t));
         let mut s = Setup::clean();
         s.partner_prepaid = true;
         s.account.enterprise_member_account = true;
         s.account.overdue_payment = true;
-        assert_eq!(
-            decide(Causes::shipped(), &s.input(AssociationType::Referral)).as_deref(),
-            Some("overdue_payment")
-        );
-        assert_eq!(
-            decide(Causes::shipped(), &s.input(AssociationType::Reseller)).as_deref(),
-            Some("prepaid_partner_reseller")
-        );
+        let referral = cause(&s, AssociationType::Referral);
+        assert_eq!(referral.as_deref(), Some("overdue_payment"));
+        let reseller = cause(&s, AssociationType::Reseller);
+        assert_eq!(reseller.as_deref(), Some("prepaid_partner_reseller"));
         // Reseller: the referral-only causes are skipped.
         let mut s = Setup::clean();
         s.account.referral_blocked_by_relationship = true;
         s.account.has_support_plan = true;
+        let reseller = cause(&s, AssociationType::Reseller);
+        assert_eq!(reseller.as_deref(), Some("support_plan"));
+        let referral = cause(&s, AssociationType::Referral);
         assert_eq!(
-            decide(Causes::shipped(), &s.input(AssociationType::Reseller)).as_deref(),
-            Some("support_plan")
-        );
-        assert_eq!(
-            decide(Causes::shipped(), &s.input(AssociationType::Referral)).as_deref(),
+            referral.as_deref(),
             Some("referral_not_allowed_relationship")
         );
     }

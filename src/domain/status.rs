@@ -111,7 +111,8 @@ pub fn sql_list<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
 }
 
 /// States of a review.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ReviewState {
     Queued,
     Open,
@@ -166,12 +167,28 @@ impl ReviewState {
     }
 }
 
+/// A stored review state (`store::reviews::Review` reads its column through this).
+impl TryFrom<String> for ReviewState {
+    type Error = String;
+    fn try_from(s: String) -> Result<ReviewState, String> {
+        ReviewState::parse(&s).ok_or_else(|| format!("unknown review state {s:?}"))
+    }
+}
+
 /// States of an invitation link that can still be used (and so can expire
 /// or be superseded).
 pub const LINK_OUTSTANDING: [&str; 2] = ["queued", "sent"];
 
 /// States of an export that still hold a slot of the partner's daily limit.
 pub const EXPORT_ACTIVE: [&str; 2] = ["pending", "running"];
+
+/// A stored status (`store::preregs::Prereg` reads its column through this).
+impl TryFrom<String> for Status {
+    type Error = String;
+    fn try_from(s: String) -> Result<Status, String> {
+        Status::parse(&s).ok_or_else(|| format!("unknown pre-registration status {s:?}"))
+    }
+}
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

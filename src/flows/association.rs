@@ -126,7 +126,7 @@ pub async fn record(ctx: &Ctx, attempt_id: Uuid) -> Result<Recorded, sqlx::Error
             timeline(
                 &mut tx,
                 p.id,
-                &p.status,
+                p.status.as_str(),
                 "associated",
                 None,
                 attempt.id,
@@ -159,7 +159,7 @@ pub async fn record(ctx: &Ctx, attempt_id: Uuid) -> Result<Recorded, sqlx::Error
             timeline(
                 &mut tx,
                 p.id,
-                &p.status,
+                p.status.as_str(),
                 "association_failed",
                 Some(code),
                 attempt.id,

@@ -15,8 +15,41 @@ use crate::{
     store::{self, preregs, TimelineEntry},
 };
 
-/// Grants the claim from `now` for `validity`: the row becomes
-/// `preregistered` with its expiry. Returns the expiry. A unique violation
+/// The claim granted from `now` for `validity`: the row becomes
+/// `preregistered` with its expiry. The one home of what a grant writes,
+/// for a registration batch (`decisions::write`) and for [`grant`].
+pub fn granted(
+    id: Uuid,
+    now: DateTime<Utc>,
+    validity: chrono::Duration,
+) -> preregs::Change<'static> {
+    preregs::Change {
+        id,
+        status: Status::Preregistered,
+        reason: None,
+        manual_review_eligible: false,
+        existing_id: None,
+        preregistered_at: Some(now),
+        expires_at: Some(now + validity),
+    }
+}
+
+/// A pre-registration rejected for an eligibility reason (naming the
+/// partner's own earlier one as `existing_id`).
+pub fn rejection(id: Uuid, reason: Reason, existing_id: Option<Uuid>) -> preregs::Change<'static> {
+    preregs::Change {
+        id,
+        status: Status::Rejected,
+        reason: Some((reason.code(), reason.message())),
+        manual_review_eligible: reason.manual_review_eligible(),
+        existing_id,
+        preregistered_at: None,
+        expires_at: None,
+    }
+}
+
+/// Grants one claim ([`granted`]) through the registration batch's own
+/// statement ([`preregs::apply`]). Returns the expiry. A unique violation
 /// means another partner holds an active claim on the customer (the partial
 /// unique indexes are the final guard).
 pub async fn grant(
@@ -25,21 +58,9 @@ pub async fn grant(
     now: DateTime<Utc>,
     validity: chrono::Duration,
 ) -> Result<DateTime<Utc>, sqlx::Error> {
-    let expires_at = now + validity;
-    preregs::apply(
-        conn,
-        &preregs::Change {
-            id,
-            status: Status::Preregistered,
-            reason: None,
-            manual_review_eligible: false,
-            existing_id: None,
-            preregistered_at: Some(now),
-            expires_at: Some(expires_at),
-        },
-    )
-    .await?;
-    Ok(expires_at)
+    let change = granted(id, now, validity);
+    preregs::apply(conn, &change).await?;
+    Ok(now + validity)
 }
 
 /// The partner deletes its pre-registration (anything but a review in
@@ -89,28 +110,6 @@ pub async fn delete(
     .subject(id);
     store::outbox::event(conn, &ev).await?;
     Ok(())
-}
-
-/// Rejects a pre-registration for an eligibility reason.
-pub async fn reject(
-    conn: &mut PgConnection,
-    id: Uuid,
-    reason: Reason,
-    existing_id: Option<Uuid>,
-) -> Result<(), sqlx::Error> {
-    preregs::apply(
-        conn,
-        &preregs::Change {
-            id,
-            status: Status::Rejected,
-            reason: Some((reason.code(), reason.message())),
-            manual_review_eligible: reason.manual_review_eligible(),
-            existing_id,
-            preregistered_at: None,
-            expires_at: None,
-        },
-    )
-    .await
 }
 
 /// An operator rejected the review: `review_rejected` with the note.

@@ -101,24 +101,14 @@ async fn overdue_batch(ctx: &Ctx, batch: i64) -> Result<u64, sqlx::Error> {
 }
 
 async fn remind_batch(ctx: &Ctx, batch: i64) -> Result<u64, sqlx::Error> {
-    let before_ms = ctx
-        .cfg
-        .review_reminder_before
-        .as_millis()
-        .min(i64::MAX as u128) as i64;
+    let before_ms = super::millis(ctx.cfg.review_reminder_before);
     let mut tx = ctx.db.begin().await?;
     let rows = store::reviews::mark_reminders(&mut tx, batch, before_ms).await?;
-    if rows.is_empty() {
-        tx.rollback().await?;
-        return Ok(0);
-    }
     let emails = rows
         .iter()
         .map(|r| review_email(NoticeKind::ReviewReminder, r.id, r.preregistration_id))
         .collect::<Result<Vec<CloudEvent>, sqlx::Error>>()?;
-    store::outbox::commands(&mut tx, &emails).await?;
-    tx.commit().await?;
-    Ok(rows.len() as u64)
+    super::commit_reminders(tx, rows.len(), &emails).await
 }
 
 /// The email job of a review notice (one per review and kind).

@@ -128,7 +128,7 @@ pub async fn create_offline(
             preregistration_id: prereg_id,
             actor,
             change: "invited",
-            from_status: Some(&p.status),
+            from_status: Some(p.status.as_str()),
             to_status: Some("invited"),
             reason: None,
             details: Some(json!({"invitation_id": inv_id, "method": "offline"})),
@@ -220,7 +220,7 @@ pub async fn activate(ctx: &Ctx, id: Uuid, lease: Duration) -> Result<Activation
                 preregistration_id: p.id,
                 actor: "system:email",
                 change: "invited",
-                from_status: Some(&p.status),
+                from_status: Some(p.status.as_str()),
                 to_status: Some("invited"),
                 reason: None,
                 details: Some(

@@ -287,15 +287,10 @@ async fn decide_with_retries(
 /// A decision waiting to be written.
 struct Pending {
     index: usize,
-    id: Uuid,
-    status: Status,
-    reason: Option<domain::Reason>,
-    manual_review_eligible: bool,
-    existing_id: Option<Uuid>,
-    preregistered_at: Option<DateTime<Utc>>,
-    expires_at: Option<DateTime<Utc>>,
-    /// `preregistration.accepted|rejected` (set once decided).
-    event: Option<CloudEvent>,
+    /// What the decision writes ([`claims::granted`] or [`claims::rejection`]).
+    change: preregs::Change<'static>,
+    /// `preregistration.accepted|rejected`.
+    event: CloudEvent,
 }
 
 async fn decide_tx(
@@ -373,23 +368,10 @@ async fn decide_tx(
             quota: ctx.cfg.partner_quota,
         });
         let id = p.id;
-        let mut d = Pending {
-            index: i,
-            id,
-            status: Status::Rejected,
-            reason: None,
-            manual_review_eligible: false,
-            existing_id: None,
-            preregistered_at: None,
-            expires_at: None,
-            event: None,
-        };
-        let event = match decision {
+        let (change, event) = match decision {
             Decision::Preregistered => {
+                let change = claims::granted(id, now, ctx.claim_validity());
                 let expires_at = now + ctx.claim_validity();
-                d.status = Status::Preregistered;
-                d.preregistered_at = Some(now);
-                d.expires_at = Some(expires_at);
                 // Later jobs of this batch see the new claim and quota.
                 cx.claims.push(KeyedClaim {
                     email_norm: p.email_norm.clone(),
@@ -405,30 +387,33 @@ async fn decide_tx(
                 if p.send_invitation {
                     invitations.push((p, expires_at));
                 }
-                CloudEvent::with_id(
+                let event = CloudEvent::with_id(
                     format!("preregistration.accepted:{id}"),
                     "preregistration.accepted",
                     json!({"preregistration_id": id, "partner_id": partner.id, "status": "preregistered", "expires_at": expires_at}),
-                )
+                );
+                (change, event)
             }
             Decision::AlreadyPreregistered { existing_id } => {
                 let reason = domain::Reason::AlreadyPreregistered;
-                d.reason = Some(reason);
-                d.existing_id = Some(existing_id);
-                claims::rejected_event(id, partner.id, reason, Some(existing_id))
+                (
+                    claims::rejection(id, reason, Some(existing_id)),
+                    claims::rejected_event(id, partner.id, reason, Some(existing_id)),
+                )
             }
-            Decision::Rejected { reason } => {
-                d.reason = Some(reason);
-                d.manual_review_eligible = reason.manual_review_eligible();
-                claims::rejected_event(id, partner.id, reason, None)
-            }
-        }
+            Decision::Rejected { reason } => (
+                claims::rejection(id, reason, None),
+                claims::rejected_event(id, partner.id, reason, None),
+            ),
+        };
         // The decision event carries the request id of the HTTP call (or
         // the upstream command) that asked for it.
-        .subject(id)
-        .correlation(p.request_id.clone());
-        d.event = Some(event);
-        pending.push(d);
+        let event = event.subject(id).correlation(p.request_id.clone());
+        pending.push(Pending {
+            index: i,
+            change,
+            event,
+        });
     }
 
     for (id, from) in lapsed {
@@ -440,17 +425,9 @@ async fn decide_tx(
     }
     let rows: Vec<decisions::Decided<'_>> = pending
         .iter()
-        .filter_map(|d| {
-            Some(decisions::Decided {
-                id: d.id,
-                status: d.status,
-                reason: d.reason.map(|r| (r.code(), r.message())),
-                manual_review_eligible: d.manual_review_eligible,
-                existing_id: d.existing_id,
-                preregistered_at: d.preregistered_at,
-                expires_at: d.expires_at,
-                event: d.event.as_ref()?,
-            })
+        .map(|d| decisions::Decided {
+            change: d.change,
+            event: &d.event,
         })
         .collect();
     decisions::write(&mut tx, ACTOR, &rows).await?;
@@ -459,8 +436,9 @@ async fn decide_tx(
     tx.commit().await?;
     stages::since(Stage::Commit, commit_started);
     for d in &pending {
-        metrics::counter!("prereg_decisions_total", "status" => d.status.as_str(), "reason" => d.reason.map(|r| r.code()).unwrap_or("")).increment(1);
-        verdicts.push((d.index, Verdict::Decided(d.status)));
+        let status = d.change.status;
+        metrics::counter!("prereg_decisions_total", "status" => status.as_str(), "reason" => d.change.reason.map(|r| r.0).unwrap_or("")).increment(1);
+        verdicts.push((d.index, Verdict::Decided(status)));
     }
     Ok(verdicts)
 }

@@ -33,7 +33,7 @@ pub async fn open(ctx: &Ctx, cmd: &ReviewRequested, actor: &str) -> Result<Opene
     let review = reviews::get_for_update(&mut tx, cmd.review_id)
         .await?
         .ok_or(FlowError::NotFound("review"))?;
-    if ReviewState::parse(&review.state) != Some(ReviewState::Queued) {
+    if review.state != ReviewState::Queued {
         return Ok(Opened::AlreadyOpened);
     }
     let p = preregs::get_for_update(&mut tx, review.preregistration_id)
@@ -115,7 +115,7 @@ pub async fn decide(
     let review = reviews::get_for_update(&mut tx, id)
         .await?
         .ok_or(FlowError::NotFound("review"))?;
-    match ReviewState::parse(&review.state) {
+    match Some(review.state) {
         Some(s) if s.undecided() => {}
         Some(ReviewState::Queued) => {
             return Err(FlowError::Conflict(

@@ -160,17 +160,9 @@ async fn expire_claims_batch(ctx: &Ctx, batch: i64) -> Result<Vec<Uuid>, sqlx::E
 /// the same transaction. Claims of partners without a contact email are
 /// marked without an email.
 async fn remind_claims_batch(ctx: &Ctx, batch: i64) -> Result<u64, sqlx::Error> {
-    let before_ms = ctx
-        .cfg
-        .claim_reminder_before
-        .as_millis()
-        .min(i64::MAX as u128) as i64;
+    let before_ms = super::millis(ctx.cfg.claim_reminder_before);
     let mut tx = ctx.db.begin().await?;
     let rows = store::preregs::mark_expiry_reminders(&mut tx, batch, before_ms).await?;
-    if rows.is_empty() {
-        tx.rollback().await?;
-        return Ok(0);
-    }
     // A partner without a contact email gets no reminder; the email worker
     // reads the recipient from the partner row when it sends.
     let emails = rows
@@ -190,9 +182,7 @@ async fn remind_claims_batch(ctx: &Ctx, batch: i64) -> Result<u64, sqlx::Error> 
             .subject(id))
         })
         .collect::<Result<Vec<CloudEvent>, sqlx::Error>>()?;
-    store::outbox::commands(&mut tx, &emails).await?;
-    tx.commit().await?;
-    Ok(rows.len() as u64)
+    super::commit_reminders(tx, rows.len(), &emails).await
 }
 
 /// Invitation links: those past their own expiry, and the outstanding ones

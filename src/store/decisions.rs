@@ -12,13 +12,21 @@ use uuid::Uuid;
 
 use super::{
     partners::Partner,
-    preregs::{Prereg, COLUMNS},
+    preregs::{self, Prereg, COLUMNS},
     sets,
 };
 use crate::{
     domain::{AccountFacts, ExistingClaim, Status},
     mq::CloudEvent,
 };
+
+/// `ids` sorted, each once: the fixed order in which rows are locked.
+fn sorted_unique(ids: &[Uuid]) -> Vec<Uuid> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    sorted
+}
 
 /// What is stored about a requested id before any lock is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,9 +70,7 @@ pub async fn lock_rows(
     conn: &mut PgConnection,
     ids: &[Uuid],
 ) -> Result<HashMap<Uuid, Prereg>, sqlx::Error> {
-    let mut sorted = ids.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
+    let sorted = sorted_unique(ids);
     let rows = sqlx::query_as::<_, Prereg>(&format!(
         "SELECT {COLUMNS} FROM preregistrations WHERE id = ANY($1) ORDER BY id FOR UPDATE"
     ))
@@ -87,9 +93,7 @@ pub async fn lock_partners(
     conn: &mut PgConnection,
     ids: &[Uuid],
 ) -> Result<HashMap<Uuid, Partner>, sqlx::Error> {
-    let mut sorted = ids.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
+    let sorted = sorted_unique(ids);
     let rows = sqlx::query_as::<_, Partner>(
         "SELECT id, name, country, contact_email, contact_mobile, billing_mode, customer_development, referral, locale,
                 created_at, updated_at
@@ -209,20 +213,16 @@ pub async fn context(
 
 /// One decided pre-registration of a batch.
 pub struct Decided<'a> {
-    pub id: Uuid,
-    pub status: Status,
-    pub reason: Option<(&'a str, &'a str)>,
-    pub manual_review_eligible: bool,
-    pub existing_id: Option<Uuid>,
-    pub preregistered_at: Option<DateTime<Utc>>,
-    pub expires_at: Option<DateTime<Utc>>,
+    /// Its status columns, as [`preregs::apply`] writes one change.
+    pub change: preregs::Change<'a>,
     /// The `preregistration.accepted|rejected` event, written to the outbox.
     pub event: &'a CloudEvent,
 }
 
-/// One round trip: every decision's status columns, its `decided` timeline
-/// entry (by `actor`) and its event in the outbox, in the order given.
-/// Returns how many rows were updated.
+/// One round trip: every decision's status columns (the statement of
+/// [`preregs::apply`]), its `decided` timeline entry (by `actor`) and its
+/// event in the outbox, in the order given. Returns how many rows were
+/// updated.
 pub async fn write(
     conn: &mut PgConnection,
     actor: &str,
@@ -231,59 +231,36 @@ pub async fn write(
     if decided.is_empty() {
         return Ok(0);
     }
-    let ids: Vec<Uuid> = decided.iter().map(|d| d.id).collect();
-    let statuses: Vec<&str> = decided.iter().map(|d| d.status.as_str()).collect();
-    let codes: Vec<Option<&str>> = decided.iter().map(|d| d.reason.map(|r| r.0)).collect();
-    let messages: Vec<Option<&str>> = decided.iter().map(|d| d.reason.map(|r| r.1)).collect();
-    let reviewable: Vec<bool> = decided.iter().map(|d| d.manual_review_eligible).collect();
-    let existing: Vec<Option<Uuid>> = decided.iter().map(|d| d.existing_id).collect();
-    let preregistered_at: Vec<Option<DateTime<Utc>>> =
-        decided.iter().map(|d| d.preregistered_at).collect();
-    let expires_at: Vec<Option<DateTime<Utc>>> = decided.iter().map(|d| d.expires_at).collect();
+    let changes: Vec<preregs::Change<'_>> = decided.iter().map(|d| d.change).collect();
     let keys: Vec<&str> = decided.iter().map(|d| d.event.ty.as_str()).collect();
     let events: Vec<serde_json::Value> = decided
         .iter()
         .map(|d| serde_json::to_value(d.event).unwrap_or_default())
         .collect();
-    sqlx::query_scalar::<_, i64>(
-        "WITH d AS (
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bool[], $6::uuid[],
-                                  $7::timestamptz[], $8::timestamptz[], $10::text[], $11::jsonb[])
-                 WITH ORDINALITY AS t(id, status, reason_code, reason_message, reviewable, existing_id,
-                                      preregistered_at, expires_at, routing_key, message, n)
+    let q = sqlx::query_scalar(concat!(
+        "WITH d AS (",
+        preregs::changes_sql!(),
+        "), e AS (
+             SELECT * FROM unnest($10::text[], $11::jsonb[]) WITH ORDINALITY AS t(routing_key, message, n)
          ),
-         updated AS (
-             UPDATE preregistrations p SET status = d.status, reason_code = d.reason_code,
-                 reason_message = d.reason_message, manual_review_eligible = d.reviewable,
-                 existing_id = d.existing_id,
-                 preregistered_at = COALESCE(d.preregistered_at, p.preregistered_at),
-                 expires_at = COALESCE(d.expires_at, p.expires_at),
-                 decided_at = COALESCE(p.decided_at, now()), updated_at = now()
-             FROM d WHERE p.id = d.id
-             RETURNING p.id
-         ),
+         updated AS (",
+        preregs::apply_sql!(),
+        " RETURNING p.id),
          timeline AS (
              INSERT INTO preregistration_events (preregistration_id, actor, change, from_status, to_status, reason)
              SELECT id, $9, 'decided', 'queued', status, reason_code FROM d ORDER BY n
          ),
          events AS (
              INSERT INTO outbox (exchange, routing_key, message)
-             SELECT 'events', routing_key, message FROM d ORDER BY n
+             SELECT 'events', routing_key, message FROM e ORDER BY n
          )
-         SELECT count(*) FROM updated",
-    )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&codes)
-    .bind(&messages)
-    .bind(&reviewable)
-    .bind(&existing)
-    .bind(&preregistered_at)
-    .bind(&expires_at)
-    .bind(actor)
-    .bind(&keys)
-    .bind(&events)
-    .fetch_one(conn)
-    .await
-    .map(|n| n as u64)
+         SELECT count(*) FROM updated"
+    ));
+    preregs::bind_changes(q, &changes)
+        .bind(actor)
+        .bind(&keys)
+        .bind(&events)
+        .fetch_one(conn)
+        .await
+        .map(|n| n as u64)
 }

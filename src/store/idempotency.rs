@@ -54,29 +54,6 @@ pub async fn check(
     })
 }
 
-/// Stores the answer; a unique violation here means a concurrent request with
-/// the same key won (the caller rolls back and replays).
-pub async fn save(
-    conn: &mut PgConnection,
-    principal: &str,
-    key: &str,
-    hash: &[u8],
-    answer: &Stored,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO idempotency_keys (principal, key, request_hash, status, body, location) VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(principal)
-    .bind(key)
-    .bind(hash)
-    .bind(answer.status as i16)
-    .bind(&answer.body)
-    .bind(answer.location.as_deref())
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 pub async fn forget(
     conn: &mut PgConnection,
     principal: &str,

@@ -72,16 +72,7 @@ pub async fn insert(conn: &mut PgConnection, n: &NewInvitation<'_>) -> Result<()
     Ok(())
 }
 
-pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Invitation>, sqlx::Error> {
-    super::row_by(db, select("id = $1"), id).await
-}
-
-pub async fn get_for_update(
-    conn: &mut PgConnection,
-    id: Uuid,
-) -> Result<Option<Invitation>, sqlx::Error> {
-    super::row_by(conn, select("id = $1 FOR UPDATE"), id).await
-}
+super::by_id!(Invitation);
 
 pub async fn by_token_hash_for_update(
     conn: &mut PgConnection,

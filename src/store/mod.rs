@@ -146,6 +146,30 @@ pub async fn ping<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<(), sqlx::Error> 
     Ok(())
 }
 
+/// `get` (the row with an id) and `get_for_update` (the same, locked until
+/// the transaction ends) of a table whose module builds its statements with
+/// `select(condition)`.
+macro_rules! by_id {
+    ($row:ty) => {
+        /// The row with `id`, if any.
+        pub async fn get<'e>(
+            db: impl sqlx::PgExecutor<'e>,
+            id: uuid::Uuid,
+        ) -> Result<Option<$row>, sqlx::Error> {
+            super::row_by(db, select("id = $1"), id).await
+        }
+
+        /// The row with `id`, locked until the transaction ends.
+        pub async fn get_for_update(
+            conn: &mut sqlx::PgConnection,
+            id: uuid::Uuid,
+        ) -> Result<Option<$row>, sqlx::Error> {
+            super::row_by(conn, select("id = $1 FOR UPDATE"), id).await
+        }
+    };
+}
+pub(crate) use by_id;
+
 /// A row type `row_by`/`rows_by` can map a result row into.
 pub(crate) trait Row:
     for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin

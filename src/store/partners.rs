@@ -48,9 +48,7 @@ fn select(condition: &str) -> String {
     format!("SELECT {COLUMNS} FROM partners WHERE {condition}")
 }
 
-pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Partner>, sqlx::Error> {
-    super::row_by(db, select("id = $1"), id).await
-}
+super::by_id!(Partner);
 
 /// The oldest partner of this name.
 pub async fn first_named<'e>(
@@ -61,13 +59,6 @@ pub async fn first_named<'e>(
         .bind(name)
         .fetch_optional(db)
         .await
-}
-
-pub async fn get_for_update(
-    conn: &mut PgConnection,
-    id: Uuid,
-) -> Result<Option<Partner>, sqlx::Error> {
-    super::row_by(conn, select("id = $1 FOR UPDATE"), id).await
 }
 
 pub async fn managers<'e>(

@@ -69,7 +69,8 @@ pub struct Prereg {
     pub mobile: String,
     pub email_norm: String,
     pub mobile_norm: String,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: Status,
     pub reason_code: Option<String>,
     pub reason_message: Option<String>,
     pub manual_review_eligible: bool,
@@ -90,7 +91,7 @@ pub struct Prereg {
 
 impl Prereg {
     pub fn status(&self) -> Status {
-        Status::parse(&self.status).unwrap_or(Status::Queued)
+        self.status
     }
 }
 
@@ -136,16 +137,7 @@ pub async fn insert_queued(
     Ok(r.rows_affected() == 1)
 }
 
-pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Prereg>, sqlx::Error> {
-    super::row_by(db, select("id = $1"), id).await
-}
-
-pub async fn get_for_update(
-    conn: &mut PgConnection,
-    id: Uuid,
-) -> Result<Option<Prereg>, sqlx::Error> {
-    super::row_by(conn, select("id = $1 FOR UPDATE"), id).await
-}
+super::by_id!(Prereg);
 
 /// Claims held on a customer identified by its normalised email or mobile.
 pub async fn claims_on(
@@ -184,6 +176,7 @@ pub async fn count_quota(conn: &mut PgConnection, partner_id: Uuid) -> Result<i6
 }
 
 /// A status change with its side columns.
+#[derive(Debug, Clone, Copy)]
 pub struct Change<'a> {
     pub id: Uuid,
     pub status: Status,
@@ -194,23 +187,63 @@ pub struct Change<'a> {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+/// The rows `d` of [`Change`]s bound by [`bind_changes`] (`$1`..`$8`),
+/// numbered `n` in the order given.
+macro_rules! changes_sql {
+    () => {
+        "SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bool[], $6::uuid[],
+                             $7::timestamptz[], $8::timestamptz[])
+             WITH ORDINALITY AS t(id, status, reason_code, reason_message, reviewable, existing_id,
+                                  preregistered_at, expires_at, n)"
+    };
+}
+
+/// The one statement that writes a decision's status columns from the rows
+/// `d` of [`changes_sql`]: [`apply`] runs it for one change, and
+/// `decisions::write` for a batch (with the timeline and the outbox).
+macro_rules! apply_sql {
+    () => {
+        "UPDATE preregistrations p SET status = d.status, reason_code = d.reason_code,
+             reason_message = d.reason_message, manual_review_eligible = d.reviewable,
+             existing_id = d.existing_id,
+             preregistered_at = COALESCE(d.preregistered_at, p.preregistered_at),
+             expires_at = COALESCE(d.expires_at, p.expires_at),
+             decided_at = COALESCE(p.decided_at, now()), updated_at = now()
+         FROM d WHERE p.id = d.id"
+    };
+}
+pub(crate) use {apply_sql, changes_sql};
+
+type CountQuery<'q> =
+    sqlx::query::QueryScalar<'q, sqlx::Postgres, i64, sqlx::postgres::PgArguments>;
+
+/// Binds `changes` column by column as `$1`..`$8` of [`changes_sql`].
+pub(crate) fn bind_changes<'q>(q: CountQuery<'q>, changes: &[Change<'q>]) -> CountQuery<'q> {
+    fn column<'q, T>(changes: &[Change<'q>], f: impl Fn(&Change<'q>) -> T) -> Vec<T> {
+        changes.iter().map(f).collect()
+    }
+    q.bind(column(changes, |c| c.id))
+        .bind(column(changes, |c| c.status.as_str()))
+        .bind(column(changes, |c| c.reason.map(|r| r.0)))
+        .bind(column(changes, |c| c.reason.map(|r| r.1)))
+        .bind(column(changes, |c| c.manual_review_eligible))
+        .bind(column(changes, |c| c.existing_id))
+        .bind(column(changes, |c| c.preregistered_at))
+        .bind(column(changes, |c| c.expires_at))
+}
+
+/// Applies one status change (the batch's statement with a batch of one).
 pub async fn apply(conn: &mut PgConnection, c: &Change<'_>) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE preregistrations SET status = $2, reason_code = $3, reason_message = $4, manual_review_eligible = $5,
-            existing_id = $6, preregistered_at = COALESCE($7, preregistered_at), expires_at = COALESCE($8, expires_at),
-            decided_at = COALESCE(decided_at, now()), updated_at = now()
-         WHERE id = $1",
-    )
-    .bind(c.id)
-    .bind(c.status.as_str())
-    .bind(c.reason.map(|r| r.0))
-    .bind(c.reason.map(|r| r.1))
-    .bind(c.manual_review_eligible)
-    .bind(c.existing_id)
-    .bind(c.preregistered_at)
-    .bind(c.expires_at)
-    .execute(conn)
-    .await?;
+    let q = sqlx::query_scalar(concat!(
+        "WITH d AS (",
+        changes_sql!(),
+        "), updated AS (",
+        apply_sql!(),
+        " RETURNING p.id) SELECT count(*) FROM updated"
+    ));
+    bind_changes(q, std::slice::from_ref(c))
+        .fetch_one(conn)
+        .await?;
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! Manual reviews.
 
+use crate::domain::status::ReviewState;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{FromRow, PgConnection, PgExecutor};
@@ -10,7 +11,8 @@ pub struct Review {
     pub id: Uuid,
     pub preregistration_id: Uuid,
     pub partner_id: Uuid,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: ReviewState,
     pub justification: String,
     pub expected_new_spend: Option<f64>,
     pub contact_record: Option<String>,
@@ -62,16 +64,7 @@ pub async fn insert_queued(conn: &mut PgConnection, r: &NewReview<'_>) -> Result
     Ok(())
 }
 
-pub async fn get<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<Review>, sqlx::Error> {
-    super::row_by(db, select("id = $1"), id).await
-}
-
-pub async fn get_for_update(
-    conn: &mut PgConnection,
-    id: Uuid,
-) -> Result<Option<Review>, sqlx::Error> {
-    super::row_by(conn, select("id = $1 FOR UPDATE"), id).await
-}
+super::by_id!(Review);
 
 /// The latest review of a pre-registration.
 pub async fn latest_for<'e>(

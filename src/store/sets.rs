@@ -5,48 +5,32 @@ use std::sync::OnceLock;
 
 use crate::domain::status::{sql_list, ReviewState, Status, EXPORT_ACTIVE, LINK_OUTSTANDING};
 
-fn cached(cell: &'static OnceLock<String>, build: impl FnOnce() -> String) -> &'static str {
-    cell.get_or_init(build)
+/// Each set's SQL list, built once on first use.
+macro_rules! sets {
+    ($($(#[$doc:meta])* $name:ident => $build:expr;)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name() -> &'static str {
+                static S: OnceLock<String> = OnceLock::new();
+                S.get_or_init(|| $build)
+            }
+        )*
+    };
 }
 
-/// Claims that can expire: [`Status::expirable`].
-pub fn expirable() -> &'static str {
-    static S: OnceLock<String> = OnceLock::new();
-    cached(&S, || Status::sql_list(Status::expirable))
-}
-
-/// Claims that block another partner: [`Status::holds_claim`].
-pub fn claims() -> &'static str {
-    static S: OnceLock<String> = OnceLock::new();
-    cached(&S, || Status::sql_list(Status::holds_claim))
-}
-
-/// Pre-registrations counted toward the quota: [`Status::counts_toward_quota`].
-pub fn quota() -> &'static str {
-    static S: OnceLock<String> = OnceLock::new();
-    cached(&S, || Status::sql_list(Status::counts_toward_quota))
-}
-
-/// Reviews still waiting for a decision: [`ReviewState::undecided`].
-pub fn reviews_undecided() -> &'static str {
-    static S: OnceLock<String> = OnceLock::new();
-    cached(&S, || ReviewState::sql_list(ReviewState::undecided))
-}
-
-/// Reviews an operator decided: [`ReviewState::decided`].
-pub fn reviews_decided() -> &'static str {
-    static S: OnceLock<String> = OnceLock::new();
-    cached(&S, || ReviewState::sql_list(ReviewState::decided))
-}
-
-/// Invitation links still usable: [`LINK_OUTSTANDING`].
-pub fn links_outstanding() -> &'static str {
-    static S: OnceLock<String> = OnceLock::new();
-    cached(&S, || sql_list(LINK_OUTSTANDING))
-}
-
-/// Exports holding a slot of the daily limit: [`EXPORT_ACTIVE`].
-pub fn exports_active() -> &'static str {
-    static S: OnceLock<String> = OnceLock::new();
-    cached(&S, || sql_list(EXPORT_ACTIVE))
+sets! {
+    /// Claims that can expire: [`Status::expirable`].
+    expirable => Status::sql_list(Status::expirable);
+    /// Claims that block another partner: [`Status::holds_claim`].
+    claims => Status::sql_list(Status::holds_claim);
+    /// Pre-registrations counted toward the quota: [`Status::counts_toward_quota`].
+    quota => Status::sql_list(Status::counts_toward_quota);
+    /// Reviews still waiting for a decision: [`ReviewState::undecided`].
+    reviews_undecided => ReviewState::sql_list(ReviewState::undecided);
+    /// Reviews an operator decided: [`ReviewState::decided`].
+    reviews_decided => ReviewState::sql_list(ReviewState::decided);
+    /// Invitation links still usable: [`LINK_OUTSTANDING`].
+    links_outstanding => sql_list(LINK_OUTSTANDING);
+    /// Exports holding a slot of the daily limit: [`EXPORT_ACTIVE`].
+    exports_active => sql_list(EXPORT_ACTIVE);
 }

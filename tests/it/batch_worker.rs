@@ -3,7 +3,7 @@
 //! `decided_at` (Postgres `now()` is the transaction's start), which is how
 //! these tests see that a batch was decided together.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use prereg::mq::{CloudEvent, Queue};
 use reqwest::StatusCode;
@@ -25,6 +25,25 @@ fn patient(c: &mut prereg::Config) {
     c.registration_linger = Duration::from_millis(300);
 }
 
+/// Runs the PL/pgSQL `statement` in the worker's write whenever the customer
+/// `email` is decided (a trigger on `preregistrations`).
+async fn on_deciding(app: &TestApp, email: &str, statement: &str) {
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION on_deciding() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.status <> 'queued' AND NEW.email_norm = '{email}' THEN
+             {statement};
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER on_deciding BEFORE UPDATE ON preregistrations
+           FOR EACH ROW EXECUTE FUNCTION on_deciding();"
+    ))
+    .execute(app.db())
+    .await
+    .unwrap();
+}
+
 async fn dead_letters(app: &TestApp) -> Vec<Value> {
     let (s, v) = app
         .get("/v1/admin/dead-letters/registration", OPERATOR)
@@ -34,10 +53,8 @@ async fn dead_letters(app: &TestApp) -> Vec<Value> {
 }
 
 async fn queued(app: &TestApp) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM preregistrations WHERE status = 'queued'")
-        .fetch_one(app.db())
+    app.count("SELECT count(*) FROM preregistrations WHERE status = 'queued'")
         .await
-        .unwrap()
 }
 
 /// How many transactions decided `ids` (distinct `decided_at`).
@@ -51,64 +68,34 @@ async fn transactions(app: &TestApp, ids: &[Uuid]) -> i64 {
     .unwrap()
 }
 
-async fn decided_entries(app: &TestApp, id: Uuid) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM preregistration_events WHERE preregistration_id = $1 AND change = 'decided'",
-    )
-    .bind(id)
-    .fetch_one(app.db())
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_failing_inside_the_batch_transaction_is_dead_lettered_alone() {
     let mut app = intake_only().await;
     // Postgres refuses the decision of one customer: the batch statement
     // fails as a whole, so the batch must be split to find it.
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-           IF NEW.status <> 'queued' AND NEW.email_norm = 'poison@batch.example' THEN
-             RAISE EXCEPTION 'refused by the test' USING ERRCODE = '22023';
-           END IF;
-           RETURN NEW;
-         END $$;
-         CREATE TRIGGER refuse_poison BEFORE UPDATE ON preregistrations
-           FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    on_deciding(
+        &app,
+        "poison@batch.example",
+        "RAISE EXCEPTION 'refused by the test' USING ERRCODE = '22023'",
     )
-    .execute(app.db())
-    .await
-    .unwrap();
+    .await;
     let p = app.create_partner(json!({})).await;
-    let mut good = Vec::new();
-    for i in 0..6 {
-        good.push(
-            app.prereg(
-                &p,
-                &format!("a{i}@batch.example"),
-                &format!("+86139100000{i:02}"),
-            )
-            .await,
-        );
-    }
+    let mut good = app
+        .preregs(&p, 0..6, |i| {
+            (format!("a{i}@batch.example"), format!("+86139100000{i:02}"))
+        })
+        .await;
     let poison = app
         .prereg(&p, "poison@batch.example", "+8613910000099")
         .await;
-    for i in 0..6 {
-        good.push(
-            app.prereg(
-                &p,
-                &format!("b{i}@batch.example"),
-                &format!("+86139200000{i:02}"),
-            )
-            .await,
-        );
-    }
+    good.extend(
+        app.preregs(&p, 0..6, |i| {
+            (format!("b{i}@batch.example"), format!("+86139200000{i:02}"))
+        })
+        .await,
+    );
     app.add_worker(patient).await;
-    for id in &good {
-        assert_eq!(app.decided(&p, *id).await["status"], "preregistered");
-    }
+    app.all_granted(&p, &good).await;
     wait_until(Duration::from_secs(15), || async {
         !dead_letters(&app).await.is_empty()
     })
@@ -123,9 +110,9 @@ async fn a_job_failing_inside_the_batch_transaction_is_dead_lettered_alone() {
         .await
         .unwrap();
     assert_eq!(status, "queued");
-    assert_eq!(decided_entries(&app, poison).await, 0);
+    assert_eq!(app.decided_entries(poison).await, 0);
     for id in &good {
-        assert_eq!(decided_entries(&app, *id).await, 1);
+        assert_eq!(app.decided_entries(*id).await, 1);
     }
     // The neighbours were still decided in batches (halves), not one by one.
     let txs = transactions(&app, &good).await;
@@ -141,17 +128,11 @@ async fn a_job_failing_inside_the_batch_transaction_is_dead_lettered_alone() {
 async fn a_poison_message_in_the_middle_of_a_batch_fails_alone_and_the_rest_commit_together() {
     let mut app = intake_only().await;
     let p = app.create_partner(json!({})).await;
-    let mut ids = Vec::new();
-    for i in 0..5 {
-        ids.push(
-            app.prereg(
-                &p,
-                &format!("x{i}@batch.example"),
-                &format!("+86139300000{i:02}"),
-            )
-            .await,
-        );
-    }
+    let mut ids = app
+        .preregs(&p, 0..5, |i| {
+            (format!("x{i}@batch.example"), format!("+86139300000{i:02}"))
+        })
+        .await;
     // In the middle: an upstream command the admission rules refuse, and one
     // that is not even JSON.
     let bad = CloudEvent::new(
@@ -171,20 +152,14 @@ async fn a_poison_message_in_the_middle_of_a_batch_fails_alone_and_the_rest_comm
         )
         .await
         .unwrap();
-    for i in 0..5 {
-        ids.push(
-            app.prereg(
-                &p,
-                &format!("y{i}@batch.example"),
-                &format!("+86139400000{i:02}"),
-            )
-            .await,
-        );
-    }
+    ids.extend(
+        app.preregs(&p, 0..5, |i| {
+            (format!("y{i}@batch.example"), format!("+86139400000{i:02}"))
+        })
+        .await,
+    );
     app.add_worker(patient).await;
-    for id in &ids {
-        assert_eq!(app.decided(&p, *id).await["status"], "preregistered");
-    }
+    app.all_granted(&p, &ids).await;
     wait_until(Duration::from_secs(10), || async {
         dead_letters(&app).await.len() == 2
     })
@@ -206,18 +181,20 @@ async fn the_same_customer_twice_in_one_batch_is_decided_in_delivery_order() {
     let mut app = intake_only().await;
     let a = app.create_partner(json!({"name": "A"})).await;
     let b = app.create_partner(json!({"name": "B"})).await;
-    let first = app
-        .prereg(&a, "order@batch.example", "+8613750000001")
-        .await;
-    let again = app
-        .prereg(&a, "ORDER@batch.example", "+8613750000001")
-        .await;
-    let other = app
-        .prereg(&b, "order@batch.example", "+8613750000002")
-        .await;
-    let by_mobile = app
-        .prereg(&b, "someone-else@batch.example", "+8613750000001")
-        .await;
+    // In this order: the customer, again (another spelling), by another
+    // partner, and by its mobile alone.
+    let mut ids = Vec::new();
+    for (p, email, mobile) in [
+        (&a, "order@batch.example", "+8613750000001"),
+        (&a, "ORDER@batch.example", "+8613750000001"),
+        (&b, "order@batch.example", "+8613750000002"),
+        (&b, "someone-else@batch.example", "+8613750000001"),
+    ] {
+        ids.push(app.prereg(p, email, mobile).await);
+    }
+    let [first, again, other, by_mobile] = ids[..] else {
+        unreachable!("four requests")
+    };
     app.add_worker(patient).await;
     let v1 = app.decided(&a, first).await;
     let v2 = app.decided(&a, again).await;
@@ -237,13 +214,12 @@ async fn the_same_customer_twice_in_one_batch_is_decided_in_delivery_order() {
         assert_eq!(v["status"], "rejected", "{v}");
         assert_eq!(v["reason"]["code"], "preregistered_by_other_partner", "{v}");
     }
-    let claims: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM preregistrations WHERE status = 'preregistered'
+    let claims = app
+        .count(
+            "SELECT count(*) FROM preregistrations WHERE status = 'preregistered'
            AND (email_norm = 'order@batch.example' OR mobile_norm = '+8613750000001')",
-    )
-    .fetch_one(app.db())
-    .await
-    .unwrap();
+        )
+        .await;
     assert_eq!(claims, 1);
     app.cleanup().await;
 }
@@ -290,18 +266,10 @@ async fn two_workers_with_overlapping_batches_give_each_customer_one_claim() {
         assert_eq!((*claims, *refused), (1, 2), "{email}");
     }
     for id in &ids {
-        assert_eq!(decided_entries(&app, *id).await, 1);
+        assert_eq!(app.decided_entries(*id).await, 1);
     }
     assert!(dead_letters(&app).await.is_empty());
     app.cleanup().await;
-}
-
-async fn lock_keys(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
-    redis::cmd("KEYS")
-        .arg(format!("{prefix}:lock:*"))
-        .query_async(conn)
-        .await
-        .expect("redis KEYS")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -315,12 +283,7 @@ async fn a_worker_killed_mid_batch_leaves_every_job_to_be_decided_exactly_once()
 
     // Hold one partner row: the worker's batch transaction stops at the
     // partner lock, after taking the batch's customer locks.
-    let mut blocker = app.db().begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM partners WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(p.id)
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = lock_partner_row(&app, &p).await;
     let mut ids = Vec::new();
     for i in 0..10 {
         ids.push((
@@ -346,28 +309,14 @@ async fn a_worker_killed_mid_batch_leaves_every_job_to_be_decided_exactly_once()
         }
     }
     let mut child = ChildProc::spawn(
-        Command::new(env!("CARGO_BIN_EXE_prereg"))
-            .args(["worker", "--only", "registration"])
-            .env("PREREG_DATABASE_URL", &app.cfg.database_url)
-            .env("PREREG_AMQP_URL", &app.cfg.amqp_url)
-            .env("PREREG_REDIS_URL", &app.cfg.redis_url)
-            .env("PREREG_AMQP_PREFIX", &app.cfg.amqp_prefix)
-            .env("PREREG_DEV_MODE", "1")
+        app.binary(&["worker", "--only", "registration"])
             .env("PREREG_REGISTRATION_BATCH", "64")
-            .env("PREREG_REGISTRATION_LINGER", "300ms")
-            .env("PREREG_RETRY_DELAYS", "100ms,200ms,400ms")
-            .env("PREREG_METRICS_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", "error"),
+            .env("PREREG_REGISTRATION_LINGER", "300ms"),
     );
     // The whole batch is in flight: the locks of its ten customers (email
     // and mobile each) are held at once.
     let prefix = app.cfg.amqp_prefix.clone();
-    wait_until(Duration::from_secs(20), || {
-        let mut rc = rc.clone();
-        let prefix = prefix.clone();
-        async move { lock_keys(&mut rc, &prefix).await.len() == 20 }
-    })
-    .await;
+    wait_lock_count(&rc, &prefix, 20).await;
     assert_eq!(
         queued(&app).await,
         ids.len() as i64,
@@ -385,7 +334,7 @@ async fn a_worker_killed_mid_batch_leaves_every_job_to_be_decided_exactly_once()
     for (partner, id) in &ids {
         let v = app.decided(partner, *id).await;
         assert_ne!(v["status"], "queued");
-        assert_eq!(decided_entries(&app, *id).await, 1, "decided exactly once");
+        assert_eq!(app.decided_entries(*id).await, 1, "decided exactly once");
     }
     let claims: Vec<i64> = sqlx::query_scalar(
         "SELECT count(*) FILTER (WHERE status = 'preregistered') FROM preregistrations GROUP BY email_norm",
@@ -440,20 +389,7 @@ async fn a_batch_holding_its_partners_does_not_stall_the_intake_of_those_partner
     let mut app = intake_only().await;
     // The batch's write stops for a while on one customer, with the batch's
     // partner locks held.
-    sqlx::raw_sql(
-        "CREATE FUNCTION slow_down() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-           IF NEW.status <> 'queued' AND NEW.email_norm = 'slow@batch.example' THEN
-             PERFORM pg_sleep(4);
-           END IF;
-           RETURN NEW;
-         END $$;
-         CREATE TRIGGER slow_down BEFORE UPDATE ON preregistrations
-           FOR EACH ROW EXECUTE FUNCTION slow_down();",
-    )
-    .execute(app.db())
-    .await
-    .unwrap();
+    on_deciding(&app, "slow@batch.example", "PERFORM pg_sleep(4)").await;
     let p = app.create_partner(json!({})).await;
     let slow = app.prereg(&p, "slow@batch.example", "+8613780000001").await;
     app.add_worker(|_| {}).await;

@@ -72,17 +72,16 @@ async fn two_workers_batches_give_each_customer_exactly_one_claim() {
     app.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_requests_with_one_idempotency_key_have_one_effect_and_one_answer() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+/// Four concurrent `POST path` of `body` as `p` with one Idempotency-Key:
+/// one answer for all, a 202; returns its body.
+async fn accepted_once(app: &TestApp, p: &Partner, path: &str, key: &str, body: Value) -> String {
     let send = || async {
         let resp = app
             .http
-            .post(format!("{}/v1/preregistrations", app.addr))
+            .post(format!("{}{path}", app.addr))
             .bearer_auth(&p.key)
-            .header("Idempotency-Key", "same-key-1")
-            .json(&json!({"full_name": "Li Si", "email": "idem@batch.example", "mobile": "+8613500000001"}))
+            .header("Idempotency-Key", key)
+            .json(&body)
             .send()
             .await
             .unwrap();
@@ -91,43 +90,37 @@ async fn concurrent_requests_with_one_idempotency_key_have_one_effect_and_one_an
     let answers = join_all((0..4).map(|_| send())).await;
     assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
     assert_eq!(answers[0].0, StatusCode::ACCEPTED);
-    let rows: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM preregistrations WHERE email_norm = 'idem@batch.example'",
-    )
-    .fetch_one(app.db())
-    .await
-    .unwrap();
+    answers[0].1.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_with_one_idempotency_key_have_one_effect_and_one_answer() {
+    let app = spawn_app().await;
+    let p = app.create_partner(json!({})).await;
+    let body =
+        json!({"full_name": "Li Si", "email": "idem@batch.example", "mobile": "+8613500000001"});
+    let answer = accepted_once(&app, &p, "/v1/preregistrations", "same-key-1", body).await;
+    let rows = app
+        .count("SELECT count(*) FROM preregistrations WHERE email_norm = 'idem@batch.example'")
+        .await;
     assert_eq!(rows, 1);
 
     // Invitations: the defect seen in review (4 concurrent requests, 3
     // different answers, several invitations).
-    let id: Uuid = serde_json::from_str::<Value>(&answers[0].1).unwrap()["id"]
+    let id: Uuid = serde_json::from_str::<Value>(&answer).unwrap()["id"]
         .as_str()
         .unwrap()
         .parse()
         .unwrap();
     assert_eq!(app.decided(&p, id).await["status"], "preregistered");
-    let invite = || async {
-        let resp = app
-            .http
-            .post(format!("{}/v1/invitations", app.addr))
-            .bearer_auth(&p.key)
-            .header("Idempotency-Key", "invite-once")
-            .json(&json!({"preregistration_ids": [id]}))
-            .send()
-            .await
-            .unwrap();
-        (resp.status(), resp.text().await.unwrap())
-    };
-    let answers = join_all((0..4).map(|_| invite())).await;
-    assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
-    assert_eq!(answers[0].0, StatusCode::ACCEPTED);
-    let invitations: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM invitations WHERE preregistration_id = $1")
-            .bind(id)
-            .fetch_one(app.db())
-            .await
-            .unwrap();
+    let body = json!({"preregistration_ids": [id]});
+    accepted_once(&app, &p, "/v1/invitations", "invite-once", body).await;
+    let invitations = app
+        .count_for(
+            "SELECT count(*) FROM invitations WHERE preregistration_id = $1",
+            id,
+        )
+        .await;
     assert_eq!(invitations, 1);
     app.cleanup().await;
 }

@@ -3,11 +3,20 @@
 
 use std::{sync::Arc, time::Duration};
 
+use lapin::{
+    options::{QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+    Channel,
+};
 use prereg::{
     app::{self, Roles, Running},
-    mq::Queue,
+    mq::{
+        dead_letters::{self, DeadLetter},
+        Queue,
+    },
     Config, Ctx,
 };
+use prereg_devtools::smtp_sink::SmtpSink;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -122,33 +131,45 @@ impl TestApp {
         &self.ctx.db
     }
 
-    /// Starts another, independent worker process-equivalent (own connections)
-    /// on the same database and broker prefix.
-    pub async fn add_worker(&mut self, tweak: impl FnOnce(&mut Config)) {
+    /// Starts another process-equivalent (own connections) with `roles` on
+    /// the same database and broker prefix, after `tweak` adjusts the config.
+    pub async fn node(&self, roles: Roles, tweak: impl FnOnce(&mut Config)) -> Running {
         let mut cfg = self.cfg.clone();
         tweak(&mut cfg);
         let ctx = Ctx::new(cfg).expect("ctx");
+        app::start(ctx, roles).await.expect("start node")
+    }
+
+    /// Another process-equivalent with the scheduler alone.
+    pub async fn scheduler_node(&self) -> Running {
+        let roles = Roles {
+            scheduler: true,
+            ..Default::default()
+        };
+        self.node(roles, |_| {}).await
+    }
+
+    /// Starts another, independent worker process-equivalent (own connections)
+    /// on the same database and broker prefix.
+    pub async fn add_worker(&mut self, tweak: impl FnOnce(&mut Config)) {
         let roles = Roles {
             workers: vec![Queue::Registration, Queue::Accounts],
             relay: true,
             ..Default::default()
         };
-        self.running
-            .push(app::start(ctx, roles).await.expect("start worker"));
+        let node = self.node(roles, tweak).await;
+        self.running.push(node);
     }
 
     /// Starts another worker process-equivalent (own connections, no relay)
     /// consuming exactly `queues`, on the same database and broker prefix.
     pub async fn add_worker_on(&mut self, queues: Vec<Queue>, tweak: impl FnOnce(&mut Config)) {
-        let mut cfg = self.cfg.clone();
-        tweak(&mut cfg);
-        let ctx = Ctx::new(cfg).expect("ctx");
         let roles = Roles {
             workers: queues,
             ..Default::default()
         };
-        self.running
-            .push(app::start(ctx, roles).await.expect("start worker"));
+        let node = self.node(roles, tweak).await;
+        self.running.push(node);
     }
 
     /// The real `prereg` binary with `args`, configured by environment for
@@ -278,11 +299,35 @@ impl TestApp {
         let id = self.prereg(p, email, mobile).await;
         let reason = self.decided(p, id).await["reason"]["code"].clone();
         assert_eq!(reason, "registered_over_7_days");
-        let path = format!("/v1/preregistrations/{id}/review");
         let body = json!({"justification": "Migration planned"});
-        let (s, v) = self.post(&path, &p.key, body).await;
+        let (s, v) = self.ask_review(p, id, body).await;
         assert_eq!(s, StatusCode::ACCEPTED, "{v}");
         id
+    }
+
+    /// The operator changes partner `p` (asserting the 200).
+    pub async fn patch_partner(&self, p: &Partner, body: Value) {
+        let path = format!("/v1/admin/partners/{}", p.id);
+        let (s, v) = self
+            .request(Method::PATCH, &path, Some(OPERATOR), Some(body))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+
+    /// The operator decides review `review` (`body` names the decision).
+    pub async fn decide_review(
+        &self,
+        review: impl std::fmt::Display,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        let path = format!("/v1/admin/reviews/{review}/decision");
+        self.post(&path, OPERATOR, body).await
+    }
+
+    /// Partner `p` asks for a manual review of pre-registration `id`.
+    pub async fn ask_review(&self, p: &Partner, id: Uuid, body: Value) -> (StatusCode, Value) {
+        let path = format!("/v1/preregistrations/{id}/review");
+        self.post(&path, &p.key, body).await
     }
 
     /// Invites the customer of claim `id` by email (asserting the 202) and
@@ -301,16 +346,31 @@ impl TestApp {
     /// `preregistered`) and returns its id.
     pub async fn claimed(&self, p: &Partner, email: &str, mobile: &str) -> Uuid {
         let id = self.prereg(p, email, mobile).await;
-        assert_eq!(self.decided(p, id).await["status"], "preregistered");
+        self.all_granted(p, &[id]).await;
         id
+    }
+
+    /// `POST /v1/preregistrations` of `body` as partner `p`.
+    pub async fn submit(&self, p: &Partner, body: Value) -> (StatusCode, Value) {
+        self.post("/v1/preregistrations", &p.key, body).await
+    }
+
+    /// Asserts that every one of `ids` was granted.
+    pub async fn all_granted(&self, p: &Partner, ids: &[Uuid]) {
+        for id in ids {
+            assert_eq!(
+                self.decided(p, *id).await["status"],
+                "preregistered",
+                "{id}"
+            );
+        }
     }
 
     /// Submits a pre-registration and returns its id (asserting the 202).
     pub async fn prereg(&self, p: &Partner, email: &str, mobile: &str) -> Uuid {
         let (status, v) = self
-            .post(
-                "/v1/preregistrations",
-                &p.key,
+            .submit(
+                p,
                 json!({"full_name": "Zhang San", "email": email, "mobile": mobile}),
             )
             .await;
@@ -321,33 +381,67 @@ impl TestApp {
 
     /// Polls until the pre-registration leaves `queued`.
     pub async fn decided(&self, p: &Partner, id: Uuid) -> Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let (status, v) = self
-                .get(&format!("/v1/preregistrations/{id}"), &p.key)
-                .await;
+        let path = format!("/v1/preregistrations/{id}");
+        eventually(Duration::from_secs(20), || async {
+            let (status, v) = self.get(&path, &p.key).await;
             assert_eq!(status, StatusCode::OK, "{v}");
             if v["status"] != "queued" {
-                return v;
+                Ok(v)
+            } else {
+                Err(format!("pre-registration {id} never decided"))
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "pre-registration {id} never decided"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        })
+        .await
+    }
+
+    /// Posts an association attempt (asserting the 202); returns the answer.
+    pub async fn attempt(&self, upstream: &str, body: Value) -> Value {
+        let (s, v) = self.post("/v1/associations", upstream, body).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        v
+    }
+
+    /// `PUT /v1/accounts/{account_id}` of `facts` as `upstream`.
+    pub async fn put_account(
+        &self,
+        upstream: &str,
+        account_id: &str,
+        facts: Value,
+    ) -> (StatusCode, Value) {
+        let path = format!("/v1/accounts/{account_id}");
+        self.request(Method::PUT, &path, Some(upstream), Some(facts))
+            .await
+    }
+
+    /// Sets the claim expiry of pre-registration `id` to the SQL `expiry`.
+    pub async fn set_expiry(&self, id: Uuid, expiry: &str) {
+        sqlx::query(&format!(
+            "UPDATE preregistrations SET expires_at = {expiry} WHERE id = $1"
+        ))
+        .bind(id)
+        .execute(self.db())
+        .await
+        .unwrap();
+    }
+
+    /// Posts an association attempt and waits at most `limit` for its outcome.
+    pub async fn associate_within(&self, upstream: &str, body: Value, limit: Duration) -> Value {
+        let v = self.attempt(upstream, body).await;
+        let path = format!("/v1/associations/{}", v["id"].as_str().unwrap());
+        eventually(limit, || async {
+            let (_, v) = self.get(&path, upstream).await;
+            if v["status"] != "queued" {
+                Ok(v)
+            } else {
+                Err(format!("association not decided: {v}"))
+            }
+        })
+        .await
     }
 
     /// Stores account facts through the upstream API and waits until stored.
     pub async fn account(&self, upstream: &str, account_id: &str, facts: Value) {
-        let (status, v) = self
-            .request(
-                Method::PUT,
-                &format!("/v1/accounts/{account_id}"),
-                Some(upstream),
-                Some(facts.clone()),
-            )
-            .await;
+        let (status, v) = self.put_account(upstream, account_id, facts.clone()).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{v}");
         wait_until(Duration::from_secs(10), || async {
             let (s, v) = self
@@ -368,17 +462,306 @@ impl TestApp {
         for r in self.running.drain(..) {
             r.shutdown().await;
         }
-        let _ = self.ctx.broker.delete_topology().await;
-        self.ctx.broker.close().await;
-        self.ctx.db.close().await;
-        if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db_name
-            ))
+        release(&self.ctx, &self.db_name).await;
+    }
+
+    /// Polls until invitation `inv` (as partner `p` sees it) has status
+    /// `want`, for at most 20 s; returns it.
+    pub async fn invitation_state(&self, p: &Partner, inv: &str, want: &str) -> Value {
+        let path = format!("/v1/invitations/{inv}");
+        eventually(Duration::from_secs(20), || async {
+            let v = self.get(&path, &p.key).await.1;
+            if v["status"] == want {
+                Ok(v)
+            } else {
+                Err(format!("invitation {inv} never became {want}: {v}"))
+            }
+        })
+        .await
+    }
+
+    /// Polls until pre-registration `id` has status `want`.
+    pub async fn wait_status(&self, p: &Partner, id: Uuid, want: &str, limit: Duration) {
+        let path = format!("/v1/preregistrations/{id}");
+        wait_until(limit, || async {
+            self.get(&path, &p.key).await.1["status"] == want
+        })
+        .await;
+    }
+
+    /// Creates the offline link of claim `id` (asserting the 201).
+    pub async fn offline_link(&self, p: &Partner, id: Uuid) -> Value {
+        let path = format!("/v1/preregistrations/{id}/offline-link");
+        let (s, v) = self.post(&path, &p.key, json!({})).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v
+    }
+
+    /// `DELETE /v1/preregistrations/{id}` as `key`.
+    pub async fn delete_prereg(&self, id: Uuid, key: &str) -> (StatusCode, Value) {
+        let path = format!("/v1/preregistrations/{id}");
+        self.request(Method::DELETE, &path, Some(key), None).await
+    }
+
+    /// Submits one pre-registration per `i` in `range`, the email and
+    /// mobile made by `contact(i)`; returns their ids in order.
+    pub async fn preregs(
+        &self,
+        p: &Partner,
+        range: std::ops::Range<u32>,
+        contact: impl Fn(u32) -> (String, String),
+    ) -> Vec<Uuid> {
+        let mut ids = Vec::new();
+        for i in range {
+            let (email, mobile) = contact(i);
+            ids.push(self.prereg(p, &email, &mobile).await);
+        }
+        ids
+    }
+
+    /// Customers `i` of `range` of the series `tag` ([`customer`]), each
+    /// submitted by `p` and waited for until decided; their ids in order.
+    pub async fn decided_preregs(
+        &self,
+        p: &Partner,
+        range: std::ops::Range<u32>,
+        tag: &str,
+        mobile_base: u64,
+    ) -> Vec<Uuid> {
+        let ids = self
+            .preregs(p, range, |i| customer(tag, i, mobile_base))
+            .await;
+        for id in &ids {
+            self.decided(p, *id).await;
+        }
+        ids
+    }
+
+    /// The link token of invitation `inv`, as the customer's email carries it.
+    pub async fn link_token(&self, inv: Uuid) -> String {
+        let nonce: Vec<u8> = sqlx::query_scalar("SELECT nonce FROM invitations WHERE id = $1")
+            .bind(inv)
+            .fetch_one(self.db())
+            .await
+            .unwrap();
+        prereg::links::token(self.cfg.link_secret.as_bytes(), inv, &nonce)
+    }
+
+    /// Whether pre-registration `id` is stored.
+    pub async fn stored(&self, id: Uuid) -> bool {
+        prereg::store::preregs::get(self.db(), id)
+            .await
+            .unwrap()
+            .is_some()
+    }
+
+    /// A `count(*)` query's answer.
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(self.db()).await.unwrap()
+    }
+
+    /// A `count(*)` query's answer, with `id` bound to `$1`.
+    pub async fn count_for(&self, sql: &str, id: Uuid) -> i64 {
+        sqlx::query_scalar(sql)
+            .bind(id)
+            .fetch_one(self.db())
+            .await
+            .unwrap()
+    }
+
+    /// How many audit entries `action` has.
+    pub async fn audits(&self, action: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = $1")
+            .bind(action)
+            .fetch_one(self.db())
+            .await
+            .unwrap()
+    }
+
+    /// How many `decided` timeline entries pre-registration `id` has.
+    pub async fn decided_entries(&self, id: Uuid) -> i64 {
+        self.count_for(
+            "SELECT count(*) FROM preregistration_events WHERE preregistration_id = $1 AND change = 'decided'",
+            id,
+        )
+        .await
+    }
+
+    /// Waits until the relay has published every outbox row.
+    pub async fn outbox_drained(&self) {
+        wait_until(Duration::from_secs(10), || async {
+            self.count("SELECT count(*) FROM outbox").await == 0
+        })
+        .await;
+    }
+
+    /// Waits until `q` holds at least `n` dead letters; returns them.
+    pub async fn dead_letters(&self, q: Queue, n: usize) -> Vec<DeadLetter> {
+        eventually(Duration::from_secs(15), || async {
+            let all = dead_letters::list(&self.ctx.broker, q, 100).await.unwrap();
+            if all.len() >= n {
+                Ok(all)
+            } else {
+                Err(format!(
+                    "{n} dead letters expected in {q:?}, {} seen",
+                    all.len()
+                ))
+            }
+        })
+        .await
+    }
+}
+
+/// Asserts an error answer: its status and its `error.code`.
+pub fn assert_error(status: StatusCode, body: &Value, want: StatusCode, code: &str) {
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (want, Some(code)),
+        "{body}"
+    );
+}
+
+/// Customer `i` of a series: email `{tag}{i}@customer.example`, mobile
+/// `+86` and `mobile_base + i`.
+pub fn customer(tag: &str, i: u32, mobile_base: u64) -> (String, String) {
+    let mobile = mobile_base + u64::from(i);
+    (format!("{tag}{i}@customer.example"), format!("+86{mobile}"))
+}
+
+/// Header `name` of `resp` (which must have it, as text).
+pub fn header<'r>(resp: &'r reqwest::Response, name: &str) -> &'r str {
+    resp.headers()[name].to_str().unwrap()
+}
+
+/// Header `name` of `resp` as text, empty when absent.
+pub fn header_or_empty(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+/// A test's own queue bound to `binding` on the events exchange (named
+/// after `name`, deleted with its channel).
+pub async fn capture_events(ctx: &Ctx, name: &str, binding: &str) -> (Channel, String) {
+    let (_, ch) = ctx.broker.channel().await.expect("channel");
+    let names = &ctx.broker.names;
+    let queue = format!("{}.capture-{name}", names.prefix);
+    ch.queue_declare(
+        &queue,
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        &queue,
+        &names.events(),
+        binding,
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    (ch, queue)
+}
+
+/// Deletes a test's broker objects, closes its connections and drops its
+/// database.
+pub async fn release(ctx: &Ctx, db_name: &str) {
+    let _ = ctx.broker.delete_topology().await;
+    ctx.broker.close().await;
+    ctx.db.close().await;
+    drop_database(db_name).await;
+}
+
+/// Drops a test database, whoever is still connected to it.
+pub async fn drop_database(db_name: &str) {
+    if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
             .execute(&mut admin)
             .await;
+    }
+}
+
+/// An app whose mail goes to `sink`, links on `https://partners.example`,
+/// after `tweak` adjusts the config.
+pub async fn mail_app(sink: &SmtpSink, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    sink_app(sink, |c| {
+        c.public_url = "https://partners.example".into();
+        tweak(c);
+    })
+    .await
+}
+
+/// An app whose mail goes to `sink`, after `tweak` adjusts the config.
+pub async fn sink_app(sink: &SmtpSink, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let url = sink.url();
+    spawn_with(move |c| {
+        c.smtp_url = url;
+        tweak(c);
+    })
+    .await
+}
+
+/// Asserts that `sink` has exactly one email, a second not arriving
+/// within `within`.
+pub async fn assert_one_mail(sink: &SmtpSink, within: Duration, what: &str) {
+    assert_eq!(sink.wait_for(2, within).await.len(), 1, "{what}");
+}
+
+/// The Redis lock keys under `prefix`.
+pub async fn lock_keys(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg(format!("{prefix}:lock:*"))
+        .query_async(conn)
+        .await
+        .expect("redis KEYS")
+}
+
+/// Waits until exactly `n` lock keys are held under `prefix`.
+pub async fn wait_lock_count(rc: &redis::aio::MultiplexedConnection, prefix: &str, n: usize) {
+    wait_until(Duration::from_secs(20), || {
+        let mut rc = rc.clone();
+        async move { lock_keys(&mut rc, prefix).await.len() == n }
+    })
+    .await;
+}
+
+/// Holds partner `p`'s row locked until the returned transaction ends.
+pub async fn lock_partner_row(
+    app: &TestApp,
+    p: &Partner,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut blocker = app.db().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM partners WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(p.id)
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    blocker
+}
+
+/// Polls `f` every 25 ms until it answers `Ok`, failing with its last
+/// `Err` after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(why) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{why} (waited {limit:?})"
+            ),
         }
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 

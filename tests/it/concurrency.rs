@@ -37,13 +37,12 @@ async fn race(app: &TestApp, partners: &[Partner]) {
         partners.len() - 1,
         "every other request names the other partner's claim"
     );
-    let active: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM preregistrations WHERE email_norm = 'race@customer.example'
+    let active = app
+        .count(
+            "SELECT count(*) FROM preregistrations WHERE email_norm = 'race@customer.example'
            AND status IN ('preregistered', 'invited', 'association_failed', 'associated')",
-    )
-    .fetch_one(app.db())
-    .await
-    .unwrap();
+        )
+        .await;
     assert_eq!(active, 1);
 }
 
@@ -159,19 +158,7 @@ async fn sigterm_mid_load_loses_nothing() {
     // The intake runs here; the registration worker is the real binary.
     let mut app = spawn_roles(|_| {}, vec![Queue::Accounts]).await;
     let spawn_worker = |app: &TestApp| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_prereg"))
-            .args(["worker", "--only", "registration"])
-            .env("PREREG_DATABASE_URL", &app.cfg.database_url)
-            .env("PREREG_AMQP_URL", &app.cfg.amqp_url)
-            .env("PREREG_REDIS_URL", &app.cfg.redis_url)
-            .env("PREREG_AMQP_PREFIX", &app.cfg.amqp_prefix)
-            .env(
-                "PREREG_OPERATOR_TOKEN",
-                app.cfg.operator_token.as_deref().unwrap_or_default(),
-            )
-            .env("PREREG_LINK_SECRET", &app.cfg.link_secret)
-            .env("PREREG_RETRY_DELAYS", "100ms,200ms,400ms")
-            .env("PREREG_METRICS_ADDR", "127.0.0.1:0")
+        app.binary(&["worker", "--only", "registration"])
             .env("PREREG_WORKER_CONCURRENCY", "4")
             .env("RUST_LOG", "warn")
             .spawn()
@@ -245,19 +232,12 @@ async fn sigterm_mid_load_loses_nothing() {
         count_decided().await as usize == N
     })
     .await;
-    let twice: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT preregistration_id FROM preregistration_events WHERE change = 'decided'
-           GROUP BY 1 HAVING count(*) <> 1) x",
-    )
-    .fetch_one(app.db())
-    .await
-    .unwrap();
+    let twice = app.count("SELECT count(*) FROM (SELECT preregistration_id FROM preregistration_events WHERE change = 'decided'
+           GROUP BY 1 HAVING count(*) <> 1) x").await;
     assert_eq!(twice, 0, "every pre-registration decided exactly once");
-    let decided_events: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM preregistration_events WHERE change = 'decided'")
-            .fetch_one(app.db())
-            .await
-            .unwrap();
+    let decided_events = app
+        .count("SELECT count(*) FROM preregistration_events WHERE change = 'decided'")
+        .await;
     assert_eq!(decided_events as usize, N);
     app.cleanup().await;
 }

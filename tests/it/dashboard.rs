@@ -2,7 +2,7 @@
 
 use std::{process::Stdio, time::Duration};
 
-use fantoccini::{ClientBuilder, Locator};
+use fantoccini::{error::CmdError, Client, ClientBuilder, Locator};
 use prereg::mq::{CloudEvent, Queue};
 use serde_json::json;
 
@@ -75,6 +75,57 @@ pub async fn chromedriver() -> Driver {
     driver
 }
 
+/// A headless Chromium session through `driver`, with `extra` arguments.
+pub async fn headless(driver: &Driver, extra: &[&str]) -> Client {
+    // Two TLS back ends are linked in (via the WebDriver client): pick one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut args = vec![
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ];
+    args.extend_from_slice(extra);
+    let caps = json!({"goog:chromeOptions": {
+        "binary": std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()),
+        "args": args,
+    }});
+    ClientBuilder::rustls()
+        .expect("tls")
+        .capabilities(caps.as_object().unwrap().clone())
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("a browser session")
+}
+
+/// Opens the dashboard at `addr` and asserts that it sends to the sign-in page.
+pub async fn expect_sign_in(browser: &Client, addr: &str) -> Result<(), CmdError> {
+    browser.goto(&format!("{addr}/admin")).await?;
+    let url = browser.current_url().await?;
+    assert!(url.path().ends_with("/admin/login"), "{url}");
+    Ok(())
+}
+
+/// Signs in on the sign-in page with `key`, then waits for element `then`.
+pub async fn sign_in(browser: &Client, key: &str, then: &str) -> Result<(), CmdError> {
+    browser
+        .find(Locator::Id("key"))
+        .await?
+        .send_keys(key)
+        .await?;
+    browser.find(Locator::Id("sign-in")).await?.click().await?;
+    browser
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Id(then))
+        .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_queues_dead_letters_and_replays_them() {
     if !browser_available("dashboard_shows_queues_dead_letters_and_replays_them") {
@@ -84,60 +135,15 @@ async fn dashboard_shows_queues_dead_letters_and_replays_them() {
     // One poison message in the registration dead-letter queue.
     let bad = CloudEvent::new("preregistration.requested", json!({"id": "not-a-uuid"}));
     app.ctx.broker.publish_command(&bad).await.unwrap();
-    wait_until(Duration::from_secs(10), || async {
-        prereg::workers::runtime::list_dead_letters(&app.ctx, Queue::Registration, 5)
-            .await
-            .unwrap()
-            .len()
-            == 1
-    })
-    .await;
+    assert_eq!(app.dead_letters(Queue::Registration, 1).await.len(), 1);
 
-    // Two TLS back ends are linked in (via the WebDriver client): pick one.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let driver = chromedriver().await;
-    let caps = json!({"goog:chromeOptions": {
-        "binary": std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()),
-        "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    }});
-    let caps = caps.as_object().unwrap().clone();
-    let browser = ClientBuilder::rustls()
-        .expect("tls")
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{}", driver.port))
-        .await
-        .expect("a browser session");
+    let browser = headless(&driver, &["--disable-quic"]).await;
     let run = async {
         // Not signed in: sent to the sign-in page; a wrong key is refused.
-        browser.goto(&format!("{}/admin", app.addr)).await?;
-        assert!(browser
-            .current_url()
-            .await?
-            .path()
-            .ends_with("/admin/login"));
-        browser
-            .find(Locator::Id("key"))
-            .await?
-            .send_keys("not-a-key")
-            .await?;
-        browser.find(Locator::Id("sign-in")).await?.click().await?;
-        browser
-            .wait()
-            .at_most(Duration::from_secs(10))
-            .for_element(Locator::Id("error"))
-            .await?;
-        browser
-            .find(Locator::Id("key"))
-            .await?
-            .send_keys(OPERATOR)
-            .await?;
-        browser.find(Locator::Id("sign-in")).await?.click().await?;
-        browser
-            .wait()
-            .at_most(Duration::from_secs(10))
-            .for_element(Locator::Id("queues"))
-            .await?;
+        expect_sign_in(&browser, &app.addr).await?;
+        sign_in(&browser, "not-a-key", "error").await?;
+        sign_in(&browser, OPERATOR, "queues").await?;
         assert!(browser.current_url().await?.path().ends_with("/admin"));
         // The page shows every queue with its consumers, and the dead letter with its reason.
         let queues = browser.find(Locator::Id("queues")).await?.text().await?;
@@ -182,11 +188,7 @@ async fn dashboard_shows_queues_dead_letters_and_replays_them() {
     let result = run.await;
     let _ = browser.close().await;
     result.expect("browser steps");
-    let replays: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'dead_letters.replayed'")
-            .fetch_one(app.db())
-            .await
-            .unwrap();
+    let replays = app.audits("dead_letters.replayed").await;
     assert_eq!(replays, 1);
     app.cleanup().await;
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use fantoccini::{ClientBuilder, Locator};
+use fantoccini::Locator;
 use prereg::mq::{CloudEvent, Queue};
 use reqwest::{redirect::Policy, StatusCode};
 use serde_json::json;
@@ -31,11 +31,7 @@ async fn sign_in(app: &TestApp, key: &str) -> (StatusCode, String, String) {
         .await
         .unwrap();
     let status = resp.status();
-    let set = resp
-        .headers()
-        .get("set-cookie")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
+    let set = header_or_empty(&resp, "set-cookie");
     let pair = set.split(';').next().unwrap_or_default().to_string();
     (status, pair, set)
 }
@@ -136,10 +132,7 @@ async fn dashboard_sessions_are_server_side_expire_and_resist_forgery() {
         .await
         .unwrap();
     assert_eq!(out.status(), StatusCode::SEE_OTHER);
-    assert!(out.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .contains("Max-Age=0"));
+    assert!(header(&out, "set-cookie").contains("Max-Age=0"));
     assert_eq!(get_admin(&app, &cookie).await.0, StatusCode::SEE_OTHER);
 
     // Sign-in is rate-limited per address: the 6th failure within a minute is refused.
@@ -247,6 +240,19 @@ async fn wait_flash(
     }
 }
 
+/// Clicks the `button` of the dead letter in `row`.
+async fn click_in_row(
+    browser: &fantoccini::Client,
+    row: &str,
+    button: &str,
+) -> Result<(), fantoccini::error::CmdError> {
+    browser
+        .find(Locator::Css(&format!("{row} button.{button}")))
+        .await?
+        .click()
+        .await
+}
+
 fn screenshot_dir() -> std::path::PathBuf {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
     std::fs::create_dir_all(&dir).unwrap();
@@ -268,13 +274,7 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
         .prereg(&p, "soon@customer.example", "+8613200000002")
         .await;
     app.decided(&p, soon).await;
-    sqlx::query(
-        "UPDATE preregistrations SET expires_at = now() + interval '20 hours' WHERE id = $1",
-    )
-    .bind(soon)
-    .execute(app.db())
-    .await
-    .unwrap();
+    app.set_expiry(soon, "now() + interval '20 hours'").await;
     let bad = CloudEvent::new(
         "preregistration.requested",
         json!({"id": "not-a-uuid", "email": "leak@customer.example"}),
@@ -304,33 +304,12 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
     })
     .await;
 
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let driver = crate::dashboard::chromedriver().await;
-    let caps = json!({"goog:chromeOptions": {
-        "binary": std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()),
-        "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--window-size=1500,2600", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    }});
-    let browser = ClientBuilder::rustls()
-        .expect("tls")
-        .capabilities(caps.as_object().unwrap().clone())
-        .connect(&format!("http://127.0.0.1:{}", driver.port))
-        .await
-        .expect("a browser session");
+    let browser = crate::dashboard::headless(&driver, &["--window-size=1500,2600"]).await;
     let shots = screenshot_dir();
     let run = async {
         browser.goto(&format!("{}/admin", app.addr)).await?;
-        browser
-            .find(Locator::Id("key"))
-            .await?
-            .send_keys(OPERATOR)
-            .await?;
-        browser.find(Locator::Id("sign-in")).await?.click().await?;
-        browser
-            .wait()
-            .at_most(Duration::from_secs(10))
-            .for_element(Locator::Id("queues"))
-            .await?;
+        crate::dashboard::sign_in(&browser, OPERATOR, "queues").await?;
         // The cookie is a session id, HttpOnly and SameSite=Strict.
         let c = browser.get_named_cookie("prereg_session").await?;
         assert_ne!(c.value(), OPERATOR);
@@ -403,14 +382,7 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
         )
         .unwrap();
         // Replay that one (after a confirmation); the other stays.
-        browser
-            .find(Locator::Css(&format!(
-                "{} button.replay-one",
-                row(&good.id)
-            )))
-            .await?
-            .click()
-            .await?;
+        click_in_row(&browser, &row(&good.id), "replay-one").await?;
         assert_eq!(
             browser.get_alert_text().await?,
             "Replay this message to registration?"
@@ -423,24 +395,10 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
             .is_empty());
         browser.find(Locator::Css(&row(&bad.id))).await?;
         // Discard the poison message: dismissing the confirmation keeps it.
-        browser
-            .find(Locator::Css(&format!(
-                "{} button.discard-one",
-                row(&bad.id)
-            )))
-            .await?
-            .click()
-            .await?;
+        click_in_row(&browser, &row(&bad.id), "discard-one").await?;
         browser.dismiss_alert().await?;
         browser.find(Locator::Css(&row(&bad.id))).await?;
-        browser
-            .find(Locator::Css(&format!(
-                "{} button.discard-one",
-                row(&bad.id)
-            )))
-            .await?
-            .click()
-            .await?;
+        click_in_row(&browser, &row(&bad.id), "discard-one").await?;
         browser.accept_alert().await?;
         wait_flash(&browser, "Discarded one message of registration.").await?;
         browser.find(Locator::Id("no-dead")).await?;
@@ -471,12 +429,7 @@ async fn operators_watch_queues_and_decide_reviews_in_chromium() {
             .at_most(Duration::from_secs(10))
             .for_element(Locator::Id("sign-in"))
             .await?;
-        browser.goto(&format!("{}/admin", app.addr)).await?;
-        assert!(browser
-            .current_url()
-            .await?
-            .path()
-            .ends_with("/admin/login"));
+        crate::dashboard::expect_sign_in(&browser, &app.addr).await?;
         Ok::<_, fantoccini::error::CmdError>(())
     };
     let result = run.await;

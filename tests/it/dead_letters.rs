@@ -5,26 +5,45 @@ use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable};
 use prereg::mq::{dead_letters, CloudEvent, Queue};
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::{common::*, retries::depth};
 
-async fn wait_dead(app: &TestApp, q: Queue, n: usize) -> Vec<dead_letters::DeadLetter> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let all = dead_letters::list(&app.ctx.broker, q, 100).await.unwrap();
-        if all.len() >= n {
-            return all;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{n} dead letters expected in {q:?}, {} seen",
-            all.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// A partner that may not develop customers, and two pre-registration
+/// commands of it, published upstream and waiting as dead letters.
+async fn two_dead_commands(app: &TestApp, tag: &str) -> (Partner, [(Uuid, CloudEvent); 2]) {
+    let p = app
+        .create_partner(json!({"customer_development": false}))
+        .await;
+    let cmds = [
+        prereg_cmd(p.id, &format!("{tag}a@customer.example")),
+        prereg_cmd(p.id, &format!("{tag}b@customer.example")),
+    ];
+    for (_, ev) in &cmds {
+        app.ctx.broker.publish_upstream(ev).await.unwrap();
     }
+    app.dead_letters(Queue::Registration, 2).await;
+    (p, cmds)
+}
+
+/// The operator lets partner `p` develop customers (the dead letters' cause).
+async fn allow_development(app: &TestApp, p: &Partner) {
+    app.patch_partner(p, json!({"customer_development": true}))
+        .await;
+}
+
+/// After `a` alone was replayed: it is stored and granted, and only `b`
+/// is left in the dead letters.
+async fn only_b_left(app: &TestApp, p: &Partner, a_id: Uuid, b: &CloudEvent) {
+    wait_until(Duration::from_secs(10), || app.stored(a_id)).await;
+    assert_eq!(app.decided(p, a_id).await["status"], "preregistered");
+    let left = dead_letters::list(&app.ctx.broker, Queue::Registration, 10)
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].message_id.as_deref(), Some(b.id.as_str()));
 }
 
 fn prereg_cmd(partner_id: Uuid, email: &str) -> (Uuid, CloudEvent) {
@@ -40,14 +59,7 @@ fn prereg_cmd(partner_id: Uuid, email: &str) -> (Uuid, CloudEvent) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browsing_leaves_dead_letters_and_one_is_replayed_by_id() {
     let app = spawn_app().await;
-    let p = app
-        .create_partner(json!({"customer_development": false}))
-        .await;
-    let (a_id, a) = prereg_cmd(p.id, "a@customer.example");
-    let (b_id, b) = prereg_cmd(p.id, "b@customer.example");
-    app.ctx.broker.publish_upstream(&a).await.unwrap();
-    app.ctx.broker.publish_upstream(&b).await.unwrap();
-    wait_dead(&app, Queue::Registration, 2).await;
+    let (p, [(a_id, a), (b_id, b)]) = two_dead_commands(&app, "").await;
 
     // Looking at them many times (more than RabbitMQ 4's default quorum
     // delivery limit of 20) leaves every one in place.
@@ -60,15 +72,7 @@ async fn browsing_leaves_dead_letters_and_one_is_replayed_by_id() {
     }
 
     // The partner may now develop customers: replay only `a`.
-    let (s, v) = app
-        .request(
-            Method::PATCH,
-            &format!("/v1/admin/partners/{}", p.id),
-            Some(OPERATOR),
-            Some(json!({"customer_development": true})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    allow_development(&app, &p).await;
     let path = "/v1/admin/dead-letters/registration/replay";
     let (s, v) = app
         .post(path, OPERATOR, json!({"message_id": "no-such-id"}))
@@ -77,23 +81,8 @@ async fn browsing_leaves_dead_letters_and_one_is_replayed_by_id() {
     let (s, v) = app.post(path, OPERATOR, json!({"message_id": a.id})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["replayed"], 1);
-    wait_until(Duration::from_secs(10), || async {
-        prereg::store::preregs::get(app.db(), a_id)
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
-    assert_eq!(app.decided(&p, a_id).await["status"], "preregistered");
-    let left = dead_letters::list(&app.ctx.broker, Queue::Registration, 10)
-        .await
-        .unwrap();
-    assert_eq!(left.len(), 1);
-    assert_eq!(left[0].message_id.as_deref(), Some(b.id.as_str()));
-    assert!(prereg::store::preregs::get(app.db(), b_id)
-        .await
-        .unwrap()
-        .is_none());
+    only_b_left(&app, &p, a_id, &b).await;
+    assert!(!app.stored(b_id).await);
     app.cleanup().await;
 }
 
@@ -117,7 +106,7 @@ async fn a_replayed_dead_letter_starts_its_retries_afresh() {
         .publish(&names.dlx(), Queue::Association.short(), &ev, headers)
         .await
         .unwrap();
-    let dead = wait_dead(&app, Queue::Association, 1).await;
+    let dead = app.dead_letters(Queue::Association, 1).await;
     assert_eq!(dead[0].retries, Some(5));
     assert!(
         !dead_letters::replay_one(&app.ctx.broker, Queue::Association, "other")
@@ -170,12 +159,9 @@ async fn oversized_messages_are_dead_lettered_and_forged_retry_counts_are_ignore
     let (id, mut big) = prereg_cmd(p.id, "big@customer.example");
     big.data["remarks"] = json!("x".repeat(8000));
     app.ctx.broker.publish_upstream(&big).await.unwrap();
-    let dead = wait_dead(&app, Queue::Registration, 1).await;
+    let dead = app.dead_letters(Queue::Registration, 1).await;
     assert_eq!(dead[0].reason.as_deref(), Some("too_large"));
-    assert!(prereg::store::preregs::get(app.db(), id)
-        .await
-        .unwrap()
-        .is_none());
+    assert!(!app.stored(id).await);
 
     // 2. An upstream command claiming u32::MAX earlier attempts: the count
     // is not trusted (no overflow, no skipped schedule): it is retried like
@@ -218,7 +204,7 @@ async fn a_check_violation_is_dead_lettered_at_once_naming_the_constraint() {
         json!({"account_id": "forbidden", "updated_at": "2026-01-01T00:00:00Z"}),
     );
     app.ctx.broker.publish_upstream(&ev).await.unwrap();
-    let dead = wait_dead(&app, Queue::Accounts, 1).await;
+    let dead = app.dead_letters(Queue::Accounts, 1).await;
     assert_eq!(dead[0].reason.as_deref(), Some("constraint_violation"));
     assert_eq!(dead[0].retries, Some(0), "not retried");
     assert!(dead[0]
@@ -235,14 +221,7 @@ async fn a_check_violation_is_dead_lettered_at_once_naming_the_constraint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_dlq_cli_lists_and_replays_one_then_all() {
     let app = spawn_app().await;
-    let p = app
-        .create_partner(json!({"customer_development": false}))
-        .await;
-    let (a_id, a) = prereg_cmd(p.id, "cli-a@customer.example");
-    let (b_id, b) = prereg_cmd(p.id, "cli-b@customer.example");
-    app.ctx.broker.publish_upstream(&a).await.unwrap();
-    app.ctx.broker.publish_upstream(&b).await.unwrap();
-    wait_dead(&app, Queue::Registration, 2).await;
+    let (p, [(a_id, a), (b_id, b)]) = two_dead_commands(&app, "cli-").await;
     let run = |args: &[&str]| {
         let out = app.binary(args).output().expect("run prereg");
         (
@@ -274,18 +253,10 @@ async fn the_admin_dlq_cli_lists_and_replays_one_then_all() {
         "{stdout}"
     );
     // Listing took nothing away.
-    wait_dead(&app, Queue::Registration, 2).await;
+    app.dead_letters(Queue::Registration, 2).await;
 
     // The cause is fixed; one is replayed by id.
-    let (s, v) = app
-        .request(
-            Method::PATCH,
-            &format!("/v1/admin/partners/{}", p.id),
-            Some(OPERATOR),
-            Some(json!({"customer_development": true})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    allow_development(&app, &p).await;
     let (ok, _, stderr) = run(&[
         "admin",
         "dlq",
@@ -305,19 +276,7 @@ async fn the_admin_dlq_cli_lists_and_replays_one_then_all() {
         stdout.contains(&format!("replayed {} to registration", a.id)),
         "{stdout}"
     );
-    wait_until(Duration::from_secs(10), || async {
-        prereg::store::preregs::get(app.db(), a_id)
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
-    assert_eq!(app.decided(&p, a_id).await["status"], "preregistered");
-    let left = dead_letters::list(&app.ctx.broker, Queue::Registration, 10)
-        .await
-        .unwrap();
-    assert_eq!(left.len(), 1);
-    assert_eq!(left[0].message_id.as_deref(), Some(b.id.as_str()));
+    only_b_left(&app, &p, a_id, &b).await;
 
     // The rest.
     let (ok, stdout, stderr) = run(&["admin", "dlq", "replay", "registration"]);
@@ -326,13 +285,7 @@ async fn the_admin_dlq_cli_lists_and_replays_one_then_all() {
         stdout.contains("replayed 1 message(s) to registration"),
         "{stdout}"
     );
-    wait_until(Duration::from_secs(10), || async {
-        prereg::store::preregs::get(app.db(), b_id)
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
+    wait_until(Duration::from_secs(10), || app.stored(b_id)).await;
     // Decided (same mobile as `a`, so it is refused as a duplicate).
     assert_ne!(app.decided(&p, b_id).await["status"], "queued");
     let (ok, stdout, _) = run(&["admin", "dlq", "list", "registration"]);

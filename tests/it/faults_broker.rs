@@ -124,10 +124,7 @@ async fn broker_alarm_and_crash_are_503_then_recover_without_restart() {
         assert_eq!(v["status"], "preregistered", "{v}");
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM preregistrations")
-        .fetch_one(app.db())
-        .await
-        .unwrap();
+    let rows = app.count("SELECT count(*) FROM preregistrations").await;
     assert_eq!(accepted.len(), 3, "three answers were 202");
     assert_eq!(rows, 3, "a refused request came back to life");
     app.cleanup().await;

@@ -6,11 +6,11 @@
 use std::time::{Duration, Instant};
 
 use prereg_devtools::smtp_sink::{SmtpSink, Stage};
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use crate::common::{spawn_with, wait_until, Partner, TestApp};
+use crate::common::{lock_partner_row, spawn_with, wait_until, Partner, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn statement_timeout_bounds_a_lock_wait_and_the_job_is_retried() {
@@ -22,12 +22,7 @@ async fn statement_timeout_bounds_a_lock_wait_and_the_job_is_retried() {
     .await;
     let p = app.create_partner(json!({})).await;
     // Someone holds the partner row (a long transaction, a stuck migration).
-    let mut blocker = app.db().begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM partners WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(p.id)
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = lock_partner_row(&app, &p).await;
 
     // The intake: an update of that row answers 503 + Retry-After after
     // about the statement timeout, not whenever the lock goes.
@@ -100,27 +95,6 @@ async fn invite_one(app: &TestApp, p: &Partner, n: u32) -> String {
     app.invite(p, id).await
 }
 
-async fn sent(app: &TestApp, p: &Partner, inv: &str) -> Value {
-    let mut last = Value::Null;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let (_, v) = app
-            .request(
-                Method::GET,
-                &format!("/v1/invitations/{inv}"),
-                Some(&p.key),
-                None,
-            )
-            .await;
-        if v["status"] == "sent" {
-            return v;
-        }
-        last = v;
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("invitation {inv} never sent: {last}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_421_is_retried_and_the_customer_gets_one_email() {
     let sink = SmtpSink::start().await.unwrap();
@@ -129,7 +103,7 @@ async fn smtp_421_is_retried_and_the_customer_gets_one_email() {
     let app = mail_app(sink.url()).await;
     let p = app.create_partner(json!({})).await;
     let inv = invite_one(&app, &p, 1).await;
-    let v = sent(&app, &p, &inv).await;
+    let v = app.invitation_state(&p, &inv, "sent").await;
     assert_eq!(v["attempts"], 3, "two 421s, then sent: {v}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sink.count(), 1, "one email");
@@ -175,7 +149,7 @@ async fn smtp_that_accepts_then_stalls_is_retried_and_the_customer_gets_one_emai
         "not sent while the server stalls: {v}"
     );
     healthy.store(true, std::sync::atomic::Ordering::SeqCst);
-    let v = sent(&app, &p, &inv).await;
+    let v = app.invitation_state(&p, &inv, "sent").await;
     assert!(v["attempts"].as_i64().unwrap_or(0) >= 2, "{v}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sink.count(), 1, "one email");

@@ -7,25 +7,6 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-/// Posts an association attempt and waits at most `limit` for its outcome.
-async fn associate_within(app: &TestApp, upstream: &str, body: Value, limit: Duration) -> Value {
-    let (s, v) = app.post("/v1/associations", upstream, body).await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let id = v["id"].as_str().unwrap().to_string();
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let (_, v) = app.get(&format!("/v1/associations/{id}"), upstream).await;
-        if v["status"] != "queued" {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "association {id} not decided within {limit:?}: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_link_is_link_not_found_at_once_without_account_facts() {
     // Long retry delays: an attempt that waits for the account's facts would
@@ -39,7 +20,9 @@ async fn unknown_link_is_link_not_found_at_once_without_account_facts() {
         json!({"token": "no-such-token", "account_id": "acct-never-seen"}),
         json!({"code": "NOSUCHCODE", "account_id": "acct-never-seen-2"}),
     ] {
-        let a = associate_within(&app, &upstream, body, Duration::from_secs(10)).await;
+        let a = app
+            .associate_within(&upstream, body, Duration::from_secs(10))
+            .await;
         assert_eq!(a["status"], "failed", "{a}");
         assert_eq!(a["cause"]["code"], "link_not_found", "{a}");
         assert_eq!(a["cause"]["message"], "The invitation link does not exist.");
@@ -61,14 +44,7 @@ async fn offline_link(app: &TestApp, p: &Partner, n: u32) -> (uuid::Uuid, String
 }
 
 async fn new_offline_token(app: &TestApp, p: &Partner, id: uuid::Uuid) -> String {
-    let (s, v) = app
-        .post(
-            &format!("/v1/preregistrations/{id}/offline-link"),
-            &p.key,
-            json!({}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let v = app.offline_link(p, id).await;
     let url = v["url"].as_str().unwrap();
     assert!(url.starts_with("https://partners.example/i/"), "{url}");
     url.rsplit('/').next().unwrap().to_string()
@@ -86,11 +62,7 @@ async fn open_link(app: &TestApp, token: &str, lang: Option<&str>) -> (StatusCod
     }
     let resp = req.send().await.unwrap();
     let status = resp.status();
-    let location = resp
-        .headers()
-        .get("location")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
+    let location = header_or_empty(&resp, "location");
     assert_eq!(
         resp.headers().get("referrer-policy").unwrap(),
         "no-referrer",
@@ -136,14 +108,11 @@ async fn invitation_link_redirects_while_valid_and_explains_otherwise() {
         json!({"email": "link1@customer.example"}),
     )
     .await;
-    let (s, v) = app
-        .post(
-            "/v1/associations",
-            &upstream,
-            json!({"token": newer, "account_id": "acct-link-1"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    app.attempt(
+        &upstream,
+        json!({"token": newer, "account_id": "acct-link-1"}),
+    )
+    .await;
     wait_until(Duration::from_secs(10), || async {
         open_link(&app, &newer, None).await.0 == StatusCode::GONE
     })
@@ -157,13 +126,7 @@ async fn invitation_link_redirects_while_valid_and_explains_otherwise() {
     // Expired with its claim, for a Chinese-speaking partner's invitation.
     let (zid, ztoken) = offline_link(&app, &zh, 2).await;
     assert_eq!(open_link(&app, &ztoken, None).await.0, StatusCode::FOUND);
-    sqlx::query(
-        "UPDATE preregistrations SET expires_at = now() - interval '1 second' WHERE id = $1",
-    )
-    .bind(zid)
-    .execute(app.db())
-    .await
-    .unwrap();
+    app.set_expiry(zid, "now() - interval '1 second'").await;
     let (s, _, html) = open_link(&app, &ztoken, Some("en-GB")).await;
     assert_eq!(s, StatusCode::GONE);
     assert!(html.contains(r#"lang="zh-CN""#), "{html}");
@@ -196,14 +159,8 @@ async fn batch_ids_and_status_filter_have_one_name_and_old_spellings_still_work(
     assert_eq!(items[0]["status"], "invited");
     assert_eq!(items[0]["state"], "invited");
     // Batch delete: `preregistration_ids` as in every batch, `ids` still accepted.
-    let a = app
-        .prereg(&p, "batch1@customer.example", "+8613700000001")
-        .await;
-    let b = app
-        .prereg(&p, "batch2@customer.example", "+8613700000002")
-        .await;
-    app.decided(&p, a).await;
-    app.decided(&p, b).await;
+    let ids = app.decided_preregs(&p, 1..3, "batch", 13_700_000_000).await;
+    let (a, b) = (ids[0], ids[1]);
     for (field, id) in [("preregistration_ids", a), ("ids", b)] {
         let (s, v) = app
             .post(
@@ -235,10 +192,7 @@ async fn asyncapi_document_is_served_and_its_example_command_works() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert!(resp.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("application/json"));
+    assert!(header(&resp, "content-type").starts_with("application/json"));
     let doc: Value = resp.json().await.unwrap();
     assert_eq!(doc["asyncapi"], "3.0.0");
     let prefix = &app.ctx.cfg.amqp_prefix;

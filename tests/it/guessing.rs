@@ -47,14 +47,7 @@ async fn offline_code_guessing_is_locked_and_strangers_leave_no_trace() {
     let id = app
         .claimed(&p, "real.customer@customer.example", "+8613800000123")
         .await;
-    let (s, link) = app
-        .post(
-            &format!("/v1/preregistrations/{id}/offline-link"),
-            &p.key,
-            json!({}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{link}");
+    let link = app.offline_link(&p, id).await;
     let code = link["code"].as_str().unwrap().to_string();
 
     // Keyed hash: not the plain SHA-256 of the code.
@@ -105,12 +98,7 @@ async fn offline_code_guessing_is_locked_and_strangers_leave_no_trace() {
     .await;
     wait_until(Duration::from_secs(10), || async {
         // Probe without submitting: the lock lifts when the failures age out.
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM association_attempts WHERE status = 'failed' AND decided_at > now() - interval '3 seconds'",
-        )
-        .fetch_one(app.db())
-        .await
-        .unwrap();
+        let n = app.count("SELECT count(*) FROM association_attempts WHERE status = 'failed' AND decided_at > now() - interval '3 seconds'").await;
         n < 2
     })
     .await;

@@ -9,16 +9,6 @@ use uuid::Uuid;
 
 use crate::common::*;
 
-async fn wait_status(app: &TestApp, p: &Partner, id: Uuid, want: &str) {
-    wait_until(Duration::from_secs(15), || async {
-        app.get(&format!("/v1/preregistrations/{id}"), &p.key)
-            .await
-            .1["status"]
-            == want
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_search_filters_pagination_masking_and_export() {
     let sink = SmtpSink::start().await.unwrap();
@@ -74,7 +64,8 @@ async fn history_search_filters_pagination_masking_and_export() {
         .await;
     assert_eq!(s, StatusCode::CREATED);
     for id in &ids[0..3] {
-        wait_status(&app, &p, *id, "invited").await;
+        app.wait_status(&p, *id, "invited", Duration::from_secs(15))
+            .await;
     }
     // 0 associates (its account is "Globex Ltd"); 1 fails (overdue payment).
     app.account(
@@ -96,23 +87,14 @@ async fn history_search_filters_pagination_masking_and_export() {
                 .fetch_one(app.db())
                 .await
                 .unwrap();
-        let nonce: Vec<u8> = sqlx::query_scalar("SELECT nonce FROM invitations WHERE id = $1")
-            .bind(inv)
-            .fetch_one(app.db())
-            .await
-            .unwrap();
-        let token = prereg::links::token(app.cfg.link_secret.as_bytes(), inv, &nonce);
-        let (s, _) = app
-            .post(
-                "/v1/associations",
-                &upstream,
-                json!({"token": token, "account_id": account}),
-            )
+        let token = app.link_token(inv).await;
+        app.attempt(&upstream, json!({"token": token, "account_id": account}))
             .await;
-        assert_eq!(s, StatusCode::ACCEPTED);
     }
-    wait_status(&app, &p, ids[0], "associated").await;
-    wait_status(&app, &p, ids[1], "association_failed").await;
+    app.wait_status(&p, ids[0], "associated", Duration::from_secs(15))
+        .await;
+    app.wait_status(&p, ids[1], "association_failed", Duration::from_secs(15))
+        .await;
     // 2's link runs out.
     sqlx::query(
         "UPDATE preregistrations SET link_expires_at = now() - interval '1 minute' WHERE id = $1",
@@ -235,11 +217,7 @@ async fn history_search_filters_pagination_masking_and_export() {
     let revealed = get("?q=alice&reveal=true").await;
     assert_eq!(revealed["items"][0]["email"], "h0@customer.example");
     assert_eq!(revealed["items"][0]["full_name"], "Alice Chen");
-    let audits: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'history.revealed'")
-            .fetch_one(app.db())
-            .await
-            .unwrap();
+    let audits = app.audits("history.revealed").await;
     assert_eq!(audits, 1);
     // Another partner sees nothing of it.
     assert!(app.get("/v1/history", &other.key).await.1["items"]
@@ -272,10 +250,7 @@ async fn history_search_filters_pagination_masking_and_export() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert!(resp.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/csv"));
+    assert!(header(&resp, "content-type").starts_with("text/csv"));
     let csv = resp.text().await.unwrap();
     let lines: Vec<&str> = csv.trim_end().split("\r\n").collect();
     assert_eq!(lines.len(), 5);
@@ -306,9 +281,6 @@ async fn history_search_filters_pagination_masking_and_export() {
     let (s, v) = app
         .get(&format!("/v1/exports/{export}/download"), &p.key)
         .await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (StatusCode::GONE, Some("export_expired"))
-    );
+    assert_error(s, &v, StatusCode::GONE, "export_expired");
     app.cleanup().await;
 }

@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use prereg::{
     domain::association::Causes,
-    links,
     mq::{CloudEvent, Queue},
     workers::runtime,
 };
@@ -49,11 +48,9 @@ fn parse(m: &prereg_devtools::smtp_sink::ReceivedMail) -> Mail {
     }
 }
 
+/// [`crate::common::mail_app`] of the provider `Example Cloud`.
 async fn mail_app(sink: &SmtpSink, tweak: impl FnOnce(&mut prereg::Config)) -> TestApp {
-    let url = sink.url();
-    spawn_with(move |c| {
-        c.smtp_url = url;
-        c.public_url = "https://partners.example".into();
+    crate::common::mail_app(sink, |c| {
         c.provider_name = "Example Cloud".into();
         tweak(c);
     })
@@ -79,41 +76,12 @@ async fn invite(app: &TestApp, p: &Partner, ids: &[Uuid], body: Value) -> Value 
     v
 }
 
-async fn invitation_state(app: &TestApp, p: &Partner, inv: &str, want: &str) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..400 {
-        let (_, v) = app.get(&format!("/v1/invitations/{inv}"), &p.key).await;
-        if v["status"] == want {
-            return v;
-        }
-        last = v;
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("invitation {inv} never became {want}: {last}");
-}
-
-/// The link token of an invitation, as the customer's email carries it.
-async fn token_of(app: &TestApp, inv: Uuid) -> String {
-    let nonce: Vec<u8> = sqlx::query_scalar("SELECT nonce FROM invitations WHERE id = $1")
-        .bind(inv)
-        .fetch_one(app.db())
+/// An association attempt with the link `token` or offline `code` (`by`),
+/// for `account`; waits for its outcome.
+async fn associate(app: &TestApp, upstream: &str, by: &str, link: &str, account: &str) -> Value {
+    let body = json!({by: link, "account_id": account});
+    app.associate_within(upstream, body, Duration::from_secs(15))
         .await
-        .unwrap();
-    links::token(app.cfg.link_secret.as_bytes(), inv, &nonce)
-}
-
-async fn associate(app: &TestApp, upstream: &str, body: Value) -> Value {
-    let (s, v) = app.post("/v1/associations", upstream, body).await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let id = v["id"].as_str().unwrap().to_string();
-    for _ in 0..400 {
-        let (_, v) = app.get(&format!("/v1/associations/{id}"), upstream).await;
-        if v["status"] != "queued" {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("association {id} never decided");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,7 +107,7 @@ async fn invitation_email_arrives_with_a_working_link_in_the_right_language() {
         .as_str()
         .unwrap()
         .to_string();
-    let sent = invitation_state(&app, &p, &inv, "sent").await;
+    let sent = app.invitation_state(&p, &inv, "sent").await;
     assert!(sent["sent_at"].is_string());
     let mails = sink.wait_for(1, Duration::from_secs(10)).await;
     let m = parse(&mails[0]);
@@ -153,7 +121,7 @@ async fn invitation_email_arrives_with_a_working_link_in_the_right_language() {
     assert!(m.html.contains("lang=\"zh-CN\""));
     assert_eq!(m.subject, preview["subject"]);
     // Exactly the preview, but for the real token.
-    let token = token_of(&app, inv.parse().unwrap()).await;
+    let token = app.link_token(inv.parse().unwrap()).await;
     let link = format!("https://partners.example/i/{token}");
     assert!(m.text.contains(&link), "{}", m.text);
     assert_eq!(
@@ -175,12 +143,7 @@ async fn invitation_email_arrives_with_a_working_link_in_the_right_language() {
         json!({"email": "CUST1@customer.example", "site": "intl", "country": "CN"}),
     )
     .await;
-    let a = associate(
-        &app,
-        &upstream,
-        json!({"token": token, "account_id": "acct-ok"}),
-    )
-    .await;
+    let a = associate(&app, &upstream, "token", &token, "acct-ok").await;
     assert_eq!(a["status"], "succeeded", "{a}");
     assert_eq!(a["cause"], Value::Null);
     let (_, pr) = app.get(&format!("/v1/preregistrations/{id}"), &p.key).await;
@@ -191,12 +154,7 @@ async fn invitation_email_arrives_with_a_working_link_in_the_right_language() {
     assert_eq!(note.to, ["sales@acme.example"]);
     assert!(note.subject.contains("associated"), "{}", note.subject);
     // The used link answers link_used.
-    let again = associate(
-        &app,
-        &upstream,
-        json!({"token": token, "account_id": "acct-ok"}),
-    )
-    .await;
+    let again = associate(&app, &upstream, "token", &token, "acct-ok").await;
     assert_eq!(again["cause"]["code"], "link_used");
     app.cleanup().await;
 }
@@ -213,11 +171,7 @@ async fn smtp_451_then_250_sends_once_after_a_retry() {
     .await;
     let p = app.create_partner(json!({})).await;
     let id = claimed(&app, &p, 2).await;
-    let v = invite(&app, &p, &[id], json!({})).await;
-    let inv = v["results"][0]["invitation_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let inv = app.invite(&p, id).await;
     // The refused attempt: the sink has counted nothing, the SMTP exchange
     // happened (one connection).
     wait_until(Duration::from_secs(10), || async {
@@ -225,7 +179,7 @@ async fn smtp_451_then_250_sends_once_after_a_retry() {
     })
     .await;
     let refused_at = tokio::time::Instant::now();
-    let sent = invitation_state(&app, &p, &inv, "sent").await;
+    let sent = app.invitation_state(&p, &inv, "sent").await;
     let waited = refused_at.elapsed();
     assert_eq!(sent["attempts"], 2, "{sent}");
     assert!(
@@ -236,11 +190,12 @@ async fn smtp_451_then_250_sends_once_after_a_retry() {
         waited < Duration::from_secs(3),
         "the first retry took the second tier's delay: {waited:?}"
     );
-    assert_eq!(
-        sink.wait_for(2, Duration::from_millis(500)).await.len(),
-        1,
-        "one email, after one retry"
-    );
+    assert_one_mail(
+        &sink,
+        Duration::from_millis(500),
+        "one email, after one retry",
+    )
+    .await;
     app.cleanup().await;
 }
 
@@ -251,12 +206,8 @@ async fn smtp_550_fails_the_invitation_and_dead_letters_the_job() {
     let app = mail_app(&sink, |_| {}).await;
     let p = app.create_partner(json!({})).await;
     let id = claimed(&app, &p, 3).await;
-    let v = invite(&app, &p, &[id], json!({})).await;
-    let inv = v["results"][0]["invitation_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let failed = invitation_state(&app, &p, &inv, "failed").await;
+    let inv = app.invite(&p, id).await;
+    let failed = app.invitation_state(&p, &inv, "failed").await;
     assert!(
         failed["failure"].as_str().unwrap().contains("550"),
         "{failed}"
@@ -268,17 +219,7 @@ async fn smtp_550_fails_the_invitation_and_dead_letters_the_job() {
             .contains("mailbox unavailable"),
         "{failed}"
     );
-    wait_until(Duration::from_secs(10), || async {
-        runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
-            .await
-            .unwrap()
-            .len()
-            == 1
-    })
-    .await;
-    let dead = runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
-        .await
-        .unwrap();
+    let dead = app.dead_letters(Queue::Email, 1).await;
     assert_eq!(dead[0].reason.as_deref(), Some("smtp_permanent"));
     assert_eq!(sink.count(), 0);
     // A failed invitation can be resent (the cause fixed).
@@ -290,14 +231,27 @@ async fn smtp_550_fails_the_invitation_and_dead_letters_the_job() {
         )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED);
-    invitation_state(
-        &app,
+    app.invitation_state(
         &p,
         v["results"][0]["invitation_id"].as_str().unwrap(),
         "sent",
     )
     .await;
     app.cleanup().await;
+}
+
+/// A server that answers each message 1.5 s after taking it, an app that
+/// retries soon, and a channel to watch its queues.
+async fn slow_smtp_app() -> (SmtpSink, TestApp, lapin::Channel) {
+    let sink = SmtpSink::start().await.unwrap();
+    sink.after_data(AfterData::Delay(Duration::from_millis(1500)));
+    let app = mail_app(&sink, |c| {
+        c.retry_delays = vec![Duration::from_millis(600), Duration::from_secs(1)];
+        c.max_attempts = 8;
+    })
+    .await;
+    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    (sink, app, ch)
 }
 
 /// How many messages wait in the delay queues now (retries scheduled).
@@ -326,22 +280,10 @@ async fn drained(app: &TestApp, ch: &lapin::Channel, q: Queue) {
 /// email. Without the lease the copy sends a second one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_of_the_job_arriving_mid_smtp_sends_no_second_email() {
-    let sink = SmtpSink::start().await.unwrap();
-    sink.after_data(AfterData::Delay(Duration::from_millis(1500)));
-    let app = mail_app(&sink, |c| {
-        c.retry_delays = vec![Duration::from_millis(600), Duration::from_secs(1)];
-        c.max_attempts = 8;
-    })
-    .await;
-    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    let (sink, app, ch) = slow_smtp_app().await;
     let p = app.create_partner(json!({})).await;
     let id = claimed(&app, &p, 4).await;
-    let v = invite(&app, &p, &[id], json!({})).await;
-    let inv: Uuid = v["results"][0]["invitation_id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let inv: Uuid = app.invite(&p, id).await.parse().unwrap();
     // The server has taken the message and not yet answered.
     assert_eq!(sink.wait_for(1, Duration::from_secs(10)).await.len(), 1);
     let (_, now) = app.get(&format!("/v1/invitations/{inv}"), &p.key).await;
@@ -358,11 +300,11 @@ async fn a_copy_of_the_job_arriving_mid_smtp_sends_no_second_email() {
         waiting_retries(&app, &ch).await > 0
     })
     .await;
-    let sent = invitation_state(&app, &p, &inv.to_string(), "sent").await;
+    let sent = app.invitation_state(&p, &inv.to_string(), "sent").await;
     assert_eq!(sent["attempts"], 1, "the copy never claimed it: {sent}");
     drained(&app, &ch, Queue::Email).await;
     // Every copy is handled: a second email would have arrived by now.
-    assert_eq!(sink.wait_for(2, Duration::from_secs(1)).await.len(), 1);
+    assert_one_mail(&sink, Duration::from_secs(1), "one email").await;
     assert!(runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
         .await
         .unwrap()
@@ -376,14 +318,7 @@ async fn a_copy_of_the_job_arriving_mid_smtp_sends_no_second_email() {
 /// mid-SMTP, and another after it was sent, send nothing more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notice_job_delivered_again_mid_smtp_and_after_sends_one_email() {
-    let sink = SmtpSink::start().await.unwrap();
-    sink.after_data(AfterData::Delay(Duration::from_millis(1500)));
-    let app = mail_app(&sink, |c| {
-        c.retry_delays = vec![Duration::from_millis(600), Duration::from_secs(1)];
-        c.max_attempts = 8;
-    })
-    .await;
-    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    let (sink, app, ch) = slow_smtp_app().await;
     let p = app
         .create_partner(json!({"contact_email": "notices@partner.example"}))
         .await;
@@ -414,7 +349,7 @@ async fn a_notice_job_delivered_again_mid_smtp_and_after_sends_one_email() {
     // After it was sent: another copy (a replay).
     app.ctx.broker.publish_command(&job).await.unwrap();
     drained(&app, &ch, Queue::Email).await;
-    assert_eq!(sink.wait_for(2, Duration::from_secs(1)).await.len(), 1);
+    assert_one_mail(&sink, Duration::from_secs(1), "one email").await;
     let _ = ch.close(200, "done").await;
     app.cleanup().await;
 }
@@ -448,11 +383,7 @@ async fn a_worker_killed_mid_smtp_leaves_delivery_unknown_and_no_second_email() 
     let id = claimed(&app, &p, 9).await;
     let mut child =
         crate::private::ChildProc::spawn(&mut app.binary(&["worker", "--only", "email"]));
-    let v = invite(&app, &p, &[id], json!({})).await;
-    let inv = v["results"][0]["invitation_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let inv = app.invite(&p, id).await;
     // The server has the message; the child waits for its answer.
     assert_eq!(sink.wait_for(1, Duration::from_secs(30)).await.len(), 1);
     let leased: bool =
@@ -466,7 +397,7 @@ async fn a_worker_killed_mid_smtp_leaves_delivery_unknown_and_no_second_email() 
     let killed_at = tokio::time::Instant::now();
     // Another worker takes the redelivered job.
     app.add_worker_on(vec![Queue::Email], |_| {}).await;
-    let failed = invitation_state(&app, &p, &inv, "failed").await;
+    let failed = app.invitation_state(&p, &inv, "failed").await;
     assert!(
         failed["failure"]
             .as_str()
@@ -480,16 +411,7 @@ async fn a_worker_killed_mid_smtp_leaves_delivery_unknown_and_no_second_email() 
         "gave up after {:?}, inside the lease",
         killed_at.elapsed()
     );
-    wait_until(Duration::from_secs(10), || async {
-        !runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
-            .await
-            .unwrap()
-            .is_empty()
-    })
-    .await;
-    let dead = runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
-        .await
-        .unwrap();
+    let dead = app.dead_letters(Queue::Email, 1).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].reason.as_deref(), Some("delivery_unknown"));
     assert!(
@@ -522,28 +444,14 @@ async fn a_copy_that_exhausts_its_retries_while_another_worker_sends_leaves_the_
     .await;
     let p = app.create_partner(json!({})).await;
     let id = claimed(&app, &p, 41).await;
-    let v = invite(&app, &p, &[id], json!({})).await;
-    let inv: Uuid = v["results"][0]["invitation_id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let inv: Uuid = app.invite(&p, id).await.parse().unwrap();
     sqlx::query("UPDATE invitations SET sending_since = now() WHERE id = $1")
         .bind(inv)
         .execute(app.db())
         .await
         .unwrap();
     app.add_worker_on(vec![Queue::Email], |_| {}).await;
-    wait_until(Duration::from_secs(20), || async {
-        !runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
-            .await
-            .unwrap()
-            .is_empty()
-    })
-    .await;
-    let dead = runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
-        .await
-        .unwrap();
+    let dead = app.dead_letters(Queue::Email, 1).await;
     assert_eq!(
         dead[0].reason.as_deref(),
         Some("retries_exhausted"),
@@ -606,14 +514,7 @@ async fn offline_link_qr_and_one_time_code() {
     let upstream = app.upstream_key().await;
     let p = app.create_partner(json!({})).await;
     let id = claimed(&app, &p, 7).await;
-    let (s, v) = app
-        .post(
-            &format!("/v1/preregistrations/{id}/offline-link"),
-            &p.key,
-            json!({}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let v = app.offline_link(&p, id).await;
     assert!(v["url"]
         .as_str()
         .unwrap()
@@ -640,19 +541,9 @@ async fn offline_link_qr_and_one_time_code() {
         json!({"email": "cust7@customer.example"}),
     )
     .await;
-    let a = associate(
-        &app,
-        &upstream,
-        json!({"code": code.to_lowercase(), "account_id": "acct-off"}),
-    )
-    .await;
+    let a = associate(&app, &upstream, "code", &code.to_lowercase(), "acct-off").await;
     assert_eq!(a["status"], "succeeded", "{a}");
-    let b = associate(
-        &app,
-        &upstream,
-        json!({"code": code, "account_id": "acct-off"}),
-    )
-    .await;
+    let b = associate(&app, &upstream, "code", &code, "acct-off").await;
     assert_eq!(b["cause"]["code"], "code_used");
     app.cleanup().await;
 }
@@ -682,69 +573,12 @@ async fn every_association_failure_cause_is_reachable_word_for_word() {
     let mut n = 100;
     for code in causes.codes() {
         n += 1;
-        let (partner, kind, flag): (&Partner, &str, Value) = match code {
-            "prepaid_partner_reseller" => (&prepaid, "reseller", json!({})),
-            "registered_by_other_partner" => (
-                &reseller,
-                "reseller",
-                json!({"registered_by_other_partner": true}),
-            ),
-            "customer_is_partner" => (
-                &reseller,
-                "reseller",
-                json!({"is_partner_or_applying": true}),
-            ),
-            "associated_with_other_partner" => (
-                &reseller,
-                "reseller",
-                json!({"associated_with_partner": true}),
-            ),
-            "special_contract" => (&reseller, "reseller", json!({"has_special_contract": true})),
-            "internal_account" => (&reseller, "reseller", json!({"internal_account": true})),
-            "enterprise_master_independent_accounting" => (
-                &reseller,
-                "reseller",
-                json!({"enterprise_master_independent_accounting": true}),
-            ),
-            "enterprise_member_account" => (
-                &reseller,
-                "reseller",
-                json!({"enterprise_member_account": true}),
-            ),
-            "referral_not_allowed_relationship" => (
-                &referral,
-                "referral",
-                json!({"referral_blocked_by_relationship": true}),
-            ),
-            "referral_not_allowed_country" => (
-                &referral,
-                "referral",
-                json!({"referral_blocked_by_country": true}),
-            ),
-            "consumption_record" => (
-                &reseller,
-                "reseller",
-                json!({"has_consumption_record": true}),
-            ),
-            "topup_balance_invoice_limit" => (
-                &reseller,
-                "reseller",
-                json!({"topup_balance_over_invoice_limit": true}),
-            ),
-            "registration_time_exceeded" => (&reseller, "reseller", json!({"registered_at": old})),
-            "overdue_payment" => (&reseller, "reseller", json!({"overdue_payment": true})),
-            "credit_bill_run_overdue" => (
-                &reseller,
-                "reseller",
-                json!({"credit_bill_run_overdue": true}),
-            ),
-            "support_plan" => (&reseller, "reseller", json!({"has_support_plan": true})),
-            "member_support_plan" => (
-                &reseller,
-                "reseller",
-                json!({"member_has_support_plan": true}),
-            ),
-            _ => (&reseller, "reseller", json!({})),
+        let (partner, kind) = match code {
+            "prepaid_partner_reseller" => (&prepaid, "reseller"),
+            "referral_not_allowed_relationship" | "referral_not_allowed_country" => {
+                (&referral, "referral")
+            }
+            _ => (&reseller, "reseller"),
         };
         let id = claimed(&app, partner, n).await;
         let v = invite(&app, partner, &[id], json!({"association_type": kind})).await;
@@ -753,12 +587,15 @@ async fn every_association_failure_cause_is_reachable_word_for_word() {
             .unwrap()
             .parse()
             .unwrap();
-        invitation_state(&app, partner, &inv.to_string(), "sent").await;
-        let mut token = token_of(&app, inv).await;
+        app.invitation_state(partner, &inv.to_string(), "sent")
+            .await;
+        let mut token = app.link_token(inv).await;
         let account = format!("acct-{code}");
         let mut facts = json!({"email": format!("cust{n}@customer.example")});
-        for (k, val) in flag.as_object().unwrap() {
-            facts[k] = val.clone();
+        if code == "registration_time_exceeded" {
+            facts["registered_at"] = json!(old);
+        } else if let Some(flag) = cause_flag(code) {
+            facts[flag] = json!(true);
         }
         match code {
             "email_mismatch" => facts["email"] = json!("someone.else@customer.example"),
@@ -772,8 +609,7 @@ async fn every_association_failure_cause_is_reachable_word_for_word() {
                         json!({"preregistration_ids": [id]}),
                     )
                     .await;
-                invitation_state(
-                    &app,
+                app.invitation_state(
                     partner,
                     r["results"][0]["invitation_id"].as_str().unwrap(),
                     "sent",
@@ -781,41 +617,20 @@ async fn every_association_failure_cause_is_reachable_word_for_word() {
                 .await;
             }
             "link_used" => {
-                app.account(&upstream, &format!("{account}-first"), facts.clone())
-                    .await;
-                let first = associate(
-                    &app,
-                    &upstream,
-                    json!({"token": token, "account_id": format!("{account}-first")}),
-                )
-                .await;
+                let first_account = format!("{account}-first");
+                app.account(&upstream, &first_account, facts.clone()).await;
+                let first = associate(&app, &upstream, "token", &token, &first_account).await;
                 assert_eq!(first["status"], "succeeded");
             }
             "code_used" => {
-                let (_, off) = app
-                    .post(
-                        &format!("/v1/preregistrations/{id}/offline-link"),
-                        &partner.key,
-                        json!({}),
-                    )
-                    .await;
+                let off = app.offline_link(partner, id).await;
                 let code_str = off["code"].as_str().unwrap().to_string();
                 app.account(&upstream, &account, facts.clone()).await;
                 assert_eq!(
-                    associate(
-                        &app,
-                        &upstream,
-                        json!({"code": code_str, "account_id": account})
-                    )
-                    .await["status"],
+                    associate(&app, &upstream, "code", &code_str, &account).await["status"],
                     "succeeded"
                 );
-                let a = associate(
-                    &app,
-                    &upstream,
-                    json!({"code": code_str, "account_id": account}),
-                )
-                .await;
+                let a = associate(&app, &upstream, "code", &code_str, &account).await;
                 assert_cause(&app, &a, code);
                 continue;
             }
@@ -825,12 +640,7 @@ async fn every_association_failure_cause_is_reachable_word_for_word() {
             app.account(&upstream, &account, facts).await;
         }
         // system_busy: no facts ever arrive for the account; retries run out.
-        let a = associate(
-            &app,
-            &upstream,
-            json!({"token": token, "account_id": account}),
-        )
-        .await;
+        let a = associate(&app, &upstream, "token", &token, &account).await;
         assert_cause(&app, &a, code);
         if ![
             "link_not_found",
@@ -849,6 +659,29 @@ async fn every_association_failure_cause_is_reachable_word_for_word() {
         }
     }
     app.cleanup().await;
+}
+
+/// The account fact that, set to `true`, causes the association failure
+/// `code` (`None` for the causes that come from elsewhere).
+fn cause_flag(code: &str) -> Option<&str> {
+    Some(match code {
+        "customer_is_partner" => "is_partner_or_applying",
+        "associated_with_other_partner" => "associated_with_partner",
+        "special_contract" => "has_special_contract",
+        "referral_not_allowed_relationship" => "referral_blocked_by_relationship",
+        "referral_not_allowed_country" => "referral_blocked_by_country",
+        "consumption_record" => "has_consumption_record",
+        "topup_balance_invoice_limit" => "topup_balance_over_invoice_limit",
+        "support_plan" => "has_support_plan",
+        "member_support_plan" => "member_has_support_plan",
+        "registered_by_other_partner"
+        | "internal_account"
+        | "enterprise_master_independent_accounting"
+        | "enterprise_member_account"
+        | "overdue_payment"
+        | "credit_bill_run_overdue" => code,
+        _ => return None,
+    })
 }
 
 fn assert_cause(app: &TestApp, a: &Value, code: &str) {
@@ -880,29 +713,16 @@ async fn send_invitation_at_preregistration_and_deleting_kills_the_link() {
         .await
         .unwrap();
     let inv: Uuid = row.get("id");
-    invitation_state(&app, &p, &inv.to_string(), "sent").await;
-    let token = token_of(&app, inv).await;
-    let (s, _) = app
-        .request(
-            reqwest::Method::DELETE,
-            &format!("/v1/preregistrations/{id}"),
-            Some(&p.key),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK);
+    app.invitation_state(&p, &inv.to_string(), "sent").await;
+    let token = app.link_token(inv).await;
+    assert_eq!(app.delete_prereg(id, &p.key).await.0, StatusCode::OK);
     app.account(
         &upstream,
         "acct-now",
         json!({"email": "now@customer.example"}),
     )
     .await;
-    let a = associate(
-        &app,
-        &upstream,
-        json!({"token": token, "account_id": "acct-now"}),
-    )
-    .await;
+    let a = associate(&app, &upstream, "token", &token, "acct-now").await;
     assert_eq!(a["cause"]["code"], "link_expired");
     app.cleanup().await;
 }
@@ -927,12 +747,8 @@ async fn a_connection_lost_after_the_server_took_the_message_sends_no_second_ema
         .await;
         let p = app.create_partner(json!({})).await;
         let id = claimed(&app, &p, 10).await;
-        let v = invite(&app, &p, &[id], json!({})).await;
-        let inv = v["results"][0]["invitation_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let failed = invitation_state(&app, &p, &inv, "failed").await;
+        let inv = app.invite(&p, id).await;
+        let failed = app.invitation_state(&p, &inv, "failed").await;
         assert!(
             failed["failure"]
                 .as_str()
@@ -940,11 +756,12 @@ async fn a_connection_lost_after_the_server_took_the_message_sends_no_second_ema
                 .contains("delivery outcome unknown"),
             "{action:?}: {failed}"
         );
-        assert_eq!(
-            sink.wait_for(2, Duration::from_secs(1)).await.len(),
-            1,
-            "{action:?}: one email"
-        );
+        assert_one_mail(
+            &sink,
+            Duration::from_secs(1),
+            &format!("{action:?}: one email"),
+        )
+        .await;
         app.cleanup().await;
     }
 }
@@ -976,7 +793,9 @@ async fn with_redis_down_the_partner_email_rate_is_skipped_and_nothing_fails() {
         "five emails took {took:?}: the rate was applied without Redis"
     );
     for r in v["results"].as_array().unwrap() {
-        let sent = invitation_state(&app, &p, r["invitation_id"].as_str().unwrap(), "sent").await;
+        let sent = app
+            .invitation_state(&p, r["invitation_id"].as_str().unwrap(), "sent")
+            .await;
         assert_eq!(sent["attempts"], 1, "{sent}");
     }
     app.cleanup().await;
@@ -995,17 +814,13 @@ async fn smtp_auth_uses_the_url_credentials_and_a_refusal_is_permanent() {
         let app = spawn_with(move |c| c.smtp_url = url).await;
         let p = app.create_partner(json!({})).await;
         let id = claimed(&app, &p, 30).await;
-        let v = invite(&app, &p, &[id], json!({})).await;
-        let inv = v["results"][0]["invitation_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let inv = app.invite(&p, id).await;
         if ok {
-            invitation_state(&app, &p, &inv, "sent").await;
+            app.invitation_state(&p, &inv, "sent").await;
             assert_eq!(sink.wait_for(1, Duration::from_secs(5)).await.len(), 1);
             assert!(sink.logins() >= 1);
         } else {
-            let failed = invitation_state(&app, &p, &inv, "failed").await;
+            let failed = app.invitation_state(&p, &inv, "failed").await;
             let failure = failed["failure"].as_str().unwrap();
             assert!(failure.contains("535"), "{failure}");
             assert!(

@@ -82,14 +82,7 @@ async fn every_route_refuses_wrong_roles_and_other_partners() {
     let prereg = app
         .claimed(&a, "iso-walk@customer.example", "+8613600000077")
         .await;
-    let (s, link) = app
-        .post(
-            &format!("/v1/preregistrations/{prereg}/offline-link"),
-            &a.key,
-            json!({}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{link}");
+    let link = app.offline_link(&a, prereg).await;
     let invitation = link["invitation_id"].as_str().unwrap().to_string();
     let (s, export) = app.post("/v1/exports", &a.key, json!({})).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{export}");

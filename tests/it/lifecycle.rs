@@ -5,7 +5,7 @@ use prereg::{
     domain::{workdays::Calendar, AccountFacts},
     workers::{self, Outcome},
 };
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::Row;
 
@@ -66,24 +66,10 @@ async fn manual_review_request_and_decisions() {
     );
     assert_eq!(v["review"]["due_at"], json!(due));
     // Counts toward the quota; cannot be deleted; a second request is refused.
-    let (s, e) = app
-        .request(
-            Method::DELETE,
-            &format!("/v1/preregistrations/{id}"),
-            Some(&p.key),
-            None,
-        )
-        .await;
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (StatusCode::CONFLICT, Some("cannot_delete"))
-    );
+    let (s, e) = app.delete_prereg(id, &p.key).await;
+    assert_error(s, &e, StatusCode::CONFLICT, "cannot_delete");
     let (s, _) = app
-        .post(
-            &format!("/v1/preregistrations/{id}/review"),
-            &p.key,
-            json!({"justification": "again"}),
-        )
+        .ask_review(&p, id, json!({"justification": "again"}))
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
     // The operator sees it and approves.
@@ -92,11 +78,7 @@ async fn manual_review_request_and_decisions() {
     let review_id = list["items"][0]["id"].as_str().unwrap().to_string();
     assert_eq!(list["items"][0]["preregistration_id"], id.to_string());
     let (s, r) = app
-        .post(
-            &format!("/v1/admin/reviews/{review_id}/decision"),
-            OPERATOR,
-            json!({"decision": "approve", "note": "ok"}),
-        )
+        .decide_review(&review_id, json!({"decision": "approve", "note": "ok"}))
         .await;
     assert_eq!(s, StatusCode::OK, "{r}");
     assert_eq!(r["state"], "approved");
@@ -114,11 +96,7 @@ async fn manual_review_request_and_decisions() {
             <= 1
     );
     let (s, _) = app
-        .post(
-            &format!("/v1/admin/reviews/{review_id}/decision"),
-            OPERATOR,
-            json!({"decision": "reject", "note": "x"}),
-        )
+        .decide_review(&review_id, json!({"decision": "reject", "note": "x"}))
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
     // Rejection path, with the reviewer's note.
@@ -130,24 +108,14 @@ async fn manual_review_request_and_decisions() {
             .fetch_one(app.db())
             .await
             .unwrap();
-    let (s, e) = app
-        .post(
-            &format!("/v1/admin/reviews/{rid2}/decision"),
-            OPERATOR,
-            json!({"decision": "reject"}),
-        )
-        .await;
+    let (s, e) = app.decide_review(rid2, json!({"decision": "reject"})).await;
     assert_eq!(
         s,
         StatusCode::UNPROCESSABLE_ENTITY,
         "a rejection needs a note: {e}"
     );
     let (s, _) = app
-        .post(
-            &format!("/v1/admin/reviews/{rid2}/decision"),
-            OPERATOR,
-            json!({"decision": "reject", "note": "Spend too low"}),
-        )
+        .decide_review(rid2, json!({"decision": "reject", "note": "Spend too low"}))
         .await;
     assert_eq!(s, StatusCode::OK);
     let v = app
@@ -182,16 +150,9 @@ async fn manual_review_request_and_decisions() {
         .await;
     app.decided(&p, fresh).await;
     let (s, e) = app
-        .post(
-            &format!("/v1/preregistrations/{fresh}/review"),
-            &p.key,
-            json!({"justification": "x"}),
-        )
+        .ask_review(&p, fresh, json!({"justification": "x"}))
         .await;
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (StatusCode::CONFLICT, Some("not_reviewable"))
-    );
+    assert_error(s, &e, StatusCode::CONFLICT, "not_reviewable");
     app.cleanup().await;
 }
 
@@ -201,9 +162,8 @@ async fn delete_rules_one_and_batch() {
     let p = app.create_partner(json!({})).await;
     let other = app.create_partner(json!({"name": "Other"})).await;
     let claimed = app
-        .prereg(&p, "del1@customer.example", "+8613000000001")
+        .claimed(&p, "del1@customer.example", "+8613000000001")
         .await;
-    app.decided(&p, claimed).await;
     let rejected = app
         .prereg(&p, "del1@customer.example", "+8613000000001")
         .await; // already_preregistered
@@ -232,14 +192,7 @@ async fn delete_rules_one_and_batch() {
         .claimed(&other, "DEL1@customer.example", "+8613000000001")
         .await;
     // Deleting again is harmless; bad batches are named.
-    let (s, v) = app
-        .request(
-            Method::DELETE,
-            &format!("/v1/preregistrations/{claimed}"),
-            Some(&p.key),
-            None,
-        )
-        .await;
+    let (s, v) = app.delete_prereg(claimed, &p.key).await;
     assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("deleted")));
     let (s, _) = app
         .post(
@@ -271,18 +224,8 @@ async fn delete_rules_one_and_batch() {
         .execute(app.db())
         .await
         .unwrap();
-    let (s, v) = app
-        .request(
-            Method::DELETE,
-            &format!("/v1/preregistrations/{id}"),
-            Some(&other.key),
-            None,
-        )
-        .await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (StatusCode::CONFLICT, Some("cannot_delete"))
-    );
+    let (s, v) = app.delete_prereg(id, &other.key).await;
+    assert_error(s, &v, StatusCode::CONFLICT, "cannot_delete");
     app.cleanup().await;
 }
 

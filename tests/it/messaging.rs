@@ -2,10 +2,7 @@
 
 use std::time::Duration;
 
-use lapin::{
-    options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
-};
+use lapin::options::BasicGetOptions;
 use prereg::{
     mq::{CloudEvent, Queue},
     workers::runtime,
@@ -50,27 +47,12 @@ async fn poison_messages_are_dead_lettered_with_their_reason_and_the_queue_moves
     );
     broker.publish_upstream(&good).await.unwrap();
     // The worker creates the row from the upstream command.
-    wait_until(std::time::Duration::from_secs(10), || async {
-        prereg::store::preregs::get(app.db(), id)
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
+    wait_until(Duration::from_secs(10), || app.stored(id)).await;
     let v = app.decided(&p, id).await;
     assert_eq!(v["status"], "preregistered");
 
-    wait_until(std::time::Duration::from_secs(10), || async {
-        runtime::list_dead_letters(&app.ctx, Queue::Registration, 10)
-            .await
-            .unwrap()
-            .len()
-            == 2
-    })
-    .await;
-    let dead = runtime::list_dead_letters(&app.ctx, Queue::Registration, 10)
-        .await
-        .unwrap();
+    let dead = app.dead_letters(Queue::Registration, 2).await;
+    assert_eq!(dead.len(), 2, "{dead:?}");
     let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_deref().unwrap()).collect();
     assert!(reasons.contains(&"unparseable"), "{dead:?}");
     // Checked as the intake checks an HTTP request: the same reason.
@@ -115,28 +97,7 @@ async fn replayed_dead_letters_are_processed_once_fixed() {
     // partner exists, one replay decides each of them exactly once.
     const N: usize = 5;
     let app = spawn_app().await;
-    let (_, ch) = app.ctx.broker.channel().await.unwrap();
-    let names = &app.ctx.broker.names;
-    let capture = format!("{}.capture-replay", names.prefix);
-    ch.queue_declare(
-        &capture,
-        QueueDeclareOptions {
-            auto_delete: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        &capture,
-        &names.events(),
-        "preregistration.*",
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let (ch, capture) = capture_events(&app.ctx, "replay", "preregistration.*").await;
     let partner_id = Uuid::now_v7();
     let mut ids = Vec::new();
     for i in 0..N {
@@ -148,14 +109,7 @@ async fn replayed_dead_letters_are_processed_once_fixed() {
         app.ctx.broker.publish_command(&cmd).await.unwrap();
         ids.push(id);
     }
-    wait_until(Duration::from_secs(10), || async {
-        runtime::list_dead_letters(&app.ctx, Queue::Registration, 20)
-            .await
-            .unwrap()
-            .len()
-            == N
-    })
-    .await;
+    assert_eq!(app.dead_letters(Queue::Registration, N).await.len(), N);
     sqlx::query("INSERT INTO partners (id, name, country, contact_email) VALUES ($1, 'Late Partner', 'CN', 'x@y.co')")
         .bind(partner_id)
         .execute(app.db())
@@ -185,23 +139,9 @@ async fn replayed_dead_letters_are_processed_once_fixed() {
     .await;
     // Each decided once: one decision in its timeline, one event published.
     for id in &ids {
-        let decisions: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM preregistration_events WHERE preregistration_id = $1 AND change = 'decided'",
-        )
-        .bind(id)
-        .fetch_one(app.db())
-        .await
-        .unwrap();
-        assert_eq!(decisions, 1, "{id}");
+        assert_eq!(app.decided_entries(*id).await, 1, "{id}");
     }
-    wait_until(Duration::from_secs(10), || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
-            .fetch_one(app.db())
-            .await
-            .unwrap()
-            == 0
-    })
-    .await;
+    app.outbox_drained().await;
     let mut events: Vec<CloudEvent> = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -270,13 +210,7 @@ async fn consumers_reconnect_after_the_broker_is_killed_and_restarted() {
         async move {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             loop {
-                let (status, v) = app
-                    .post(
-                        "/v1/preregistrations",
-                        &p.key,
-                        json!({"full_name": who, "email": format!("{who}@customer.example"), "mobile": mobile}),
-                    )
-                    .await;
+                let (status, v) = app.submit(p, json!({"full_name": who, "email": format!("{who}@customer.example"), "mobile": mobile})).await;
                 if status == reqwest::StatusCode::ACCEPTED {
                     break v["id"].as_str().unwrap().parse::<Uuid>().unwrap();
                 }
@@ -299,31 +233,12 @@ async fn consumers_reconnect_after_the_broker_is_killed_and_restarted() {
     let second = accepted("after", "+8612800000002").await;
     assert_eq!(app.decided(&p, second).await["status"], "preregistered");
     // Every worker queue has its consumer again.
-    let (_, ch) = app.ctx.broker.channel().await.unwrap();
-    for q in Queue::ALL {
-        let name = app.ctx.broker.names.queue(q);
-        let mut consumers = 0;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while consumers == 0 && tokio::time::Instant::now() < deadline {
-            consumers = ch
-                .queue_declare(
-                    &name,
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap()
-                .consumer_count();
-            if consumers == 0 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        assert!(consumers >= 1, "no consumer on {name} after the restart");
-    }
-    let _ = ch.close(200, "done").await;
+    wait_until(Duration::from_secs(20), || async {
+        prereg::mq::dead_letters::queue_stats(&app.ctx.broker)
+            .await
+            .is_ok_and(|queues| queues.iter().all(|q| q["consumers"].as_u64() >= Some(1)))
+    })
+    .await;
     app.cleanup().await;
     drop(rabbit);
 }

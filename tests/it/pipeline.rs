@@ -60,78 +60,60 @@ async fn each_eligibility_rule_through_the_pipeline() {
     let now = chrono::Utc::now();
     let recent = (now - chrono::Duration::days(1)).to_rfc3339();
     let old = (now - chrono::Duration::days(30)).to_rfc3339();
-    // (facts, expected status, expected reason, manual_review_eligible)
+    // (facts, expected reason: rejected if any, manual_review_eligible)
     let cases = [
-        (json!({}), "preregistered", None, false),
+        (json!({}), None, false),
         (
             json!({"associated_with_partner": true}),
-            "rejected",
             Some("associated_with_partner"),
             false,
         ),
-        (
-            json!({"site": "cn"}),
-            "rejected",
-            Some("registered_cn_site"),
-            false,
-        ),
-        (
-            json!({"has_contract": true}),
-            "rejected",
-            Some("has_contract"),
-            false,
-        ),
+        (json!({"site": "cn"}), Some("registered_cn_site"), false),
+        (json!({"has_contract": true}), Some("has_contract"), false),
         (
             json!({"has_cash_expenditure": true}),
-            "rejected",
             Some("cash_expenditure_not_followed"),
             false,
         ),
         (
             json!({"enterprise_master_unified_accounting": true}),
-            "rejected",
             Some("enterprise_master_unified_accounting"),
             false,
         ),
         (
             json!({"registered_at": old}),
-            "rejected",
             Some("registered_over_7_days"),
             true,
         ),
         (
             json!({"has_cash_expenditure": true, "followed_by_direct_sales": true}),
-            "rejected",
             Some("registered_over_7_days"),
             true,
         ),
-        (
-            json!({"country": "SG"}),
-            "rejected",
-            Some("country_mismatch"),
-            true,
-        ),
+        (json!({"country": "SG"}), Some("country_mismatch"), true),
         (
             json!({"online_sales_team": true}),
-            "rejected",
             Some("online_sales_team"),
             true,
         ),
         // Order: a blocking rule beats a reviewable one.
         (
             json!({"has_contract": true, "online_sales_team": true, "country": "SG"}),
-            "rejected",
             Some("has_contract"),
             false,
         ),
         (
             json!({"registered_at": old, "country": "SG", "online_sales_team": true}),
-            "rejected",
             Some("registered_over_7_days"),
             true,
         ),
     ];
-    for (i, (facts, status, reason, reviewable)) in cases.iter().enumerate() {
+    for (i, (facts, reason, reviewable)) in cases.iter().enumerate() {
+        let status = if reason.is_some() {
+            "rejected"
+        } else {
+            "preregistered"
+        };
         let email = format!("rule{i}@customer.example");
         let mobile = format!("+86139000000{i:02}");
         let mut f = json!({"email": email, "mobile": mobile, "site": "intl", "country": "CN", "registered_at": recent});
@@ -141,7 +123,7 @@ async fn each_eligibility_rule_through_the_pipeline() {
         app.account(&upstream, &format!("acct-{i}"), f).await;
         let id = app.prereg(&p, &email, &mobile).await;
         let v = app.decided(&p, id).await;
-        assert_eq!(v["status"], *status, "case {i}: {v}");
+        assert_eq!(v["status"], status, "case {i}: {v}");
         assert_eq!(v["reason"]["code"].as_str(), *reason, "case {i}: {v}");
         assert_eq!(v["manual_review_eligible"], *reviewable, "case {i}");
         if reason.is_some() {
@@ -170,20 +152,12 @@ async fn the_101st_claim_exceeds_the_quota() {
     let app = spawn_app().await;
     assert_eq!(app.cfg.partner_quota, 100);
     let p = app.create_partner(json!({})).await;
-    let mut ids = Vec::new();
-    for i in 0..100 {
-        ids.push(
-            app.prereg(
-                &p,
-                &format!("q{i}@quota.example"),
-                &format!("+861370000{i:04}"),
-            )
-            .await,
-        );
-    }
-    for id in &ids {
-        assert_eq!(app.decided(&p, *id).await["status"], "preregistered");
-    }
+    let ids = app
+        .preregs(&p, 0..100, |i| {
+            (format!("q{i}@quota.example"), format!("+861370000{i:04}"))
+        })
+        .await;
+    app.all_granted(&p, &ids).await;
     let id = app.prereg(&p, "q100@quota.example", "+8613700000100").await;
     let v = app.decided(&p, id).await;
     assert_eq!(v["status"], "rejected");
@@ -208,13 +182,7 @@ async fn the_101st_claim_exceeds_the_quota() {
 async fn field_errors_are_all_named() {
     let app = spawn_app().await;
     let p = app.create_partner(json!({})).await;
-    let (s, v) = app
-        .post(
-            "/v1/preregistrations",
-            &p.key,
-            json!({"full_name": "", "email": "not-an-email", "mobile": "13800000000", "tags": "x", "association_type": "partner"}),
-        )
-        .await;
+    let (s, v) = app.submit(&p, json!({"full_name": "", "email": "not-an-email", "mobile": "13800000000", "tags": "x", "association_type": "partner"})).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(v["error"]["code"], "validation_failed");
     let mut fields: Vec<&str> = v["error"]["details"]["fields"]
@@ -242,10 +210,7 @@ async fn field_errors_are_all_named() {
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "invalid_json");
     // Nothing was stored.
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM preregistrations")
-        .fetch_one(app.db())
-        .await
-        .unwrap();
+    let n = app.count("SELECT count(*) FROM preregistrations").await;
     assert_eq!(n, 0);
     app.cleanup().await;
 }
@@ -256,9 +221,8 @@ async fn partners_are_isolated_and_roles_enforced() {
     let a = app.create_partner(json!({})).await;
     let b = app.create_partner(json!({"name": "B"})).await;
     let id = app
-        .prereg(&a, "iso@customer.example", "+8613600000001")
+        .claimed(&a, "iso@customer.example", "+8613600000001")
         .await;
-    app.decided(&a, id).await;
     // No key, unknown key: 401.
     let (s, v) = app
         .request(
@@ -282,22 +246,9 @@ async fn partners_are_isolated_and_roles_enforced() {
         let (s, _) = app.get(&path, &b.key).await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{path}");
     }
-    let (s, _) = app
-        .post(
-            &format!("/v1/preregistrations/{id}/review"),
-            &b.key,
-            json!({"justification": "x"}),
-        )
-        .await;
+    let (s, _) = app.ask_review(&b, id, json!({"justification": "x"})).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, _) = app
-        .request(
-            reqwest::Method::DELETE,
-            &format!("/v1/preregistrations/{id}"),
-            Some(&b.key),
-            None,
-        )
-        .await;
+    let (s, _) = app.delete_prereg(id, &b.key).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (_, list) = app.get("/v1/preregistrations", &b.key).await;
     assert_eq!(list["items"].as_array().unwrap().len(), 0);
@@ -318,9 +269,8 @@ async fn partners_are_isolated_and_roles_enforced() {
         .create_partner(json!({"customer_development": false}))
         .await;
     let (s, v) = app
-        .post(
-            "/v1/preregistrations",
-            &no_cd.key,
+        .submit(
+            &no_cd,
             json!({"full_name": "A", "email": "a@b.co", "mobile": "+8613600000002"}),
         )
         .await;
@@ -332,9 +282,8 @@ async fn partners_are_isolated_and_roles_enforced() {
         .contains("ecosystem manager"));
     let no_contact = app.create_partner(json!({"contact_email": null})).await;
     let (s, v) = app
-        .post(
-            "/v1/preregistrations",
-            &no_contact.key,
+        .submit(
+            &no_contact,
             json!({"full_name": "A", "email": "a@b.co", "mobile": "+8613600000002"}),
         )
         .await;
@@ -400,10 +349,7 @@ async fn idempotency_key_returns_the_first_answer() {
     .unwrap();
     assert_eq!(third.status(), StatusCode::UNPROCESSABLE_ENTITY);
     // Only one pre-registration exists.
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM preregistrations")
-        .fetch_one(app.db())
-        .await
-        .unwrap();
+    let n = app.count("SELECT count(*) FROM preregistrations").await;
     assert_eq!(n, 1);
     app.cleanup().await;
 }
@@ -424,15 +370,9 @@ async fn broker_down_answers_503_and_leaves_nothing() {
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "service_unavailable");
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM preregistrations")
-        .fetch_one(app.db())
-        .await
-        .unwrap();
+    let n = app.count("SELECT count(*) FROM preregistrations").await;
     assert_eq!(n, 0, "no half-done pre-registration");
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
-        .fetch_one(app.db())
-        .await
-        .unwrap();
+    let n = app.count("SELECT count(*) FROM idempotency_keys").await;
     assert_eq!(n, 0, "the key is free for a retry");
     let (s, v) = app
         .request(reqwest::Method::GET, "/readyz", None, None)

@@ -74,6 +74,15 @@ fn kill_group(child: &mut Child, signal: i32) {
     let _ = child.wait();
 }
 
+/// SIGKILLs the process group of a private server (if running) and waits
+/// at most `limit` for its `port` to close.
+fn sigkill(child: &mut Option<Child>, port: u16, limit: Duration) {
+    if let Some(mut c) = child.take() {
+        kill_group(&mut c, libc::SIGKILL);
+    }
+    wait_port(port, false, limit);
+}
+
 fn own_group(cmd: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt;
     cmd.process_group(0)
@@ -130,17 +139,7 @@ impl PrivatePg {
             _dir: dir,
         };
         let out = pg
-            .run(
-                "initdb",
-                &[
-                    "-D",
-                    pg.data.to_str().unwrap(),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "--no-sync",
-                ],
-            )
+            .run("initdb", &["-U", "postgres", "--auth=trust", "--no-sync"])
             .output()
             .expect("initdb runs");
         assert!(
@@ -152,6 +151,7 @@ impl PrivatePg {
         Some(pg)
     }
 
+    /// `tool` of the server's binaries on its data directory (`-D`), then `args`.
     fn run(&self, tool: &str, args: &[&str]) -> Command {
         let exe = self.bin.join(tool);
         let mut cmd = if is_root() {
@@ -161,7 +161,10 @@ impl PrivatePg {
         } else {
             Command::new(exe)
         };
-        cmd.args(args).stdin(Stdio::null());
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(args)
+            .stdin(Stdio::null());
         cmd
     }
 
@@ -181,8 +184,6 @@ impl PrivatePg {
             .run(
                 "pg_ctl",
                 &[
-                    "-D",
-                    self.data.to_str().unwrap(),
                     "-o",
                     &opts,
                     "-l",
@@ -204,19 +205,7 @@ impl PrivatePg {
     /// due to administrator command"), `immediate` is a crash.
     pub fn stop(&self, mode: &str) {
         let _ = self
-            .run(
-                "pg_ctl",
-                &[
-                    "-D",
-                    self.data.to_str().unwrap(),
-                    "-m",
-                    mode,
-                    "-w",
-                    "-t",
-                    "60",
-                    "stop",
-                ],
-            )
+            .run("pg_ctl", &["-m", mode, "-w", "-t", "60", "stop"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -280,10 +269,7 @@ impl PrivateRedis {
 
     /// SIGKILL: every key is gone.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            kill_group(&mut c, libc::SIGKILL);
-        }
-        wait_port(self.port, false, Duration::from_secs(5));
+        sigkill(&mut self.child, self.port, Duration::from_secs(5));
     }
 }
 
@@ -395,10 +381,7 @@ impl PrivateRabbit {
 
     /// Kills the node (SIGKILL of its process group).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            kill_group(&mut c, libc::SIGKILL);
-        }
-        wait_port(self.port, false, Duration::from_secs(10));
+        sigkill(&mut self.child, self.port, Duration::from_secs(10));
     }
 }
 

@@ -8,10 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::future::join_all;
-use lapin::{
-    options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
-};
+use lapin::options::BasicGetOptions;
 use prereg::{
     app::{self, Roles},
     config::ReviewSla,
@@ -24,16 +21,6 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::common::*;
-
-async fn app_with_sink(sink: &SmtpSink, tweak: impl FnOnce(&mut prereg::Config)) -> TestApp {
-    let url = sink.url();
-    spawn_with(move |c| {
-        c.smtp_url = url;
-        c.public_url = "https://partners.example".into();
-        tweak(c);
-    })
-    .await
-}
 
 fn subject(m: &ReceivedMail) -> String {
     m.data
@@ -53,19 +40,15 @@ async fn mails_to(sink: &SmtpSink, to: &str) -> Vec<ReceivedMail> {
 }
 
 async fn wait_mails_to(sink: &SmtpSink, to: &str, n: usize, limit: Duration) -> Vec<ReceivedMail> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
+    eventually(limit, || async {
         let got = mails_to(sink, to).await;
         if got.len() >= n {
-            return got;
+            Ok(got)
+        } else {
+            Err(format!("{} of {n} mails to {to}", got.len()))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {n} mails to {to} within {limit:?}",
-            got.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +57,7 @@ async fn a_transient_smtp_failure_is_retried_after_its_delay_and_sent_once() {
     sink.script(Stage::Data, 451, "4.3.0 try again later");
     // A first delay long enough to tell "waited" from "retried at once";
     // jitter takes at most a fifth off it.
-    let app = app_with_sink(&sink, |c| {
+    let app = mail_app(&sink, |c| {
         c.retry_delays = vec![Duration::from_millis(1500), Duration::from_secs(3)];
     })
     .await;
@@ -83,15 +66,7 @@ async fn a_transient_smtp_failure_is_retried_after_its_delay_and_sent_once() {
         .claimed(&p, "delay@customer.example", "+8615900000001")
         .await;
     let inv = app.invite(&p, id).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let sent = loop {
-        let v = app.get(&format!("/v1/invitations/{inv}"), &p.key).await.1;
-        if v["status"] == "sent" {
-            break v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never sent: {v}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
+    let sent = app.invitation_state(&p, &inv, "sent").await;
     assert_eq!(sent["attempts"], 2, "{sent}");
     let t = |k: &str| serde_json::from_value::<DateTime<Utc>>(sent[k].clone()).unwrap();
     let waited = (t("sent_at") - t("created_at")).to_std().unwrap();
@@ -103,14 +78,14 @@ async fn a_transient_smtp_failure_is_retried_after_its_delay_and_sent_once() {
         waited < Duration::from_secs(3),
         "the first retry took the second tier's delay: {waited:?}"
     );
-    assert_eq!(sink.wait_for(2, Duration::from_millis(500)).await.len(), 1);
+    assert_one_mail(&sink, Duration::from_millis(500), "one email").await;
     app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claim_expiry_reminder_email_reaches_the_partner_once() {
     let sink = SmtpSink::start().await.unwrap();
-    let app = app_with_sink(&sink, |c| {
+    let app = mail_app(&sink, |c| {
         c.claim_validity = Duration::from_secs(3600);
         c.claim_reminder_before = Duration::from_secs(7200);
     })
@@ -151,7 +126,7 @@ async fn the_claim_expiry_reminder_email_reaches_the_partner_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_reminder_and_escalation_emails_are_delivered_once_each() {
     let sink = SmtpSink::start().await.unwrap();
-    let app = app_with_sink(&sink, |c| {
+    let app = mail_app(&sink, |c| {
         c.review_sla = ReviewSla::Plain(Duration::from_secs(3));
         c.review_reminder_before = Duration::from_secs(2);
         c.sweep_interval = Duration::from_millis(200);
@@ -162,18 +137,7 @@ async fn review_reminder_and_escalation_emails_are_delivered_once_each() {
     // Two schedulers: ticks from both must not double the notices.
     let mut nodes = Vec::new();
     for _ in 0..2 {
-        let ctx = Ctx::new(app.cfg.clone()).expect("ctx");
-        nodes.push(
-            app::start(
-                ctx,
-                Roles {
-                    scheduler: true,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("scheduler"),
-        );
+        nodes.push(app.scheduler_node().await);
     }
     let upstream = app.upstream_key().await;
     let p = app.create_partner(json!({})).await;
@@ -183,38 +147,24 @@ async fn review_reminder_and_escalation_emails_are_delivered_once_each() {
         .review_requested(&upstream, &p, "rev-mail", email, mobile)
         .await;
 
-    let reminder = wait_mails_to(
-        &sink,
-        "reviewers@provider.example",
-        1,
-        Duration::from_secs(15),
-    )
-    .await;
-    assert!(
-        subject(&reminder[0]).starts_with("Reminder: manual review"),
-        "{}",
-        reminder[0].data
-    );
-    let escalation = wait_mails_to(
-        &sink,
-        "escalate@provider.example",
-        1,
-        Duration::from_secs(15),
-    )
-    .await;
-    assert!(
-        subject(&escalation[0]).starts_with("OVERDUE"),
-        "{}",
-        escalation[0].data
-    );
+    for (to, subject_start) in [
+        ("reviewers@provider.example", "Reminder: manual review"),
+        ("escalate@provider.example", "OVERDUE"),
+    ] {
+        let mail = wait_mails_to(&sink, to, 1, Duration::from_secs(15)).await;
+        assert!(
+            subject(&mail[0]).starts_with(subject_start),
+            "{}",
+            mail[0].data
+        );
+    }
     // Several more ticks from both schedulers pass: still one of each.
-    let escalated: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM reviews WHERE preregistration_id = $1 AND escalated_at IS NOT NULL",
-    )
-    .bind(id)
-    .fetch_one(app.db())
-    .await
-    .unwrap();
+    let escalated = app
+        .count_for(
+            "SELECT count(*) FROM reviews WHERE preregistration_id = $1 AND escalated_at IS NOT NULL",
+            id,
+        )
+        .await;
     assert_eq!(escalated, 1);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(mails_to(&sink, "reviewers@provider.example").await.len(), 1);
@@ -310,26 +260,13 @@ async fn operators_patch_partners_and_partners_set_their_contact() {
         .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     // The operator withdraws customer development: the partner is told why.
-    let (s, v) = app
-        .request(
-            Method::PATCH,
-            &format!("/v1/admin/partners/{}", p.id),
-            Some(OPERATOR),
-            Some(json!({"customer_development": false})),
-        )
+    app.patch_partner(&p, json!({"customer_development": false}))
         .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
     let (_, shown) = app
         .get(&format!("/v1/admin/partners/{}", p.id), OPERATOR)
         .await;
     assert_eq!(shown["customer_development"], false, "{shown}");
-    let (s, v) = app
-        .post(
-            "/v1/preregistrations",
-            &p.key,
-            json!({"full_name": "Li Si", "email": "patched@customer.example", "mobile": "+8613700000010"}),
-        )
-        .await;
+    let (s, v) = app.submit(&p, json!({"full_name": "Li Si", "email": "patched@customer.example", "mobile": "+8613700000010"})).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
     assert_eq!(v["error"]["code"], "customer_development_disabled");
     app.cleanup().await;
@@ -339,28 +276,7 @@ async fn operators_patch_partners_and_partners_set_their_contact() {
 async fn the_request_id_travels_from_http_to_the_published_event() {
     let app = spawn_app().await;
     // A queue of the test's own receives a copy of the decision events.
-    let (_, ch) = app.ctx.broker.channel().await.expect("channel");
-    let names = &app.ctx.broker.names;
-    let capture = format!("{}.capture-rid", names.prefix);
-    ch.queue_declare(
-        &capture,
-        QueueDeclareOptions {
-            auto_delete: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        &capture,
-        &names.events(),
-        "preregistration.*",
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let (ch, capture) = capture_events(&app.ctx, "rid", "preregistration.*").await;
     let p = app.create_partner(json!({})).await;
     let rid = format!("req-{}", Uuid::new_v4().simple());
     let resp = app
@@ -480,23 +396,14 @@ async fn a_worker_serves_health_readiness_and_its_own_metrics() {
     .await
     .unwrap();
     let addr = node.health_addr.expect("health server address");
-    let r = app
-        .http
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let probe = |path: &str| app.http.get(format!("http://{addr}{path}")).send();
+    let r = probe("/readyz").await.unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     let ready: Value = r.json().await.unwrap();
     assert_eq!(ready["status"], "not_ready");
     assert_eq!(ready["checks"]["redis"]["ok"], false, "{ready}");
     assert_eq!(ready["checks"]["postgres"]["ok"], true, "{ready}");
-    let r = app
-        .http
-        .get(format!("http://{addr}/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let r = probe("/healthz").await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     node.shutdown().await;
     app.cleanup().await;

@@ -4,11 +4,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use lapin::{
-    options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
-    Channel,
-};
+use lapin::{options::BasicGetOptions, Channel};
 use prereg::{
     app::{self, Roles},
     mq::CloudEvent,
@@ -16,7 +12,6 @@ use prereg::{
     Ctx,
 };
 use serde_json::json;
-use sqlx::{Connection, PgConnection};
 
 use crate::common::*;
 
@@ -40,45 +35,13 @@ impl Bare {
     }
 
     async fn cleanup(self) {
-        let _ = self.ctx.broker.delete_topology().await;
-        self.ctx.broker.close().await;
-        self.ctx.db.close().await;
-        if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db_name
-            ))
-            .execute(&mut admin)
-            .await;
-        }
+        release(&self.ctx, &self.db_name).await;
     }
 }
 
 /// A queue of the test's own bound to `relay.#` on the events exchange.
 async fn capture(ctx: &Ctx) -> (Channel, String) {
-    let (_, ch) = ctx.broker.channel().await.expect("channel");
-    let names = &ctx.broker.names;
-    let queue = format!("{}.capture-relay", names.prefix);
-    ch.queue_declare(
-        &queue,
-        QueueDeclareOptions {
-            auto_delete: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        &queue,
-        &names.events(),
-        "relay.#",
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    (ch, queue)
+    capture_events(ctx, "relay", "relay.#").await
 }
 
 /// Takes everything captured so far; counts per message id.

@@ -35,14 +35,18 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// The variables that point the binary at `app`'s database and broker prefix.
+fn db_env(app: &TestApp) -> [(&'static str, &str); 2] {
+    [
+        ("PREREG_DATABASE_URL", app.cfg.database_url.as_str()),
+        ("PREREG_AMQP_PREFIX", app.cfg.amqp_prefix.as_str()),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weak_secrets_stop_the_process_naming_the_variable() {
     let app = spawn_app().await;
-    let db = app.cfg.database_url.clone();
-    let base = [
-        ("PREREG_DATABASE_URL", db.as_str()),
-        ("PREREG_AMQP_PREFIX", app.cfg.amqp_prefix.as_str()),
-    ];
+    let base = db_env(&app);
     let run = |extra: &[(&'static str, &str)]| {
         let mut vars: Vec<(&str, &str)> = base.to_vec();
         vars.extend_from_slice(extra);
@@ -90,13 +94,14 @@ async fn weak_secrets_stop_the_process_naming_the_variable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_keys_are_issued_listed_revoked_and_stored_hashed() {
     let app = spawn_app().await;
-    let db = app.cfg.database_url.clone();
     let vars = [
-        ("PREREG_DATABASE_URL", db.as_str()),
-        ("PREREG_AMQP_PREFIX", app.cfg.amqp_prefix.as_str()),
-        ("PREREG_OPERATOR_TOKEN", OPERATOR),
-        ("PREREG_LINK_SECRET", STRONG_LINK),
-    ];
+        db_env(&app),
+        [
+            ("PREREG_OPERATOR_TOKEN", OPERATOR),
+            ("PREREG_LINK_SECRET", STRONG_LINK),
+        ],
+    ]
+    .concat();
     let issue = |label: &str| {
         let out = prereg(&vars, &["admin", "operator-key", "issue", "--label", label]);
         assert!(out.status.success(), "{}", text(&out));

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use prereg::{mq::Queue, workers::runtime};
+use prereg::mq::Queue;
 use prereg_devtools::smtp_sink::{SmtpSink, Stage};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -121,16 +121,7 @@ async fn an_smtp_reply_quoting_the_address_is_masked_in_the_failure_and_the_dead
             .await
             .unwrap();
     assert!(!stored.unwrap().contains("leaky.customer@"));
-    wait_until(Duration::from_secs(10), || async {
-        !runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
-            .await
-            .unwrap()
-            .is_empty()
-    })
-    .await;
-    let dead = runtime::list_dead_letters(&app.ctx, Queue::Email, 5)
-        .await
-        .unwrap();
+    let dead = app.dead_letters(Queue::Email, 1).await;
     let header = dead[0].error.clone().unwrap_or_default();
     assert!(header.contains("550"), "{header}");
     assert!(!header.contains("leaky.customer@"), "{header}");
@@ -143,9 +134,8 @@ async fn exported_cells_never_start_like_a_formula() {
     let app = spawn_app().await;
     let p = app.create_partner(json!({})).await;
     let (s, v) = app
-        .post(
-            "/v1/preregistrations",
-            &p.key,
+        .submit(
+            &p,
             json!({"full_name": "Formula Person", "email": "formula@customer.example",
                    "mobile": "+8613800000077", "tags": ["+1+HYPERLINK(\"http://x\")", "@SUM(1)"],
                    "remarks": "-1+cmd|' /C calc'!A0"}),
@@ -154,14 +144,7 @@ async fn exported_cells_never_start_like_a_formula() {
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let id: Uuid = v["id"].as_str().unwrap().parse().unwrap();
     assert_eq!(app.decided(&p, id).await["status"], "preregistered");
-    let (s, v) = app
-        .post(
-            &format!("/v1/preregistrations/{id}/offline-link"),
-            &p.key,
-            json!({}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    app.offline_link(&p, id).await;
     let (s, v) = app.post("/v1/exports", &p.key, json!({})).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let export = v["id"].as_str().unwrap().to_string();
@@ -254,28 +237,21 @@ async fn redis_lock_keys_hold_no_email_or_mobile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partner_email_burst_over_the_rate_is_spread_out_not_failed() {
     let sink = SmtpSink::start().await.unwrap();
-    let url = sink.url();
-    let app = spawn_with(move |c| {
-        c.smtp_url = url;
+    let app = sink_app(&sink, |c| {
         c.partner_email_rate = 3;
         c.max_attempts = 2;
     })
     .await;
     let p = app.create_partner(json!({})).await;
-    let mut ids = Vec::new();
-    for n in 0..12 {
-        ids.push(
-            app.prereg(
-                &p,
-                &format!("burst{n}@customer.example"),
-                &format!("+86139000010{n:02}"),
+    let ids = app
+        .preregs(&p, 0..12, |n| {
+            (
+                format!("burst{n}@customer.example"),
+                format!("+86139000010{n:02}"),
             )
-            .await,
-        );
-    }
-    for id in &ids {
-        assert_eq!(app.decided(&p, *id).await["status"], "preregistered");
-    }
+        })
+        .await;
+    app.all_granted(&p, &ids).await;
     let (s, v) = app
         .post(
             "/v1/invitations",
@@ -286,11 +262,9 @@ async fn a_partner_email_burst_over_the_rate_is_spread_out_not_failed() {
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     sink.wait_for(12, Duration::from_secs(30)).await;
     wait_until(Duration::from_secs(10), || async {
-        let sent: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM invitations WHERE status <> 'queued'")
-                .fetch_one(app.db())
-                .await
-                .unwrap();
+        let sent = app
+            .count("SELECT count(*) FROM invitations WHERE status <> 'queued'")
+            .await;
         sent == 12
     })
     .await;

@@ -11,7 +11,7 @@ use lapin::{
     Channel,
 };
 use prereg::{
-    app::{self, Roles, Running},
+    app::{Roles, Running},
     config::ReviewSla,
     domain::workdays::{self, Calendar, CalendarEntry, DayKind},
     mq::{CloudEvent, Queue},
@@ -21,7 +21,7 @@ use prereg::{
 use prereg_devtools::smtp_sink::SmtpSink;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::Row;
 use uuid::Uuid;
 
 use crate::common::*;
@@ -109,56 +109,25 @@ impl Capture {
 /// A separate node running the sweeps and deadlines workers, the outbox
 /// relay and (optionally) the scheduler.
 async fn time_node(app: &TestApp, scheduler: bool) -> Running {
-    let ctx = Ctx::new(app.cfg.clone()).expect("ctx");
-    app::start(
-        ctx,
-        Roles {
-            workers: vec![Queue::Sweeps, Queue::Deadlines],
-            relay: true,
-            scheduler,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("start time node")
+    let roles = Roles {
+        workers: vec![Queue::Sweeps, Queue::Deadlines],
+        relay: true,
+        scheduler,
+        ..Default::default()
+    };
+    app.node(roles, |_| {}).await
 }
 
-/// A scheduler alone.
-async fn scheduler_node(app: &TestApp) -> Running {
-    let ctx = Ctx::new(app.cfg.clone()).expect("ctx");
-    app::start(
-        ctx,
-        Roles {
-            scheduler: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("start scheduler")
-}
-
-async fn outbox_empty(app: &TestApp) {
-    wait_until(Duration::from_secs(10), || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
-            .fetch_one(app.db())
-            .await
-            .unwrap()
-            == 0
-    })
-    .await;
+/// `(n, d)` of a query selecting `count(*) AS n` and a distinct count `d`.
+async fn rows_and_distinct(db: &sqlx::PgPool, sql: &str) -> (i64, i64) {
+    let row = sqlx::query(sql).fetch_one(db).await.unwrap();
+    (row.get("n"), row.get("d"))
 }
 
 async fn status_of(app: &TestApp, p: &Partner, id: Uuid) -> Value {
     app.get(&format!("/v1/preregistrations/{id}"), &p.key)
         .await
         .1
-}
-
-async fn wait_status(app: &TestApp, p: &Partner, id: Uuid, status: &str, limit: Duration) {
-    wait_until(limit, || async {
-        status_of(app, p, id).await["status"] == status
-    })
-    .await;
 }
 
 /// A partner's customer rejected as `registered_over_7_days`, then put under
@@ -169,7 +138,8 @@ async fn open_review(app: &TestApp, upstream: &str, p: &Partner, n: u32) -> (Uui
     let id = app
         .review_requested(upstream, p, &format!("rev-{n}"), &email, &mobile)
         .await;
-    wait_status(app, p, id, "under_review", Duration::from_secs(10)).await;
+    app.wait_status(p, id, "under_review", Duration::from_secs(10))
+        .await;
     let review: Uuid = sqlx::query_scalar(
         "SELECT id FROM reviews WHERE preregistration_id = $1 AND state = 'open'",
     )
@@ -245,8 +215,8 @@ async fn a_claim_expires_and_another_partner_can_then_claim_the_customer() {
     .await;
     let mut cap = capture(&app, &[("events", "preregistration.expired")]).await;
     // Two schedulers at once do no harm.
-    let s1 = scheduler_node(&app).await;
-    let s2 = scheduler_node(&app).await;
+    let s1 = app.scheduler_node().await;
+    let s2 = app.scheduler_node().await;
     let a = app.create_partner(json!({"name": "First"})).await;
     let b = app.create_partner(json!({"name": "Second"})).await;
     let id = app
@@ -263,7 +233,8 @@ async fn a_claim_expires_and_another_partner_can_then_claim_the_customer() {
         "preregistered_by_other_partner"
     );
     // The sweep (not a registration) ends it, shortly after its validity.
-    wait_status(&app, &a, id, "expired", Duration::from_secs(15)).await;
+    app.wait_status(&a, id, "expired", Duration::from_secs(15))
+        .await;
     let expires_at: DateTime<Utc> = serde_json::from_value(v["expires_at"].clone()).unwrap();
     assert!(Utc::now() >= expires_at);
     let t = app
@@ -280,20 +251,14 @@ async fn a_claim_expires_and_another_partner_can_then_claim_the_customer() {
     app.claimed(&b, "expiring@customer.example", "+8613400000002")
         .await;
     // One event, one timeline entry, whatever the number of schedulers.
-    outbox_empty(&app).await;
+    app.outbox_drained().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     cap.drain().await;
     assert_eq!(
         cap.count("preregistration.expired", None, "preregistration_id", id),
         1
     );
-    let expired_entries: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM preregistration_events WHERE preregistration_id = $1 AND change = 'expired'",
-    )
-    .bind(id)
-    .fetch_one(app.db())
-    .await
-    .unwrap();
+    let expired_entries = app.count_for("SELECT count(*) FROM preregistration_events WHERE preregistration_id = $1 AND change = 'expired'", id).await;
     assert_eq!(expired_entries, 1);
     // The last successful run is in Postgres and in the metrics.
     let last_run: DateTime<Utc> =
@@ -324,14 +289,6 @@ async fn bare(tweak: impl FnOnce(&mut prereg::Config)) -> (prereg::Config, Strin
     prereg::store::migrate(&ctx.db).await.unwrap();
     ctx.db.close().await;
     (cfg, db)
-}
-
-async fn drop_db(db: &str) {
-    if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-            .execute(&mut admin)
-            .await;
-    }
 }
 
 async fn fill_claims(ctx: &Ctx, n: i64, expires: &str, status: &str, tag: &str) {
@@ -444,25 +401,13 @@ async fn two_sweeps_at_once_expire_each_claim_exactly_once() {
     );
     assert_eq!(a.reminders + b.reminders, 20, "{a:?} {b:?}");
 
-    let row = sqlx::query(
-        "SELECT count(*) AS n, count(DISTINCT preregistration_id) AS d FROM preregistration_events WHERE change = 'expired'",
-    )
-    .fetch_one(&one.db)
-    .await
-    .unwrap();
     assert_eq!(
-        (row.get::<i64, _>("n"), row.get::<i64, _>("d")),
+        rows_and_distinct(&one.db, "SELECT count(*) AS n, count(DISTINCT preregistration_id) AS d FROM preregistration_events WHERE change = 'expired'").await,
         (DUE, DUE),
         "one timeline entry per expired claim"
     );
-    let row = sqlx::query(
-        "SELECT count(*) AS n, count(DISTINCT message->>'id') AS d FROM outbox WHERE routing_key = 'preregistration.expired'",
-    )
-    .fetch_one(&one.db)
-    .await
-    .unwrap();
     assert_eq!(
-        (row.get::<i64, _>("n"), row.get::<i64, _>("d")),
+        rows_and_distinct(&one.db, "SELECT count(*) AS n, count(DISTINCT message->>'id') AS d FROM outbox WHERE routing_key = 'preregistration.expired'").await,
         (DUE, DUE),
         "one event per expired claim"
     );
@@ -517,15 +462,9 @@ async fn two_sweeps_at_once_expire_each_claim_exactly_once() {
         ]
     );
     // Reminders: one email command per claim (its own job id), marked once.
-    let row = sqlx::query(
-        "SELECT count(*) AS n, count(DISTINCT message->>'id') AS d FROM outbox
-          WHERE routing_key = 'email.requested' AND message->'data'->>'kind' = 'claim_expiry_reminder'",
-    )
-    .fetch_one(&one.db)
-    .await
-    .unwrap();
     assert_eq!(
-        (row.get::<i64, _>("n"), row.get::<i64, _>("d")),
+        rows_and_distinct(&one.db, "SELECT count(*) AS n, count(DISTINCT message->>'id') AS d FROM outbox
+          WHERE routing_key = 'email.requested' AND message->'data'->>'kind' = 'claim_expiry_reminder'").await,
         (20, 20),
         "one reminder email per claim due for one"
     );
@@ -560,7 +499,7 @@ async fn two_sweeps_at_once_expire_each_claim_exactly_once() {
     assert_eq!(stats["claims_expired"], 0);
     one.db.close().await;
     two.db.close().await;
-    drop_db(&db).await;
+    drop_database(&db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -581,7 +520,7 @@ async fn claim_expiry_reminder_goes_to_the_partner_once() {
     for _ in 0..3 {
         sweeps::run(&app.ctx).await.unwrap();
     }
-    outbox_empty(&app).await;
+    app.outbox_drained().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     cap.drain().await;
     assert_eq!(
@@ -609,14 +548,10 @@ async fn sweeps_run_on_demand_from_the_api_and_from_a_message() {
     })
     .await;
     let p = app.create_partner(json!({})).await;
-    let one = app
-        .prereg(&p, "ondemand1@customer.example", "+8613400000021")
+    let ids = app
+        .decided_preregs(&p, 1..3, "ondemand", 13_400_000_020)
         .await;
-    let two = app
-        .prereg(&p, "ondemand2@customer.example", "+8613400000022")
-        .await;
-    app.decided(&p, one).await;
-    app.decided(&p, two).await;
+    let (one, two) = (ids[0], ids[1]);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // Only operators may.
     let (s, _) = app.post("/v1/admin/sweeps", &p.key, json!({})).await;
@@ -626,8 +561,10 @@ async fn sweeps_run_on_demand_from_the_api_and_from_a_message() {
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     assert_eq!(v["status"], "queued");
-    wait_status(&app, &p, one, "expired", Duration::from_secs(10)).await;
-    wait_status(&app, &p, two, "expired", Duration::from_secs(10)).await;
+    app.wait_status(&p, one, "expired", Duration::from_secs(10))
+        .await;
+    app.wait_status(&p, two, "expired", Duration::from_secs(10))
+        .await;
     // An upstream system may publish `sweep.requested` itself (no payload).
     let three = app
         .prereg(&p, "ondemand3@customer.example", "+8613400000023")
@@ -637,12 +574,9 @@ async fn sweeps_run_on_demand_from_the_api_and_from_a_message() {
     let mut ev = CloudEvent::new("sweep.requested", Value::Null);
     ev.data = Value::Null;
     app.ctx.broker.publish_command(&ev).await.unwrap();
-    wait_status(&app, &p, three, "expired", Duration::from_secs(10)).await;
-    let audited: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'sweep.requested'")
-            .fetch_one(app.db())
-            .await
-            .unwrap();
+    app.wait_status(&p, three, "expired", Duration::from_secs(10))
+        .await;
+    let audited = app.audits("sweep.requested").await;
     assert_eq!(audited, 1);
     app.cleanup().await;
 }
@@ -731,7 +665,7 @@ async fn a_review_is_reminded_once_escalated_once_and_stays_so_across_a_restart(
     assert_eq!(r1_after.overdue_at, r1_before.overdue_at);
     assert_eq!(r1_after.reminder_sent_at, r1_before.reminder_sent_at);
 
-    outbox_empty(&app).await;
+    app.outbox_drained().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     cap.drain().await;
     let reminders = |r| cap.count("email.requested", Some("review_reminder"), "review_id", r);
@@ -739,36 +673,20 @@ async fn a_review_is_reminded_once_escalated_once_and_stays_so_across_a_restart(
     let overdue = |r| cap.count("review.overdue", None, "review_id", r);
     assert_eq!((reminders(r1), escalations(r1), overdue(r1)), (1, 1, 1));
     assert_eq!((reminders(r2), escalations(r2), overdue(r2)), (0, 1, 1));
-    let escalation = cap
-        .seen
-        .iter()
-        .find(|e| e.data["kind"] == "review_escalation")
-        .unwrap();
+    let of_kind = |kind: &str| cap.seen.iter().find(|e| e.data["kind"] == kind).unwrap();
+    let escalation = of_kind("review_escalation");
     // The job names the review, not a recipient: the email worker picks
     // escalation or the reviewers from configuration when it sends.
     assert!(escalation.data.get("to").is_none());
-    let reminder = cap
-        .seen
-        .iter()
-        .find(|e| e.data["kind"] == "review_reminder")
-        .unwrap();
+    let reminder = of_kind("review_reminder");
     assert!(reminder.data.get("to").is_none());
-    let entries: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM preregistration_events WHERE change = 'review_overdue'",
-    )
-    .fetch_one(app.db())
-    .await
-    .unwrap();
+    let entries = app
+        .count("SELECT count(*) FROM preregistration_events WHERE change = 'review_overdue'")
+        .await;
     assert_eq!(entries, 2);
 
     // Deciding an overdue review still works.
-    let (s, r) = app
-        .post(
-            &format!("/v1/admin/reviews/{r1}/decision"),
-            OPERATOR,
-            json!({"decision": "approve"}),
-        )
-        .await;
+    let (s, r) = app.decide_review(r1, json!({"decision": "approve"})).await;
     assert_eq!((s, r["state"].as_str()), (StatusCode::OK, Some("approved")));
     node.shutdown().await;
     cap.delete().await;
@@ -831,7 +749,7 @@ async fn concurrent_deadline_runs_escalate_once() {
         assert_eq!(about, 1, "escalation emails about review {r}");
     }
     // No fifth one turns up once the outbox is empty.
-    outbox_empty(&app).await;
+    app.outbox_drained().await;
     assert_eq!(sink.wait_for(5, Duration::from_secs(1)).await.len(), 4);
     other.db.close().await;
     app.cleanup().await;
@@ -844,9 +762,7 @@ async fn concurrent_deadline_runs_escalate_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invitation_link_expires_by_time_and_the_sweep_marks_it_once() {
     let sink = SmtpSink::start().await.unwrap();
-    let url = sink.url();
-    let app = spawn_with(move |c| {
-        c.smtp_url = url;
+    let app = sink_app(&sink, |c| {
         c.invitation_validity = Duration::from_secs(2);
         c.claim_validity = Duration::from_secs(3600);
     })
@@ -858,28 +774,8 @@ async fn an_invitation_link_expires_by_time_and_the_sweep_marks_it_once() {
         .prereg(&p, "linktime@customer.example", "+8613400000031")
         .await;
     assert_eq!(app.decided(&p, id).await["status"], "preregistered");
-    let (s, v) = app
-        .post(
-            "/v1/invitations",
-            &p.key,
-            json!({"preregistration_ids": [id]}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let inv: Uuid = v["results"][0]["invitation_id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let sent = loop {
-        let v = app.get(&format!("/v1/invitations/{inv}"), &p.key).await.1;
-        if v["status"] == "sent" {
-            break v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never sent: {v}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
+    let inv: Uuid = app.invite(&p, id).await.parse().unwrap();
+    let sent = app.invitation_state(&p, &inv.to_string(), "sent").await;
     let link_expires: DateTime<Utc> =
         serde_json::from_value(sent["link_expires_at"].clone()).expect("a link expiry");
     assert!(link_expires < Utc::now() + chrono::Duration::seconds(3));
@@ -894,20 +790,13 @@ async fn an_invitation_link_expires_by_time_and_the_sweep_marks_it_once() {
     })
     .await;
     // The association decides by the time: no sweep has run.
-    let nonce: Vec<u8> = sqlx::query_scalar("SELECT nonce FROM invitations WHERE id = $1")
-        .bind(inv)
-        .fetch_one(app.db())
-        .await
-        .unwrap();
-    let token = prereg::links::token(app.cfg.link_secret.as_bytes(), inv, &nonce);
-    let (s, a) = app
-        .post(
-            "/v1/associations",
+    let token = app.link_token(inv).await;
+    let a = app
+        .attempt(
             &upstream,
             json!({"token": token, "account_id": "acct-linktime"}),
         )
         .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{a}");
     let attempt = a["id"].as_str().unwrap().to_string();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let a = loop {
@@ -945,7 +834,7 @@ async fn an_invitation_link_expires_by_time_and_the_sweep_marks_it_once() {
     assert_ne!(pr["status"], "expired", "the claim holds: {pr}");
     let again = sweeps::run(&app.ctx).await.unwrap();
     assert_eq!(again.links_expired, 0);
-    outbox_empty(&app).await;
+    app.outbox_drained().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let events: Vec<CloudEvent> = loop {
         let got: Vec<CloudEvent> = cap
@@ -1124,10 +1013,7 @@ async fn calendar_api_validation_and_the_calendar_missing_warning() {
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     // Not loaded, then the shipped default, then uploaded.
     let (s, v) = app.get("/v1/admin/calendar/2031", OPERATOR).await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (StatusCode::NOT_FOUND, Some("calendar_year_not_loaded"))
-    );
+    assert_error(s, &v, StatusCode::NOT_FOUND, "calendar_year_not_loaded");
     let (s, v) = app.get("/v1/admin/calendar/2026", OPERATOR).await;
     assert_eq!((s, v["source"].as_str()), (StatusCode::OK, Some("default")));
     assert_eq!(
@@ -1198,20 +1084,7 @@ async fn admin_cli_loads_a_calendar_file() {
         "# test\ndate\tkind\tname\n2027-01-01\tholiday\tNew Year's Day\n2027-02-06\tworkday\tSpring Festival make-up workday\n",
     )
     .unwrap();
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_prereg"))
-            .args(args)
-            .env("PREREG_DATABASE_URL", &app.cfg.database_url)
-            .env("PREREG_AMQP_PREFIX", &app.cfg.amqp_prefix)
-            .env(
-                "PREREG_OPERATOR_TOKEN",
-                app.cfg.operator_token.as_deref().unwrap_or_default(),
-            )
-            .env("PREREG_LINK_SECRET", &app.cfg.link_secret)
-            .env("RUST_LOG", "error")
-            .output()
-            .expect("run prereg")
-    };
+    let run = |args: &[&str]| app.binary(args).output().expect("run prereg");
     let out = run(&["admin", "calendar", "load", file.to_str().unwrap()]);
     assert!(
         out.status.success(),

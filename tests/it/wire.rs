@@ -84,38 +84,25 @@ async fn framework_errors_have_the_one_error_shape() {
     let p = app.create_partner(json!({})).await;
     let body = json!({"full_name": "Zhang San", "email": "a@customer.example", "mobile": "+8613800000001"})
         .to_string();
+    // A raw `POST /v1/preregistrations` with this content type.
+    let submit = |content_type: Option<&'static str>, body: String| {
+        raw(
+            &app,
+            Method::POST,
+            "/v1/preregistrations",
+            &p.key,
+            content_type,
+            body,
+        )
+    };
 
     // 415: text/plain is refused, as is a missing content type.
-    let (s, v) = raw(
-        &app,
-        Method::POST,
-        "/v1/preregistrations",
-        &p.key,
-        Some("text/plain"),
-        body.clone(),
-    )
-    .await;
+    let (s, v) = submit(Some("text/plain"), body.clone()).await;
     assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert_shape(&v, "unsupported_media_type");
-    let (s, _) = raw(
-        &app,
-        Method::POST,
-        "/v1/preregistrations",
-        &p.key,
-        None,
-        body.clone(),
-    )
-    .await;
+    let (s, _) = submit(None, body.clone()).await;
     assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    let (s, v) = raw(
-        &app,
-        Method::POST,
-        "/v1/preregistrations",
-        &p.key,
-        Some("application/json; charset=utf-8"),
-        body,
-    )
-    .await;
+    let (s, v) = submit(Some("application/json; charset=utf-8"), body).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
 
     // 405
@@ -151,15 +138,7 @@ async fn framework_errors_have_the_one_error_shape() {
 
     // 413, stating the limit; also when the length is not announced.
     let big = format!("{{\"remarks\": \"{}\"}}", "x".repeat(2 * 1024 * 1024 + 10));
-    let (s, v) = raw(
-        &app,
-        Method::POST,
-        "/v1/preregistrations",
-        &p.key,
-        Some("application/json"),
-        big.clone(),
-    )
-    .await;
+    let (s, v) = submit(Some("application/json"), big.clone()).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     assert_shape(&v, "payload_too_large");
     assert!(
@@ -171,15 +150,7 @@ async fn framework_errors_have_the_one_error_shape() {
     assert!(answer.contains("2 MiB"), "{answer}");
 
     // 400: not JSON at all.
-    let (s, v) = raw(
-        &app,
-        Method::POST,
-        "/v1/preregistrations",
-        &p.key,
-        Some("application/json"),
-        "{",
-    )
-    .await;
+    let (s, v) = submit(Some("application/json"), "{".into()).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_shape(&v, "invalid_json");
     app.cleanup().await;
@@ -190,9 +161,8 @@ async fn unknown_fields_are_a_422_naming_them() {
     let app = spawn_app().await;
     let p = app.create_partner(json!({})).await;
     let (s, v) = app
-        .post(
-            "/v1/preregistrations",
-            &p.key,
+        .submit(
+            &p,
             json!({"full_name": "Zhang San", "email": "a@customer.example",
                    "mobile": "+8613800000001", "send_invitaton": true}),
         )
@@ -226,11 +196,10 @@ async fn unknown_fields_are_a_422_naming_them() {
 
     let upstream = app.upstream_key().await;
     let (s, v) = app
-        .request(
-            Method::PUT,
-            "/v1/accounts/acct-1",
-            Some(&upstream),
-            Some(json!({"email": "a@customer.example", "has_contrat": true})),
+        .put_account(
+            &upstream,
+            "acct-1",
+            json!({"email": "a@customer.example", "has_contrat": true}),
         )
         .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
@@ -313,12 +282,7 @@ async fn control_characters_bidi_overrides_and_lone_surrogates_are_a_422_never_a
     assert_eq!(named_fields(&v), ["name"]);
     let upstream = app.upstream_key().await;
     let (s, v) = app
-        .request(
-            Method::PUT,
-            "/v1/accounts/acct-1",
-            Some(&upstream),
-            Some(json!({"display_name": "x\u{0}y"})),
-        )
+        .put_account(&upstream, "acct-1", json!({"display_name": "x\u{0}y"}))
         .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     assert_eq!(named_fields(&v), ["display_name"]);
