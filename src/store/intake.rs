@@ -229,17 +229,8 @@ pub async fn keep_queued(
 /// A `queued` row due for republishing, with what its job carries.
 #[derive(Debug, FromRow)]
 pub struct StaleQueued {
-    pub id: Uuid,
-    pub partner_id: Uuid,
-    pub full_name: String,
-    pub email: String,
-    pub mobile: String,
-    pub send_invitation: bool,
-    pub association_type: Option<String>,
-    pub locale: Option<String>,
-    pub tags: Vec<String>,
-    pub remarks: Option<String>,
-    pub account_manager_id: Option<Uuid>,
+    #[sqlx(flatten)]
+    pub cmd: NewPrereg,
     pub request_id: Option<String>,
     /// Seconds since the row was written.
     pub age: f64,
@@ -247,20 +238,7 @@ pub struct StaleQueued {
 
 impl StaleQueued {
     pub fn job(&self) -> CloudEvent {
-        let cmd = NewPrereg {
-            id: self.id,
-            partner_id: self.partner_id,
-            full_name: self.full_name.clone(),
-            email: self.email.clone(),
-            mobile: self.mobile.clone(),
-            send_invitation: self.send_invitation,
-            association_type: self.association_type.clone(),
-            locale: self.locale.clone(),
-            tags: self.tags.clone(),
-            remarks: self.remarks.clone(),
-            account_manager_id: self.account_manager_id,
-        };
-        job(&cmd, self.request_id.as_deref())
+        job(&self.cmd, self.request_id.as_deref())
     }
 }
 

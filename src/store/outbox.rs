@@ -240,7 +240,7 @@ pub async fn republish_stale_once(
         .iter()
         .zip(&fates)
         .filter(|(_, f)| !f.is_confirmed())
-        .map(|(r, _)| r.id)
+        .map(|(r, _)| r.cmd.id)
         .collect();
     if !failed.is_empty() {
         let _ = super::intake::retry_stale(pool, &failed, RETRY_AFTER).await;

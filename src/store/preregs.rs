@@ -8,8 +8,9 @@ use uuid::Uuid;
 use crate::domain::{ExistingClaim, Status};
 
 /// A new pre-registration row (not a wire format: the message is
-/// [`crate::jobs::PreregistrationRequested`]).
-#[derive(Debug, Clone, PartialEq)]
+/// [`crate::jobs::PreregistrationRequested`]; read back from a `queued` row
+/// by the republisher).
+#[derive(Debug, Clone, PartialEq, FromRow)]
 pub struct NewPrereg {
     pub id: Uuid,
     pub partner_id: Uuid,
