@@ -18,17 +18,20 @@
 //!   row for the relay: nothing stays `queued` forever.
 //!
 //! `POST /v1/preregistrations` goes through the intake's group commit
-//! ([`crate::intake`]), which does the same per batch.
+//! ([`crate::intake`]), which does the same per batch, except that the
+//! `queued` row itself (not an outbox row) is what the relay republishes.
 
 use axum::{
+    body::Bytes,
+    extract::{FromRequest, FromRequestParts, Request},
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
-    Json,
+    Extension, Json,
 };
 use serde_json::Value;
 use sqlx::{PgConnection, Postgres, Transaction};
 
-use super::{error::ApiError, AppState};
+use super::{auth::PartnerAuth, error::ApiError, AppState, RequestId};
 use crate::{
     intake::{Answer, IdemKey},
     mq::CloudEvent,
@@ -38,6 +41,48 @@ use crate::{
         undo::Undo,
     },
 };
+
+/// What a partner's command handler takes, extracted in the order the
+/// handlers used to list it (state, partner key, request id, headers for the
+/// `Idempotency-Key`, raw body); each rejection answers as it did then.
+pub struct PartnerCommand {
+    pub st: AppState,
+    pub auth: PartnerAuth,
+    pub rid: RequestId,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl PartnerCommand {
+    pub fn into_parts(self) -> (AppState, PartnerAuth, RequestId, HeaderMap, Bytes) {
+        (self.st, self.auth, self.rid, self.headers, self.body)
+    }
+}
+
+impl FromRequest<AppState> for PartnerCommand {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, st: &AppState) -> Result<Self, Response> {
+        let (mut parts, body) = req.into_parts();
+        let auth = PartnerAuth::from_request_parts(&mut parts, st)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let Extension(rid) = Extension::<RequestId>::from_request_parts(&mut parts, st)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let headers = parts.headers.clone();
+        let body = Bytes::from_request(Request::from_parts(parts, body), st)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Self {
+            st: st.clone(),
+            auth,
+            rid,
+            headers,
+            body,
+        })
+    }
+}
 
 pub struct Idem {
     principal: String,

@@ -3,9 +3,9 @@
 use axum::{
     body::{Body, Bytes},
     extract::{Path, Query, State},
-    http::{header, HeaderMap, StatusCode},
+    http::{header, StatusCode},
     response::{IntoResponse, Response},
-    Extension, Json,
+    Json,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -13,11 +13,11 @@ use uuid::Uuid;
 
 use super::{
     auth::PartnerAuth,
-    command::{self, Idem},
+    command::{self, Idem, PartnerCommand},
     error::{ApiError, ApiResult},
     parse_id,
     partner::{audit_page_reveal, encode_cursor, next_page, Paging},
-    AppState, RequestId,
+    AppState,
 };
 use crate::{
     domain::{
@@ -172,13 +172,8 @@ fn export_view(e: &history::Export) -> Value {
     })
 }
 
-pub async fn create_export(
-    State(st): State<AppState>,
-    auth: PartnerAuth,
-    Extension(rid): Extension<RequestId>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Response> {
+pub async fn create_export(cmd: PartnerCommand) -> ApiResult<Response> {
+    let (st, auth, rid, headers, body) = cmd.into_parts();
     if !body.is_empty() {
         let v = super::json_body(&body)?;
         validate::only_fields(&v, &[]).map_err(ApiError::validation)?;

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::{
     auth::{PartnerAuth, UpstreamAuth},
+    command::PartnerCommand,
     command::{self, Idem},
     error::{ApiError, ApiResult},
     json_body, parse_id,
@@ -188,13 +189,8 @@ async fn send_batch(
     Ok(command::respond(&final_answer))
 }
 
-pub async fn invite(
-    State(st): State<AppState>,
-    auth: PartnerAuth,
-    Extension(rid): Extension<RequestId>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Response> {
+pub async fn invite(cmd: PartnerCommand) -> ApiResult<Response> {
+    let (st, auth, rid, headers, body) = cmd.into_parts();
     let v = json_body(&body)?;
     let ids = parse_id_list(&v, "preregistration_ids")?;
     let mut f = Fields::new(&v);
@@ -217,13 +213,8 @@ pub async fn invite(
     send_batch(&st, &auth, &rid, items, idem).await
 }
 
-pub async fn resend(
-    State(st): State<AppState>,
-    auth: PartnerAuth,
-    Extension(rid): Extension<RequestId>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Response> {
+pub async fn resend(cmd: PartnerCommand) -> ApiResult<Response> {
+    let (st, auth, rid, headers, body) = cmd.into_parts();
     let v = json_body(&body)?;
     validate::only_fields(&v, &["preregistration_ids"]).map_err(ApiError::validation)?;
     let ids = parse_id_list(&v, "preregistration_ids")?;

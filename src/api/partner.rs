@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::{
     auth::PartnerAuth,
+    command::PartnerCommand,
     command::{self, Idem},
     error::{ApiError, ApiResult},
     json_body, parse_id, views, AppState, RequestId,
@@ -110,13 +111,8 @@ pub async fn set_contact(
     Ok(Json(views::partner_with_managers(&st.ctx.db, &p).await?))
 }
 
-pub async fn create(
-    State(st): State<AppState>,
-    auth: PartnerAuth,
-    Extension(rid): Extension<RequestId>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Response> {
+pub async fn create(cmd: PartnerCommand) -> ApiResult<Response> {
+    let (st, auth, rid, headers, body) = cmd.into_parts();
     // The partner row is cached for a couple of seconds by the intake (a
     // refusal is always read fresh, with its exact reason).
     let partner = match st.ctx.intake().partner(&st.ctx.db, auth.partner_id).await? {
