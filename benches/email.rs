@@ -3,6 +3,7 @@
 //!
 //!   cargo bench --bench email                      # or scripts/bench-email.sh
 //!   BENCH_EMAILS=5000 PREREG_WORKER_CONCURRENCY=64 PREREG_SMTP_POOL_SIZE=16 cargo bench --bench email
+//!   PREREG_EMAIL_BATCH=1 cargo bench --bench email   # one delivery at a time
 //!
 //! Recreates the database `BENCH_DB` (default `prereg_bench_email`) on
 //! `BENCH_PG`; uses RabbitMQ (`BENCH_AMQP`) under a unique prefix (deleted at
@@ -161,8 +162,8 @@ async fn main() -> anyhow::Result<()> {
     println!("### Run\n");
     println!("- machine: {} CPUs; PostgreSQL {version}", num_cpus());
     println!(
-        "- worker concurrency {}, SMTP pool {}, DB pool {}, partner send rate off, publish parallelism {publish_par}",
-        cfg.worker_concurrency, cfg.smtp_pool_size, cfg.db_max_connections
+        "- email batch {} (linger {:?}), worker concurrency {}, SMTP pool {}, DB pool {}, partner send rate off, publish parallelism {publish_par}",
+        cfg.email_batch, cfg.email_linger, cfg.worker_concurrency, cfg.smtp_pool_size, cfg.db_max_connections
     );
     println!("- load average (1, 5, 15 min) before: {load_before}; after: {load_after}");
     println!();

@@ -107,6 +107,12 @@ pub struct Config {
     /// Registration worker: how long a batch waits for more deliveries
     /// after its first one arrived.
     pub registration_linger: Duration,
+    /// Email worker: most invitation deliveries leased, sent and recorded
+    /// together (`PREREG_EMAIL_BATCH`; 1: one at a time).
+    pub email_batch: usize,
+    /// Email worker: how long a batch waits for more deliveries after its
+    /// first one arrived (`PREREG_EMAIL_LINGER`).
+    pub email_linger: Duration,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     pub smtp_pool_size: u32,
@@ -316,6 +322,8 @@ impl Config {
             intake_batch_linger: dur("PREREG_INTAKE_BATCH_LINGER", "1ms")?,
             registration_batch: num("PREREG_REGISTRATION_BATCH", "128")?.clamp(1, 500) as usize,
             registration_linger: dur("PREREG_REGISTRATION_LINGER", "3ms")?,
+            email_batch: num("PREREG_EMAIL_BATCH", "64")?.clamp(1, 500) as usize,
+            email_linger: dur("PREREG_EMAIL_LINGER", "3ms")?,
             shutdown_grace: dur("PREREG_SHUTDOWN_GRACE", "25s")?,
             log_format,
             smtp_pool_size: num("PREREG_SMTP_POOL_SIZE", "8")?.clamp(1, 256) as u32,

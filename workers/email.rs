@@ -2,20 +2,32 @@
 //!
 //! A job never sends an email the server already accepted: before the SMTP
 //! exchange the job takes a lease in Postgres (`sending_since`), released on
-//! a transient failure and replaced by `sent` on success, each in its own
-//! short transaction (no transaction is held across SMTP). A redelivered job
-//! finds `sent` and stops; one that finds a lease older than the job timeout
-//! (the worker died mid-exchange, outcome unknown) marks the delivery failed
-//! instead of risking a second email.
+//! a transient failure and replaced by `sent` on success; no transaction is
+//! held across SMTP. A redelivered job finds `sent` and stops; one that
+//! finds a lease older than the job timeout (the worker died mid-exchange,
+//! outcome unknown) marks the delivery failed instead of risking a second
+//! email.
+//!
+//! Invitations go a batch at a time ([`handle_batch`], from the runtime's
+//! batched consumer): the batch's leases in one transaction, the emails
+//! concurrently over the SMTP pool, the batch's results (`sent` with its
+//! event, releases, failures) in one transaction, then one acknowledgement.
+//! Notices go one at a time ([`handle_notice`]).
+
+use std::collections::{HashMap, HashSet};
 
 use chrono::{Duration, Utc};
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use super::{JobError, Outcome};
+use super::{registration::Step, JobError, Outcome};
 use crate::{
     context::Ctx,
     domain::mask,
-    flows::{self, invitations::Activation},
+    flows::{
+        self,
+        invitations::{Activation, EmailResult},
+    },
     links,
     locks::LockError,
     mail::{self, InvitationVars, Rendered, SendError},
@@ -35,15 +47,6 @@ fn count(outcome: &'static str) {
 
 pub use crate::events::invitation_event;
 
-/// Marks a live invitation failed with the server's reply and publishes
-/// `invitation.failed`.
-pub async fn fail_invitation(ctx: &Ctx, id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
-    if flows::invitations::fail(ctx, id, reason).await? {
-        count("failed");
-    }
-    Ok(())
-}
-
 /// The job's retries ran out: fail the invitation unless another worker is
 /// sending it right now (see [`flows::invitations::give_up`]).
 pub async fn give_up_invitation(ctx: &Ctx, id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
@@ -53,96 +56,330 @@ pub async fn give_up_invitation(ctx: &Ctx, id: Uuid, reason: &str) -> Result<(),
     Ok(())
 }
 
+/// Sends one invitation email (a batch of one; see [`handle_batch`]).
 pub async fn handle_invitation(ctx: &Ctx, job: InvitationRequested) -> Result<Outcome, JobError> {
-    let id = job.invitation_id;
-    // 1. Claim the delivery (short transaction).
-    let (inv, p) = match flows::invitations::activate(ctx, id, lease(ctx)).await? {
-        Activation::Send(inv, p) => (inv, p),
-        Activation::Skip(why) => return Ok(Outcome::Skipped(why)),
-        Activation::Busy => {
-            return Err(JobError::Retryable(
-                "another worker is sending this invitation".into(),
-            ))
-        }
-        Activation::Unknown(reason) => {
-            count("failed");
-            return Err(JobError::fatal("delivery_unknown", reason));
-        }
-    };
+    invitations_batch(ctx, &[job])
+        .await
+        .pop()
+        .unwrap_or_else(|| Err(JobError::Retryable("not handled".into())))
+}
 
-    // 2. The partner's send rate. Over the rate, the job waits for a slot
-    // (a burst is spread out, not failed); only when no slot comes within
-    // two thirds of the job timeout is it handed back, and then the attempt
-    // is not counted: it never reached the mail server.
-    if ctx.cfg.partner_email_rate > 0 {
-        let give_up = tokio::time::Instant::now() + ctx.cfg.job_timeout * 2 / 3;
-        loop {
-            match ctx
-                .locks
-                .rate_allow(
-                    &format!("email:{}", inv.partner_id),
-                    ctx.cfg.partner_email_rate,
-                )
-                .await
-            {
-                Ok(true) => break,
-                Ok(false) => {
-                    count("rate_limited");
-                    // The rate's windows are whole seconds: try again soon
-                    // after the next one opens (jittered).
-                    let now = Utc::now();
-                    let to_next = 1000 - i64::from(now.timestamp_subsec_millis()).min(999);
-                    let jitter = rand::random::<u64>() % 100;
-                    let wait = std::time::Duration::from_millis(to_next as u64 + jitter);
-                    if tokio::time::Instant::now() + wait > give_up {
-                        invitations::release_sending(&ctx.db, id, true).await?;
-                        return Err(JobError::Retryable(
-                            "partner send rate limit reached".into(),
-                        ));
-                    }
-                    tokio::time::sleep(wait).await;
+/// Handles a batch of `invitation.requested` deliveries and answers one step
+/// per delivery, in the same order: a payload that does not parse fails
+/// alone; a second delivery of an invitation already in the batch is
+/// skipped (the first one sends).
+pub async fn handle_batch(ctx: &Ctx, evs: &[&CloudEvent]) -> Vec<Step> {
+    let mut steps: Vec<Option<Step>> = evs.iter().map(|_| None).collect();
+    let mut jobs = Vec::with_capacity(evs.len());
+    let mut at = Vec::with_capacity(evs.len());
+    let mut seen = HashSet::new();
+    for (i, ev) in evs.iter().enumerate() {
+        match super::payload::<InvitationRequested>(ev) {
+            Ok(job) if !seen.insert(job.invitation_id) => {
+                steps[i] = Some(Step::Settled(Ok(Outcome::Skipped("duplicate_delivery"))));
+            }
+            Ok(job) => {
+                jobs.push(job);
+                at.push(i);
+            }
+            Err(e) => steps[i] = Some(Step::Settled(Err(e))),
+        }
+    }
+    for (i, r) in at.into_iter().zip(invitations_batch(ctx, &jobs).await) {
+        steps[i] = Some(Step::Settled(r));
+    }
+    steps
+        .into_iter()
+        .map(|s| s.unwrap_or_else(|| Step::Settled(Err(JobError::Retryable("not handled".into())))))
+        .collect()
+}
+
+/// How a batch's transaction is tried before it is split: a deadlock or a
+/// lost connection is worth another try.
+const TX_ATTEMPTS: u32 = 3;
+
+/// Leases `ids` (distinct) in one transaction; a transaction that fails for
+/// a reason other than a transient one is split into one transaction per
+/// invitation, so one bad invitation fails alone.
+async fn activate_all(ctx: &Ctx, ids: &[Uuid]) -> Vec<Result<Activation, JobError>> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match flows::invitations::activate_batch(ctx, ids, lease(ctx)).await {
+            Ok(acts) => return acts.into_iter().map(Ok).collect(),
+            Err(e) if store::is_transient(&e) && attempt < TX_ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, "lease transaction failed; trying again");
+            }
+            Err(e) if ids.len() == 1 => return vec![Err(JobError::Db(e))],
+            Err(e) if store::is_transient(&e) => {
+                let m = format!("database: {e}");
+                return ids
+                    .iter()
+                    .map(|_| Err(JobError::Retryable(m.clone())))
+                    .collect();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, size = ids.len(), "lease transaction failed; leasing one at a time");
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    out.push(
+                        match flows::invitations::activate_batch(ctx, &[*id], lease(ctx)).await {
+                            Ok(mut a) => Ok(a.pop().unwrap_or(Activation::Skip("withdrawn"))),
+                            Err(e) => Err(JobError::Db(e)),
+                        },
+                    );
                 }
-                Err(LockError::Unavailable(e)) => {
-                    tracing::warn!(error = %e, "rate limit unavailable; sending");
-                    break;
-                }
-                Err(LockError::Busy) => break,
+                return out;
             }
         }
     }
+}
 
-    // 3. Render and send, outside any transaction.
-    let partner = store::partners::get(&ctx.db, inv.partner_id).await?;
-    let partner_name = partner.map(|p| p.name).unwrap_or_default();
-    let rendered = render_invitation(ctx, &inv, &p.full_name, &partner_name)?;
-    match ctx.mailer.send(&p.email, &rendered, &id.to_string()).await {
-        Ok(reply) => {
-            flows::invitations::sent(ctx, &inv, p.id).await?;
-            count("sent");
-            tracing::info!(invitation_id = %id, to = %mask::pii_email(&p.email), %reply, "invitation sent");
-            Ok(Outcome::Done)
+/// Records the results in one transaction, split like [`activate_all`].
+/// Answers, per result, whether it was recorded (`Ok`, with whether a
+/// failure it recorded failed a live invitation).
+async fn record_all(
+    ctx: &Ctx,
+    results: &[(&invitations::Invitation, EmailResult)],
+) -> Vec<Result<bool, JobError>> {
+    if results.is_empty() {
+        return Vec::new();
+    }
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match flows::invitations::record_batch(ctx, results).await {
+            Ok(live) => {
+                return results
+                    .iter()
+                    .map(|(i, _)| Ok(live.contains(&i.id)))
+                    .collect()
+            }
+            Err(e) if store::is_transient(&e) && attempt < TX_ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, "results transaction failed; trying again");
+            }
+            Err(e) if results.len() == 1 => return vec![Err(JobError::Db(e))],
+            Err(e) if store::is_transient(&e) => {
+                let m = format!("database: {e}");
+                return results
+                    .iter()
+                    .map(|_| Err(JobError::Retryable(m.clone())))
+                    .collect();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, size = results.len(), "results transaction failed; recording one at a time");
+                let mut out = Vec::with_capacity(results.len());
+                for (inv, r) in results {
+                    let one = [(*inv, r.clone())];
+                    out.push(match flows::invitations::record_batch(ctx, &one).await {
+                        Ok(live) => Ok(live.contains(&inv.id)),
+                        Err(e) => Err(JobError::Db(e)),
+                    });
+                }
+                return out;
+            }
         }
-        Err(SendError::Transient(e)) => {
-            invitations::release_sending(&ctx.db, id, false).await?;
-            count("transient_failure");
-            Err(JobError::Retryable(format!("smtp: {}", mask::text(&e))))
+    }
+}
+
+/// What the SMTP step of one leased invitation came to.
+enum Sending {
+    Sent(String),
+    /// Nothing reached the mail server (rate limit, no SMTP slot in time,
+    /// the partner could not be read): release, retry later, uncounted.
+    NotSent(String),
+    Failed(SendError),
+    Template(JobError),
+}
+
+/// Sends a batch of invitation emails: every delivery is leased in one
+/// transaction, the emails go out concurrently over the SMTP pool (at most
+/// `PREREG_SMTP_POOL_SIZE` exchanges at once, so the pool's connections are
+/// reused rather than opened per email), each after its partner's send
+/// rate allows it, and every result is recorded in one transaction before
+/// the runtime acknowledges the deliveries. Answers one result per job.
+///
+/// A job never sends an email the server may already have: the lease is
+/// committed (synchronously) before any SMTP exchange, and only `sent`, a
+/// failure or a release (nothing was sent) ends it. The SMTP step of the
+/// batch ends by nine tenths of the job timeout: an exchange still running
+/// then is abandoned as `delivery_unknown`, leaving time to record the
+/// batch within the job timeout.
+async fn invitations_batch(
+    ctx: &Ctx,
+    jobs: &[InvitationRequested],
+) -> Vec<Result<Outcome, JobError>> {
+    let started = tokio::time::Instant::now();
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.invitation_id).collect();
+    let mut out: Vec<Option<Result<Outcome, JobError>>> = jobs.iter().map(|_| None).collect();
+    let mut leased = Vec::new();
+    for (i, a) in activate_all(ctx, &ids).await.into_iter().enumerate() {
+        out[i] = Some(match a {
+            Ok(Activation::Send(inv, p)) => {
+                leased.push((i, inv, p));
+                continue;
+            }
+            Ok(Activation::Skip(why)) => Ok(Outcome::Skipped(why)),
+            Ok(Activation::Busy) => Err(JobError::Retryable(
+                "another worker is sending this invitation".into(),
+            )),
+            Ok(Activation::Unknown(reason)) => {
+                count("failed");
+                Err(JobError::fatal("delivery_unknown", reason))
+            }
+            Err(e) => Err(e),
+        });
+    }
+
+    // The partners' names, once per partner of the batch.
+    let mut partners: HashMap<Uuid, Result<String, String>> = HashMap::new();
+    for (_, inv, _) in &leased {
+        if let std::collections::hash_map::Entry::Vacant(slot) = partners.entry(inv.partner_id) {
+            let name = store::partners::get(&ctx.db, inv.partner_id)
+                .await
+                .map(|p| p.map(|p| p.name).unwrap_or_default())
+                .map_err(|e| format!("database: {e}"));
+            slot.insert(name);
         }
-        Err(SendError::Unknown(e)) => {
-            // The server may have taken the message: like a worker that died
-            // mid-exchange, never send it again.
-            let reason = format!(
-                "delivery outcome unknown: the mail server connection failed during the SMTP exchange ({}); resend if the customer did not receive it",
-                mask::text(&e)
-            );
-            fail_invitation(ctx, id, &reason).await?;
-            Err(JobError::fatal("delivery_unknown", reason))
+    }
+
+    let slots = Semaphore::new(ctx.cfg.smtp_pool_size.max(1) as usize);
+    let rate_until = started + ctx.cfg.job_timeout * 2 / 3;
+    let smtp_until = started + ctx.cfg.job_timeout * 9 / 10;
+    let sending = leased.iter().map(|(_, inv, p)| {
+        let partner = &partners[&inv.partner_id];
+        let slots = &slots;
+        async move {
+            let partner_name = match partner {
+                Ok(name) => name,
+                Err(e) => return Sending::NotSent(e.clone()),
+            };
+            let rendered = match render_invitation(ctx, inv, &p.full_name, partner_name) {
+                Ok(r) => r,
+                Err(e) => return Sending::Template(e),
+            };
+            if !wait_for_rate(ctx, inv.partner_id, rate_until).await {
+                return Sending::NotSent("partner send rate limit reached".into());
+            }
+            let Ok(Ok(_slot)) = tokio::time::timeout_at(smtp_until, slots.acquire()).await else {
+                return Sending::NotSent("no SMTP connection free within the job timeout".into());
+            };
+            let message_id = inv.id.to_string();
+            let send = ctx.mailer.send(&p.email, &rendered, &message_id);
+            match tokio::time::timeout_at(smtp_until, send).await {
+                Ok(Ok(reply)) => Sending::Sent(reply),
+                Ok(Err(e)) => Sending::Failed(e),
+                Err(_) => Sending::Failed(SendError::Unknown(format!(
+                    "no reply within {:?} of the batch's start",
+                    ctx.cfg.job_timeout * 9 / 10
+                ))),
+            }
         }
-        Err(SendError::Permanent(e)) | Err(SendError::Invalid(e)) => {
-            // The reply may quote the customer's address: masked before it
-            // is stored, logged or put in a dead-letter header.
-            let e = mask::text(&e);
-            fail_invitation(ctx, id, &e).await?;
-            Err(JobError::fatal("smtp_permanent", e))
+    });
+    let sendings = futures::future::join_all(sending).await;
+
+    let mut results = Vec::with_capacity(leased.len());
+    let mut errors = Vec::with_capacity(leased.len());
+    for ((_, inv, p), s) in leased.iter().zip(sendings) {
+        let (result, error) = match s {
+            Sending::Sent(reply) => {
+                tracing::info!(invitation_id = %inv.id, to = %mask::pii_email(&p.email), %reply, "invitation sent");
+                (EmailResult::Sent, None)
+            }
+            Sending::NotSent(why) => (
+                EmailResult::Release { uncount: true },
+                Some(JobError::Retryable(why)),
+            ),
+            Sending::Template(e) => (EmailResult::Release { uncount: true }, Some(e)),
+            Sending::Failed(SendError::Transient(e)) => {
+                count("transient_failure");
+                (
+                    EmailResult::Release { uncount: false },
+                    Some(JobError::Retryable(format!("smtp: {}", mask::text(&e)))),
+                )
+            }
+            Sending::Failed(SendError::Unknown(e)) => {
+                // The server may have taken the message: like a worker that
+                // died mid-exchange, never send it again.
+                let reason = format!(
+                    "delivery outcome unknown: the mail server connection failed during the SMTP exchange ({}); resend if the customer did not receive it",
+                    mask::text(&e)
+                );
+                (
+                    EmailResult::Fail(reason.clone()),
+                    Some(JobError::fatal("delivery_unknown", reason)),
+                )
+            }
+            Sending::Failed(SendError::Permanent(e)) | Sending::Failed(SendError::Invalid(e)) => {
+                // The reply may quote the customer's address: masked before
+                // it is stored, logged or put in a dead-letter header.
+                let e = mask::text(&e);
+                (
+                    EmailResult::Fail(e.clone()),
+                    Some(JobError::fatal("smtp_permanent", e)),
+                )
+            }
+        };
+        results.push((&**inv, result));
+        errors.push(error);
+    }
+    let recorded = record_all(ctx, &results).await;
+    for ((((i, _, _), (_, result)), error), rec) in
+        leased.iter().zip(&results).zip(errors).zip(recorded)
+    {
+        out[*i] = Some(match rec {
+            Err(e) => Err(e),
+            Ok(live) => {
+                match result {
+                    EmailResult::Sent => count("sent"),
+                    EmailResult::Fail(_) if live => count("failed"),
+                    _ => {}
+                }
+                error.map_or(Ok(Outcome::Done), Err)
+            }
+        });
+    }
+    out.into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(JobError::Retryable("not handled".into()))))
+        .collect()
+}
+
+/// Waits for a slot of the partner's send rate (a burst is spread out, not
+/// failed). `false` when none came before `until`: the job is handed back
+/// and its attempt not counted, it never reached the mail server. Without
+/// Redis the rate is not enforced.
+async fn wait_for_rate(ctx: &Ctx, partner: Uuid, until: tokio::time::Instant) -> bool {
+    if ctx.cfg.partner_email_rate == 0 {
+        return true;
+    }
+    loop {
+        match ctx
+            .locks
+            .rate_allow(&format!("email:{partner}"), ctx.cfg.partner_email_rate)
+            .await
+        {
+            Ok(true) => return true,
+            Ok(false) => {
+                count("rate_limited");
+                // The rate's windows are whole seconds: try again soon after
+                // the next one opens (jittered).
+                let now = Utc::now();
+                let to_next = 1000 - i64::from(now.timestamp_subsec_millis()).min(999);
+                let jitter = rand::random::<u64>() % 100;
+                let wait = std::time::Duration::from_millis(to_next as u64 + jitter);
+                if tokio::time::Instant::now() + wait > until {
+                    return false;
+                }
+                tokio::time::sleep(wait).await;
+            }
+            Err(LockError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "rate limit unavailable; sending");
+                return true;
+            }
+            Err(LockError::Busy) => return true,
         }
     }
 }

@@ -24,10 +24,10 @@ use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{dispatch, exhausted, Disposition, JobError, Outcome};
+use super::{dispatch, exhausted, registration::Step, Disposition, JobError, Outcome};
 use crate::{
     context::Ctx,
-    jobs::{Job, PreregistrationRequested},
+    jobs::{InvitationRequested, Job, PreregistrationRequested},
     mq::{broker::header_u32, topology::DELAY_TIER, CloudEvent, Queue},
 };
 
@@ -300,7 +300,34 @@ async fn settle_failure(
 fn batch_size(ctx: &Ctx, q: Queue) -> usize {
     match q {
         Queue::Registration => ctx.cfg.registration_batch.max(1),
+        Queue::Email => ctx.cfg.email_batch.max(1),
         _ => 1,
+    }
+}
+
+/// How long a batch of queue `q` waits for more deliveries after its first.
+fn linger(ctx: &Ctx, q: Queue) -> Duration {
+    match q {
+        Queue::Email => ctx.cfg.email_linger,
+        _ => ctx.cfg.registration_linger,
+    }
+}
+
+/// The message type a batched queue decides in batches; any other type on
+/// it goes the one-at-a-time way.
+fn batched_type(q: Queue) -> Option<&'static str> {
+    match q {
+        Queue::Registration => Some(PreregistrationRequested::TYPE),
+        Queue::Email => Some(InvitationRequested::TYPE),
+        _ => None,
+    }
+}
+
+/// The batch handler of queue `q`: one step per delivery, in order.
+async fn handle_batch(ctx: &Ctx, q: Queue, evs: &[&CloudEvent]) -> Vec<Step> {
+    match q {
+        Queue::Email => super::email::handle_batch(ctx, evs).await,
+        _ => super::registration::handle_batch(ctx, evs).await,
     }
 }
 
@@ -331,23 +358,63 @@ impl Held {
     }
 }
 
+/// Whether the batches of queue `q` may run side by side. An email batch
+/// spends most of its time in SMTP exchanges: the next batch is collected
+/// and leased while it runs, so one slow mail server exchange holds up only
+/// its own batch (the prefetch bounds how much is in flight). Its
+/// deliveries are acknowledged one by one (a `multiple` acknowledgement
+/// could cover another running batch's). Registration batches run one at
+/// a time (their busy jobs are held back in order).
+fn overlapping(q: Queue) -> bool {
+    q == Queue::Email
+}
+
 /// The batched consumer: takes up to `batch` deliveries (waiting at most
-/// `PREREG_REGISTRATION_LINGER` after the first for more), decides them together, then
-/// settles them. One batch at a time per channel, so every delivery tag
-/// below the batch's is settled when it is acknowledged with `multiple`.
-/// `Ok` when cancelled (the batch in hand is finished first).
+/// `PREREG_REGISTRATION_LINGER` or `PREREG_EMAIL_LINGER` after the first
+/// for more), decides them together, then settles them. One batch at a
+/// time per channel, so every delivery tag below the batch's is settled
+/// when it is acknowledged with `multiple` — except on [`overlapping`]
+/// queues. `Ok` when cancelled (the batches in hand are finished first,
+/// within the shutdown grace period).
 async fn batches(
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     q: Queue,
     consumer: &mut lapin::Consumer,
     cancel: &CancellationToken,
     batch: usize,
+) -> anyhow::Result<()> {
+    let mut running: JoinSet<usize> = JoinSet::new();
+    let result = collect_batches(ctx, q, consumer, cancel, batch, &mut running).await;
+    if !running.is_empty() {
+        let drain = async { while running.join_next().await.is_some() {} };
+        if tokio::time::timeout(ctx.cfg.shutdown_grace, drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                queue = q.short(),
+                "grace period over; unfinished batches go back to the queue"
+            );
+            running.abort_all();
+        }
+    }
+    result
+}
+
+async fn collect_batches(
+    ctx: &Arc<Ctx>,
+    q: Queue,
+    consumer: &mut lapin::Consumer,
+    cancel: &CancellationToken,
+    batch: usize,
+    running: &mut JoinSet<usize>,
 ) -> anyhow::Result<()> {
     let mut held: VecDeque<Held> = VecDeque::new();
     loop {
         if held.is_empty() {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
+                Some(_) = running.join_next(), if !running.is_empty() => continue,
                 next = consumer.next() => match next {
                     None => return Err(anyhow::anyhow!("consumer stream ended")),
                     Some(Err(e)) => return Err(e.into()),
@@ -355,7 +422,7 @@ async fn batches(
                 }
             }
         }
-        let linger = tokio::time::Instant::now() + ctx.cfg.registration_linger;
+        let linger = tokio::time::Instant::now() + linger(ctx, q);
         while held.len() < batch {
             match tokio::time::timeout_at(linger, consumer.next()).await {
                 Err(_) => break,
@@ -366,7 +433,17 @@ async fn batches(
         }
         let take = held.len().min(batch);
         let current: Vec<Held> = held.drain(..take).collect();
-        let decided = run_batch(ctx, q, current, &mut held).await;
+        if overlapping(q) {
+            let ctx = ctx.clone();
+            running.spawn(
+                async move { run_batch(&ctx, q, current, &mut VecDeque::new(), false).await },
+            );
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            continue;
+        }
+        let decided = run_batch(ctx, q, current, &mut held, true).await;
         if cancel.is_cancelled() {
             return Ok(());
         }
@@ -379,11 +456,19 @@ async fn batches(
 }
 
 /// Decides one batch and settles it: failures one by one (retry or dead
-/// letter), then the successes with one `multiple` acknowledgement. Jobs
-/// whose customer lock is busy go back to the front of `held`, in order.
-/// Returns how many deliveries were settled.
-async fn run_batch(ctx: &Ctx, q: Queue, current: Vec<Held>, held: &mut VecDeque<Held>) -> usize {
+/// letter), then the successes with one `multiple` acknowledgement (one by
+/// one unless `multiple`). Jobs whose customer lock is busy go back to the
+/// front of `held`, in order (with `multiple` only; otherwise they are
+/// retried later). Returns how many deliveries were settled.
+async fn run_batch(
+    ctx: &Ctx,
+    q: Queue,
+    current: Vec<Held>,
+    held: &mut VecDeque<Held>,
+    multiple: bool,
+) -> usize {
     let mut jobs: Vec<Held> = Vec::with_capacity(current.len());
+    let mut others: Vec<Held> = Vec::new();
     let mut settled = 0;
     for mut h in current {
         let retries = retries_of(ctx, &h.delivery);
@@ -396,55 +481,64 @@ async fn run_batch(ctx: &Ctx, q: Queue, current: Vec<Held>, held: &mut VecDeque<
                 }
             }
         }
-        let is_prereg = h.ev.as_ref().map(|ev| ev.ty.as_str())
-            == Some(PreregistrationRequested::TYPE)
-            && PreregistrationRequested::QUEUE == q;
-        if is_prereg {
+        let ty = h.ev.as_ref().map(|ev| ev.ty.as_str());
+        if ty.is_some() && ty == batched_type(q) {
             jobs.push(h);
         } else {
-            // Another job type on this queue (or one not bound to it): the
-            // one-at-a-time path settles it now, before the batch's ack.
-            let Held { delivery, .. } = h;
-            process(ctx, q, delivery).await;
-            settled += 1;
+            others.push(h);
         }
     }
+    // Another job type on this queue (or one not bound to it): the
+    // one-at-a-time path settles each, concurrently with the batch and
+    // before the batch's ack.
+    let settled_others = others.len();
+    let others = futures::future::join_all(others.into_iter().map(|h| {
+        let Held { delivery, .. } = h;
+        process(ctx, q, delivery)
+    }));
+    let evs: Vec<&CloudEvent> = jobs.iter().filter_map(|h| h.ev.as_ref()).collect();
+    let span = tracing::info_span!("batch", queue = q.short(), size = evs.len());
+    let batch = async {
+        if evs.is_empty() {
+            return Vec::new();
+        }
+        match tokio::time::timeout(
+            ctx.cfg.job_timeout,
+            handle_batch(ctx, q, &evs).instrument(span),
+        )
+        .await
+        {
+            Ok(steps) => steps,
+            Err(_) => evs
+                .iter()
+                .map(|_| {
+                    Step::Settled(Err(JobError::Retryable(format!(
+                        "timed out after {:?}",
+                        ctx.cfg.job_timeout
+                    ))))
+                })
+                .collect(),
+        }
+    };
+    let (_, steps) = futures::future::join(others, batch).await;
+    settled += settled_others;
     if jobs.is_empty() {
         return settled;
     }
-    let evs: Vec<&CloudEvent> = jobs.iter().filter_map(|h| h.ev.as_ref()).collect();
-    let span = tracing::info_span!("batch", queue = q.short(), size = evs.len());
-    let steps = match tokio::time::timeout(
-        ctx.cfg.job_timeout,
-        super::registration::handle_batch(ctx, &evs).instrument(span),
-    )
-    .await
-    {
-        Ok(steps) => steps,
-        Err(_) => evs
-            .iter()
-            .map(|_| {
-                super::registration::Step::Settled(Err(JobError::Retryable(format!(
-                    "timed out after {:?}",
-                    ctx.cfg.job_timeout
-                ))))
-            })
-            .collect(),
-    };
     let mut done: Vec<(Held, &'static str)> = Vec::new();
     let mut busy: Vec<Held> = Vec::new();
     for (mut h, step) in jobs.into_iter().zip(steps) {
         let retries = retries_of(ctx, &h.delivery);
         let result = match step {
-            super::registration::Step::Busy => {
+            Step::Busy => {
                 let since = *h.busy_since.get_or_insert_with(Instant::now);
-                if since.elapsed() < ctx.cfg.lock_wait {
+                if multiple && since.elapsed() < ctx.cfg.lock_wait {
                     busy.push(h);
                     continue;
                 }
                 Err(JobError::Retryable("customer lock busy".into()))
             }
-            super::registration::Step::Settled(r) => r,
+            Step::Settled(r) => r,
         };
         match result {
             Ok(outcome) => {
@@ -468,8 +562,13 @@ async fn run_batch(ctx: &Ctx, q: Queue, current: Vec<Held>, held: &mut VecDeque<
     }
     // Every unsettled delivery is now either a success of this batch or
     // still held: a `multiple` ack up to the greatest success below the
-    // lowest held tag covers exactly this batch's successes there.
-    let floor = held.iter().map(Held::tag).min().unwrap_or(u64::MAX);
+    // lowest held tag covers exactly this batch's successes there. (Without
+    // `multiple`, the floor 0 acknowledges each success alone.)
+    let floor = if multiple {
+        held.iter().map(Held::tag).min().unwrap_or(u64::MAX)
+    } else {
+        0
+    };
     let upto = done
         .iter()
         .map(|(h, _)| h.tag())

@@ -2,6 +2,8 @@
 //! email goes out (superseding the earlier links of the claim), sent,
 //! failed, expired.
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
 use uuid::Uuid;
@@ -166,100 +168,279 @@ pub enum Activation {
 
 const UNKNOWN: &str = "delivery outcome unknown: a worker stopped during the SMTP exchange; resend if the customer did not receive it";
 
-/// Takes the delivery of an invitation (one short transaction): an
-/// invitation sent for the first time supersedes the claim's earlier links
-/// and makes the claim `invited` (with its timeline entry); then the lease
-/// is taken. No transaction is held across SMTP.
-pub async fn activate(ctx: &Ctx, id: Uuid, lease: Duration) -> Result<Activation, sqlx::Error> {
-    let now = Utc::now();
+const ACTOR: &str = "system:email";
+
+// Durability of the two batch transactions. Both commit synchronously
+// (`synchronous_commit` stays on); `SET LOCAL synchronous_commit = off`
+// would be unsafe for either:
+// - the lease: its commit returns before its WAL is flushed, the emails go
+//   out, and Postgres crashes before the flush (a window of up to three
+//   `wal_writer_delay`s). The lease is gone, the `sent` transaction fails
+//   with the lost connection, and the redelivered job finds the invitation
+//   `queued` with no lease, so it sends the email a second time. Only a
+//   durable lease lets the redelivery find it (busy, then
+//   `delivery_unknown`).
+// - the results: the worker acknowledges the deliveries once the commit
+//   returns; if that commit is then lost, the invitations stay `queued`
+//   under a lease with no message left to settle them, and their
+//   `invitation.sent` events are lost.
+// Batching amortises the flush instead: two commits per batch of
+// deliveries rather than two per email.
+
+/// Takes the deliveries of distinct invitations `ids` in one transaction
+/// and answers one [`Activation`] per id, in order: what one delivery at a
+/// time would do in this order. An invitation sent for the first time
+/// supersedes its claim's earlier links and makes the claim `invited` (with
+/// its timeline entry); then the lease is taken. A stale lease (a worker
+/// stopped mid-exchange) fails the invitation in the same transaction. No
+/// transaction is held across SMTP.
+///
+/// Locks: the batch's invitations, then their claims, each in id order.
+/// Invitations of one claim are taken in rounds (the first of each claim,
+/// then the second…), each round reading what the previous one wrote.
+pub async fn activate_batch(
+    ctx: &Ctx,
+    ids: &[Uuid],
+    lease: Duration,
+) -> Result<Vec<Activation>, sqlx::Error> {
+    let mut out: Vec<Option<Activation>> = ids.iter().map(|_| None).collect();
     let mut tx = ctx.db.begin().await?;
-    let Some(inv) = invitations::get_for_update(&mut tx, id).await? else {
-        return Ok(Activation::Skip("withdrawn"));
-    };
-    match inv.status.as_str() {
-        "queued" => {}
-        "sent" => return Ok(Activation::Skip("already_sent")),
-        _ => return Ok(Activation::Skip("no_longer_live")),
-    }
-    if let Some(since) = inv.sending_since {
-        if now - since < lease {
-            return Ok(Activation::Busy);
+    let mut rows: HashMap<Uuid, invitations::Invitation> = invitations::lock_many(&mut tx, ids)
+        .await?
+        .into_iter()
+        .map(|i| (i.id, i))
+        .collect();
+    let mut claim_ids: Vec<Uuid> = rows.values().map(|i| i.preregistration_id).collect();
+    claim_ids.sort();
+    claim_ids.dedup();
+    let mut claims: HashMap<Uuid, preregs::Prereg> = invitations::lock_claims(&mut tx, &claim_ids)
+        .await?
+        .into_iter()
+        .map(|p| (p.id, p))
+        .collect();
+    // Round of each delivery: how many earlier ones share its claim.
+    let mut seen: HashMap<Uuid, usize> = HashMap::new();
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let Some(inv) = rows.get(id) else {
+            out[i] = Some(Activation::Skip("withdrawn"));
+            continue;
+        };
+        let n = seen.entry(inv.preregistration_id).or_insert(0);
+        if rounds.len() <= *n {
+            rounds.push(Vec::new());
         }
-        drop(tx);
-        fail(ctx, id, UNKNOWN).await?;
-        return Ok(Activation::Unknown(UNKNOWN));
+        rounds[*n].push(i);
+        *n += 1;
     }
-    let Some(p) = preregs::get_for_update(&mut tx, inv.preregistration_id).await? else {
-        return Ok(Activation::Skip("withdrawn"));
-    };
-    if !p.status().invitable() {
-        invitations::set_status(
-            &mut tx,
-            id,
-            "expired",
-            Some(&format!("the pre-registration is {}", p.status)),
-        )
-        .await?;
-        tx.commit().await?;
-        return Ok(Activation::Skip("not_invitable"));
-    }
-    if inv.activated_at.is_none() {
-        // A newer invitation already went out: this one is superseded.
-        if invitations::newer_activated(&mut tx, p.id, id, inv.created_at).await? {
-            invitations::set_status(&mut tx, id, "superseded", None).await?;
-            tx.commit().await?;
-            return Ok(Activation::Skip("superseded"));
+    for (r, round) in rounds.iter().enumerate() {
+        if r > 0 {
+            // Read again what the earlier rounds may have changed.
+            let round_ids: Vec<Uuid> = round.iter().map(|i| ids[*i]).collect();
+            rows = invitations::lock_many(&mut tx, &round_ids)
+                .await?
+                .into_iter()
+                .map(|i| (i.id, i))
+                .collect();
+            let round_claims: Vec<Uuid> = rows.values().map(|i| i.preregistration_id).collect();
+            claims = invitations::lock_claims(&mut tx, &round_claims)
+                .await?
+                .into_iter()
+                .map(|p| (p.id, p))
+                .collect();
         }
-        for old in invitations::supersede_others(&mut tx, p.id, id).await? {
+        activate_round(&mut tx, ids, round, &rows, &claims, lease, &mut out).await?;
+    }
+    tx.commit().await?;
+    Ok(out
+        .into_iter()
+        .map(|a| a.unwrap_or(Activation::Skip("withdrawn")))
+        .collect())
+}
+
+/// One round of [`activate_batch`]: deliveries `round` (indexes into `ids`),
+/// each of another claim.
+async fn activate_round(
+    tx: &mut sqlx::PgConnection,
+    ids: &[Uuid],
+    round: &[usize],
+    rows: &HashMap<Uuid, invitations::Invitation>,
+    claims: &HashMap<Uuid, preregs::Prereg>,
+    lease: Duration,
+    out: &mut [Option<Activation>],
+) -> Result<(), sqlx::Error> {
+    let now = Utc::now();
+    let mut stale: Vec<(Uuid, &str)> = Vec::new();
+    let mut ended: Vec<(Uuid, &str, Option<String>)> = Vec::new();
+    let mut fresh: Vec<usize> = Vec::new();
+    let mut again: Vec<usize> = Vec::new();
+    for &i in round {
+        let Some(inv) = rows.get(&ids[i]) else {
+            out[i] = Some(Activation::Skip("withdrawn"));
+            continue;
+        };
+        match inv.status.as_str() {
+            "queued" => {}
+            "sent" => {
+                out[i] = Some(Activation::Skip("already_sent"));
+                continue;
+            }
+            _ => {
+                out[i] = Some(Activation::Skip("no_longer_live"));
+                continue;
+            }
+        }
+        if let Some(since) = inv.sending_since {
+            out[i] = Some(if now - since < lease {
+                Activation::Busy
+            } else {
+                stale.push((inv.id, UNKNOWN));
+                Activation::Unknown(UNKNOWN)
+            });
+            continue;
+        }
+        let Some(p) = claims.get(&inv.preregistration_id) else {
+            out[i] = Some(Activation::Skip("withdrawn"));
+            continue;
+        };
+        if !p.status().invitable() {
+            ended.push((
+                inv.id,
+                "expired",
+                Some(format!("the pre-registration is {}", p.status)),
+            ));
+            out[i] = Some(Activation::Skip("not_invitable"));
+        } else if inv.activated_at.is_none() {
+            fresh.push(i);
+        } else {
+            again.push(i);
+        }
+    }
+    // A newer invitation of the claim already went out: superseded.
+    let candidates: Vec<invitations::Candidate> = fresh
+        .iter()
+        .map(|i| {
+            let inv = &rows[&ids[*i]];
+            invitations::Candidate {
+                id: inv.id,
+                preregistration_id: inv.preregistration_id,
+                created_at: inv.created_at,
+            }
+        })
+        .collect();
+    let newer: HashSet<Uuid> = invitations::newer_activated_many(tx, &candidates)
+        .await?
+        .into_iter()
+        .collect();
+    let mut first = Vec::new();
+    let mut sending = Vec::new();
+    for &i in &fresh {
+        let inv = &rows[&ids[i]];
+        if newer.contains(&inv.id) {
+            ended.push((inv.id, "superseded", None));
+            out[i] = Some(Activation::Skip("superseded"));
+            continue;
+        }
+        let p = &claims[&inv.preregistration_id];
+        first.push(invitations::FirstSend {
+            invitation_id: inv.id,
+            preregistration_id: p.id,
+            from_status: p.status.as_str(),
+            link_expires_at: inv.link_expires_at,
+            association_type: &inv.association_type,
+        });
+        sending.push(i);
+    }
+    sending.extend(again);
+    let leased: Vec<Uuid> = sending.iter().map(|i| ids[*i]).collect();
+    if !leased.is_empty() {
+        for old in invitations::begin_sending_many(tx, ACTOR, &first, &leased).await? {
             tracing::debug!(invitation_id = %old, "superseded");
         }
-        preregs::mark_invited(&mut tx, p.id, "email", inv.link_expires_at).await?;
-        store::record(
-            &mut tx,
-            TimelineEntry {
-                preregistration_id: p.id,
-                actor: "system:email",
-                change: "invited",
-                from_status: Some(p.status.as_str()),
-                to_status: Some("invited"),
-                reason: None,
-                details: Some(
-                    json!({"invitation_id": id, "association_type": inv.association_type}),
-                ),
-            },
-        )
-        .await?;
     }
-    invitations::begin_sending(&mut tx, id).await?;
-    tx.commit().await?;
-    Ok(Activation::Send(Box::new(inv), Box::new(p)))
+    for i in sending {
+        let inv = &rows[&ids[i]];
+        let p = &claims[&inv.preregistration_id];
+        out[i] = Some(Activation::Send(Box::new(inv.clone()), Box::new(p.clone())));
+    }
+    let ended: Vec<(Uuid, &str, Option<&str>)> = ended
+        .iter()
+        .map(|(id, s, f)| (*id, *s, f.as_deref()))
+        .collect();
+    invitations::end_many(tx, &ended).await?;
+    fail_in(tx, &stale).await?;
+    Ok(())
 }
 
-/// The mail server accepted the email: `sent`, and `invitation.sent`.
-pub async fn sent(
+/// Marks the live ones of `failed` failed (each with its reason) and writes
+/// their `invitation.failed` events. Returns the ids that were live.
+async fn fail_in(
+    tx: &mut sqlx::PgConnection,
+    failed: &[(Uuid, &str)],
+) -> Result<HashSet<Uuid>, sqlx::Error> {
+    let reasons: HashMap<Uuid, &str> = failed.iter().copied().collect();
+    let live = invitations::fail_many(tx, failed).await?;
+    let events: Vec<CloudEvent> = live
+        .iter()
+        .map(|l| {
+            invitation_event(
+                "invitation.failed",
+                l.id,
+                l.preregistration_id,
+                json!({"failure": reasons.get(&l.id).copied().unwrap_or_default()}),
+            )
+        })
+        .collect();
+    outbox::events(tx, &events).await?;
+    Ok(live.into_iter().map(|l| l.id).collect())
+}
+
+/// What became of one leased invitation's email.
+#[derive(Debug, Clone)]
+pub enum EmailResult {
+    /// The mail server accepted it: `sent`, and `invitation.sent`.
+    Sent,
+    /// Not sent; the lease is released. `uncount`: the attempt never
+    /// reached the mail server and is taken back.
+    Release { uncount: bool },
+    /// Failed for good with this reason (`invitation.failed`), if still live.
+    Fail(String),
+}
+
+/// Records the results of a batch's emails in one transaction. Returns the
+/// ids of the invitations it failed (those still live).
+pub async fn record_batch(
     ctx: &Ctx,
-    inv: &invitations::Invitation,
-    prereg_id: Uuid,
-) -> Result<(), sqlx::Error> {
+    results: &[(&invitations::Invitation, EmailResult)],
+) -> Result<HashSet<Uuid>, sqlx::Error> {
     let mut tx = ctx.db.begin().await?;
-    invitations::mark_sent(&mut tx, inv.id).await?;
-    outbox::event(
-        &mut tx,
-        &invitation_event(
-            "invitation.sent",
-            inv.id,
-            prereg_id,
-            json!({"link_expires_at": inv.link_expires_at}),
-        ),
-    )
-    .await?;
-    tx.commit().await
-}
-
-/// Marks a live invitation failed with the server's reply and publishes
-/// `invitation.failed`. Returns whether it was still live.
-pub async fn fail(ctx: &Ctx, id: Uuid, reason: &str) -> Result<bool, sqlx::Error> {
-    fail_where(ctx, id, reason, None).await
+    let mut sent = Vec::new();
+    let mut events = Vec::new();
+    let (mut release, mut uncount) = (Vec::new(), Vec::new());
+    let mut failed: Vec<(Uuid, &str)> = Vec::new();
+    for (inv, r) in results {
+        match r {
+            EmailResult::Sent => {
+                sent.push(inv.id);
+                events.push(invitation_event(
+                    "invitation.sent",
+                    inv.id,
+                    inv.preregistration_id,
+                    json!({"link_expires_at": inv.link_expires_at}),
+                ));
+            }
+            EmailResult::Release { uncount: false } => release.push(inv.id),
+            EmailResult::Release { uncount: true } => uncount.push(inv.id),
+            EmailResult::Fail(reason) => failed.push((inv.id, reason)),
+        }
+    }
+    invitations::mark_sent_many(&mut tx, &sent).await?;
+    outbox::events(&mut tx, &events).await?;
+    invitations::release_many(&mut tx, &release, false).await?;
+    invitations::release_many(&mut tx, &uncount, true).await?;
+    let live = fail_in(&mut tx, &failed).await?;
+    tx.commit().await?;
+    Ok(live)
 }
 
 /// Gives up on a job's invitation after its retries ran out — unless another
@@ -273,15 +454,6 @@ pub async fn give_up(
     reason: &str,
     lease: Duration,
 ) -> Result<bool, sqlx::Error> {
-    fail_where(ctx, id, reason, Some(lease)).await
-}
-
-async fn fail_where(
-    ctx: &Ctx,
-    id: Uuid,
-    reason: &str,
-    unless_leased: Option<Duration>,
-) -> Result<bool, sqlx::Error> {
     let mut tx = ctx.db.begin().await?;
     let Some(inv) = invitations::get_for_update(&mut tx, id).await? else {
         return Ok(false);
@@ -289,22 +461,12 @@ async fn fail_where(
     if inv.status != "queued" {
         return Ok(false);
     }
-    if let (Some(lease), Some(since)) = (unless_leased, inv.sending_since) {
+    if let Some(since) = inv.sending_since {
         if Utc::now() - since < lease {
             return Ok(false);
         }
     }
-    invitations::set_status(&mut tx, id, "failed", Some(reason)).await?;
-    outbox::event(
-        &mut tx,
-        &invitation_event(
-            "invitation.failed",
-            id,
-            inv.preregistration_id,
-            json!({"failure": reason}),
-        ),
-    )
-    .await?;
+    let live = fail_in(&mut tx, &[(id, reason)]).await?;
     tx.commit().await?;
-    Ok(true)
+    Ok(!live.is_empty())
 }

@@ -352,64 +352,221 @@ pub async fn expire_due_links(
     .await
 }
 
-/// A newer invitation of the pre-registration already went out (was
-/// activated after `created_at`).
-pub async fn newer_activated(
-    conn: &mut PgConnection,
-    prereg_id: Uuid,
-    id: Uuid,
-    created_at: DateTime<Utc>,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM invitations WHERE preregistration_id = $1 AND id <> $2
-           AND activated_at IS NOT NULL AND created_at > $3)",
-    )
-    .bind(prereg_id)
-    .bind(id)
-    .bind(created_at)
-    .fetch_one(conn)
-    .await
-}
-
-/// Takes the delivery lease: activated (once), sending since now, one more attempt.
-pub async fn begin_sending(conn: &mut PgConnection, id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE invitations SET activated_at = COALESCE(activated_at, now()), sending_since = now(), attempts = attempts + 1 WHERE id = $1")
-        .bind(id)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// Releases the delivery lease; `uncount` takes the attempt back (it never
-/// reached the mail server).
-pub async fn release_sending<'e>(
-    db: impl PgExecutor<'e>,
-    id: Uuid,
-    uncount: bool,
-) -> Result<(), sqlx::Error> {
-    let sql = if uncount {
-        "UPDATE invitations SET sending_since = NULL, attempts = greatest(attempts - 1, 0) WHERE id = $1"
-    } else {
-        "UPDATE invitations SET sending_since = NULL WHERE id = $1"
-    };
-    sqlx::query(sql).bind(id).execute(db).await?;
-    Ok(())
-}
-
-/// The mail server accepted the invitation email.
-pub async fn mark_sent(conn: &mut PgConnection, id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE invitations SET status = CASE WHEN status = 'queued' THEN 'sent' ELSE status END, sent_at = now(), sending_since = NULL, failure = NULL WHERE id = $1")
-        .bind(id)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// An offline link is handed out at once: sent now.
 pub async fn sent_now(conn: &mut PgConnection, id: Uuid) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE invitations SET sent_at = now() WHERE id = $1")
         .bind(id)
         .execute(conn)
         .await?;
+    Ok(())
+}
+
+// Batched statements of the email worker: one batch of deliveries is leased
+// in one transaction and its results recorded in another, each a handful
+// of statements whatever the batch size.
+
+/// Locks the invitations `ids` (in id order, so two workers' batches never
+/// deadlock on them) and returns those that exist.
+pub async fn lock_many(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<Vec<Invitation>, sqlx::Error> {
+    super::rows_by(conn, select("id = ANY($1) ORDER BY id FOR UPDATE"), ids).await
+}
+
+/// Locks the pre-registrations `ids` (in id order) and returns those that
+/// exist.
+pub async fn lock_claims(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<Vec<super::preregs::Prereg>, sqlx::Error> {
+    super::rows_by(
+        conn,
+        format!(
+            "SELECT {} FROM preregistrations WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            super::preregs::COLUMNS
+        ),
+        ids,
+    )
+    .await
+}
+
+/// One invitation of a batch with its pre-registration and creation time,
+/// as [`newer_activated_many`] reads it.
+pub struct Candidate {
+    pub id: Uuid,
+    pub preregistration_id: Uuid,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The ids of those of `c` (each of another pre-registration) that a newer
+/// invitation of their pre-registration, already activated, supersedes.
+pub async fn newer_activated_many(
+    conn: &mut PgConnection,
+    c: &[Candidate],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    if c.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = c.iter().map(|c| c.id).collect();
+    let preregs: Vec<Uuid> = c.iter().map(|c| c.preregistration_id).collect();
+    let created: Vec<DateTime<Utc>> = c.iter().map(|c| c.created_at).collect();
+    sqlx::query_scalar(
+        "SELECT c.id FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) AS c(id, prereg, created)
+         WHERE EXISTS (SELECT 1 FROM invitations o WHERE o.preregistration_id = c.prereg AND o.id <> c.id
+                         AND o.activated_at IS NOT NULL AND o.created_at > c.created)",
+    )
+    .bind(&ids)
+    .bind(&preregs)
+    .bind(&created)
+    .fetch_all(conn)
+    .await
+}
+
+/// An invitation going out for the first time: its claim becomes `invited`.
+pub struct FirstSend<'a> {
+    pub invitation_id: Uuid,
+    pub preregistration_id: Uuid,
+    /// The claim's status before (for its timeline entry).
+    pub from_status: &'a str,
+    pub link_expires_at: Option<DateTime<Utc>>,
+    pub association_type: &'a str,
+}
+
+/// Takes the delivery leases of `lease` in one statement; for the invitations
+/// of `first` (each of another pre-registration) also what
+/// [`supersede_others`], `preregs::mark_invited` (`email`) and the `invited`
+/// timeline entry (by `actor`) do one at a time. Returns the superseded ids.
+pub async fn begin_sending_many(
+    conn: &mut PgConnection,
+    actor: &str,
+    first: &[FirstSend<'_>],
+    lease: &[Uuid],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let inv: Vec<Uuid> = first.iter().map(|f| f.invitation_id).collect();
+    let prereg: Vec<Uuid> = first.iter().map(|f| f.preregistration_id).collect();
+    let from: Vec<&str> = first.iter().map(|f| f.from_status).collect();
+    let expires: Vec<Option<DateTime<Utc>>> = first.iter().map(|f| f.link_expires_at).collect();
+    let types: Vec<&str> = first.iter().map(|f| f.association_type).collect();
+    // Each sub-statement updates other rows (the superseded invitations
+    // belong to `first`'s claims and are not `first`'s own; a leased one
+    // of such a claim is that claim's `first`), as one statement must.
+    sqlx::query_scalar(&format!(
+        "WITH f AS (
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::text[])
+                 WITH ORDINALITY AS t(inv, prereg, from_status, link_expires_at, association_type, n)
+         ),
+         sup AS (
+             UPDATE invitations o SET status = 'superseded', sending_since = NULL FROM f
+             WHERE o.preregistration_id = f.prereg AND o.id <> f.inv AND o.status IN {}
+               AND o.activated_at IS NOT NULL
+             RETURNING o.id
+         ),
+         invited AS (
+             UPDATE preregistrations p SET status = 'invited', invited_at = COALESCE(p.invited_at, now()),
+                 last_method = 'email', link_expires_at = f.link_expires_at, updated_at = now()
+             FROM f WHERE p.id = f.prereg
+         ),
+         timeline AS (
+             INSERT INTO preregistration_events (preregistration_id, actor, change, from_status, to_status, details)
+             SELECT prereg, $7, 'invited', from_status, 'invited',
+                    jsonb_build_object('invitation_id', inv, 'association_type', association_type)
+             FROM f ORDER BY n
+         ),
+         leased AS (
+             UPDATE invitations SET activated_at = COALESCE(activated_at, now()), sending_since = now(),
+                 attempts = attempts + 1
+             WHERE id = ANY($6)
+         )
+         SELECT id FROM sup",
+        super::sets::links_outstanding()
+    ))
+    .bind(&inv)
+    .bind(&prereg)
+    .bind(&from)
+    .bind(&expires)
+    .bind(&types)
+    .bind(lease)
+    .bind(actor)
+    .fetch_all(conn)
+    .await
+}
+
+/// Ends many invitations at once: each gets its status and failure reason
+/// (kept when `None`), and loses its lease.
+pub async fn end_many(
+    conn: &mut PgConnection,
+    ended: &[(Uuid, &str, Option<&str>)],
+) -> Result<(), sqlx::Error> {
+    if ended.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = ended.iter().map(|e| e.0).collect();
+    let statuses: Vec<&str> = ended.iter().map(|e| e.1).collect();
+    let failures: Vec<Option<&str>> = ended.iter().map(|e| e.2).collect();
+    sqlx::query(
+        "UPDATE invitations i SET status = e.status, failure = COALESCE(e.failure, i.failure), sending_since = NULL
+         FROM unnest($1::uuid[], $2::text[], $3::text[]) AS e(id, status, failure)
+         WHERE i.id = e.id",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&failures)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks many live (`queued`) invitations failed, each with its reason.
+/// Returns those that were still live, with their pre-registration.
+pub async fn fail_many(
+    conn: &mut PgConnection,
+    failed: &[(Uuid, &str)],
+) -> Result<Vec<LinkRef>, sqlx::Error> {
+    if failed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = failed.iter().map(|f| f.0).collect();
+    let reasons: Vec<&str> = failed.iter().map(|f| f.1).collect();
+    sqlx::query_as(
+        "UPDATE invitations i SET status = 'failed', failure = f.reason, sending_since = NULL
+         FROM unnest($1::uuid[], $2::text[]) AS f(id, reason)
+         WHERE i.id = f.id AND i.status = 'queued'
+         RETURNING i.id, i.preregistration_id",
+    )
+    .bind(&ids)
+    .bind(&reasons)
+    .fetch_all(conn)
+    .await
+}
+
+/// The mail server accepted these invitations' emails.
+pub async fn mark_sent_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("UPDATE invitations SET status = CASE WHEN status = 'queued' THEN 'sent' ELSE status END, sent_at = now(), sending_since = NULL, failure = NULL WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Releases the delivery leases; `uncount` takes the attempt back (it
+/// never reached the mail server).
+pub async fn release_many(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    uncount: bool,
+) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let sql = if uncount {
+        "UPDATE invitations SET sending_since = NULL, attempts = greatest(attempts - 1, 0) WHERE id = ANY($1)"
+    } else {
+        "UPDATE invitations SET sending_since = NULL WHERE id = ANY($1)"
+    };
+    sqlx::query(sql).bind(ids).execute(conn).await?;
     Ok(())
 }

@@ -8,6 +8,7 @@ mod concurrency;
 mod dashboard;
 mod dashboard_ops;
 mod dead_letters;
+mod email_batch;
 mod faults_broker;
 mod faults_cluster;
 mod faults_locks;
