@@ -36,6 +36,8 @@ async fn main() -> anyhow::Result<()> {
     let mut cfg = Config::from_env().unwrap_or_default();
     cfg.database_url = format!("{pg}/{db}");
     cfg.job_timeout = Duration::from_secs(600);
+    // The fill is one statement over a million rows: no statement timeout.
+    cfg.db_statement_timeout = Duration::ZERO;
     let ctx = Ctx::new(cfg)?;
     prereg::store::migrate(&ctx.db).await?;
 
