@@ -55,6 +55,8 @@ async fn main() -> anyhow::Result<()> {
     // BENCH_DB_URL_SUFFIX, e.g. `?options=-c%20plan_cache_mode%3Dforce_custom_plan`.
     cfg.database_url = format!("{pg}/{db}{}", env_or("BENCH_DB_URL_SUFFIX", ""));
     cfg.job_timeout = Duration::from_secs(600);
+    // The fill is one statement over a million rows: no statement timeout.
+    cfg.db_statement_timeout = Duration::ZERO;
     let ctx = Ctx::new(cfg)?;
     prereg::store::migrate(&ctx.db).await?;
 

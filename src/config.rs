@@ -27,6 +27,9 @@ pub struct Config {
     pub amqp_url: String,
     pub redis_url: String,
     pub smtp_url: String,
+    /// `PREREG_SMTP_CA_FILE`: PEM certificates trusted (besides the public
+    /// roots) for the TLS connection to the mail server, e.g. a private CA.
+    pub smtp_ca_file: Option<std::path::PathBuf>,
     pub http_addr: SocketAddr,
     /// How long a client has to send a complete request head (slowloris).
     pub http_header_timeout: Duration,
@@ -265,6 +268,9 @@ impl Config {
             amqp_url: get("PREREG_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
             redis_url: get("PREREG_REDIS_URL", "redis://127.0.0.1:6379"),
             smtp_url: get("PREREG_SMTP_URL", "smtp://127.0.0.1:1025"),
+            smtp_ca_file: Some(get("PREREG_SMTP_CA_FILE", ""))
+                .filter(|v| !v.trim().is_empty())
+                .map(std::path::PathBuf::from),
             http_addr: addr("PREREG_HTTP_ADDR", "127.0.0.1:8080")?,
             http_header_timeout: dur("PREREG_HTTP_HEADER_TIMEOUT", "10s")?
                 .max(Duration::from_millis(50)),

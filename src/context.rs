@@ -63,11 +63,12 @@ impl Ctx {
             cfg.lock_ttl,
             cfg.lock_wait,
         );
-        let mailer = Mailer::new(
+        let mailer = Mailer::with_ca_file(
             &cfg.smtp_url,
             &cfg.mail_from,
             cfg.smtp_pool_size,
             cfg.smtp_timeout,
+            cfg.smtp_ca_file.as_deref(),
         )
         .map_err(|e| anyhow::anyhow!(e))?;
         let publisher = Arc::new(Publisher::new(broker.clone(), cfg.publish_timeout));

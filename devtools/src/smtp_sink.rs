@@ -1,6 +1,10 @@
 //! A small, real SMTP server used as an email sink by the tests and by the
-//! local benchmark: an RFC 5321 subset over plain TCP (no TLS; `AUTH PLAIN`
-//! only when [`SmtpSink::require_auth`] asks for it).
+//! local benchmark: an RFC 5321 subset over plain TCP, or with a given
+//! certificate over STARTTLS (RFC 3207, [`SmtpSink::start_starttls`]) or
+//! implicit TLS ([`SmtpSink::start_tls`]); `AUTH PLAIN` only when
+//! [`SmtpSink::require_auth`] asks for it. What arrived encrypted is
+//! recorded ([`ReceivedMail::tls`], [`SmtpSink::commands`],
+//! [`SmtpSink::tls_sessions`]).
 //! Besides scripted replies ([`SmtpSink::script`]), it can take a message
 //! and then withhold the reply, drop the connection or answer late
 //! ([`SmtpSink::after_data`]): the outcomes a client cannot know.
@@ -23,9 +27,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
+use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 /// Largest message accepted, as advertised by `SIZE` (10 MiB).
@@ -40,7 +48,14 @@ const MAX_RECIPIENTS: usize = 1000;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 const GREETING: &[u8] = b"220 sink ESMTP\r\n";
-const EHLO_REPLY: &[u8] = b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10485760\r\n";
+/// Longest a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The EHLO reply: the name line, the optional extensions, then these.
+const EHLO_NAME: &[u8] = b"250-sink\r\n";
+const EHLO_STARTTLS: &[u8] = b"250-STARTTLS\r\n";
+const EHLO_AUTH: &[u8] = b"250-AUTH PLAIN\r\n";
+const EHLO_REST: &[u8] = b"250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10485760\r\n";
 
 /// One message the sink accepted (answered 2xx after `DATA`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +68,65 @@ pub struct ReceivedMail {
     /// ends kept as sent (CRLF), without the terminating `.` line. Bytes that
     /// are not UTF-8 are replaced by U+FFFD.
     pub data: String,
+    /// Whether it arrived over TLS (implicit, or after `STARTTLS`).
+    pub tls: bool,
+}
+
+/// One command line the sink received (recorded unless in benchmark mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenCommand {
+    /// The verb, upper-cased (`EHLO`, `MAIL`, `STARTTLS`, …).
+    pub verb: String,
+    /// Whether it came over TLS.
+    pub tls: bool,
+}
+
+/// The certificate (chain) and private key the sink presents for TLS.
+#[derive(Clone)]
+pub struct SinkTls(TlsAcceptor);
+
+impl SinkTls {
+    /// From PEM: the server certificate first, then any intermediates; and
+    /// its private key (PKCS#8, PKCS#1 or SEC1).
+    pub fn from_pem(cert_chain_pem: &str, key_pem: &str) -> io::Result<SinkTls> {
+        use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+        let invalid = |what: &str, e: &dyn std::fmt::Display| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{what}: {e}"))
+        };
+        let chain = CertificateDer::pem_slice_iter(cert_chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("certificate", &e))?;
+        if chain.is_empty() {
+            return Err(invalid("certificate", &"no PEM certificate"));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| invalid("private key", &e))?;
+        // An explicit provider: the process may have more than one compiled in.
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid("TLS versions", &e))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| invalid("certificate and key", &e))?;
+        Ok(SinkTls(TlsAcceptor::from(Arc::new(config))))
+    }
+}
+
+impl std::fmt::Debug for SinkTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SinkTls")
+    }
+}
+
+/// How connections are secured.
+#[derive(Debug, Clone)]
+enum Mode {
+    Plain,
+    /// Plain at first; `STARTTLS` is advertised and upgrades the connection.
+    StartTls(SinkTls),
+    /// TLS from the first byte (`smtps`).
+    Implicit(SinkTls),
 }
 
 /// A scripted reply for the next MAIL / RCPT / DATA-end (consumed in order, across connections); when the script is empty every command succeeds.
@@ -104,6 +178,11 @@ struct Shared {
     keep: AtomicBool,
     connections: AtomicUsize,
     arrived: Notify,
+    mode: Mode,
+    /// TLS handshakes completed / failed.
+    tls_sessions: AtomicUsize,
+    tls_failures: AtomicUsize,
+    commands: Mutex<Vec<SeenCommand>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -137,6 +216,31 @@ impl SmtpSink {
     /// Starts a sink on `addr` (port 0 picks a free one). Must be called
     /// within a tokio runtime.
     pub async fn start_on(addr: SocketAddr) -> io::Result<SmtpSink> {
+        Self::start_with(addr, Mode::Plain).await
+    }
+
+    /// Starts a sink on `127.0.0.1` that advertises `STARTTLS` and, on it,
+    /// upgrades the connection with `tls` (RFC 3207). Before that, it serves
+    /// in clear like [`SmtpSink::start`].
+    pub async fn start_starttls(tls: SinkTls) -> io::Result<SmtpSink> {
+        Self::start_with(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            Mode::StartTls(tls),
+        )
+        .await
+    }
+
+    /// Starts a sink on `127.0.0.1` that speaks TLS from the first byte
+    /// (implicit TLS, `smtps`), presenting `tls`.
+    pub async fn start_tls(tls: SinkTls) -> io::Result<SmtpSink> {
+        Self::start_with(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            Mode::Implicit(tls),
+        )
+        .await
+    }
+
+    async fn start_with(addr: SocketAddr, mode: Mode) -> io::Result<SmtpSink> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -149,6 +253,10 @@ impl SmtpSink {
             keep: AtomicBool::new(true),
             connections: AtomicUsize::new(0),
             arrived: Notify::new(),
+            mode,
+            tls_sessions: AtomicUsize::new(0),
+            tls_failures: AtomicUsize::new(0),
+            commands: Mutex::new(Vec::new()),
         });
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped));
@@ -161,9 +269,31 @@ impl SmtpSink {
         self.addr
     }
 
-    /// `smtp://HOST:PORT` (plain SMTP, no TLS).
+    /// `smtp://HOST:PORT` (plain), `smtp://HOST:PORT?tls=required`
+    /// (STARTTLS) or `smtps://HOST:PORT` (implicit TLS), as the sink serves.
     pub fn url(&self) -> String {
-        format!("smtp://{}", self.addr)
+        match self.shared.mode {
+            Mode::Plain => format!("smtp://{}", self.addr),
+            Mode::StartTls(_) => format!("smtp://{}?tls=required", self.addr),
+            Mode::Implicit(_) => format!("smtps://{}", self.addr),
+        }
+    }
+
+    /// How many TLS handshakes completed (implicit TLS or after `STARTTLS`).
+    pub fn tls_sessions(&self) -> usize {
+        self.shared.tls_sessions.load(Ordering::SeqCst)
+    }
+
+    /// How many TLS handshakes failed (e.g. the client refused the
+    /// certificate) or timed out.
+    pub fn tls_failures(&self) -> usize {
+        self.shared.tls_failures.load(Ordering::SeqCst)
+    }
+
+    /// Every command line received so far, in order, across connections
+    /// (not recorded while `keep_messages(false)`).
+    pub fn commands(&self) -> Vec<SeenCommand> {
+        lock(&self.shared.commands).clone()
     }
 
     /// Queues one reply for the next command of `stage`, e.g.
@@ -293,7 +423,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
                 let shared = Arc::clone(&shared);
                 let stop = stop.clone();
                 tokio::spawn(async move {
-                    match serve(stream, &shared, stop).await {
+                    match serve_connection(stream, &shared, stop).await {
                         Ok(()) => debug!(%peer, "smtp sink: connection closed"),
                         Err(err) => debug!(%peer, error = %err, "smtp sink: connection lost"),
                     }
@@ -446,17 +576,73 @@ struct Transaction {
     to: Vec<String>,
 }
 
-/// Serves one connection until `QUIT`, disconnect, timeout or shutdown.
-async fn serve(
+/// The TLS handshake as the server, bounded in time; counted.
+async fn handshake(
+    acceptor: &TlsAcceptor,
     stream: TcpStream,
     shared: &Shared,
-    mut stop: watch::Receiver<bool>,
+) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "TLS handshake timed out",
+        )),
+    };
+    match &result {
+        Ok(_) => shared.tls_sessions.fetch_add(1, Ordering::SeqCst),
+        Err(_) => shared.tls_failures.fetch_add(1, Ordering::SeqCst),
+    };
+    result
+}
+
+/// Serves one connection: TLS first if implicit, and the upgrade on
+/// `STARTTLS`.
+async fn serve_connection(
+    stream: TcpStream,
+    shared: &Shared,
+    stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
+    match &shared.mode {
+        Mode::Implicit(tls) => {
+            let stream = handshake(&tls.0, stream, shared).await?;
+            serve(stream, true, true, shared, stop).await?;
+        }
+        Mode::Plain => {
+            serve(stream, false, true, shared, stop).await?;
+        }
+        Mode::StartTls(tls) => {
+            if let Some(stream) = serve(stream, false, true, shared, stop.clone()).await? {
+                let stream = handshake(&tls.0, stream, shared).await?;
+                // No greeting: the client starts over with EHLO.
+                serve(stream, true, false, shared, stop).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Serves one connection until `QUIT`, disconnect, timeout or shutdown;
+/// or, on an accepted `STARTTLS`, hands back the stream to be upgraded.
+/// `tls`: the stream is already encrypted. `greet`: send the 220 greeting.
+async fn serve<S>(
+    stream: S,
+    tls: bool,
+    greet: bool,
+    shared: &Shared,
+    mut stop: watch::Receiver<bool>,
+) -> io::Result<Option<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (rd, wr) = tokio::io::split(stream);
     let mut r = BufReader::with_capacity(16 * 1024, rd);
     let mut w = BufWriter::with_capacity(16 * 1024, wr);
-    w.write_all(GREETING).await?;
+    if greet {
+        w.write_all(GREETING).await?;
+    }
+    let offers_starttls = !tls && matches!(shared.mode, Mode::StartTls(_));
 
     let mut txn: Option<Transaction> = None;
     let mut authenticated = false;
@@ -468,14 +654,14 @@ async fn serve(
             () = stopped(&mut stop) => {
                 reply(&mut w, 421, "4.3.2 sink shutting down").await?;
                 w.flush().await?;
-                return Ok(());
+                return Ok(None);
             }
             read = tokio::time::timeout(IDLE_TIMEOUT, read_line(&mut r, &mut line, MAX_COMMAND_LINE)) => read,
         };
         let Ok(read) = read else {
             reply(&mut w, 421, "4.4.2 sink idle timeout").await?;
             w.flush().await?;
-            return Ok(());
+            return Ok(None);
         };
         match read? {
             Line::Full => {}
@@ -485,7 +671,7 @@ async fn serve(
             }
             Line::Eof => {
                 debug!("smtp sink: client closed the connection without QUIT");
-                return Ok(());
+                return Ok(None);
             }
         }
 
@@ -495,16 +681,43 @@ async fn serve(
             Some(i) => (&command[..i], command[i + 1..].trim()),
             None => (command, ""),
         };
-        match verb.to_ascii_uppercase().as_str() {
+        let verb = verb.to_ascii_uppercase();
+        if shared.keep.load(Ordering::SeqCst) {
+            lock(&shared.commands).push(SeenCommand {
+                verb: verb.clone(),
+                tls,
+            });
+        }
+        match verb.as_str() {
             "EHLO" | "HELO" if arg.is_empty() => {
                 reply(&mut w, 501, "5.5.4 domain name required").await?;
             }
             "EHLO" => {
                 txn = None;
-                if lock(&shared.auth).is_some() {
-                    w.write_all(b"250-AUTH PLAIN\r\n").await?;
+                w.write_all(EHLO_NAME).await?;
+                if offers_starttls {
+                    w.write_all(EHLO_STARTTLS).await?;
                 }
-                w.write_all(EHLO_REPLY).await?;
+                if lock(&shared.auth).is_some() {
+                    w.write_all(EHLO_AUTH).await?;
+                }
+                w.write_all(EHLO_REST).await?;
+            }
+            "STARTTLS" if offers_starttls => {
+                if !arg.is_empty() {
+                    reply(&mut w, 501, "5.5.4 no parameters allowed").await?;
+                    continue;
+                }
+                reply(&mut w, 220, "2.0.0 ready to start TLS").await?;
+                w.flush().await?;
+                // RFC 3207: whatever the client pipelined after STARTTLS is
+                // discarded (it was sent in clear), and the session starts
+                // over (no transaction, not authenticated).
+                let stream = r.into_inner().unsplit(w.into_inner());
+                return Ok(Some(stream));
+            }
+            "STARTTLS" if tls => {
+                reply(&mut w, 503, "5.5.1 TLS already active").await?;
             }
             "AUTH" => {
                 let required = lock(&shared.auth).clone();
@@ -613,7 +826,7 @@ async fn serve(
                 let keep = shared.keep.load(Ordering::SeqCst);
                 let Some(body) = read_data(&mut r, &mut line, keep).await? else {
                     debug!("smtp sink: client went away during DATA");
-                    return Ok(());
+                    return Ok(None);
                 };
                 let Ok(body) = body else {
                     reply(&mut w, 552, "5.3.4 message too big or line too long").await?;
@@ -623,6 +836,7 @@ async fn serve(
                     from: t.from,
                     to: t.to,
                     data: String::from_utf8_lossy(&body).into_owned(),
+                    tls,
                 });
                 match shared.take_script(Stage::Data) {
                     Some((code, text)) => {
@@ -638,7 +852,7 @@ async fn serve(
                             None => {}
                             Some(AfterData::Drop) => {
                                 debug!("smtp sink: dropping the connection after taking a message");
-                                return Ok(());
+                                return Ok(None);
                             }
                             Some(AfterData::Stall) => {
                                 debug!("smtp sink: stalling after taking a message");
@@ -647,18 +861,18 @@ async fn serve(
                                 loop {
                                     let read = tokio::select! {
                                         biased;
-                                        () = stopped(&mut stop) => return Ok(()),
+                                        () = stopped(&mut stop) => return Ok(None),
                                         read = read_line(&mut r, &mut line, MAX_COMMAND_LINE) => read,
                                     };
                                     if matches!(read, Ok(Line::Eof) | Err(_)) {
-                                        return Ok(());
+                                        return Ok(None);
                                     }
                                 }
                             }
                             Some(AfterData::Delay(d)) => {
                                 tokio::select! {
                                     biased;
-                                    () = stopped(&mut stop) => return Ok(()),
+                                    () = stopped(&mut stop) => return Ok(None),
                                     () = tokio::time::sleep(d) => {}
                                 }
                             }
@@ -676,7 +890,7 @@ async fn serve(
                 reply(&mut w, 221, "2.0.0 bye").await?;
                 w.flush().await?;
                 let _ = w.shutdown().await;
-                return Ok(());
+                return Ok(None);
             }
             _ => reply(&mut w, 500, "5.5.2 command not recognized").await?,
         }
@@ -991,6 +1205,7 @@ mod tests {
                 from: "a@x".into(),
                 to: vec!["b@y".into(), "c@z".into()],
                 data: "Subject: s\r\n\r\n.x\r\n".into(),
+                tls: false,
             }]
         );
     }
@@ -1222,7 +1437,7 @@ mod tests {
         sink.require_auth("user", "pass");
         let mut c = Raw::connect(&sink).await;
         c.send("EHLO c\r\n").await;
-        assert!(c.reply().await.starts_with("250-AUTH PLAIN\n"));
+        assert!(c.reply().await.starts_with("250-sink\n250-AUTH PLAIN\n"));
         c.send("MAIL FROM:<a@x>\r\n").await;
         assert!(c.reply().await.starts_with("530 "));
         c.send("AUTH PLAIN AHVzZXIAd3Jvbmc=\r\n").await;

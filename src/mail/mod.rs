@@ -7,7 +7,10 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use lettre::{
     message::{header::ContentType, Mailbox, MultiPart, SinglePart},
-    transport::smtp::PoolConfig,
+    transport::smtp::{
+        client::{Certificate, Tls, TlsParameters},
+        AsyncSmtpTransportBuilder, PoolConfig,
+    },
     AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
 };
 use thiserror::Error;
@@ -212,6 +215,49 @@ enum Transport {
     File(AsyncFileTransport<Tokio1Executor>, std::path::PathBuf),
 }
 
+/// The SMTP transport builder of `url`. With `ca_pem` (the contents of
+/// `PREREG_SMTP_CA_FILE`), its certificates are trusted as roots besides the
+/// public ones, for the STARTTLS (`?tls=required` / `?tls=opportunistic`) or
+/// implicit TLS (`smtps://`) connection the URL asks for; a URL without TLS
+/// is refused then, since the CA would silently go unused.
+fn smtp_builder(url: &str, ca_pem: Option<&[u8]>) -> Result<AsyncSmtpTransportBuilder, String> {
+    let builder = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+        .map_err(|e| format!("PREREG_SMTP_URL: {e}"))?;
+    let Some(pem) = ca_pem else {
+        return Ok(builder);
+    };
+    // from_url accepted it, so it parses and has a host.
+    let parsed = url::Url::parse(url).map_err(|e| format!("PREREG_SMTP_URL: {e}"))?;
+    let host = parsed.host_str().unwrap_or_default().to_string();
+    let tls_query = parsed
+        .query_pairs()
+        .find(|(k, _)| k == "tls")
+        .map(|(_, v)| v.into_owned());
+    // The mode first: a CA for a URL without TLS is a mistake to report.
+    let mode: fn(TlsParameters) -> Tls = match (parsed.scheme(), tls_query.as_deref()) {
+        ("smtps", _) => Tls::Wrapper,
+        ("smtp", Some("required")) => Tls::Required,
+        ("smtp", Some("opportunistic")) => Tls::Opportunistic,
+        _ => {
+            return Err(
+                "PREREG_SMTP_CA_FILE is set but PREREG_SMTP_URL uses no TLS (use smtps:// or ?tls=required)"
+                    .into(),
+            )
+        }
+    };
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    if !pem.windows(BEGIN.len()).any(|w| w == BEGIN) {
+        return Err("PREREG_SMTP_CA_FILE: no PEM certificate in the file".into());
+    }
+    let cert = Certificate::from_pem(pem).map_err(|e| format!("PREREG_SMTP_CA_FILE: {e}"))?;
+    let params = TlsParameters::builder(host)
+        .add_root_certificate(cert)
+        .build()
+        .map_err(|e| format!("PREREG_SMTP_CA_FILE: {e}"))?;
+    let tls = mode(params);
+    Ok(builder.tls(tls))
+}
+
 impl Mailer {
     /// `url`: `smtp://host:port` (plain), `smtp://...?tls=required`
     /// (STARTTLS) or `smtps://host` (TLS), with `user:pass@` for AUTH; or
@@ -221,6 +267,20 @@ impl Mailer {
         from: &str,
         pool_size: u32,
         timeout: std::time::Duration,
+    ) -> Result<Self, String> {
+        Self::with_ca_file(url, from, pool_size, timeout, None)
+    }
+
+    /// [`Mailer::new`], and with `ca_file` (`PREREG_SMTP_CA_FILE`) the PEM
+    /// certificates in that file are trusted for the TLS connection to the
+    /// mail server, besides the public roots (a private CA). Ignored by the
+    /// `file://` transport.
+    pub fn with_ca_file(
+        url: &str,
+        from: &str,
+        pool_size: u32,
+        timeout: std::time::Duration,
+        ca_file: Option<&std::path::Path>,
     ) -> Result<Self, String> {
         let transport = if let Some(dir) = url.strip_prefix("file://") {
             if dir.is_empty() {
@@ -235,9 +295,15 @@ impl Mailer {
             })?;
             Transport::File(AsyncFileTransport::new(&dir), dir)
         } else {
+            let ca_pem = ca_file
+                .map(|path| {
+                    std::fs::read(path).map_err(|e| {
+                        format!("PREREG_SMTP_CA_FILE: cannot read {}: {e}", path.display())
+                    })
+                })
+                .transpose()?;
             Transport::Smtp(
-                AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
-                    .map_err(|e| format!("PREREG_SMTP_URL: {e}"))?
+                smtp_builder(url, ca_pem.as_deref())?
                     .pool_config(PoolConfig::new().max_size(pool_size.max(1)))
                     .timeout(Some(timeout))
                     .build(),
@@ -366,6 +432,16 @@ mod tests {
         assert!(zh.text.contains("推荐模式"));
         assert!(zh.text.contains("Example Cloud 付款"));
         assert!(zh.html.contains("lang=\"zh-CN\""));
+    }
+
+    #[test]
+    fn a_ca_file_needs_a_tls_url_and_a_certificate() {
+        // Any well-formed certificate will do for the parsing checks.
+        const PEM: &[u8] = b"-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUX2FyZ3VtZW50c19hcmVfbm90X2NoZWNrZWQwCgYIKoZIzj0EAwIw\n-----END CERTIFICATE-----\n";
+        let err = |url: &str, pem: &[u8]| smtp_builder(url, Some(pem)).err().unwrap_or_default();
+        assert!(err("smtp://127.0.0.1:25", PEM).contains("uses no TLS"));
+        assert!(err("smtps://127.0.0.1:465", b"not a certificate").contains("no PEM certificate"));
+        assert!(smtp_builder("smtp://127.0.0.1:25", None).is_ok());
     }
 
     #[test]

@@ -28,6 +28,7 @@ mod relay;
 mod retries;
 mod secrets;
 mod security;
+mod smtp_tls;
 mod time;
 mod trust;
 mod wire;
