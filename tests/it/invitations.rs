@@ -804,7 +804,7 @@ async fn with_redis_down_the_partner_email_rate_is_skipped_and_nothing_fails() {
 /// SMTP AUTH with the credentials of `PREREG_SMTP_URL` (`smtp://user:pass@…`):
 /// a server that requires it gets them and takes the email; wrong ones are a
 /// permanent failure (535) that names the reply and never the password.
-/// (STARTTLS and implicit TLS are not tested: see docs/testing.md.)
+/// (STARTTLS and implicit TLS: `tests/it/smtp_tls.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_auth_uses_the_url_credentials_and_a_refusal_is_permanent() {
     for (password, ok) in [("s3cret-pw", true), ("wrong-pw", false)] {
