@@ -10,9 +10,4 @@
 # Knobs: BENCH_PG, BENCH_AMQP, BENCH_REDIS, BENCH_DB (default prereg_bench_email,
 # dropped afterwards unless BENCH_KEEP_DB=1), BENCH_EMAILS,
 # BENCH_PUBLISH_PARALLELISM, PREREG_DB_MAX_CONNECTIONS.
-set -euo pipefail
-# Benchmarks build their own throwaway context: development-mode secrets.
-export PREREG_DEV_MODE="${PREREG_DEV_MODE:-1}"
-cd "$(dirname "$0")/.."
-echo "== machine: $(nproc) CPUs, $(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//'), load $(cut -d' ' -f1-3 /proc/loadavg), git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >&2
-exec cargo bench --bench email -- "$@"
+exec "$(dirname "$0")/cargo-bench.sh" email "$@"

@@ -10,15 +10,4 @@
 # prereg_bench_history, dropped afterwards unless BENCH_KEEP_DB=1),
 # BENCH_RECORDS, BENCH_BIG, BENCH_REQUESTS, BENCH_Q_FEW, BENCH_Q_MANY,
 # BENCH_DB_URL_SUFFIX.
-set -euo pipefail
-# Benchmarks build their own throwaway context: development-mode secrets.
-export PREREG_DEV_MODE="${PREREG_DEV_MODE:-1}"
-cd "$(dirname "$0")/.."
-echo "== machine: $(nproc) CPUs, $(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//'), load $(cut -d' ' -f1-3 /proc/loadavg), git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >&2
-# Build first, so the load average printed before the run is not the compiler's.
-cargo bench --bench history --no-run >&2
-echo "== load average before: $(cat /proc/loadavg)" >&2
-status=0
-cargo bench --bench history -- "$@" || status=$?
-echo "== load average after: $(cat /proc/loadavg)" >&2
-exit "$status"
+exec "$(dirname "$0")/cargo-bench.sh" history "$@"

@@ -10,15 +10,4 @@
 # (server URL, default postgres://postgres@127.0.0.1:5432), BENCH_DB
 # (default prereg_bench_sweep, dropped afterwards unless BENCH_KEEP_DB=1),
 # BENCH_CLAIMS, BENCH_DUE, PREREG_SWEEP_BATCH, PREREG_CLAIM_REMINDER_BEFORE.
-set -euo pipefail
-# Benchmarks build their own throwaway context: development-mode secrets.
-export PREREG_DEV_MODE="${PREREG_DEV_MODE:-1}"
-cd "$(dirname "$0")/.."
-echo "== machine: $(nproc) CPUs, $(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//'), git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >&2
-# Build first, so the load average printed before the run is not the compiler's.
-cargo bench --bench sweep --no-run >&2
-echo "== load average before: $(cat /proc/loadavg)" >&2
-status=0
-cargo bench --bench sweep -- "$@" || status=$?
-echo "== load average after: $(cat /proc/loadavg)" >&2
-exit "$status"
+exec "$(dirname "$0")/cargo-bench.sh" sweep "$@"
