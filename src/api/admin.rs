@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::{
     auth::OperatorAuth,
     error::{ApiError, ApiResult},
-    json_body, parse_id, views, AppState,
+    json_body, views, AppState, PathId,
 };
 use crate::{
     domain::validate::{self, FieldError, Fields},
@@ -153,9 +153,8 @@ pub async fn create_partner(
 pub async fn get_partner(
     State(st): State<AppState>,
     _op: OperatorAuth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> ApiResult<Json<Value>> {
-    let id = parse_id(&id)?;
     let p = store::partners::get(&st.ctx.db, id)
         .await?
         .ok_or_else(|| ApiError::not_found("partner"))?;
@@ -165,10 +164,9 @@ pub async fn get_partner(
 pub async fn patch_partner(
     State(st): State<AppState>,
     OperatorAuth(op): OperatorAuth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
-    let id = parse_id(&id)?;
     let v = json_body(&body)?;
     let fields = partner_fields(&v, false).map_err(ApiError::validation)?;
     let mut tx = st.ctx.db.begin().await?;
@@ -191,10 +189,9 @@ pub async fn patch_partner(
 pub async fn rotate_key(
     State(st): State<AppState>,
     OperatorAuth(op): OperatorAuth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let id = parse_id(&id)?;
     let keep = if body.is_empty() {
         false
     } else {
@@ -293,10 +290,9 @@ pub async fn list_reviews(
 pub async fn decide_review(
     State(st): State<AppState>,
     OperatorAuth(op): OperatorAuth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
-    let id = parse_id(&id)?;
     let v = json_body(&body)?;
     let mut f = Fields::new(&v);
     let decision = f.optional_enum("decision", &["approve", "reject"]);

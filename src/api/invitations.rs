@@ -3,7 +3,7 @@
 
 use axum::{
     body::Bytes,
-    extract::{Path, Query, State},
+    extract::{Query, State},
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     Extension, Json,
@@ -18,9 +18,9 @@ use super::{
     command::PartnerCommand,
     command::{self, Idem},
     error::{ApiError, ApiResult},
-    json_body, parse_id,
+    json_body,
     partner::{developing_partner, parse_id_list, referral_not_permitted},
-    views, AppState, RequestId,
+    views, AppState, PathId, RequestId,
 };
 use crate::{
     domain::{
@@ -226,9 +226,8 @@ pub async fn resend(cmd: PartnerCommand) -> ApiResult<Response> {
 pub async fn get_one(
     State(st): State<AppState>,
     auth: PartnerAuth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> ApiResult<Json<Value>> {
-    let id = parse_id(&id)?;
     match invitations::get(&st.ctx.db, id).await? {
         Some(i) if i.partner_id == auth.partner_id => Ok(Json(views::invitation(&i))),
         _ => Err(ApiError::not_found("invitation")),
@@ -329,10 +328,9 @@ pub async fn offline_link(
     State(st): State<AppState>,
     auth: PartnerAuth,
     Extension(rid): Extension<RequestId>,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let id = parse_id(&id)?;
     let kind = if body.is_empty() {
         "reseller"
     } else {
@@ -375,9 +373,8 @@ pub async fn offline_link(
 pub async fn offline_qr(
     State(st): State<AppState>,
     auth: PartnerAuth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> ApiResult<Response> {
-    let id = parse_id(&id)?;
     let p = match preregs::get(&st.ctx.db, id).await? {
         Some(p) if p.partner_id == auth.partner_id => p,
         _ => return Err(ApiError::not_found("pre-registration")),
@@ -532,9 +529,8 @@ fn too_many_attempts(wait: std::time::Duration, message: String) -> Response {
 pub async fn get_association(
     State(st): State<AppState>,
     _auth: UpstreamAuth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> ApiResult<Json<Value>> {
-    let id = parse_id(&id)?;
     let a = invitations::get_attempt(&st.ctx.db, id)
         .await?
         .ok_or_else(|| ApiError::not_found("association attempt"))?;

@@ -386,6 +386,26 @@ pub fn parse_id(s: &str) -> Result<uuid::Uuid, error::ApiError> {
     uuid::Uuid::parse_str(s).map_err(|_| error::ApiError::not_found("resource"))
 }
 
+/// The `{id}` of a route, parsed as [`parse_id`] does (not a UUID: 404).
+pub struct PathId(pub uuid::Uuid);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathId {
+    type Rejection = axum::response::Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        st: &S,
+    ) -> Result<Self, Self::Rejection> {
+        use axum::response::IntoResponse;
+        let axum::extract::Path(id) = axum::extract::Path::<String>::from_request_parts(parts, st)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        parse_id(&id)
+            .map(PathId)
+            .map_err(IntoResponse::into_response)
+    }
+}
+
 /// Health and metrics only (worker and scheduler processes).
 pub fn health_router(ctx: Arc<Ctx>) -> Router {
     let state = AppState {

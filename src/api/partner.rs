@@ -19,7 +19,7 @@ use super::{
     command::PartnerCommand,
     command::{self, Idem},
     error::{ApiError, ApiResult},
-    json_body, parse_id, views, AppState, RequestId,
+    json_body, parse_id, views, AppState, PathId, RequestId,
 };
 use crate::{
     admission::{self, Refusal},
@@ -498,9 +498,8 @@ async fn delete_in(
 pub async fn delete_one(
     State(st): State<AppState>,
     auth: PartnerAuth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> ApiResult<Json<Value>> {
-    let id = parse_id(&id)?;
     let mut tx = st.ctx.db.begin().await?;
     let v = delete_in(&mut tx, auth.partner_id, id, &auth.principal.label()).await?;
     tx.commit().await?;

@@ -95,8 +95,7 @@ async fn accepted_once(app: &TestApp, p: &Partner, path: &str, key: &str, body: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_requests_with_one_idempotency_key_have_one_effect_and_one_answer() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+    let (app, p) = spawn_with_partner().await;
     let body =
         json!({"full_name": "Li Si", "email": "idem@batch.example", "mobile": "+8613500000001"});
     let answer = accepted_once(&app, &p, "/v1/preregistrations", "same-key-1", body).await;

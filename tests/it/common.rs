@@ -91,6 +91,13 @@ pub async fn spawn_app() -> TestApp {
     spawn_with(|_| {}).await
 }
 
+/// [`spawn_app`] with one partner created through the operator API.
+pub async fn spawn_with_partner() -> (TestApp, Partner) {
+    let app = spawn_app().await;
+    let p = app.create_partner(json!({})).await;
+    (app, p)
+}
+
 /// Intake, every worker and the outbox relay, after `tweak` adjusts the config.
 pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
     spawn_roles(tweak, Queue::ALL.to_vec()).await

@@ -45,8 +45,7 @@ async fn request_review(app: &TestApp, p: &Partner, id: uuid::Uuid) -> serde_jso
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_review_request_and_decisions() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+    let (app, p) = spawn_with_partner().await;
     let id = reviewable(&app, &p, 1).await;
     let v = request_review(&app, &p, id).await;
     assert_eq!(v["review"]["state"], "open");
@@ -158,8 +157,7 @@ async fn manual_review_request_and_decisions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_rules_one_and_batch() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+    let (app, p) = spawn_with_partner().await;
     let other = app.create_partner(json!({"name": "Other"})).await;
     let claimed = app
         .claimed(&p, "del1@customer.example", "+8613000000001")

@@ -17,8 +17,7 @@ use crate::{
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_are_dead_lettered_with_their_reason_and_the_queue_moves_on() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+    let (app, p) = spawn_with_partner().await;
     let broker = &app.ctx.broker;
     let commands = broker.names.commands();
     // Not JSON at all.

@@ -7,8 +7,7 @@ use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_customer_is_preregistered_and_resubmission_is_safe() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+    let (app, p) = spawn_with_partner().await;
     let id = app
         .prereg(&p, "Zhang.San@Example.com", "+8613800000001")
         .await;
@@ -180,8 +179,7 @@ async fn the_101st_claim_exceeds_the_quota() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn field_errors_are_all_named() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+    let (app, p) = spawn_with_partner().await;
     let (s, v) = app.submit(&p, json!({"full_name": "", "email": "not-an-email", "mobile": "13800000000", "tags": "x", "association_type": "partner"})).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(v["error"]["code"], "validation_failed");
@@ -319,8 +317,7 @@ async fn partners_are_isolated_and_roles_enforced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_key_returns_the_first_answer() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+    let (app, p) = spawn_with_partner().await;
     let body =
         json!({"full_name": "Li Si", "email": "li@customer.example", "mobile": "+8613500000001"});
     let send = |key: &'static str, body: serde_json::Value| {

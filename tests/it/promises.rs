@@ -236,8 +236,7 @@ async fn the_quota_holds_under_concurrent_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_patch_partners_and_partners_set_their_contact() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+    let (app, p) = spawn_with_partner().await;
     // The partner changes its contact; the profile shows it.
     let (s, v) = app
         .request(

@@ -34,8 +34,7 @@ async fn preregistered(app: &TestApp, p: &Partner, email: &str, mobile: &str) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_preregistration_and_the_preview_are_masked_unless_revealed_with_an_audit_entry() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+    let (app, p) = spawn_with_partner().await;
     let id = preregistered(&app, &p, "zhang.san@customer.example", "+6591234567").await;
 
     let (s, v) = app.get(&format!("/v1/preregistrations/{id}"), &p.key).await;
@@ -131,8 +130,7 @@ async fn an_smtp_reply_quoting_the_address_is_masked_in_the_failure_and_the_dead
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exported_cells_never_start_like_a_formula() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+    let (app, p) = spawn_with_partner().await;
     let (s, v) = app
         .submit(
             &p,

@@ -74,8 +74,7 @@ async fn internal_jobs_are_unroutable_from_the_commands_exchange_and_recipients_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_type_not_bound_to_the_queue_it_arrives_on_is_dead_lettered() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+    let (app, p) = spawn_with_partner().await;
     let names = app.ctx.broker.names.clone();
     // A pre-registration command delivered straight into the email queue
     // (each work queue is bound on the internal exchange by its own name).
@@ -107,8 +106,7 @@ async fn a_type_not_bound_to_the_queue_it_arrives_on_is_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_preregistration_commands_are_refused_for_the_reasons_http_gives() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+    let (app, p) = spawn_with_partner().await;
     let idle = app
         .create_partner(json!({"name": "Idle", "customer_development": false}))
         .await;

@@ -80,8 +80,7 @@ fn named_fields(v: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn framework_errors_have_the_one_error_shape() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+    let (app, p) = spawn_with_partner().await;
     let body = json!({"full_name": "Zhang San", "email": "a@customer.example", "mobile": "+8613800000001"})
         .to_string();
     // A raw `POST /v1/preregistrations` with this content type.
@@ -158,8 +157,7 @@ async fn framework_errors_have_the_one_error_shape() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_fields_are_a_422_naming_them() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+    let (app, p) = spawn_with_partner().await;
     let (s, v) = app
         .submit(
             &p,
@@ -209,8 +207,7 @@ async fn unknown_fields_are_a_422_naming_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_characters_bidi_overrides_and_lone_surrogates_are_a_422_never_a_500() {
-    let app = spawn_app().await;
-    let p = app.create_partner(json!({})).await;
+    let (app, p) = spawn_with_partner().await;
     let base = json!({"full_name": "Zhang San", "email": "a@customer.example", "mobile": "+8613800000001"});
     for (field, value) in [
         ("full_name", "Zhang\u{0}San"),
