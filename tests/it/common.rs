@@ -704,6 +704,20 @@ pub async fn mail_app(sink: &SmtpSink, tweak: impl FnOnce(&mut Config)) -> TestA
     .await
 }
 
+/// A new SMTP sink and a [`mail_app`] sending to it.
+pub async fn with_mail(tweak: impl FnOnce(&mut Config)) -> (SmtpSink, TestApp) {
+    let sink = SmtpSink::start().await.unwrap();
+    let app = mail_app(&sink, tweak).await;
+    (sink, app)
+}
+
+/// A new SMTP sink and a [`sink_app`] sending to it.
+pub async fn with_sink(tweak: impl FnOnce(&mut Config)) -> (SmtpSink, TestApp) {
+    let sink = SmtpSink::start().await.unwrap();
+    let app = sink_app(&sink, tweak).await;
+    (sink, app)
+}
+
 /// An app whose mail goes to `sink`, after `tweak` adjusts the config.
 pub async fn sink_app(sink: &SmtpSink, tweak: impl FnOnce(&mut Config)) -> TestApp {
     let url = sink.url();

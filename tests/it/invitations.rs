@@ -86,8 +86,7 @@ async fn associate(app: &TestApp, upstream: &str, by: &str, link: &str, account:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invitation_email_arrives_with_a_working_link_in_the_right_language() {
-    let sink = SmtpSink::start().await.unwrap();
-    let app = mail_app(&sink, |_| {}).await;
+    let (sink, app) = with_mail(|_| {}).await;
     let upstream = app.upstream_key().await;
     let p = app
         .create_partner(json!({"name": "Acme Cloud", "contact_email": "sales@acme.example"}))
@@ -472,8 +471,7 @@ async fn a_copy_that_exhausts_its_retries_while_another_worker_sends_leaves_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn referral_needs_the_permission_and_batches_answer_per_item() {
-    let sink = SmtpSink::start().await.unwrap();
-    let app = mail_app(&sink, |_| {}).await;
+    let (_sink, app) = with_mail(|_| {}).await;
     let p = app.create_partner(json!({})).await;
     let other = app.create_partner(json!({"name": "Other"})).await;
     let id = claimed(&app, &p, 5).await;
@@ -509,8 +507,7 @@ async fn referral_needs_the_permission_and_batches_answer_per_item() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_link_qr_and_one_time_code() {
-    let sink = SmtpSink::start().await.unwrap();
-    let app = mail_app(&sink, |_| {}).await;
+    let (_sink, app) = with_mail(|_| {}).await;
     let upstream = app.upstream_key().await;
     let p = app.create_partner(json!({})).await;
     let id = claimed(&app, &p, 7).await;
@@ -552,8 +549,7 @@ async fn offline_link_qr_and_one_time_code() {
 /// word for word (with `{provider}` filled).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_association_failure_cause_is_reachable_word_for_word() {
-    let sink = SmtpSink::start().await.unwrap();
-    let app = mail_app(&sink, |c| {
+    let (_sink, app) = with_mail(|c| {
         c.max_attempts = 2;
         // This test fails on purpose many times with one key: no lockout.
         c.attempt_key_limit = 10_000;
@@ -697,8 +693,7 @@ fn assert_cause(app: &TestApp, a: &Value, code: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_invitation_at_preregistration_and_deleting_kills_the_link() {
-    let sink = SmtpSink::start().await.unwrap();
-    let app = mail_app(&sink, |_| {}).await;
+    let (sink, app) = with_mail(|_| {}).await;
     let upstream = app.upstream_key().await;
     let p = app.create_partner(json!({})).await;
     let (s, v) = app
@@ -771,8 +766,7 @@ async fn a_connection_lost_after_the_server_took_the_message_sends_no_second_ema
 /// for it): five invitations at a rate of one per second arrive together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_the_partner_email_rate_is_skipped_and_nothing_fails() {
-    let sink = SmtpSink::start().await.unwrap();
-    let app = mail_app(&sink, |c| {
+    let (sink, app) = with_mail(|c| {
         c.partner_email_rate = 1;
         c.redis_url = "redis://127.0.0.1:1".into();
     })

@@ -84,8 +84,7 @@ async fn a_transient_smtp_failure_is_retried_after_its_delay_and_sent_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claim_expiry_reminder_email_reaches_the_partner_once() {
-    let sink = SmtpSink::start().await.unwrap();
-    let app = mail_app(&sink, |c| {
+    let (sink, app) = with_mail(|c| {
         c.claim_validity = Duration::from_secs(3600);
         c.claim_reminder_before = Duration::from_secs(7200);
     })
@@ -125,8 +124,7 @@ async fn the_claim_expiry_reminder_email_reaches_the_partner_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_reminder_and_escalation_emails_are_delivered_once_each() {
-    let sink = SmtpSink::start().await.unwrap();
-    let app = mail_app(&sink, |c| {
+    let (sink, app) = with_mail(|c| {
         c.review_sla = ReviewSla::Plain(Duration::from_secs(3));
         c.review_reminder_before = Duration::from_secs(2);
         c.sweep_interval = Duration::from_millis(200);

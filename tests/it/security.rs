@@ -234,8 +234,7 @@ async fn redis_lock_keys_hold_no_email_or_mobile() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partner_email_burst_over_the_rate_is_spread_out_not_failed() {
-    let sink = SmtpSink::start().await.unwrap();
-    let app = sink_app(&sink, |c| {
+    let (sink, app) = with_sink(|c| {
         c.partner_email_rate = 3;
         c.max_attempts = 2;
     })

@@ -761,8 +761,7 @@ async fn concurrent_deadline_runs_escalate_once() {
 /// sweep then marks the link `expired` with its event, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invitation_link_expires_by_time_and_the_sweep_marks_it_once() {
-    let sink = SmtpSink::start().await.unwrap();
-    let app = sink_app(&sink, |c| {
+    let (_sink, app) = with_sink(|c| {
         c.invitation_validity = Duration::from_secs(2);
         c.claim_validity = Duration::from_secs(3600);
     })
