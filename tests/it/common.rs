@@ -386,6 +386,20 @@ impl TestApp {
         v["id"].as_str().unwrap().parse().unwrap()
     }
 
+    /// Invites the pre-registrations `ids` by email (asserting the 202);
+    /// returns the answer with its per-id `results`.
+    pub async fn invite_all(&self, p: &Partner, ids: &[Uuid]) -> Value {
+        let (status, v) = self
+            .post(
+                "/v1/invitations",
+                &p.key,
+                json!({"preregistration_ids": ids}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+        v
+    }
+
     /// Polls until the pre-registration leaves `queued`.
     pub async fn decided(&self, p: &Partner, id: Uuid) -> Value {
         let path = format!("/v1/preregistrations/{id}");

@@ -13,7 +13,6 @@ use prereg::{
     workers::{registration::Step, runtime, Outcome},
 };
 use prereg_devtools::smtp_sink::{AfterData, SmtpSink, Stage};
-use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -53,14 +52,7 @@ async fn invited(app: &TestApp, p: &Partner, tag: &str, n: usize) -> Vec<(Uuid, 
             .await,
         );
     }
-    let (s, v) = app
-        .post(
-            "/v1/invitations",
-            &p.key,
-            json!({"preregistration_ids": ids}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let v = app.invite_all(p, &ids).await;
     let invs: Vec<Uuid> = v["results"]
         .as_array()
         .unwrap()
