@@ -91,6 +91,16 @@ pub async fn spawn_app() -> TestApp {
     spawn_with(|_| {}).await
 }
 
+/// The `change` of every entry of a timeline answer, in order.
+pub fn timeline_changes(t: &Value) -> Vec<&str> {
+    t["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["change"].as_str().unwrap())
+        .collect()
+}
+
 /// [`spawn_app`] with one partner created through the operator API.
 pub async fn spawn_with_partner() -> (TestApp, Partner) {
     let app = spawn_app().await;
@@ -386,15 +396,12 @@ impl TestApp {
         v["id"].as_str().unwrap().parse().unwrap()
     }
 
-    /// Invites the pre-registrations `ids` by email (asserting the 202);
-    /// returns the answer with its per-id `results`.
-    pub async fn invite_all(&self, p: &Partner, ids: &[Uuid]) -> Value {
+    /// `POST path` with `{"preregistration_ids": ids}` (`/v1/invitations`
+    /// or `/v1/invitations/resend`), asserting the 202; returns the answer
+    /// with its per-id `results`.
+    pub async fn invite_ids(&self, path: &str, p: &Partner, ids: &[Uuid]) -> Value {
         let (status, v) = self
-            .post(
-                "/v1/invitations",
-                &p.key,
-                json!({"preregistration_ids": ids}),
-            )
+            .post(path, &p.key, json!({"preregistration_ids": ids}))
             .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{v}");
         v

@@ -52,7 +52,7 @@ async fn invited(app: &TestApp, p: &Partner, tag: &str, n: usize) -> Vec<(Uuid, 
             .await,
         );
     }
-    let v = app.invite_all(p, &ids).await;
+    let v = app.invite_ids("/v1/invitations", p, &ids).await;
     let invs: Vec<Uuid> = v["results"]
         .as_array()
         .unwrap()

@@ -222,14 +222,7 @@ async fn smtp_550_fails_the_invitation_and_dead_letters_the_job() {
     assert_eq!(dead[0].reason.as_deref(), Some("smtp_permanent"));
     assert_eq!(sink.count(), 0);
     // A failed invitation can be resent (the cause fixed).
-    let (s, v) = app
-        .post(
-            "/v1/invitations/resend",
-            &p.key,
-            json!({"preregistration_ids": [id]}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED);
+    let v = app.invite_ids("/v1/invitations/resend", &p, &[id]).await;
     app.invitation_state(
         &p,
         v["results"][0]["invitation_id"].as_str().unwrap(),
@@ -598,12 +591,8 @@ async fn every_association_failure_cause_is_reachable_word_for_word() {
             "link_not_found" => token = "no-such-token".into(),
             "link_expired" => {
                 // A resend supersedes the first link.
-                let (_, r) = app
-                    .post(
-                        "/v1/invitations/resend",
-                        &partner.key,
-                        json!({"preregistration_ids": [id]}),
-                    )
+                let r = app
+                    .invite_ids("/v1/invitations/resend", partner, &[id])
                     .await;
                 app.invitation_state(
                     partner,

@@ -129,12 +129,7 @@ async fn manual_review_request_and_decisions() {
         .get(&format!("/v1/preregistrations/{id2}/timeline"), &p.key)
         .await
         .1;
-    let changes: Vec<&str> = t["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["change"].as_str().unwrap())
-        .collect();
+    let changes = timeline_changes(&t);
     assert_eq!(
         changes,
         ["requested", "decided", "review_requested", "review_decided"]

@@ -36,12 +36,7 @@ async fn new_customer_is_preregistered_and_resubmission_is_safe() {
         .get(&format!("/v1/preregistrations/{id}/timeline"), &p.key)
         .await;
     assert_eq!(s, StatusCode::OK);
-    let changes: Vec<&str> = t["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["change"].as_str().unwrap())
-        .collect();
+    let changes = timeline_changes(&t);
     assert_eq!(changes, ["requested", "decided"]);
     assert_eq!(t["items"][1]["to_status"], "preregistered");
     assert_eq!(t["items"][1]["actor"], "system:registration");

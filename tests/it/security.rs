@@ -249,7 +249,7 @@ async fn a_partner_email_burst_over_the_rate_is_spread_out_not_failed() {
         })
         .await;
     app.all_granted(&p, &ids).await;
-    app.invite_all(&p, &ids).await;
+    app.invite_ids("/v1/invitations", &p, &ids).await;
     sink.wait_for(12, Duration::from_secs(30)).await;
     wait_until(Duration::from_secs(10), || async {
         let sent = app
