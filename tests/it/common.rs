@@ -493,6 +493,15 @@ impl TestApp {
         release(&self.ctx, &self.db_name).await;
     }
 
+    /// Waits until invitation `inv` is `failed`, asserts that its failure
+    /// names `reason`, and returns it.
+    pub async fn invitation_failed_with(&self, p: &Partner, inv: &str, reason: &str) -> Value {
+        let failed = self.invitation_state(p, inv, "failed").await;
+        let failure = failed["failure"].as_str().unwrap_or_default();
+        assert!(failure.contains(reason), "{failed}");
+        failed
+    }
+
     /// Polls until invitation `inv` (as partner `p` sees it) has status
     /// `want`, for at most 20 s; returns it.
     pub async fn invitation_state(&self, p: &Partner, inv: &str, want: &str) -> Value {

@@ -389,14 +389,8 @@ async fn a_worker_killed_mid_smtp_leaves_delivery_unknown_and_no_second_email() 
     let killed_at = tokio::time::Instant::now();
     // Another worker takes the redelivered job.
     app.add_worker_on(vec![Queue::Email], |_| {}).await;
-    let failed = app.invitation_state(&p, &inv, "failed").await;
-    assert!(
-        failed["failure"]
-            .as_str()
-            .unwrap()
-            .contains("delivery outcome unknown"),
-        "{failed}"
-    );
+    app.invitation_failed_with(&p, &inv, "delivery outcome unknown")
+        .await;
     // Not before the lease (job timeout + 5 s from the child's claim) ran out.
     assert!(
         killed_at.elapsed() >= Duration::from_secs(5),
@@ -732,14 +726,8 @@ async fn a_connection_lost_after_the_server_took_the_message_sends_no_second_ema
         let p = app.create_partner(json!({})).await;
         let id = claimed(&app, &p, 10).await;
         let inv = app.invite(&p, id).await;
-        let failed = app.invitation_state(&p, &inv, "failed").await;
-        assert!(
-            failed["failure"]
-                .as_str()
-                .unwrap()
-                .contains("delivery outcome unknown"),
-            "{action:?}: {failed}"
-        );
+        app.invitation_failed_with(&p, &inv, "delivery outcome unknown")
+            .await;
         assert_one_mail(
             &sink,
             Duration::from_secs(1),
