@@ -98,84 +98,45 @@ pub async fn handle_batch(ctx: &Ctx, evs: &[&CloudEvent]) -> Vec<Step> {
 /// lost connection is worth another try.
 const TX_ATTEMPTS: u32 = 3;
 
-/// Leases `ids` (distinct) in one transaction; a transaction that fails for
-/// a reason other than a transient one is split into one transaction per
-/// invitation, so one bad invitation fails alone.
-async fn activate_all(ctx: &Ctx, ids: &[Uuid]) -> Vec<Result<Activation, JobError>> {
-    if ids.is_empty() {
+/// Runs `tx` (one transaction answering one result per item, in order) over
+/// the whole batch, again on a transient failure (up to [`TX_ATTEMPTS`]);
+/// a transaction that fails for another reason is split into one
+/// transaction per item, so one bad item fails alone. `what` names the
+/// transaction in logs.
+async fn whole_then_one_by_one<'a, T, R, Fut>(
+    items: &'a [T],
+    what: &str,
+    tx: impl Fn(&'a [T]) -> Fut,
+) -> Vec<Result<R, JobError>>
+where
+    Fut: std::future::Future<Output = Result<Vec<R>, sqlx::Error>>,
+{
+    if items.is_empty() {
         return Vec::new();
     }
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match flows::invitations::activate_batch(ctx, ids, lease(ctx)).await {
-            Ok(acts) => return acts.into_iter().map(Ok).collect(),
+        match tx(items).await {
+            Ok(out) => return out.into_iter().map(Ok).collect(),
             Err(e) if store::is_transient(&e) && attempt < TX_ATTEMPTS => {
-                tracing::debug!(error = %e, attempt, "lease transaction failed; trying again");
+                tracing::debug!(error = %e, attempt, what, "transaction failed; trying again");
             }
-            Err(e) if ids.len() == 1 => return vec![Err(JobError::Db(e))],
+            Err(e) if items.len() == 1 => return vec![Err(JobError::Db(e))],
             Err(e) if store::is_transient(&e) => {
                 let m = format!("database: {e}");
-                return ids
+                return items
                     .iter()
                     .map(|_| Err(JobError::Retryable(m.clone())))
                     .collect();
             }
             Err(e) => {
-                tracing::warn!(error = %e, size = ids.len(), "lease transaction failed; leasing one at a time");
-                let mut out = Vec::with_capacity(ids.len());
-                for id in ids {
-                    out.push(
-                        match flows::invitations::activate_batch(ctx, &[*id], lease(ctx)).await {
-                            Ok(mut a) => Ok(a.pop().unwrap_or(Activation::Skip("withdrawn"))),
-                            Err(e) => Err(JobError::Db(e)),
-                        },
-                    );
-                }
-                return out;
-            }
-        }
-    }
-}
-
-/// Records the results in one transaction, split like [`activate_all`].
-/// Answers, per result, whether it was recorded (`Ok`, with whether a
-/// failure it recorded failed a live invitation).
-async fn record_all(
-    ctx: &Ctx,
-    results: &[(&invitations::Invitation, EmailResult)],
-) -> Vec<Result<bool, JobError>> {
-    if results.is_empty() {
-        return Vec::new();
-    }
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match flows::invitations::record_batch(ctx, results).await {
-            Ok(live) => {
-                return results
-                    .iter()
-                    .map(|(i, _)| Ok(live.contains(&i.id)))
-                    .collect()
-            }
-            Err(e) if store::is_transient(&e) && attempt < TX_ATTEMPTS => {
-                tracing::debug!(error = %e, attempt, "results transaction failed; trying again");
-            }
-            Err(e) if results.len() == 1 => return vec![Err(JobError::Db(e))],
-            Err(e) if store::is_transient(&e) => {
-                let m = format!("database: {e}");
-                return results
-                    .iter()
-                    .map(|_| Err(JobError::Retryable(m.clone())))
-                    .collect();
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, size = results.len(), "results transaction failed; recording one at a time");
-                let mut out = Vec::with_capacity(results.len());
-                for (inv, r) in results {
-                    let one = [(*inv, r.clone())];
-                    out.push(match flows::invitations::record_batch(ctx, &one).await {
-                        Ok(live) => Ok(live.contains(&inv.id)),
+                tracing::warn!(error = %e, size = items.len(), what, "transaction failed; running it one item at a time");
+                let mut out = Vec::with_capacity(items.len());
+                for item in items {
+                    out.push(match tx(std::slice::from_ref(item)).await {
+                        // One result per item: never empty.
+                        Ok(mut one) => one.pop().ok_or(JobError::Db(sqlx::Error::RowNotFound)),
                         Err(e) => Err(JobError::Db(e)),
                     });
                 }
@@ -183,6 +144,28 @@ async fn record_all(
             }
         }
     }
+}
+
+/// Leases `ids` (distinct), see [`whole_then_one_by_one`].
+async fn activate_all(ctx: &Ctx, ids: &[Uuid]) -> Vec<Result<Activation, JobError>> {
+    whole_then_one_by_one(ids, "lease", |ids| {
+        flows::invitations::activate_batch(ctx, ids, lease(ctx))
+    })
+    .await
+}
+
+/// Records the results, see [`whole_then_one_by_one`]. Answers, per result,
+/// whether it was recorded (`Ok`, with whether a failure it recorded failed
+/// a live invitation).
+async fn record_all(
+    ctx: &Ctx,
+    results: &[(&invitations::Invitation, EmailResult)],
+) -> Vec<Result<bool, JobError>> {
+    whole_then_one_by_one(results, "results", |rs| async move {
+        let live = flows::invitations::record_batch(ctx, rs).await?;
+        Ok(rs.iter().map(|(i, _)| live.contains(&i.id)).collect())
+    })
+    .await
 }
 
 /// What the SMTP step of one leased invitation came to.
