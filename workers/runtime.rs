@@ -147,17 +147,7 @@ async fn session(ctx: &Arc<Ctx>, q: Queue, cancel: &CancellationToken) -> anyhow
     if in_flight > 0 {
         tracing::info!(queue = q.short(), in_flight, "draining in-flight jobs");
     }
-    let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(ctx.cfg.shutdown_grace, drain)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            queue = q.short(),
-            "grace period over; unfinished jobs go back to the queue"
-        );
-        tasks.abort_all();
-    }
+    drain(ctx, q, &mut tasks, "jobs").await;
     let _ = ch.close(200, "consumer done").await;
     if result.is_err() {
         ctx.broker.reset(generation).await;
@@ -386,17 +376,7 @@ async fn batches(
     let mut running: JoinSet<usize> = JoinSet::new();
     let result = collect_batches(ctx, q, consumer, cancel, batch, &mut running).await;
     if !running.is_empty() {
-        let drain = async { while running.join_next().await.is_some() {} };
-        if tokio::time::timeout(ctx.cfg.shutdown_grace, drain)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                queue = q.short(),
-                "grace period over; unfinished batches go back to the queue"
-            );
-            running.abort_all();
-        }
+        drain(ctx, q, &mut running, "batches").await;
     }
     result
 }
@@ -724,4 +704,20 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+/// Waits up to the shutdown grace period for `tasks`; what is unfinished
+/// then is aborted, and its deliveries go back to the queue.
+async fn drain<T: 'static>(ctx: &Ctx, q: Queue, tasks: &mut JoinSet<T>, what: &str) {
+    let all = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(ctx.cfg.shutdown_grace, all)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            queue = q.short(),
+            "grace period over; unfinished {what} go back to the queue"
+        );
+        tasks.abort_all();
+    }
 }
