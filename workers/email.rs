@@ -180,8 +180,8 @@ enum Sending {
 
 /// Sends a batch of invitation emails: every delivery is leased in one
 /// transaction, the emails go out concurrently over the SMTP pool (at most
-/// `PREREG_SMTP_POOL_SIZE` exchanges at once, so the pool's connections are
-/// reused rather than opened per email), each after its partner's send
+/// `PREREG_SMTP_POOL_SIZE` exchanges per batch; the pool itself holds at
+/// most that many connections, reused), each after its partner's send
 /// rate allows it, and every result is recorded in one transaction before
 /// the runtime acknowledges the deliveries. Answers one result per job.
 ///

@@ -7,13 +7,11 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use lettre::{
     message::{header::ContentType, Mailbox, MultiPart, SinglePart},
-    transport::smtp::{
-        client::{Certificate, Tls, TlsParameters},
-        AsyncSmtpTransportBuilder, PoolConfig,
-    },
-    AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
+    AsyncFileTransport, AsyncTransport, Message, Tokio1Executor,
 };
 use thiserror::Error;
+
+mod smtp;
 
 /// A rendered email: exactly what is sent (the preview endpoint shows it).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -207,55 +205,11 @@ fn outcome_unknown(e: &lettre::transport::smtp::Error) -> bool {
 pub struct Mailer {
     transport: Transport,
     from: Mailbox,
-    timeout: std::time::Duration,
 }
 
 enum Transport {
-    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Smtp(smtp::Pool),
     File(AsyncFileTransport<Tokio1Executor>, std::path::PathBuf),
-}
-
-/// The SMTP transport builder of `url`. With `ca_pem` (the contents of
-/// `PREREG_SMTP_CA_FILE`), its certificates are trusted as roots besides the
-/// public ones, for the STARTTLS (`?tls=required` / `?tls=opportunistic`) or
-/// implicit TLS (`smtps://`) connection the URL asks for; a URL without TLS
-/// is refused then, since the CA would silently go unused.
-fn smtp_builder(url: &str, ca_pem: Option<&[u8]>) -> Result<AsyncSmtpTransportBuilder, String> {
-    let builder = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
-        .map_err(|e| format!("PREREG_SMTP_URL: {e}"))?;
-    let Some(pem) = ca_pem else {
-        return Ok(builder);
-    };
-    // from_url accepted it, so it parses and has a host.
-    let parsed = url::Url::parse(url).map_err(|e| format!("PREREG_SMTP_URL: {e}"))?;
-    let host = parsed.host_str().unwrap_or_default().to_string();
-    let tls_query = parsed
-        .query_pairs()
-        .find(|(k, _)| k == "tls")
-        .map(|(_, v)| v.into_owned());
-    // The mode first: a CA for a URL without TLS is a mistake to report.
-    let mode: fn(TlsParameters) -> Tls = match (parsed.scheme(), tls_query.as_deref()) {
-        ("smtps", _) => Tls::Wrapper,
-        ("smtp", Some("required")) => Tls::Required,
-        ("smtp", Some("opportunistic")) => Tls::Opportunistic,
-        _ => {
-            return Err(
-                "PREREG_SMTP_CA_FILE is set but PREREG_SMTP_URL uses no TLS (use smtps:// or ?tls=required)"
-                    .into(),
-            )
-        }
-    };
-    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
-    if !pem.windows(BEGIN.len()).any(|w| w == BEGIN) {
-        return Err("PREREG_SMTP_CA_FILE: no PEM certificate in the file".into());
-    }
-    let cert = Certificate::from_pem(pem).map_err(|e| format!("PREREG_SMTP_CA_FILE: {e}"))?;
-    let params = TlsParameters::builder(host)
-        .add_root_certificate(cert)
-        .build()
-        .map_err(|e| format!("PREREG_SMTP_CA_FILE: {e}"))?;
-    let tls = mode(params);
-    Ok(builder.tls(tls))
 }
 
 impl Mailer {
@@ -302,21 +256,15 @@ impl Mailer {
                     })
                 })
                 .transpose()?;
-            Transport::Smtp(
-                smtp_builder(url, ca_pem.as_deref())?
-                    .pool_config(PoolConfig::new().max_size(pool_size.max(1)))
-                    .timeout(Some(timeout))
-                    .build(),
-            )
+            Transport::Smtp(smtp::Pool::new(
+                smtp::Server::parse(url, ca_pem.as_deref(), timeout)?,
+                pool_size,
+            )?)
         };
         let from = from
             .parse::<Mailbox>()
             .map_err(|e| format!("PREREG_MAIL_FROM: {e}"))?;
-        Ok(Self {
-            transport,
-            from,
-            timeout,
-        })
+        Ok(Self { transport, from })
     }
 
     /// The directory messages are caught in (file transport), if any.
@@ -357,31 +305,19 @@ impl Mailer {
             )
             .map_err(|e| SendError::Invalid(e.to_string()))?;
         match &self.transport {
-            Transport::Smtp(t) => {
-                // The transport bounds the TCP connect only: a server that
-                // accepts and then says nothing would hold the job until its
-                // timeout, with the outcome unknown. Check first that it
-                // answers (greeting, EHLO, NOOP) within the SMTP timeout: if
-                // not, nothing was sent and the job is simply retried.
-                match tokio::time::timeout(self.timeout, t.test_connection()).await {
-                    Ok(Ok(true)) => {}
-                    Ok(Ok(false)) => {
-                        return Err(SendError::Transient(
-                            "mail server connection is not usable".into(),
-                        ))
-                    }
-                    Ok(Err(e)) if e.is_permanent() => {
-                        return Err(SendError::Permanent(e.to_string()))
-                    }
-                    Ok(Err(e)) => return Err(SendError::Transient(e.to_string())),
-                    Err(_) => {
-                        return Err(SendError::Transient(format!(
-                            "mail server did not answer within {:?}; nothing was sent",
-                            self.timeout
-                        )))
-                    }
-                }
-                match t.send(message).await {
+            Transport::Smtp(pool) => {
+                // Taking a connection (opening one, or a NOOP on an idle
+                // one) sends nothing of the message: its failures are
+                // certain, a plain retry or a refusal for good.
+                let exchange = match pool.checkout().await {
+                    Ok(exchange) => exchange,
+                    Err(smtp::CheckoutError::Permanent(e)) => return Err(SendError::Permanent(e)),
+                    Err(smtp::CheckoutError::Transient(e)) => return Err(SendError::Transient(e)),
+                };
+                match exchange
+                    .send(message.envelope(), &message.formatted())
+                    .await
+                {
                     Ok(resp) => Ok(format!(
                         "{} {}",
                         resp.code(),
@@ -438,10 +374,19 @@ mod tests {
     fn a_ca_file_needs_a_tls_url_and_a_certificate() {
         // Any well-formed certificate will do for the parsing checks.
         const PEM: &[u8] = b"-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUX2FyZ3VtZW50c19hcmVfbm90X2NoZWNrZWQwCgYIKoZIzj0EAwIw\n-----END CERTIFICATE-----\n";
-        let err = |url: &str, pem: &[u8]| smtp_builder(url, Some(pem)).err().unwrap_or_default();
+        let timeout = std::time::Duration::from_secs(1);
+        let err = |url: &str, pem: &[u8]| {
+            smtp::Server::parse(url, Some(pem), timeout)
+                .err()
+                .unwrap_or_default()
+        };
         assert!(err("smtp://127.0.0.1:25", PEM).contains("uses no TLS"));
         assert!(err("smtps://127.0.0.1:465", b"not a certificate").contains("no PEM certificate"));
-        assert!(smtp_builder("smtp://127.0.0.1:25", None).is_ok());
+        assert!(smtp::Server::parse("smtp://127.0.0.1:25", None, timeout).is_ok());
+        assert!(smtp::Server::parse("imap://127.0.0.1", None, timeout)
+            .err()
+            .unwrap_or_default()
+            .contains("unknown scheme"));
     }
 
     #[test]

@@ -289,3 +289,74 @@ async fn a_worker_killed_mid_batch_sends_no_invitation_twice() {
     assert_eq!(sink.count(), 14);
     app.cleanup().await;
 }
+
+/// The SMTP pool holds at most `PREREG_SMTP_POOL_SIZE` connections and
+/// reuses them: a batch of twelve emails goes over two connections, not one
+/// opened (and closed) per email as lettre's own pool did once every pooled
+/// connection was busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_of_emails_goes_over_the_pools_few_reused_connections() {
+    let sink = SmtpSink::start().await.unwrap();
+    let mut app = without_email_worker(&sink, |_| {}).await;
+    let p = app.create_partner(json!({})).await;
+    let invs = invited(&app, &p, "pool", 12).await;
+    let ids: Vec<Uuid> = invs.iter().map(|(id, _)| *id).collect();
+    app.add_worker_on(vec![Queue::Email], |c| {
+        patient(c);
+        c.smtp_pool_size = 2;
+    })
+    .await;
+
+    wait_until(Duration::from_secs(20), || async {
+        count_where(&app, &ids, "status = 'sent'").await == 12
+    })
+    .await;
+    assert_eq!(sink.count(), 12);
+    assert!(
+        sink.connections() <= 2,
+        "{} SMTP connections for 12 emails with a pool of 2",
+        sink.connections()
+    );
+}
+
+/// A pooled connection the server closed while it sat idle is found out
+/// and replaced: the next email goes out once, over a new connection, and
+/// nothing is marked failed or `delivery_unknown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pooled_connection_the_server_closed_is_replaced_before_the_next_email() {
+    let sink = SmtpSink::start().await.unwrap();
+    let addr = sink.addr();
+    let mut app = without_email_worker(&sink, |_| {}).await;
+    let p = app.create_partner(json!({})).await;
+    app.add_worker_on(vec![Queue::Email], |c| c.smtp_pool_size = 1)
+        .await;
+    let first = invited(&app, &p, "idle", 1).await;
+    sink.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(sink.connections(), 1);
+
+    // The server goes away (closing the idle pooled connection) and comes
+    // back on the same address.
+    sink.shutdown();
+    drop(sink);
+    // Its listener closes as its task ends.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let sink = loop {
+        match SmtpSink::start_on(addr).await {
+            Ok(sink) => break sink,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the sink's address stayed taken: {e}"),
+        }
+    };
+    let second = invited(&app, &p, "idle-again", 1).await;
+    let ids = [first[0].0, second[0].0];
+    wait_until(Duration::from_secs(20), || async {
+        count_where(&app, &ids, "status = 'sent'").await == 2
+    })
+    .await;
+    assert_eq!(sink.count(), 1, "the second email, once");
+    assert_eq!(sink.received()[0].to, vec![second[0].1.clone()]);
+    assert_eq!(count_where(&app, &ids, "status = 'failed'").await, 0);
+}

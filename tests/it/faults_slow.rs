@@ -110,6 +110,35 @@ async fn smtp_421_is_retried_and_the_customer_gets_one_email() {
     app.cleanup().await;
 }
 
+/// A mail server that is down (connections refused) is a retry, nothing
+/// sent and nothing failed; once it is back, the customer gets one email.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_down_is_retried_and_the_customer_gets_one_email_once_it_is_back() {
+    // A free port with nothing listening on it.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let app = mail_app(format!("smtp://{addr}")).await;
+    let p = app.create_partner(json!({})).await;
+    let inv = invite_one(&app, &p, 3).await;
+    let path = format!("/v1/invitations/{inv}");
+    wait_until(Duration::from_secs(10), || async {
+        let v = app.get(&path, &p.key).await.1;
+        assert_ne!(v["status"], "failed", "a refused connection failed it: {v}");
+        v["attempts"].as_i64().unwrap_or(0) >= 2
+    })
+    .await;
+
+    let sink = SmtpSink::start_on(addr).await.unwrap();
+    let v = app.invitation_state(&p, &inv, "sent").await;
+    assert!(v["attempts"].as_i64().unwrap_or(0) >= 3, "{v}");
+    assert_eq!(sink.wait_for(1, Duration::from_secs(5)).await.len(), 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.count(), 1, "one email");
+    app.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_that_accepts_then_stalls_is_retried_and_the_customer_gets_one_email() {
     let sink = SmtpSink::start().await.unwrap();
