@@ -44,7 +44,14 @@ pub fn init(cfg: &Config) {
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// The process-wide Prometheus handle (installed on first use).
+/// How often the recorder's upkeep folds the histogram samples recorded
+/// since into their buckets.
+pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The process-wide Prometheus handle (installed on first use, with a thread
+/// that runs the recorder's upkeep every [`UPKEEP_EVERY`]). Without the
+/// upkeep, every histogram sample is kept raw until `/metrics` is scraped:
+/// a worker nobody scraped grew by about 2.5 MiB per 25 minutes of the soak.
 pub fn metrics() -> PrometheusHandle {
     METRICS
         .get_or_init(|| {
@@ -57,6 +64,13 @@ pub fn metrics() -> PrometheusHandle {
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
             let handle = recorder.handle();
             let _ = metrics::set_global_recorder(recorder);
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                });
             handle
         })
         .clone()
