@@ -464,25 +464,19 @@ async fn queue_invitation(
         tracing::warn!(preregistration_id = %p.id, "send_invitation with referral but no permission; not sent");
         return Ok(());
     }
-    let id = Uuid::now_v7();
-    let nonce = crate::links::new_nonce();
-    let token = crate::links::token(ctx.cfg.link_secret.as_bytes(), id, &nonce);
-    let validity = chrono::Duration::from_std(ctx.cfg.invitation_validity)
-        .unwrap_or(chrono::Duration::days(7));
-    store::invitations::insert(
+    let id = super::invitations::create_email(
         conn,
-        &store::invitations::NewInvitation {
-            id,
+        ctx.cfg.link_secret.as_bytes(),
+        &super::invitations::NewEmail {
             preregistration_id: p.id,
             partner_id: partner.id,
             association_type: kind,
-            method: "email",
             locale: p.locale.as_deref().unwrap_or(&partner.locale),
-            status: "queued",
-            nonce: &nonce,
-            token_hash: &crate::links::hash(&token),
-            code_hash: None,
-            link_expires_at: Some((Utc::now() + validity).min(claim_expires)),
+            link_expires_at: domain::invitation::link_expires_at(
+                Utc::now(),
+                ctx.cfg.invitation_validity,
+                Some(claim_expires),
+            ),
             request_id: p.request_id.as_deref(),
         },
     )
