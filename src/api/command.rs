@@ -42,29 +42,36 @@ use crate::{
     },
 };
 
-/// What a partner's command handler takes, extracted in the order the
-/// handlers used to list it (state, partner key, request id, headers for the
+/// What a command handler takes, extracted in the order the handlers used
+/// to list it (state, the caller's key `A`, request id, headers for the
 /// `Idempotency-Key`, raw body); each rejection answers as it did then.
-pub struct PartnerCommand {
+pub struct Command<A> {
     pub st: AppState,
-    pub auth: PartnerAuth,
+    pub auth: A,
     pub rid: RequestId,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
 
-impl PartnerCommand {
-    pub fn into_parts(self) -> (AppState, PartnerAuth, RequestId, HeaderMap, Bytes) {
+/// A partner's command.
+pub type PartnerCommand = Command<PartnerAuth>;
+
+impl<A> Command<A> {
+    pub fn into_parts(self) -> (AppState, A, RequestId, HeaderMap, Bytes) {
         (self.st, self.auth, self.rid, self.headers, self.body)
     }
 }
 
-impl FromRequest<AppState> for PartnerCommand {
+impl<A> FromRequest<AppState> for Command<A>
+where
+    A: FromRequestParts<AppState> + Send,
+    A::Rejection: IntoResponse,
+{
     type Rejection = Response;
 
     async fn from_request(req: Request, st: &AppState) -> Result<Self, Response> {
         let (mut parts, body) = req.into_parts();
-        let auth = PartnerAuth::from_request_parts(&mut parts, st)
+        let auth = A::from_request_parts(&mut parts, st)
             .await
             .map_err(IntoResponse::into_response)?;
         let Extension(rid) = Extension::<RequestId>::from_request_parts(&mut parts, st)

@@ -3,9 +3,9 @@
 use axum::{
     body::Bytes,
     extract::{Path, Query, State},
-    http::{HeaderMap, StatusCode},
+    http::StatusCode,
     response::{IntoResponse, Response},
-    Extension, Json,
+    Json,
 };
 use base64::Engine;
 use chrono::{DateTime, Utc};
@@ -19,7 +19,7 @@ use super::{
     command::PartnerCommand,
     command::{self, Idem},
     error::{ApiError, ApiResult},
-    json_body, parse_id, views, AppState, PathId, RequestId,
+    json_body, parse_id, views, AppState, PathId,
 };
 use crate::{
     admission::{self, Refusal},
@@ -414,14 +414,8 @@ pub async fn timeline(
     Ok(Json(json!({"items": items})))
 }
 
-pub async fn request_review(
-    State(st): State<AppState>,
-    auth: PartnerAuth,
-    Extension(rid): Extension<RequestId>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Response> {
+pub async fn request_review(Path(id): Path<String>, cmd: PartnerCommand) -> ApiResult<Response> {
+    let (st, auth, rid, headers, body) = cmd.into_parts();
     let p = owned(&st, &auth, &id).await?;
     let v = json_body(&body)?;
     let mut f = Fields::new(&v);

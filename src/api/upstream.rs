@@ -1,20 +1,18 @@
 //! Upstream endpoints: account facts (association attempts come with invitations).
 
 use axum::{
-    body::Bytes,
     extract::{Path, State},
-    http::HeaderMap,
     response::Response,
-    Extension, Json,
+    Json,
 };
 use chrono::Utc;
 use serde_json::{json, Value};
 
 use super::{
     auth::UpstreamAuth,
-    command::{self, Idem},
+    command::{self, Command, Idem},
     error::{ApiError, ApiResult},
-    json_body, AppState, RequestId,
+    json_body, AppState,
 };
 use crate::{
     domain::{validate, AccountFacts},
@@ -44,13 +42,10 @@ fn account_param(account_id: &str) -> ApiResult<()> {
 }
 
 pub async fn put_account(
-    State(st): State<AppState>,
-    auth: UpstreamAuth,
-    Extension(rid): Extension<RequestId>,
     Path(account_id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    cmd: Command<UpstreamAuth>,
 ) -> ApiResult<Response> {
+    let (st, auth, rid, headers, body) = cmd.into_parts();
     account_param(&account_id)?;
     let mut v = json_body(&body)?;
     let Some(obj) = v.as_object_mut() else {
