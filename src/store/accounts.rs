@@ -1,6 +1,6 @@
 //! Account facts: newer facts replace older ones, whatever the arrival order.
 
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::PgExecutor;
 
 use crate::domain::{normalize_email, normalize_mobile, AccountFacts};
 
@@ -25,24 +25,6 @@ pub async fn upsert<'e>(db: impl PgExecutor<'e>, f: &AccountFacts) -> Result<boo
     .execute(db)
     .await?;
     Ok(r.rows_affected() == 1)
-}
-
-/// Every account known for the customer's email or mobile.
-pub async fn for_customer(
-    conn: &mut PgConnection,
-    email_norm: &str,
-    mobile_norm: &str,
-) -> Result<Vec<AccountFacts>, sqlx::Error> {
-    let rows: Vec<serde_json::Value> =
-        sqlx::query_scalar("SELECT facts FROM accounts WHERE email_norm = $1 OR mobile_norm = $2")
-            .bind(email_norm)
-            .bind(mobile_norm)
-            .fetch_all(conn)
-            .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|v| serde_json::from_value::<AccountFacts>(v).ok())
-        .collect())
 }
 
 pub async fn get<'e>(

@@ -196,7 +196,7 @@ pub async fn context(
                 },
             })
             .collect(),
-        // Facts that no longer parse are ignored, as `accounts::for_customer` does.
+        // Facts that no longer parse are ignored.
         accounts: accounts
             .into_iter()
             .filter_map(|a| {
