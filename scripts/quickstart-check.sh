@@ -21,6 +21,8 @@ export PREREG_HTTP_ADDR="127.0.0.1:$PORT"
 export PREREG_PUBLIC_URL="$BASE"
 export PREREG_DATABASE_URL="${PREREG_QUICKSTART_PG:-postgres://postgres@127.0.0.1:5432}/prereg_$RUN_ID"
 export PREREG_AMQP_PREFIX="$RUN_ID"
+# A throwaway prefix: its queues go once unused, even if this run is killed.
+export PREREG_AMQP_QUEUE_EXPIRES=15m
 unset PREREG_SMTP_URL PREREG_OPERATOR_TOKEN
 
 PID=""

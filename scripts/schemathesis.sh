@@ -56,6 +56,8 @@ cargo test --locked --no-run -q -p prereg >/dev/null 2>&1 || cargo test --locked
 secret() { python3 -c 'import secrets; print(secrets.token_hex(32))'; }
 export PREREG_DATABASE_URL="$PG/$DB"
 export PREREG_AMQP_PREFIX="schemathesis-$$"
+# A throwaway prefix: its queues go once unused, even if this run is killed.
+export PREREG_AMQP_QUEUE_EXPIRES=15m
 export PREREG_OPERATOR_TOKEN="$(secret)"
 export PREREG_LINK_SECRET="$(secret)"
 export PREREG_HTTP_ADDR="$HTTP_ADDR"

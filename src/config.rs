@@ -69,6 +69,12 @@ pub struct Config {
     pub partner_quota: i64,
     pub export_retention: Duration,
     pub amqp_prefix: String,
+    /// `PREREG_AMQP_QUEUE_EXPIRES` (unset by default): the broker deletes a
+    /// queue of this prefix once it has gone unused this long (`x-expires`).
+    /// Only for throwaway prefixes (tests, previews, benchmarks), so that a
+    /// run killed before its teardown leaves nothing behind on a shared
+    /// broker; never set it where queues hold work worth keeping.
+    pub amqp_queue_expires: Option<Duration>,
     pub worker_concurrency: usize,
     pub job_timeout: Duration,
     pub max_attempts: u32,
@@ -306,6 +312,12 @@ impl Config {
             partner_quota: num("PREREG_PARTNER_QUOTA", "100")? as i64,
             export_retention: dur("PREREG_EXPORT_RETENTION", "7d")?,
             amqp_prefix: prefix,
+            amqp_queue_expires: match vars.get("PREREG_AMQP_QUEUE_EXPIRES") {
+                Some(v) if !v.trim().is_empty() => {
+                    Some(dur("PREREG_AMQP_QUEUE_EXPIRES", "")?.max(Duration::from_secs(1)))
+                }
+                _ => None,
+            },
             worker_concurrency: num("PREREG_WORKER_CONCURRENCY", "32")?.max(1) as usize,
             job_timeout: dur("PREREG_JOB_TIMEOUT", "30s")?,
             max_attempts: num("PREREG_MAX_ATTEMPTS", "6")?.max(1) as u32,

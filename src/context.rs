@@ -51,7 +51,8 @@ impl Ctx {
             cfg.db_statement_timeout,
         )?;
         let health = Arc::new(Health::new(cfg.retry_after.as_secs()));
-        let names = Names::new(&cfg.amqp_prefix, cfg.retry_delays.clone());
+        let names =
+            Names::new(&cfg.amqp_prefix, cfg.retry_delays.clone()).expiring(cfg.amqp_queue_expires);
         let broker = Arc::new(
             Broker::new(&cfg.amqp_url, names, cfg.delivery_limit)
                 .with_health(health.clone())

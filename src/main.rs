@@ -19,6 +19,7 @@ Environment (also read from ./.env):
   PREREG_DATABASE_URL        PostgreSQL URL [postgres://postgres@127.0.0.1:5432/prereg]
   PREREG_AMQP_URL            RabbitMQ URL [amqp://guest:guest@127.0.0.1:5672/%2f]
   PREREG_AMQP_PREFIX         prefix of every exchange and queue [prereg]
+  PREREG_AMQP_QUEUE_EXPIRES  throwaway prefixes only: queues unused this long are deleted [unset]
   PREREG_REDIS_URL           Redis URL (locks) [redis://127.0.0.1:6379]
   PREREG_SMTP_URL            smtp://host:port, smtps://host, or file:///dir to catch mail [smtp://127.0.0.1:1025]
   PREREG_MAIL_FROM           sender of every email

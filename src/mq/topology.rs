@@ -42,6 +42,9 @@ pub const DELAY_TIER: &str = "prereg-delay-tier";
 pub struct Names {
     pub prefix: String,
     pub retry_delays: Vec<Duration>,
+    /// `x-expires` of every queue (throwaway prefixes only, see
+    /// `Config::amqp_queue_expires`).
+    pub queue_expires: Option<Duration>,
 }
 
 impl Names {
@@ -49,7 +52,21 @@ impl Names {
         Self {
             prefix: prefix.to_string(),
             retry_delays,
+            queue_expires: None,
         }
+    }
+    /// The same names, with every queue declared to expire once unused for
+    /// `after` (`None`: never).
+    pub fn expiring(mut self, after: Option<Duration>) -> Self {
+        self.queue_expires = after;
+        self
+    }
+    /// Adds `x-expires` to a queue's arguments when this prefix expires.
+    fn with_expiry(&self, mut args: FieldTable) -> FieldTable {
+        if let Some(after) = self.queue_expires {
+            args.insert("x-expires".into(), millis(after));
+        }
+        args
     }
     pub fn commands(&self) -> String {
         format!("{}.commands", self.prefix)
@@ -123,6 +140,11 @@ fn durable_queue() -> QueueDeclareOptions {
     }
 }
 
+/// A duration as the broker's millisecond arguments take it.
+fn millis(d: Duration) -> AMQPValue {
+    AMQPValue::LongInt(d.as_millis().min(i32::MAX as u128) as i32)
+}
+
 fn str_arg(s: &str) -> AMQPValue {
     AMQPValue::LongString(s.into())
 }
@@ -174,7 +196,7 @@ pub async fn declare(ch: &Channel, names: &Names, delivery_limit: u32) -> lapin:
             "x-delivery-limit".into(),
             AMQPValue::LongInt(DLQ_DELIVERY_LIMIT),
         );
-        ch.queue_declare(&names.dlq(q), durable_queue(), dlq_args)
+        ch.queue_declare(&names.dlq(q), durable_queue(), names.with_expiry(dlq_args))
             .await?;
         ch.queue_bind(
             &names.dlq(q),
@@ -193,7 +215,7 @@ pub async fn declare(ch: &Channel, names: &Names, delivery_limit: u32) -> lapin:
         );
         args.insert("x-dead-letter-exchange".into(), str_arg(&names.dlx()));
         args.insert("x-dead-letter-routing-key".into(), str_arg(q.short()));
-        ch.queue_declare(&names.queue(q), durable_queue(), args)
+        ch.queue_declare(&names.queue(q), durable_queue(), names.with_expiry(args))
             .await?;
         for (exchange, key) in bindings(names, q) {
             ch.queue_bind(
@@ -211,7 +233,7 @@ pub async fn declare(ch: &Channel, names: &Names, delivery_limit: u32) -> lapin:
         ch.queue_declare(
             &names.retry_queue(i),
             durable_queue(),
-            delay_args(names, *delay),
+            names.with_expiry(delay_args(names, *delay)),
         )
         .await?;
         ch.queue_bind(
@@ -232,10 +254,7 @@ pub async fn declare(ch: &Channel, names: &Names, delivery_limit: u32) -> lapin:
 fn delay_args(names: &Names, delay: Duration) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), str_arg("quorum"));
-    args.insert(
-        "x-message-ttl".into(),
-        AMQPValue::LongInt(delay.as_millis().min(i32::MAX as u128) as i32),
-    );
+    args.insert("x-message-ttl".into(), millis(delay));
     args.insert("x-dead-letter-exchange".into(), str_arg(&names.internal()));
     args.insert("x-dead-letter-strategy".into(), str_arg("at-least-once"));
     // At-least-once dead-lettering requires `reject-publish` overflow.
@@ -311,6 +330,26 @@ mod tests {
         assert_eq!(
             a.inner().get("x-message-ttl"),
             Some(&AMQPValue::LongInt(1500))
+        );
+    }
+
+    #[test]
+    fn only_an_expiring_prefix_declares_x_expires() {
+        let plain = Names::new("t", vec![]);
+        assert_eq!(
+            plain
+                .with_expiry(FieldTable::default())
+                .inner()
+                .get("x-expires"),
+            None
+        );
+        let throwaway = plain.expiring(Some(Duration::from_secs(90)));
+        assert_eq!(
+            throwaway
+                .with_expiry(FieldTable::default())
+                .inner()
+                .get("x-expires"),
+            Some(&AMQPValue::LongInt(90_000))
         );
     }
 }

@@ -42,6 +42,21 @@ pub fn init_logs() {
         .try_init();
 }
 
+/// How long a test's queues outlive their last use when nothing deletes
+/// them: longer than any one test runs.
+pub const TEST_QUEUES_EXPIRE: Duration = Duration::from_secs(15 * 60);
+
+/// Arguments of a queue a test declares itself: gone once unused for
+/// [`TEST_QUEUES_EXPIRE`], whether or not the test gets to delete it.
+pub fn expiring_queue() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-expires".into(),
+        lapin::types::AMQPValue::LongInt(TEST_QUEUES_EXPIRE.as_millis() as i32),
+    );
+    args
+}
+
 /// A test configuration on a fresh database and a unique broker prefix.
 pub async fn test_config() -> (Config, String) {
     init_logs();
@@ -63,6 +78,9 @@ pub async fn test_config() -> (Config, String) {
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         operator_token: Some(OPERATOR.into()),
         link_secret: "test-link-secret-5e8d2c4a9b1f3e7d6c0a8b2e4f6d1c3a".into(),
+        // A test killed before its teardown (and before `TestApp`'s drop
+        // guard runs) leaves nothing on the shared broker for long.
+        amqp_queue_expires: Some(TEST_QUEUES_EXPIRE),
         retry_delays: vec![
             Duration::from_millis(100),
             Duration::from_millis(200),
@@ -85,6 +103,60 @@ pub struct TestApp {
     pub cfg: Config,
     pub db_name: String,
     running: Vec<Running>,
+    /// Set by `cleanup`; a test that panics before it is cleaned up by
+    /// `Drop` instead, so a failing run leaves no queues on the shared
+    /// broker and no database behind.
+    cleaned: bool,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        // Dropping the runs' task sets aborts their consumers, so none
+        // declares the topology again once it is deleted.
+        self.running.clear();
+        let names = self.ctx.broker.names.clone();
+        let url = self.cfg.amqp_url.clone();
+        let db_name = self.db_name.clone();
+        // The test's runtime may be single-threaded or unwinding: clean up
+        // on a thread of our own, over fresh connections.
+        let cleaner = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    delete_broker_objects(&url, &names),
+                )
+                .await;
+                drop_database(&db_name).await;
+            });
+        });
+        let _ = cleaner.join();
+    }
+}
+
+/// Deletes a prefix's queues and exchanges over a connection of its own to
+/// the first broker of `url` (a comma-separated list for a cluster).
+async fn delete_broker_objects(url: &str, names: &prereg::mq::Names) {
+    let first = url.split(',').next().unwrap_or(url).trim();
+    let Ok(conn) = lapin::Connection::connect(first, lapin::ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        for q in names.all_queue_names() {
+            let _ = ch.queue_delete(&q, Default::default()).await;
+        }
+        for x in names.all_exchange_names() {
+            let _ = ch.exchange_delete(&x, Default::default()).await;
+        }
+    }
+    let _ = conn.close(200, "test cleanup").await;
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -135,6 +207,7 @@ pub async fn spawn_roles(tweak: impl FnOnce(&mut Config), queues: Vec<Queue>) ->
         cfg,
         db_name,
         running: vec![running],
+        cleaned: false,
     }
 }
 
@@ -491,6 +564,7 @@ impl TestApp {
             r.shutdown().await;
         }
         release(&self.ctx, &self.db_name).await;
+        self.cleaned = true;
     }
 
     /// Waits until invitation `inv` is `failed`, asserts that its failure
@@ -690,7 +764,8 @@ pub async fn capture_events(ctx: &Ctx, name: &str, binding: &str) -> (Channel, S
             auto_delete: true,
             ..Default::default()
         },
-        FieldTable::default(),
+        // auto_delete alone never fires for a queue read with basic.get.
+        expiring_queue(),
     )
     .await
     .unwrap();

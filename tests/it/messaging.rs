@@ -241,3 +241,113 @@ async fn consumers_reconnect_after_the_broker_is_killed_and_restarted() {
     app.cleanup().await;
     drop(rabbit);
 }
+
+/// Whether queue `q` exists (a passive declare, on a channel of its own:
+/// a missing queue closes the channel).
+async fn queue_exists(conn: &lapin::Connection, q: &str) -> bool {
+    let ch = conn.create_channel().await.expect("channel");
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let found = ch
+        .queue_declare(q, passive, Default::default())
+        .await
+        .is_ok();
+    let _ = ch.close(200, "checked").await;
+    found
+}
+
+/// A run killed before its teardown leaves nothing on a shared broker for
+/// long: with `PREREG_AMQP_QUEUE_EXPIRES` the broker itself deletes every
+/// queue of the prefix (work, dead-letter and delay queues) once unused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queues_of_a_throwaway_prefix_expire_once_its_processes_are_gone() {
+    let (mut cfg, db_name) = test_config().await;
+    cfg.amqp_queue_expires = Some(Duration::from_secs(4));
+    let ctx = prereg::Ctx::new(cfg.clone()).expect("ctx");
+    prereg::store::migrate(&ctx.db).await.expect("migrate");
+    let roles = prereg::app::Roles {
+        intake: true,
+        workers: Queue::ALL.to_vec(),
+        relay: true,
+        health_server: false,
+        scheduler: false,
+    };
+    let running = prereg::app::start(ctx.clone(), roles).await.expect("start");
+    let names = ctx.broker.names.clone();
+    let conn = lapin::Connection::connect(&amqp_url(), Default::default())
+        .await
+        .expect("broker");
+    // The topology is declared once the app's connection is up.
+    wait_until(Duration::from_secs(10), || async {
+        for q in names.all_queue_names() {
+            if !queue_exists(&conn, &q).await {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    // Consumers keep a queue in use: past the expiry it is still there.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for q in Queue::ALL {
+        assert!(queue_exists(&conn, &names.queue(q)).await, "{q:?} in use");
+    }
+
+    // The process goes away without deleting anything, as a killed one would.
+    running.shutdown().await;
+    ctx.db.close().await;
+    let mut left = names.all_queue_names();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !left.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut still = Vec::new();
+        for q in left {
+            if queue_exists(&conn, &q).await {
+                still.push(q);
+            }
+        }
+        left = still;
+    }
+    assert!(left.is_empty(), "still declared 20 s later: {left:?}");
+    for x in names.all_exchange_names() {
+        let ch = conn.create_channel().await.unwrap();
+        let _ = ch.exchange_delete(&x, Default::default()).await;
+    }
+    let _ = conn.close(200, "done").await;
+    drop_database(&db_name).await;
+}
+
+/// A test that fails leaves nothing behind on the shared services: the
+/// harness's drop guard deletes its queues and drops its database as the
+/// panic unwinds (a failing CI run once left a broker to the next one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_that_panics_leaves_no_queues_and_no_database_behind() {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let failing = tokio::spawn(async move {
+        let app = spawn_app().await;
+        let _ = tx.send((app.ctx.broker.names.clone(), app.db_name.clone()));
+        panic!("a failing test");
+    });
+    let (names, db_name) = rx.await.expect("the app started");
+    assert!(failing.await.expect_err("it panicked").is_panic());
+
+    let conn = lapin::Connection::connect(&amqp_url(), Default::default())
+        .await
+        .expect("broker");
+    for q in names.all_queue_names() {
+        assert!(!queue_exists(&conn, &q).await, "{q} left behind");
+    }
+    let _ = conn.close(200, "done").await;
+    let mut admin =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{}/postgres", pg_base()))
+            .await
+            .unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(&db_name)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "database {db_name} left behind");
+}

@@ -40,13 +40,9 @@ async fn capture(app: &TestApp, binds: &[(&str, &str)]) -> Capture {
     let (_, ch) = app.ctx.broker.channel().await.expect("channel");
     let names = &app.ctx.broker.names;
     let queue = format!("{}.capture", names.prefix);
-    ch.queue_declare(
-        &queue,
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("declare capture queue");
+    ch.queue_declare(&queue, QueueDeclareOptions::default(), expiring_queue())
+        .await
+        .expect("declare capture queue");
     for (exchange, key) in binds {
         // Our own jobs travel on the internal exchange.
         let x = if *exchange == "events" {
