@@ -290,6 +290,11 @@ impl TestApp {
             .env("PREREG_DEV_MODE", "1")
             .env("RUST_LOG", "error")
             .stdin(std::process::Stdio::null());
+        // The queues are declared the same way by every process of a
+        // prefix; a different x-expires would be refused by the broker.
+        if let Some(e) = self.cfg.amqp_queue_expires {
+            cmd.env("PREREG_AMQP_QUEUE_EXPIRES", format!("{}ms", e.as_millis()));
+        }
         cmd
     }
 

@@ -36,10 +36,12 @@ fn text(o: &Output) -> String {
 }
 
 /// The variables that point the binary at `app`'s database and broker prefix.
-fn db_env(app: &TestApp) -> [(&'static str, &str); 2] {
+fn db_env(app: &TestApp) -> [(&'static str, &str); 3] {
     [
         ("PREREG_DATABASE_URL", app.cfg.database_url.as_str()),
         ("PREREG_AMQP_PREFIX", app.cfg.amqp_prefix.as_str()),
+        // As the app declared its queues (see `TEST_QUEUES_EXPIRE`).
+        ("PREREG_AMQP_QUEUE_EXPIRES", "15m"),
     ]
 }
 
@@ -94,14 +96,11 @@ async fn weak_secrets_stop_the_process_naming_the_variable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_keys_are_issued_listed_revoked_and_stored_hashed() {
     let app = spawn_app().await;
-    let vars = [
-        db_env(&app),
-        [
-            ("PREREG_OPERATOR_TOKEN", OPERATOR),
-            ("PREREG_LINK_SECRET", STRONG_LINK),
-        ],
-    ]
-    .concat();
+    let mut vars = db_env(&app).to_vec();
+    vars.extend([
+        ("PREREG_OPERATOR_TOKEN", OPERATOR),
+        ("PREREG_LINK_SECRET", STRONG_LINK),
+    ]);
     let issue = |label: &str| {
         let out = prereg(&vars, &["admin", "operator-key", "issue", "--label", label]);
         assert!(out.status.success(), "{}", text(&out));
