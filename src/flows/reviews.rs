@@ -70,12 +70,13 @@ pub async fn open(ctx: &Ctx, cmd: &ReviewRequested, actor: &str) -> Result<Opene
         tx.commit().await?;
         return Ok(Opened::Refused(code));
     }
-    let due = ctx.review_due(Utc::now()).await?;
+    let opened_at = Utc::now();
+    let due = ctx.review_due(opened_at).await?;
     if due.calendar_missing {
         metrics::counter!("prereg_calendar_missing_total").increment(1);
         tracing::warn!(review_id = %review.id, "review deadline reaches past the loaded calendar (calendar_missing)");
     }
-    reviews::open(&mut tx, review.id, due.at, due.calendar_missing).await?;
+    reviews::open(&mut tx, review.id, opened_at, due.at, due.calendar_missing).await?;
     preregs::set_status(&mut tx, p.id, Status::UnderReview).await?;
     store::record(
         &mut tx,

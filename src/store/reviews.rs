@@ -79,16 +79,21 @@ pub async fn latest_for<'e>(
     .await
 }
 
+/// Opens review `id` at `opened_at`, the instant its deadline `due_at` was
+/// computed from (never the database's own clock, which is the
+/// transaction's start: the two would differ by the transaction's age).
 pub async fn open(
     conn: &mut PgConnection,
     id: Uuid,
+    opened_at: DateTime<Utc>,
     due_at: DateTime<Utc>,
     calendar_missing: bool,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE reviews SET state = 'open', opened_at = now(), due_at = $2, calendar_missing = $3 WHERE id = $1")
+    sqlx::query("UPDATE reviews SET state = 'open', opened_at = $4, due_at = $2, calendar_missing = $3 WHERE id = $1")
         .bind(id)
         .bind(due_at)
         .bind(calendar_missing)
+        .bind(opened_at)
         .execute(conn)
         .await?;
     Ok(())

@@ -130,9 +130,11 @@ async fn smtp_down_is_retried_and_the_customer_gets_one_email_once_it_is_back() 
     })
     .await;
 
+    // Attempt 1 was refused; attempt 2 (counted when it starts) may be
+    // the one that finds the server back.
     let sink = SmtpSink::start_on(addr).await.unwrap();
     let v = app.invitation_state(&p, &inv, "sent").await;
-    assert!(v["attempts"].as_i64().unwrap_or(0) >= 3, "{v}");
+    assert!(v["attempts"].as_i64().unwrap_or(0) >= 2, "{v}");
     assert_eq!(sink.wait_for(1, Duration::from_secs(5)).await.len(), 1);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sink.count(), 1, "one email");
