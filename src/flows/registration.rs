@@ -416,6 +416,23 @@ async fn decide_tx(
         });
     }
 
+    // Row locks before counter locks, as a sweep takes them: the lapsed
+    // claims this batch expires (a sweep may hold one; it never waits for
+    // a row, so waiting for it here cannot close a circle) ...
+    if !lapsed.is_empty() {
+        let ids: Vec<Uuid> = lapsed.iter().map(|(id, _)| *id).collect();
+        decisions::lock_rows(&mut tx, &ids).await?;
+    }
+    // ... then every quota counter the writes below move, in one sorted
+    // statement: the batch's partners' and the lapsed claims' partners'.
+    let mut counted = partner_ids.clone();
+    counted.extend(lapsed.iter().filter_map(|(id, _)| {
+        cx.claims
+            .iter()
+            .find(|k| k.claim.id == *id)
+            .map(|k| k.claim.partner_id)
+    }));
+    decisions::lock_quota(&mut tx, &counted).await?;
     for (id, from) in lapsed {
         claims::expire(&mut tx, id, from, ACTOR).await?;
     }

@@ -105,6 +105,20 @@ pub async fn lock_partners(
     Ok(rows.into_iter().map(|p| (p.id, p)).collect())
 }
 
+/// Locks the quota counters of `partners` in id order. A decision batch
+/// calls it before its first write: the triggers that keep the counters
+/// (see the `partner_quota_usage` migration) would otherwise take them
+/// statement by statement, in an order a concurrent sweep could cross.
+pub async fn lock_quota(conn: &mut PgConnection, partners: &[Uuid]) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT 1 FROM partner_quota_usage WHERE partner_id = ANY($1) ORDER BY partner_id FOR UPDATE",
+    )
+    .bind(sorted_unique(partners))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// A claim on a customer, with the customer's keys.
 #[derive(Debug, Clone)]
 pub struct KeyedClaim {
@@ -133,7 +147,7 @@ pub struct Context {
     pub quota: HashMap<Uuid, i64>,
 }
 
-/// One round trip: the claims, accounts and quota counts of a batch.
+/// One round trip: the claims, accounts and quota usage of a batch.
 pub async fn context(
     conn: &mut PgConnection,
     emails: &[String],
@@ -150,12 +164,9 @@ pub async fn context(
            (SELECT coalesce(jsonb_agg(jsonb_build_object('email_norm', email_norm, 'mobile_norm', mobile_norm,
                      'facts', facts)), '[]')
               FROM accounts WHERE email_norm = ANY($1) OR mobile_norm = ANY($2)) AS accounts,
-           (SELECT coalesce(jsonb_agg(jsonb_build_array(partner_id, n)), '[]')
-              FROM (SELECT partner_id, count(*) AS n FROM preregistrations
-                     WHERE partner_id = ANY($3) AND status IN {quota}
-                     GROUP BY partner_id) q) AS quota",
+           (SELECT coalesce(jsonb_agg(jsonb_build_array(partner_id, active)), '[]')
+              FROM partner_quota_usage WHERE partner_id = ANY($3)) AS quota",
         claims = sets::claims(),
-        quota = sets::quota(),
     ))
     .bind(emails)
     .bind(mobiles)

@@ -166,11 +166,12 @@ pub async fn claims_on(
         .collect())
 }
 
+/// The partner's pre-registrations under review or holding a claim, as the
+/// database keeps count of them (`partner_quota_usage`).
 pub async fn count_quota(conn: &mut PgConnection, partner_id: Uuid) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM preregistrations WHERE partner_id = $1 AND status IN {}",
-        super::sets::quota()
-    ))
+    sqlx::query_scalar(
+        "SELECT coalesce((SELECT active FROM partner_quota_usage WHERE partner_id = $1), 0)",
+    )
     .bind(partner_id)
     .fetch_one(conn)
     .await

@@ -23,8 +23,6 @@ sets! {
     expirable => Status::sql_list(Status::expirable);
     /// Claims that block another partner: [`Status::holds_claim`].
     claims => Status::sql_list(Status::holds_claim);
-    /// Pre-registrations counted toward the quota: [`Status::counts_toward_quota`].
-    quota => Status::sql_list(Status::counts_toward_quota);
     /// Reviews still waiting for a decision: [`ReviewState::undecided`].
     reviews_undecided => ReviewState::sql_list(ReviewState::undecided);
     /// Reviews an operator decided: [`ReviewState::decided`].

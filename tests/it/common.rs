@@ -568,6 +568,7 @@ impl TestApp {
         for r in self.running.drain(..) {
             r.shutdown().await;
         }
+        assert_quota_usage_exact(self.db()).await;
         release(&self.ctx, &self.db_name).await;
         self.cleaned = true;
     }
@@ -784,6 +785,33 @@ pub async fn capture_events(ctx: &Ctx, name: &str, binding: &str) -> (Channel, S
     .await
     .unwrap();
     (ch, queue)
+}
+
+/// Every partner's quota counter, kept by triggers, equals a count of its
+/// rows under review or holding a claim. Checked at the end of every test
+/// that cleans up, so each flow the suite runs keeps the counters exact.
+pub async fn assert_quota_usage_exact(db: &PgPool) {
+    let counted: Vec<String> = prereg::domain::status::Status::ALL
+        .into_iter()
+        .filter(|s| s.counts_toward_quota())
+        .map(|s| s.as_str().to_string())
+        .collect();
+    let wrong: Vec<(Uuid, i64, i64)> = sqlx::query_as(
+        "SELECT p.id, coalesce(u.active, -1),
+                (SELECT count(*) FROM preregistrations r
+                  WHERE r.partner_id = p.id AND r.status = ANY($1))
+           FROM partners p LEFT JOIN partner_quota_usage u ON u.partner_id = p.id
+          WHERE coalesce(u.active, -1) <> (SELECT count(*) FROM preregistrations r
+                  WHERE r.partner_id = p.id AND r.status = ANY($1))",
+    )
+    .bind(&counted)
+    .fetch_all(db)
+    .await
+    .expect("quota usage check");
+    assert!(
+        wrong.is_empty(),
+        "quota counters (partner, counter, rows): {wrong:?}"
+    );
 }
 
 /// Deletes a test's broker objects, closes its connections and drops its

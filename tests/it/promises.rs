@@ -198,6 +198,22 @@ async fn registration_expires_a_lapsed_claim_itself_without_a_sweep() {
     app.cleanup().await;
 }
 
+/// The database keeps each partner's quota usage with triggers; the set
+/// of statuses they count is the domain's, for every status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_databases_quota_statuses_are_the_domains() {
+    let app = spawn_app().await;
+    for s in prereg::domain::status::Status::ALL {
+        let counted: bool = sqlx::query_scalar("SELECT counts_toward_quota($1)")
+            .bind(s.as_str())
+            .fetch_one(app.db())
+            .await
+            .unwrap();
+        assert_eq!(counted, s.counts_toward_quota(), "{s:?}");
+    }
+    app.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_quota_holds_under_concurrent_requests() {
     let app = spawn_with(|c| c.partner_quota = 3).await;
