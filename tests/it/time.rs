@@ -493,9 +493,8 @@ async fn two_sweeps_at_once_expire_each_claim_exactly_once() {
             .await
             .unwrap();
     assert_eq!(stats["claims_expired"], 0);
-    one.db.close().await;
     two.db.close().await;
-    drop_database(&db).await;
+    release(&one, &db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
