@@ -107,20 +107,46 @@ fn message_id(d: &lapin::message::Delivery) -> Option<String> {
 /// Reads up to `limit` dead letters of a queue without removing them.
 pub async fn list(broker: &Broker, q: Queue, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
     let (_, ch) = broker.channel().await?;
+    let dlq = broker.names.dlq(q);
     let mut out = Vec::new();
+    let mut last_tag = None;
     while out.len() < limit {
         let Some(msg) = ch
-            .basic_get(&broker.names.dlq(q), BasicGetOptions { no_ack: false })
+            .basic_get(&dlq, BasicGetOptions { no_ack: false })
             .await?
         else {
             break;
         };
+        last_tag = Some(msg.delivery.delivery_tag);
         out.push(view(&msg.delivery));
     }
-    // Closing the channel hands every unacknowledged message back.
+    if let Some(tag) = last_tag {
+        // Hand them all back, then wait until the queue shows them ready
+        // again: a browse right after this one (an operator refreshing)
+        // would otherwise find the queue empty while the hand-back is
+        // still on its way to the queue's leader.
+        ch.basic_nack(
+            tag,
+            BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            },
+        )
+        .await?;
+        let deadline = tokio::time::Instant::now() + HAND_BACK_WAIT;
+        while passive_declare(&ch, &dlq).await?.message_count() < out.len() as u32
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
     let _ = ch.close(200, "listed").await;
     Ok(out)
 }
+
+/// How long a browse waits for the dead letters it looked at to be ready
+/// in their queue again.
+const HAND_BACK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The headers of a replayed message: a fresh retry count.
 fn replay_headers(mut headers: FieldTable, run: &str) -> FieldTable {

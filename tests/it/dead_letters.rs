@@ -167,10 +167,18 @@ async fn oversized_messages_are_dead_lettered_and_forged_retry_counts_are_ignore
     // is not trusted (no overflow, no skipped schedule): it is retried like
     // any job and dead-lettered once its own retries are used up.
     let invitation = crate::retries::failing_invitation(&app).await;
+    // The intake's own job fails first and waits out its 3 s delay, so the
+    // forged copy is decided alone (two copies of one invitation in one
+    // email batch are one send, and the second would not fail on its own).
+    let (_, ch) = app.ctx.broker.channel().await.unwrap();
+    let names = app.ctx.broker.names.clone();
+    wait_until(Duration::from_secs(5), || async {
+        depth(&ch, &names.retry_queue(0)).await == 1
+    })
+    .await;
     let forged = CloudEvent::new("invitation.requested", json!({"invitation_id": invitation}));
     let mut headers = FieldTable::default();
     headers.insert("x-retry-count".into(), AMQPValue::LongUInt(u32::MAX));
-    let names = app.ctx.broker.names.clone();
     app.ctx
         .broker
         .publish(&names.commands(), &forged.ty, &forged, headers)
@@ -179,7 +187,6 @@ async fn oversized_messages_are_dead_lettered_and_forged_retry_counts_are_ignore
     // Both copies (the intake's job and the forged one) wait for their first
     // retry; the forged one was neither dead-lettered at once nor crashed the
     // worker with an overflow.
-    let (_, ch) = app.ctx.broker.channel().await.unwrap();
     wait_until(Duration::from_secs(2), || async {
         depth(&ch, &names.retry_queue(0)).await == 2
     })
