@@ -41,17 +41,7 @@ pub fn connect_with(
     acquire_timeout: Duration,
     statement_timeout: Duration,
 ) -> Result<PgPool, sqlx::Error> {
-    // Always a plan for the values at hand, never a cached generic one.
-    // Batch statements take arrays of 1 to a few hundred ids into tables
-    // that grow; a connection's generic plan is chosen once from the
-    // statistics of that moment and kept until the next ANALYZE. On a fresh
-    // database the decision batch's UPDATE … FROM unnest(…) kept a
-    // hash join over a sequential scan for a whole run (2.6 M rows read for
-    // 20,000 decisions, 36 ms per batch instead of 12; docs/benchmarks.md,
-    // session 6). Planning costs tens of microseconds per statement.
-    let mut opts: sqlx::postgres::PgConnectOptions = url
-        .parse::<sqlx::postgres::PgConnectOptions>()?
-        .options([("plan_cache_mode", "force_custom_plan")]);
+    let mut opts: sqlx::postgres::PgConnectOptions = url.parse()?;
     if !statement_timeout.is_zero() {
         opts = opts.options([(
             "statement_timeout",

@@ -187,24 +187,3 @@ async fn smtp_that_accepts_then_stalls_is_retried_and_the_customer_gets_one_emai
     relay_task.abort();
     app.cleanup().await;
 }
-
-/// The app's connections never run a cached generic plan (one chosen from
-/// the statistics of the moment the connection first ran a statement, kept
-/// as the tables grow), and the statement timeout set beside it survives.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_apps_connections_plan_each_statement_for_its_values() {
-    let app = spawn_with(|c| c.db_statement_timeout = Duration::from_millis(1500)).await;
-    let mut conn = app.db().acquire().await.unwrap();
-    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-    assert_eq!(mode, "force_custom_plan");
-    let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-    assert_eq!(timeout, "1500ms");
-    drop(conn);
-    app.cleanup().await;
-}
