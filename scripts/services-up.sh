@@ -134,6 +134,13 @@ ensure_rabbitmq() {
   have rabbitmq-server || apt_install rabbitmq-server
   if rabbit_ping >/dev/null 2>&1; then
     log "RabbitMQ node already up"
+  elif port_open 5672; then
+    # Something holds the port but the node does not answer its CLI (a
+    # wedged node): starting another would fail on the same name and port,
+    # and this script never stops one. `.ci/run` probes it with real work
+    # and runs on a private node if it does not do any.
+    log "WARNING: 127.0.0.1:5672 accepts connections but the node does not answer rabbitmq-diagnostics ping; leaving it alone"
+    return 0
   else
     log "starting RabbitMQ"
     rabbitmq-server -detached
@@ -141,8 +148,11 @@ ensure_rabbitmq() {
     wait_for "RabbitMQ node to answer ping" rabbit_ping
   fi
   # Returns at once on a booted node; otherwise waits for the app (bounded).
-  timeout "$WAIT_SECS" rabbitmqctl -q --timeout "$WAIT_SECS" await_startup >/dev/null \
-    || die "RabbitMQ did not finish booting within ${WAIT_SECS}s (see /var/log/rabbitmq/)"
+  if ! timeout "$WAIT_SECS" rabbitmqctl -q --timeout "$WAIT_SECS" await_startup >/dev/null; then
+    port_open 5672 || die "RabbitMQ did not finish booting within ${WAIT_SECS}s (see /var/log/rabbitmq/)"
+    log "WARNING: RabbitMQ did not report booted within ${WAIT_SECS}s but accepts connections; .ci/run's probe decides"
+    return 0
+  fi
   wait_for "RabbitMQ AMQP port 127.0.0.1:5672" port_open 5672
   log "RabbitMQ OK (amqp://guest:guest@127.0.0.1:5672/%2f)"
 }
