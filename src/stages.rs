@@ -22,7 +22,9 @@ pub enum Stage {
     Commit,
     /// Acknowledging the delivery (or batch) after the commit.
     Ack,
-    /// How long an outbox row waited before the relay published it.
+    /// How long an outbox row waited before it was published and
+    /// confirmed: by the relay (from the row's insert), or by the process
+    /// that staged it (from its commit).
     RelayLag,
 }
 

@@ -188,14 +188,16 @@ pub async fn decide_batch(ctx: &Ctx, reqs: &[Request]) -> Vec<Verdict> {
     };
     stages::since(Stage::LockWait, lock_started);
 
+    let mut staged = Staged::default();
     if !candidates.is_empty() {
-        for (i, v) in decide_split(ctx, reqs, candidates).await {
+        for (i, v) in decide_split(ctx, reqs, candidates, &mut staged).await {
             out[i] = Some(v);
         }
     }
     if let Some(g) = guard {
         ctx.locks.release(g).await;
     }
+    staged.publish(ctx);
     reqs.iter()
         .zip(out)
         .map(|(r, v)| {
@@ -235,14 +237,54 @@ async fn record_upstream(ctx: &Ctx, r: &Request) -> Result<(), Verdict> {
     Ok(())
 }
 
+/// The decision events of committed transactions, staged in the outbox a
+/// grace period ahead (`store::decisions::write`): published by this process
+/// right after the commits, and by the relay only if that fails.
+#[derive(Default)]
+struct Staged {
+    ids: Vec<i64>,
+    events: Vec<CloudEvent>,
+}
+
+impl Staged {
+    /// Publishes the events in a task of their own: the batch's deliveries
+    /// are acknowledged without waiting for the events' confirms.
+    fn publish(self, ctx: &Ctx) {
+        if self.ids.is_empty() {
+            return;
+        }
+        let (db, publisher) = (ctx.db.clone(), ctx.publisher.clone());
+        let committed = Instant::now();
+        tokio::spawn(async move {
+            match outbox::publish_staged(&db, &publisher, &self.ids, &self.events).await {
+                Ok(confirmed) => {
+                    // How long a confirmed event waited after its commit.
+                    let lag = committed.elapsed().as_secs_f64();
+                    for _ in 0..confirmed {
+                        stages::observe(Stage::RelayLag, lag);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e,
+                    "could not settle the outbox rows of published decision events; the relay publishes them again after the grace period"),
+            }
+        });
+    }
+}
+
 /// Decides `part` in one transaction; a transaction that keeps failing is
 /// split in halves (in order, so the first half commits before the second
-/// is decided) until the one job that fails is alone.
-async fn decide_split(ctx: &Ctx, reqs: &[Request], part: Vec<usize>) -> Vec<(usize, Verdict)> {
+/// is decided) until the one job that fails is alone. The events of what
+/// was decided are added to `staged`.
+async fn decide_split(
+    ctx: &Ctx,
+    reqs: &[Request],
+    part: Vec<usize>,
+    staged: &mut Staged,
+) -> Vec<(usize, Verdict)> {
     let mut done = Vec::with_capacity(part.len());
     let mut work: VecDeque<Vec<usize>> = VecDeque::from([part]);
     while let Some(part) = work.pop_front() {
-        match decide_with_retries(ctx, reqs, &part).await {
+        match decide_with_retries(ctx, reqs, &part, staged).await {
             Ok(verdicts) => done.extend(verdicts),
             Err(e) if part.len() == 1 => done.push((part[0], Verdict::Failed(Failure::Db(e)))),
             Err(e) if store::is_transient(&e) => {
@@ -267,11 +309,12 @@ async fn decide_with_retries(
     ctx: &Ctx,
     reqs: &[Request],
     part: &[usize],
+    staged: &mut Staged,
 ) -> Result<Vec<(usize, Verdict)>, sqlx::Error> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match decide_tx(ctx, reqs, part).await {
+        match decide_tx(ctx, reqs, part, staged).await {
             Err(e)
                 if attempt < ATTEMPTS
                     && (store::is_unique_violation(&e) || store::is_transient(&e)) =>
@@ -297,6 +340,7 @@ async fn decide_tx(
     ctx: &Ctx,
     reqs: &[Request],
     part: &[usize],
+    staged: &mut Staged,
 ) -> Result<Vec<(usize, Verdict)>, sqlx::Error> {
     let started = Instant::now();
     let mut verdicts = Vec::with_capacity(part.len());
@@ -447,15 +491,17 @@ async fn decide_tx(
             event: &d.event,
         })
         .collect();
-    decisions::write(&mut tx, ACTOR, &rows).await?;
+    let event_ids = decisions::write(&mut tx, ACTOR, &rows, ctx.cfg.outbox_grace).await?;
     stages::since(Stage::Decision, started);
     let commit_started = Instant::now();
     tx.commit().await?;
     stages::since(Stage::Commit, commit_started);
-    for d in &pending {
+    staged.ids.extend(event_ids);
+    for d in pending {
         let status = d.change.status;
         metrics::counter!("prereg_decisions_total", "status" => status.as_str(), "reason" => d.change.reason.map(|r| r.0).unwrap_or("")).increment(1);
         verdicts.push((d.index, Verdict::Decided(status)));
+        staged.events.push(d.event);
     }
     Ok(verdicts)
 }

@@ -232,15 +232,18 @@ pub struct Decided<'a> {
 
 /// One round trip: every decision's status columns (the statement of
 /// [`preregs::apply`]), its `decided` timeline entry (by `actor`) and its
-/// event in the outbox, in the order given. Returns how many rows were
-/// updated.
+/// event in the outbox, in the order given. The events are due for the relay
+/// only `grace` after the commit: the deciding process publishes them itself
+/// (`store::outbox::publish_staged`) and the relay steps in only if it
+/// could not. Returns the events' outbox ids, in the order given.
 pub async fn write(
     conn: &mut PgConnection,
     actor: &str,
     decided: &[Decided<'_>],
-) -> Result<u64, sqlx::Error> {
+    grace: std::time::Duration,
+) -> Result<Vec<i64>, sqlx::Error> {
     if decided.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let changes: Vec<preregs::Change<'_>> = decided.iter().map(|d| d.change).collect();
     let keys: Vec<&str> = decided.iter().map(|d| d.event.ty.as_str()).collect();
@@ -262,16 +265,18 @@ pub async fn write(
              SELECT id, $9, 'decided', 'queued', status, reason_code FROM d ORDER BY n
          ),
          events AS (
-             INSERT INTO outbox (exchange, routing_key, message)
-             SELECT 'events', routing_key, message FROM e ORDER BY n
+             INSERT INTO outbox (exchange, routing_key, message, publish_after)
+             SELECT 'events', routing_key, message, now() + $12 FROM e ORDER BY n
+             RETURNING id
          )
-         SELECT count(*) FROM updated"
+         SELECT array_agg(id ORDER BY id) FROM events"
     ));
-    preregs::bind_changes(q, &changes)
+    let ids: Option<Vec<i64>> = preregs::bind_changes(q, &changes)
         .bind(actor)
         .bind(&keys)
         .bind(&events)
+        .bind(grace)
         .fetch_one(conn)
-        .await
-        .map(|n| n as u64)
+        .await?;
+    Ok(ids.unwrap_or_default())
 }

@@ -124,6 +124,48 @@ pub async fn withdraw(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<i64>, 
         .await
 }
 
+/// Publishes events this process staged in the outbox a grace period ahead
+/// (`ids[i]` holds `events[i]`), with their confirms awaited together, and
+/// deletes the confirmed rows in one statement. A row not confirmed is due
+/// for the relay soon (a copy the broker did take is harmless: an event's id
+/// is stable); a row of a process that crashed first is due after the grace
+/// period. Returns how many were confirmed.
+pub async fn publish_staged(
+    pool: &PgPool,
+    publisher: &Publisher,
+    ids: &[i64],
+    events: &[CloudEvent],
+) -> Result<usize, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let broker = publisher.broker();
+    let msgs: Vec<Outgoing> = events.iter().map(|e| Outgoing::event(broker, e)).collect();
+    let fates = publisher.publish_all(&msgs).await;
+    let (done, failed): (Vec<(i64, bool)>, Vec<(i64, bool)>) = ids
+        .iter()
+        .zip(&fates)
+        .map(|(id, f)| (*id, f.is_confirmed()))
+        .partition(|(_, ok)| *ok);
+    let done: Vec<i64> = done.into_iter().map(|(id, _)| id).collect();
+    let failed: Vec<i64> = failed.into_iter().map(|(id, _)| id).collect();
+    if !done.is_empty() {
+        delete(pool, &done).await?;
+    }
+    if !failed.is_empty() {
+        tracing::warn!(
+            failed = failed.len(),
+            "events not confirmed by the broker; the outbox relay publishes them"
+        );
+        sqlx::query("UPDATE outbox SET publish_after = now() + $2 WHERE id = ANY($1)")
+            .bind(&failed)
+            .bind(RETRY_AFTER)
+            .execute(pool)
+            .await?;
+    }
+    Ok(done.len())
+}
+
 /// Publishes one batch of due rows, without holding a transaction across the
 /// network: the rows are leased first (one short statement moves their
 /// `publish_after` a lease ahead, `SKIP LOCKED`, so relays on several nodes

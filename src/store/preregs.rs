@@ -216,11 +216,14 @@ macro_rules! apply_sql {
 }
 pub(crate) use {apply_sql, changes_sql};
 
-type CountQuery<'q> =
-    sqlx::query::QueryScalar<'q, sqlx::Postgres, i64, sqlx::postgres::PgArguments>;
+type ScalarQuery<'q, O> =
+    sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>;
 
 /// Binds `changes` column by column as `$1`..`$8` of [`changes_sql`].
-pub(crate) fn bind_changes<'q>(q: CountQuery<'q>, changes: &[Change<'q>]) -> CountQuery<'q> {
+pub(crate) fn bind_changes<'q, O>(
+    q: ScalarQuery<'q, O>,
+    changes: &[Change<'q>],
+) -> ScalarQuery<'q, O> {
     fn column<'q, T>(changes: &[Change<'q>], f: impl Fn(&Change<'q>) -> T) -> Vec<T> {
         changes.iter().map(f).collect()
     }
@@ -243,7 +246,7 @@ pub async fn apply(conn: &mut PgConnection, c: &Change<'_>) -> Result<(), sqlx::
         apply_sql!(),
         " RETURNING p.id) SELECT count(*) FROM updated"
     ));
-    bind_changes(q, std::slice::from_ref(c))
+    let _updated: i64 = bind_changes(q, std::slice::from_ref(c))
         .fetch_one(conn)
         .await?;
     Ok(())

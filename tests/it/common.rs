@@ -187,10 +187,6 @@ pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
 
 /// Intake and relay, consuming only `queues`.
 pub async fn spawn_roles(tweak: impl FnOnce(&mut Config), queues: Vec<Queue>) -> TestApp {
-    let (mut cfg, db_name) = test_config().await;
-    tweak(&mut cfg);
-    let ctx = Ctx::new(cfg.clone()).expect("ctx");
-    prereg::store::migrate(&ctx.db).await.expect("migrate");
     let roles = Roles {
         intake: true,
         workers: queues,
@@ -198,6 +194,15 @@ pub async fn spawn_roles(tweak: impl FnOnce(&mut Config), queues: Vec<Queue>) ->
         health_server: false,
         scheduler: false,
     };
+    spawn_node(tweak, roles).await
+}
+
+/// One process-equivalent with `roles` (which must include the intake).
+pub async fn spawn_node(tweak: impl FnOnce(&mut Config), roles: Roles) -> TestApp {
+    let (mut cfg, db_name) = test_config().await;
+    tweak(&mut cfg);
+    let ctx = Ctx::new(cfg.clone()).expect("ctx");
+    prereg::store::migrate(&ctx.db).await.expect("migrate");
     let running = app::start(ctx.clone(), roles).await.expect("start");
     let addr = format!("http://{}", running.http_addr.expect("http addr"));
     TestApp {

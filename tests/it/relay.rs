@@ -1,17 +1,25 @@
 //! The outbox relay: rows a crashed relay left leased are published once,
 //! after their lease; two relays at once publish every row once; a batch in
 //! which one message is refused publishes the others and keeps that one.
+//! Events staged a grace period ahead are published by the process that
+//! decided them, without any relay; those the broker refuses are left to
+//! the relay soon.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use lapin::{options::BasicGetOptions, Channel};
+use lapin::{
+    options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+    Channel,
+};
 use prereg::{
     app::{self, Roles},
-    mq::CloudEvent,
+    mq::{CloudEvent, Queue},
     store::outbox,
     Ctx,
 };
 use serde_json::json;
+use uuid::Uuid;
 
 use crate::common::*;
 
@@ -250,6 +258,106 @@ async fn a_batch_with_one_refused_message_publishes_the_rest_and_keeps_that_row(
         .unwrap(),
         0
     );
+    let _ = ch.close(200, "done").await;
+    bare.cleanup().await;
+}
+
+/// A worker publishes its decisions' events itself, right after the commit
+/// (their outbox rows are due for a relay only a grace period later): with
+/// no relay running anywhere, every event arrives and no row is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_publishes_its_decision_events_without_any_relay() {
+    const N: u32 = 12;
+    let roles = Roles {
+        intake: true,
+        workers: vec![Queue::Registration],
+        relay: false,
+        ..Default::default()
+    };
+    let app = spawn_node(|c| c.outbox_grace = Duration::from_secs(600), roles).await;
+    let (ch, queue) = capture_events(&app.ctx, "decided", "preregistration.*").await;
+    let p = app.create_partner(json!({})).await;
+    let mut ids: Vec<Uuid> = Vec::new();
+    for i in 0..N {
+        let (email, mobile) = customer("selfpub", i, 13_700_000_000);
+        ids.push(app.prereg(&p, &email, &mobile).await);
+    }
+    app.all_granted(&p, &ids).await;
+    let seen = captured(&ch, &queue, N as usize, Duration::from_secs(10)).await;
+    for id in &ids {
+        assert_eq!(
+            seen.get(&format!("preregistration.accepted:{id}")),
+            Some(&1),
+            "{seen:?}"
+        );
+    }
+    wait_until(Duration::from_secs(5), || async {
+        app.count("SELECT count(*) FROM outbox").await == 0
+    })
+    .await;
+    let _ = ch.close(200, "done").await;
+    app.cleanup().await;
+}
+
+/// A staged event the broker does not confirm stays in the outbox, due for
+/// the relay soon rather than after the grace period; the confirmed one is
+/// deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_event_the_broker_refuses_is_left_to_the_relay_soon() {
+    let bare = Bare::new().await;
+    let (ch, queue) = capture(&bare.ctx).await;
+    // A queue that is always full and refuses what would overflow it: the
+    // broker nacks every message routed to it.
+    let refusing = format!("{}.refusing", bare.ctx.broker.names.prefix);
+    let mut args = expiring_queue();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(&refusing, QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    ch.queue_bind(
+        &refusing,
+        &bare.ctx.broker.names.events(),
+        "refused.test",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let refused = CloudEvent::with_id("relay-refused".into(), "refused.test", json!({}));
+    let events = [event(1), refused];
+    let mut ids: Vec<i64> = Vec::new();
+    for ev in &events {
+        ids.push(
+            sqlx::query_scalar(
+                "INSERT INTO outbox (exchange, routing_key, message, publish_after)
+                 VALUES ('events', $1, $2, now() + interval '1 hour') RETURNING id",
+            )
+            .bind(&ev.ty)
+            .bind(serde_json::to_value(ev).unwrap())
+            .fetch_one(&bare.ctx.db)
+            .await
+            .unwrap(),
+        );
+    }
+    let confirmed = outbox::publish_staged(&bare.ctx.db, &bare.ctx.publisher, &ids, &events)
+        .await
+        .unwrap();
+    assert_eq!(confirmed, 1);
+    let seen = captured(&ch, &queue, 1, Duration::from_secs(5)).await;
+    assert_eq!(seen.get("relay-1"), Some(&1), "{seen:?}");
+    let (left, due_in): (String, f64) = sqlx::query_as(
+        "SELECT message->>'id', EXTRACT(EPOCH FROM publish_after - now())::float8 FROM outbox",
+    )
+    .fetch_one(&bare.ctx.db)
+    .await
+    .unwrap();
+    assert_eq!(left, "relay-refused");
+    assert!(due_in < 5.0, "due for the relay in {due_in} s");
+    let _ = ch.queue_delete(&refusing, Default::default()).await;
     let _ = ch.close(200, "done").await;
     bare.cleanup().await;
 }
