@@ -142,13 +142,15 @@ pub async fn publish_staged(
     let broker = publisher.broker();
     let msgs: Vec<Outgoing> = events.iter().map(|e| Outgoing::event(broker, e)).collect();
     let fates = publisher.publish_all(&msgs).await;
-    let (done, failed): (Vec<(i64, bool)>, Vec<(i64, bool)>) = ids
-        .iter()
-        .zip(&fates)
-        .map(|(id, f)| (*id, f.is_confirmed()))
-        .partition(|(_, ok)| *ok);
-    let done: Vec<i64> = done.into_iter().map(|(id, _)| id).collect();
-    let failed: Vec<i64> = failed.into_iter().map(|(id, _)| id).collect();
+    let mut done: Vec<i64> = Vec::with_capacity(ids.len());
+    let mut failed: Vec<i64> = Vec::new();
+    for (id, fate) in ids.iter().zip(&fates) {
+        if fate.is_confirmed() {
+            done.push(*id);
+        } else {
+            failed.push(*id);
+        }
+    }
     if !done.is_empty() {
         delete(pool, &done).await?;
     }
