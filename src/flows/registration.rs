@@ -117,7 +117,13 @@ pub async fn decide_batch(ctx: &Ctx, reqs: &[Request]) -> Vec<Verdict> {
     let mut out: Vec<Option<Verdict>> = reqs.iter().map(|_| None).collect();
     metrics::histogram!("prereg_registration_batch_size").record(reqs.len() as f64);
     let ids: Vec<Uuid> = reqs.iter().map(|r| r.cmd.id).collect();
-    let known = match decisions::lookup(&ctx.db, &ids).await {
+    let looked_up = async {
+        let mut tx = decisions::begin_keyed(&ctx.db).await?;
+        let known = decisions::lookup(&mut *tx, &ids).await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(known)
+    };
+    let known = match looked_up.await {
         Ok(k) => k,
         Err(e) if reqs.len() == 1 => return vec![Verdict::Failed(Failure::Db(e))],
         Err(e) => {
@@ -344,7 +350,7 @@ async fn decide_tx(
 ) -> Result<Vec<(usize, Verdict)>, sqlx::Error> {
     let started = Instant::now();
     let mut verdicts = Vec::with_capacity(part.len());
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = decisions::begin_keyed(&ctx.db).await?;
     let ids: Vec<Uuid> = part.iter().map(|i| reqs[*i].cmd.id).collect();
     let rows = decisions::lock_rows(&mut tx, &ids).await?;
     let mut live: Vec<(usize, &preregs::Prereg)> = Vec::with_capacity(part.len());

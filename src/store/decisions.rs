@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor, Row};
+use sqlx::{PgConnection, PgExecutor, PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
@@ -19,6 +19,26 @@ use crate::{
     domain::{AccountFacts, ExistingClaim, Status},
     mq::CloudEvent,
 };
+
+/// The `BEGIN` of a decision batch's transactions: every statement in them
+/// looks rows up by key (at most a batch of keys), for which index scans and
+/// nested loops are always the right plan. Without this, a table that is
+/// empty or never analysed when a connection first runs a statement (a new
+/// deployment; a server with autovacuum off) gets a sequential scan or a
+/// scan of a whole partial index, and the connection keeps that generic plan
+/// while the table grows: the decision of a batch of 25 took 7 ms at 20,000
+/// rows, reading every claim (see `docs/benchmarks.md`, session 7).
+/// JIT is off as well: a statement with no index to use (a trigger's look
+/// at a one-row table) keeps its sequential scan, costed as disabled, and
+/// that cost would buy it tens of milliseconds of JIT compilation.
+const BEGIN_KEYED: &str = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+                           SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; SET LOCAL jit = off";
+
+/// Begins a transaction planned for lookups by key (see [`BEGIN_KEYED`]);
+/// one round trip.
+pub async fn begin_keyed(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    pool.begin_with(BEGIN_KEYED).await
+}
 
 /// `ids` sorted, each once: the fixed order in which rows are locked.
 fn sorted_unique(ids: &[Uuid]) -> Vec<Uuid> {
@@ -39,18 +59,16 @@ pub enum Known {
     Missing,
 }
 
-/// One round trip: what is known about each id (in the order given).
-pub async fn lookup<'e>(db: impl PgExecutor<'e>, ids: &[Uuid]) -> Result<Vec<Known>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT p.partner_id, p.status, w.id IS NOT NULL AS withdrawn
+const LOOKUP_SQL: &str = "SELECT p.partner_id, p.status, w.id IS NOT NULL AS withdrawn
          FROM unnest($1::uuid[]) WITH ORDINALITY AS r(id, n)
          LEFT JOIN preregistrations p ON p.id = r.id
          LEFT JOIN withdrawn_commands w ON w.id = r.id
-         ORDER BY r.n",
-    )
-    .bind(ids)
-    .fetch_all(db)
-    .await?;
+         ORDER BY r.n";
+
+/// One round trip: what is known about each id (in the order given). Run in
+/// a [`begin_keyed`] transaction.
+pub async fn lookup<'e>(db: impl PgExecutor<'e>, ids: &[Uuid]) -> Result<Vec<Known>, sqlx::Error> {
+    let rows = sqlx::query(LOOKUP_SQL).bind(ids).fetch_all(db).await?;
     Ok(rows
         .into_iter()
         .map(|r| match r.get::<Option<Uuid>, _>("partner_id") {
@@ -64,6 +82,13 @@ pub async fn lookup<'e>(db: impl PgExecutor<'e>, ids: &[Uuid]) -> Result<Vec<Kno
         .collect())
 }
 
+fn lock_rows_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        format!("SELECT {COLUMNS} FROM preregistrations WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+    })
+}
+
 /// Locks the rows of `ids` (sorted by id, the fixed order every batch uses)
 /// and returns them by id.
 pub async fn lock_rows(
@@ -71,12 +96,10 @@ pub async fn lock_rows(
     ids: &[Uuid],
 ) -> Result<HashMap<Uuid, Prereg>, sqlx::Error> {
     let sorted = sorted_unique(ids);
-    let rows = sqlx::query_as::<_, Prereg>(&format!(
-        "SELECT {COLUMNS} FROM preregistrations WHERE id = ANY($1) ORDER BY id FOR UPDATE"
-    ))
-    .bind(&sorted)
-    .fetch_all(conn)
-    .await?;
+    let rows = sqlx::query_as::<_, Prereg>(lock_rows_sql())
+        .bind(&sorted)
+        .fetch_all(conn)
+        .await?;
     Ok(rows.into_iter().map(|p| (p.id, p)).collect())
 }
 
@@ -147,32 +170,46 @@ pub struct Context {
     pub quota: HashMap<Uuid, i64>,
 }
 
-/// One round trip: the claims, accounts and quota usage of a batch.
+fn context_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        format!(
+            "SELECT
+               (SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'partner_id', partner_id, 'status', status,
+                         'expires_at', expires_at, 'email_norm', email_norm, 'mobile_norm', mobile_norm)), '[]')
+                  FROM (SELECT id, partner_id, status, expires_at, email_norm, mobile_norm FROM preregistrations
+                         WHERE email_norm = ANY($1) AND status IN {claims}
+                        UNION
+                        SELECT id, partner_id, status, expires_at, email_norm, mobile_norm FROM preregistrations
+                         WHERE mobile_norm = ANY($2) AND status IN {claims}) c) AS claims,
+               (SELECT coalesce(jsonb_agg(jsonb_build_object('email_norm', email_norm, 'mobile_norm', mobile_norm,
+                         'facts', facts)), '[]')
+                  FROM accounts
+                 WHERE account_id IN (SELECT account_id FROM accounts WHERE email_norm = ANY($1)
+                                      UNION
+                                      SELECT account_id FROM accounts WHERE mobile_norm = ANY($2))) AS accounts,
+               (SELECT coalesce(jsonb_agg(jsonb_build_array(partner_id, active)), '[]')
+                  FROM partner_quota_usage WHERE partner_id = ANY($3)) AS quota",
+            claims = sets::claims(),
+        )
+    })
+}
+
+/// One round trip: the claims, accounts and quota usage of a batch. Each
+/// key list is looked up on its own index (a `UNION`, not an `OR` that only
+/// a bitmap scan can serve).
 pub async fn context(
     conn: &mut PgConnection,
     emails: &[String],
     mobiles: &[String],
     partners: &[Uuid],
 ) -> Result<Context, sqlx::Error> {
-    let row = sqlx::query(&format!(
-        "SELECT
-           (SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'partner_id', partner_id, 'status', status,
-                     'expires_at', expires_at, 'email_norm', email_norm, 'mobile_norm', mobile_norm)), '[]')
-              FROM preregistrations
-             WHERE (email_norm = ANY($1) AND status IN {claims})
-                OR (mobile_norm = ANY($2) AND status IN {claims})) AS claims,
-           (SELECT coalesce(jsonb_agg(jsonb_build_object('email_norm', email_norm, 'mobile_norm', mobile_norm,
-                     'facts', facts)), '[]')
-              FROM accounts WHERE email_norm = ANY($1) OR mobile_norm = ANY($2)) AS accounts,
-           (SELECT coalesce(jsonb_agg(jsonb_build_array(partner_id, active)), '[]')
-              FROM partner_quota_usage WHERE partner_id = ANY($3)) AS quota",
-        claims = sets::claims(),
-    ))
-    .bind(emails)
-    .bind(mobiles)
-    .bind(partners)
-    .fetch_one(conn)
-    .await?;
+    let row = sqlx::query(context_sql())
+        .bind(emails)
+        .bind(mobiles)
+        .bind(partners)
+        .fetch_one(conn)
+        .await?;
     let decode = |e: serde_json::Error| sqlx::Error::Decode(Box::new(e));
 
     #[derive(serde::Deserialize)]
@@ -230,6 +267,27 @@ pub struct Decided<'a> {
     pub event: &'a CloudEvent,
 }
 
+const WRITE_SQL: &str = concat!(
+        "WITH d AS (",
+        preregs::changes_sql!(),
+        "), e AS (
+             SELECT * FROM unnest($10::text[], $11::jsonb[]) WITH ORDINALITY AS t(routing_key, message, n)
+         ),
+         updated AS (",
+        preregs::apply_sql!(),
+        " RETURNING p.id),
+         timeline AS (
+             INSERT INTO preregistration_events (preregistration_id, actor, change, from_status, to_status, reason)
+             SELECT id, $9, 'decided', 'queued', status, reason_code FROM d ORDER BY n
+         ),
+         events AS (
+             INSERT INTO outbox (exchange, routing_key, message, publish_after)
+             SELECT 'events', routing_key, message, now() + $12 FROM e ORDER BY n
+             RETURNING id
+         )
+         SELECT array_agg(id ORDER BY id) FROM events"
+    );
+
 /// One round trip: every decision's status columns (the statement of
 /// [`preregs::apply`]), its `decided` timeline entry (by `actor`) and its
 /// event in the outbox, in the order given. The events are due for the relay
@@ -251,26 +309,7 @@ pub async fn write(
         .iter()
         .map(|d| serde_json::to_value(d.event).unwrap_or_default())
         .collect();
-    let q = sqlx::query_scalar(concat!(
-        "WITH d AS (",
-        preregs::changes_sql!(),
-        "), e AS (
-             SELECT * FROM unnest($10::text[], $11::jsonb[]) WITH ORDINALITY AS t(routing_key, message, n)
-         ),
-         updated AS (",
-        preregs::apply_sql!(),
-        " RETURNING p.id),
-         timeline AS (
-             INSERT INTO preregistration_events (preregistration_id, actor, change, from_status, to_status, reason)
-             SELECT id, $9, 'decided', 'queued', status, reason_code FROM d ORDER BY n
-         ),
-         events AS (
-             INSERT INTO outbox (exchange, routing_key, message, publish_after)
-             SELECT 'events', routing_key, message, now() + $12 FROM e ORDER BY n
-             RETURNING id
-         )
-         SELECT array_agg(id ORDER BY id) FROM events"
-    ));
+    let q = sqlx::query_scalar(WRITE_SQL);
     let ids: Option<Vec<i64>> = preregs::bind_changes(q, &changes)
         .bind(actor)
         .bind(&keys)
@@ -279,4 +318,116 @@ pub async fn write(
         .fetch_one(conn)
         .await?;
     Ok(ids.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Plans, read from a real Postgres (`PREREG_TEST_PG`, default the local
+    //! server) on a database of its own, fresh from the migrations.
+
+    use serde_json::Value;
+    use sqlx::{Connection, Executor};
+
+    use super::*;
+
+    /// The tables a decision batch reads by key.
+    const KEYED: [&str; 5] = [
+        "preregistrations",
+        "accounts",
+        "partner_quota_usage",
+        "withdrawn_commands",
+        "partners",
+    ];
+
+    /// Where a plan reads a keyed table other than by an index condition:
+    /// a sequential scan, a bitmap scan, or an index scanned whole.
+    fn scans(plan: &Value, out: &mut Vec<String>) {
+        let relation = plan["Relation Name"].as_str().unwrap_or("");
+        let node = plan["Node Type"].as_str().unwrap_or("");
+        if KEYED.contains(&relation) {
+            let keyed = matches!(node, "Index Scan" | "Index Only Scan")
+                && plan.get("Index Cond").is_some();
+            if !keyed && node != "ModifyTable" {
+                out.push(format!("{node} on {relation}"));
+            }
+        }
+        for child in plan["Plans"].as_array().into_iter().flatten() {
+            scans(child, out);
+        }
+    }
+
+    /// Each statement's generic plan (what a connection caches once it has
+    /// run the statement a few times) inside a [`begin_keyed`] transaction,
+    /// on tables that are empty and never analysed: the state in which the
+    /// planner prefers to read whole tables.
+    #[tokio::test]
+    async fn a_decision_batchs_statements_are_planned_as_lookups_by_key_on_an_empty_table() {
+        let server = std::env::var("PREREG_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let name = format!("prereg_plans_{}", Uuid::now_v7().simple());
+        let mut admin = PgConnection::connect(&format!("{server}/postgres"))
+            .await
+            .expect("postgres");
+        admin
+            .execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap();
+        let pool = PgPool::connect(&format!("{server}/{name}")).await.unwrap();
+        crate::store::migrate(&pool).await.unwrap();
+
+        let statements: [(&str, &str, &str); 4] = [
+            ("lookup", "uuid[]", LOOKUP_SQL),
+            ("lock_rows", "uuid[]", lock_rows_sql()),
+            ("context", "text[], text[], uuid[]", context_sql()),
+            (
+                "write",
+                "uuid[], text[], text[], text[], bool[], uuid[], timestamptz[], timestamptz[], \
+                 text, text[], jsonb[], interval",
+                WRITE_SQL,
+            ),
+        ];
+        // A statement that must read a table whole (a trigger's look at a
+        // one-row table) is costed as disabled: without JIT off, that cost
+        // buys it tens of milliseconds of compilation.
+        let mut tx = begin_keyed(&pool).await.unwrap();
+        let jit: String = sqlx::query_scalar("SELECT current_setting('jit')")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(jit, "off");
+        tx.rollback().await.unwrap();
+
+        let mut wrong: Vec<String> = Vec::new();
+        for (what, types, sql) in statements {
+            let mut tx = begin_keyed(&pool).await.unwrap();
+            sqlx::raw_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            sqlx::raw_sql(&format!("PREPARE s ({types}) AS {sql}"))
+                .execute(&mut *tx)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let nulls = vec!["NULL"; types.split(',').count()].join(", ");
+            let (plan,): (Value,) =
+                sqlx::query_as(&format!("EXPLAIN (FORMAT JSON) EXECUTE s ({nulls})"))
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
+            let mut found = Vec::new();
+            scans(&plan[0]["Plan"], &mut found);
+            wrong.extend(found.into_iter().map(|f| format!("{what}: {f}")));
+            sqlx::raw_sql("DEALLOCATE s")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.rollback().await.unwrap();
+        }
+        pool.close().await;
+        admin
+            .execute(format!("DROP DATABASE {name} WITH (FORCE)").as_str())
+            .await
+            .unwrap();
+        assert!(wrong.is_empty(), "not planned by key: {wrong:?}");
+    }
 }
