@@ -828,13 +828,28 @@ pub async fn release(ctx: &Ctx, db_name: &str) {
     drop_database(db_name).await;
 }
 
-/// Drops a test database, whoever is still connected to it.
+/// Drops a test database, whoever is still connected to it. A pool that
+/// is still reconnecting can slip a new session in between `FORCE`'s
+/// termination and the drop ("being accessed by other users"): tried a few
+/// times, and said on stderr if it never went (a green run once left one).
 pub async fn drop_database(db_name: &str) {
-    if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
-            .execute(&mut admin)
-            .await;
+    let mut last = String::new();
+    for _ in 0..10 {
+        match PgConnection::connect(&format!("{}/postgres", pg_base())).await {
+            Ok(mut admin) => {
+                match sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await
+                {
+                    Ok(_) => return,
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    eprintln!("test database {db_name} not dropped: {last}");
 }
 
 /// An app whose mail goes to `sink`, links on `https://partners.example`,
