@@ -721,3 +721,28 @@ async fn drain<T: 'static>(ctx: &Ctx, q: Queue, tasks: &mut JoinSet<T>, what: &s
         tasks.abort_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dead-letter reason is cut to a byte budget without splitting a
+    /// character (a reason may quote a customer's name in any script).
+    #[test]
+    fn a_long_reason_is_cut_on_a_character_boundary() {
+        assert_eq!(truncate("short", 10), "short");
+        assert_eq!(truncate("exactly10!", 10), "exactly10!");
+        assert_eq!(truncate("abcdefghijk", 10), "abcdefghij…");
+        // "é" is two bytes: a cut at byte 3 would split the second one.
+        let cut = truncate("éé-rest", 3);
+        assert_eq!(cut, "é…");
+        // Each of these is three bytes; a budget of 7 keeps two.
+        assert_eq!(truncate("日本語です", 7), "日本…");
+    }
+
+    #[test]
+    fn a_forged_retry_count_stays_in_range() {
+        assert_eq!(count_header(3), AMQPValue::LongInt(3));
+        assert_eq!(count_header(u32::MAX), AMQPValue::LongInt(i32::MAX));
+    }
+}
