@@ -1,6 +1,10 @@
 //! Transactional outbox: events and jobs are written in the same transaction
-//! as the change they describe, then published (with confirms) and deleted by
-//! a relay that holds no transaction across the network (rows are leased),
+//! as the change they describe, then published (with confirms) and deleted.
+//! Rows staged a grace period ahead (the intake's and the API's jobs, the
+//! decision batches' events) are published by the process that wrote them
+//! right after its commit ([`publish_staged`] for events); every other row,
+//! and a staged one its writer could not publish, goes through the relay,
+//! which holds no transaction across the network (rows are leased),
 //! publishes a batch with its confirms awaited together, deletes it in one
 //! statement, and sleeps on `LISTEN/NOTIFY` when idle.
 
