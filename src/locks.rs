@@ -278,7 +278,7 @@ impl Locks {
     }
 
     /// Takes the locks of a batch in one round trip: `groups[i]` are the
-    /// names one job needs, taken all or none (see [`ACQUIRE_GROUPS`]).
+    /// names one job needs, taken all or none (see `ACQUIRE_GROUPS`).
     /// Returns one guard over every key taken (renewed by one watchdog,
     /// released in one round trip) and, per group, whether it was taken. A
     /// group not taken is held by another owner right now; the caller tries

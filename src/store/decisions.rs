@@ -34,7 +34,7 @@ use crate::{
 const BEGIN_KEYED: &str = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
                            SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; SET LOCAL jit = off";
 
-/// Begins a transaction planned for lookups by key (see [`BEGIN_KEYED`]);
+/// Begins a transaction planned for lookups by key (see `BEGIN_KEYED`);
 /// one round trip.
 pub async fn begin_keyed(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     pool.begin_with(BEGIN_KEYED).await
