@@ -293,7 +293,54 @@ impl Drop for Exchange {
 
 #[cfg(test)]
 mod tests {
+    use prereg_devtools::smtp_sink::SmtpSink;
+
     use super::*;
+
+    /// With every connection of the pool in use, a sender waits at most the
+    /// server's timeout and is told so (transient: nothing was sent); once
+    /// the connection's exchange is done, the next sender gets it, and no
+    /// second connection is opened.
+    #[tokio::test]
+    async fn a_sender_waits_for_a_busy_pool_at_most_the_timeout_then_gets_the_freed_connection() {
+        let sink = SmtpSink::start().await.unwrap();
+        let server = Server::parse(&sink.url(), None, Duration::from_millis(300)).unwrap();
+        let pool = Pool::new(server, 1).unwrap();
+        let held = match pool.checkout().await {
+            Ok(x) => x,
+            Err(_) => panic!("the first sender gets a connection"),
+        };
+        let started = std::time::Instant::now();
+        // Bounded here too, so that a pool without a wait timeout fails the
+        // test instead of hanging it.
+        let second = tokio::time::timeout(Duration::from_secs(5), pool.checkout())
+            .await
+            .expect("waited past 5 s for a busy pool");
+        match second {
+            Err(CheckoutError::Transient(why)) => {
+                assert!(why.contains("stayed busy"), "{why}")
+            }
+            Err(CheckoutError::Permanent(why)) => panic!("permanent: {why}"),
+            Ok(_) => panic!("a second connection beyond the pool's size"),
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "gave up before the timeout"
+        );
+        // A whole exchange hands the connection back to the pool.
+        let envelope = lettre::address::Envelope::new(
+            Some("noreply@prereg.example".parse().unwrap()),
+            vec!["customer@example.com".parse().unwrap()],
+        )
+        .unwrap();
+        held.send(&envelope, b"Subject: pooled\r\n\r\nhello\r\n")
+            .await
+            .unwrap();
+        assert!(pool.checkout().await.is_ok(), "the freed connection");
+        assert_eq!(sink.connections(), 1);
+        assert_eq!(sink.count(), 1);
+        sink.shutdown();
+    }
 
     fn parse(url: &str) -> Server {
         Server::parse(url, None, Duration::from_secs(1)).unwrap()
