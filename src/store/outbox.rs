@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     mq::CloudEvent,
-    publisher::{Outgoing, Publisher},
+    publisher::{Fate, Outgoing, Publisher},
     stages::{self, Stage},
 };
 
@@ -146,9 +146,24 @@ pub async fn publish_staged(
     let broker = publisher.broker();
     let msgs: Vec<Outgoing> = events.iter().map(|e| Outgoing::event(broker, e)).collect();
     let fates = publisher.publish_all(&msgs).await;
+    let (done, failed) = settle(pool, ids, &fates).await?;
+    if failed > 0 {
+        tracing::warn!(
+            failed,
+            "events not confirmed by the broker; the outbox relay publishes them"
+        );
+    }
+    Ok(done)
+}
+
+/// Settles published rows (`ids[i]` was published with fate `fates[i]`):
+/// the confirmed ones are deleted in one statement, the others are due again
+/// soon (`RETRY_AFTER`, not at the end of a lease or a grace period).
+/// Returns how many were confirmed and how many not.
+async fn settle(pool: &PgPool, ids: &[i64], fates: &[Fate]) -> Result<(usize, usize), sqlx::Error> {
     let mut done: Vec<i64> = Vec::with_capacity(ids.len());
     let mut failed: Vec<i64> = Vec::new();
-    for (id, fate) in ids.iter().zip(&fates) {
+    for (id, fate) in ids.iter().zip(fates) {
         if fate.is_confirmed() {
             done.push(*id);
         } else {
@@ -159,17 +174,18 @@ pub async fn publish_staged(
         delete(pool, &done).await?;
     }
     if !failed.is_empty() {
-        tracing::warn!(
-            failed = failed.len(),
-            "events not confirmed by the broker; the outbox relay publishes them"
-        );
-        sqlx::query("UPDATE outbox SET publish_after = now() + $2 WHERE id = ANY($1)")
-            .bind(&failed)
-            .bind(RETRY_AFTER)
-            .execute(pool)
-            .await?;
+        if let Err(e) =
+            sqlx::query("UPDATE outbox SET publish_after = now() + $2 WHERE id = ANY($1)")
+                .bind(&failed)
+                .bind(RETRY_AFTER)
+                .execute(pool)
+                .await
+        {
+            // Still due: after the lease or grace period that holds them.
+            tracing::warn!(error = %e, rows = failed.len(), "could not make unpublished outbox rows due again soon");
+        }
     }
-    Ok(done.len())
+    Ok((done.len(), failed.len()))
 }
 
 /// Publishes one batch of due rows, without holding a transaction across the
@@ -225,36 +241,12 @@ pub async fn relay_once(
         }
     }
     let fates = publisher.publish_all(&msgs).await;
-    let done: Vec<i64> = ids
-        .iter()
-        .zip(&fates)
-        .filter(|(_, f)| f.is_confirmed())
-        .map(|(id, _)| *id)
-        .collect();
-    if !done.is_empty() {
-        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-            .bind(&done)
-            .execute(pool)
-            .await?;
-    }
+    let (done, failed) = settle(pool, &ids, &fates).await?;
     if let Some(f) = fates.iter().find(|f| !f.is_confirmed()) {
-        // Due again soon (not at the end of the lease).
-        let retry: Vec<i64> = ids
-            .iter()
-            .zip(&fates)
-            .filter(|(_, f)| !f.is_confirmed())
-            .map(|(id, _)| *id)
-            .collect();
-        let _ = sqlx::query("UPDATE outbox SET publish_after = now() + $2 WHERE id = ANY($1)")
-            .bind(&retry)
-            .bind(RETRY_AFTER)
-            .execute(pool)
-            .await;
-        let failed = fates.len() - done.len();
-        if done.is_empty() {
+        if done == 0 {
             anyhow::bail!("outbox relay: {failed} messages not published: {f:?}");
         }
-        tracing::warn!(failed, fate = ?f, "some outbox messages were not published; they are due again after the lease");
+        tracing::warn!(failed, fate = ?f, "some outbox messages were not published; they are due again soon");
     }
     Ok(rows.len())
 }

@@ -291,10 +291,7 @@ async fn a_worker_publishes_its_decision_events_without_any_relay() {
             "{seen:?}"
         );
     }
-    wait_until(Duration::from_secs(5), || async {
-        app.count("SELECT count(*) FROM outbox").await == 0
-    })
-    .await;
+    app.outbox_drained().await;
     let _ = ch.close(200, "done").await;
     app.cleanup().await;
 }
